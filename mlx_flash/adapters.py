@@ -1,0 +1,105 @@
+"""Per-architecture facts about the FFN: where it lives, what its weights are called, its activation.
+
+One table, one row per mlx-lm ``model_type``. Everything else in the package reads FFN facts from here,
+so supporting a new architecture means adding a row (and a round-trip test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UnsupportedModelError
+
+
+def relu_squared(x: mx.array) -> mx.array:
+    return mx.square(nn.relu(x))
+
+
+ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
+    "silu": nn.silu,
+    "gelu": nn.gelu,
+    "gelu_approx": nn.gelu_approx,
+    "relu": nn.relu,
+    "relu2": relu_squared,
+}
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """How one architecture's FFN is built.
+
+    ``gate``/``up``/``down`` are the Linear attribute names inside the FFN module; ``gate`` is None
+    for non-gated FFNs (act(up) -> down). ``fused_gate_up`` names a single Linear whose output is
+    [gate | up] (phi3). ``activation`` is a key of ``ACTIVATIONS`` applied to the gate (gated) or
+    to up (non-gated).
+    """
+
+    ffn_attr: str
+    up: str
+    down: str
+    activation: str
+    gate: str | None = None
+    fused_gate_up: str | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.fused_gate_up is not None
+
+
+_LLAMA = FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu")
+
+ARCHITECTURES: dict[str, FFNSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "olmo2": _LLAMA,
+    "gemma": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu"),
+    "gemma2": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"),
+    "gemma3_text": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"),
+    "gemma3": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"),
+    "phi3": FFNSpec("mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"),
+    "phi": FFNSpec("mlp", up="fc1", down="fc2", activation="gelu_approx"),
+    "gpt2": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu_approx"),
+    "gpt_neox": FFNSpec("mlp", up="dense_h_to_4h", down="dense_4h_to_h", activation="gelu_approx"),
+    "starcoder2": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu"),
+    "nemotron": FFNSpec("mlp", up="up_proj", down="down_proj", activation="relu2"),
+    "internlm2": FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu"),
+}
+
+
+def spec_for(model_type: str) -> FFNSpec:
+    """The FFN spec of an mlx-lm model type, or a clear error listing what is supported."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def ffn_modules(model: nn.Module, spec: FFNSpec) -> list[nn.Module]:
+    """The FFN module of every transformer layer, in layer order."""
+    return [getattr(layer, spec.ffn_attr) for layer in model.layers]
+
+
+def ffn_prefixes(model: nn.Module, spec: FFNSpec) -> list[str]:
+    """Weight-name prefix of every layer's FFN (e.g. ``model.layers.3.mlp``), found by identity."""
+    wanted = {id(m): i for i, m in enumerate(ffn_modules(model, spec))}
+    prefixes: list[str | None] = [None] * len(wanted)
+    for name, module in model.named_modules():
+        i = wanted.get(id(module))
+        if i is not None and prefixes[i] is None:
+            prefixes[i] = name
+    if any(p is None for p in prefixes):
+        raise UnsupportedModelError("could not locate every FFN module in the model tree")
+    return prefixes  # type: ignore[return-value]
+
+
+def set_ffn(model: nn.Module, spec: FFNSpec, layer: int, module: nn.Module) -> None:
+    """Replace the FFN module of one layer."""
+    setattr(model.layers[layer], spec.ffn_attr, module)

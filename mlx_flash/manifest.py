@@ -1,0 +1,309 @@
+"""The versioned manifest of a flash model directory, and the directory's file names.
+
+A manifest says everything a reader needs without opening the store: the FFN shape and activation, the
+store file's size, and per layer where each neuron's record lives and which parts it holds. A reader
+rejects what it does not understand with a ``FlashFormatError`` that names the file.
+
+Store geometry: each layer has one or more *regions* (one for the bundled layout; gate, up and down for
+the unbundled one). A region holds ``n_records`` records of ``record_stride`` bytes from ``offset``;
+record i belongs to neuron i. A record is a sequence of *parts* (e.g. the gate row, the up row, the down
+column, a per-neuron bias; for quantized stores the packed words, scales and biases of each vector).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FlashFormatError
+
+FORMAT_NAME = "mlx_flash"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "flash_manifest.json"
+STORE_FILE = "ffn_store.bin"  # must not match mlx-lm's model*.safetensors
+TRUNK_FILE = "model.safetensors"
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
+
+
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """numpy dtype used to move raw bytes of ``dtype`` (bfloat16 has none: it travels as uint16)."""
+    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}[dtype])
+
+
+@dataclass(frozen=True)
+class Part:
+    """One vector inside a record: ``name`` (e.g. "gate", "up.scales"), byte offset, element count, dtype."""
+
+    name: str
+    offset: int
+    length: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Region:
+    """``n_records`` records of ``record_stride`` bytes starting at ``offset`` in the store file."""
+
+    offset: int
+    record_stride: int
+    record_size: int
+    n_records: int
+    parts: tuple[Part, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.record_stride * self.n_records
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A per-layer array stored once (e.g. the down-projection bias)."""
+
+    offset: int
+    length: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    index: int
+    prefix: str
+    offset: int
+    nbytes: int
+    checksum: str
+    regions: tuple[Region, ...]
+    blobs: dict[str, Blob] = field(default_factory=dict)
+
+    def part_names(self) -> list[str]:
+        return [p.name for r in self.regions for p in r.parts]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a flash model directory holds; see the module docstring for the geometry."""
+
+    model_type: str
+    d_model: int
+    d_ffn: int
+    gated: bool
+    activation: str
+    layout: str
+    dtype: str
+    align: int
+    store_file: str
+    store_size: int
+    layers: tuple[LayerEntry, ...]
+    quantization: Quantization | None = None
+    checksum_algorithm: str = "sha256"
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def neuron_bytes(self) -> int:
+        """Record bytes one neuron occupies in a layer (all regions, without padding)."""
+        return sum(r.record_size for r in self.layers[0].regions)
+
+    def ffn_bytes(self) -> int:
+        """Bytes of all FFN records (with padding) of the model."""
+        return sum(r.nbytes for layer in self.layers for r in layer.regions)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"format": FORMAT_NAME, **d}
+        return d
+
+    def save(self, directory: Path) -> None:
+        """Write the manifest atomically (temp file + rename)."""
+        path = Path(directory) / MANIFEST_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+
+def _require(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise FlashFormatError(f"{path}: manifest has no {where}{key!r}")
+    value = obj[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise FlashFormatError(f"{path}: manifest field {where}{key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise FlashFormatError(f"{path}: manifest field {where}{key!r} has the wrong type")
+    return value
+
+
+def _nonneg(value: int, path: Path, what: str) -> int:
+    if value < 0:
+        raise FlashFormatError(f"{path}: manifest field {what} is negative")
+    return value
+
+
+def _parse_part(d: Any, path: Path, where: str) -> Part:
+    dtype = _require(d, "dtype", str, path, where)
+    if dtype not in DTYPES:
+        raise FlashFormatError(f"{path}: unknown dtype {dtype!r} at {where}")
+    return Part(
+        name=_require(d, "name", str, path, where),
+        offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
+        length=_nonneg(_require(d, "length", int, path, where), path, where + "length"),
+        dtype=dtype,
+    )
+
+
+def _parse_region(d: Any, path: Path, where: str) -> Region:
+    parts = tuple(
+        _parse_part(p, path, f"{where}parts[{j}].") for j, p in enumerate(_require(d, "parts", list, path, where))
+    )
+    region = Region(
+        offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
+        record_stride=_nonneg(_require(d, "record_stride", int, path, where), path, where + "record_stride"),
+        record_size=_nonneg(_require(d, "record_size", int, path, where), path, where + "record_size"),
+        n_records=_nonneg(_require(d, "n_records", int, path, where), path, where + "n_records"),
+        parts=parts,
+    )
+    if region.record_size > region.record_stride or region.record_stride == 0:
+        raise FlashFormatError(f"{path}: {where}record_size exceeds record_stride")
+    for p in parts:
+        if p.offset + p.nbytes > region.record_size:
+            raise FlashFormatError(f"{path}: part {p.name!r} at {where} runs past its record")
+    return region
+
+
+def _parse_blob(d: Any, path: Path, where: str) -> Blob:
+    dtype = _require(d, "dtype", str, path, where)
+    if dtype not in DTYPES:
+        raise FlashFormatError(f"{path}: unknown dtype {dtype!r} at {where}")
+    return Blob(
+        offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
+        length=_nonneg(_require(d, "length", int, path, where), path, where + "length"),
+        dtype=dtype,
+    )
+
+
+def parse_manifest(data: Any, path: Path) -> Manifest:
+    """Validate a decoded manifest; every problem is a FlashFormatError naming ``path``."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise FlashFormatError(f"{path}: not an mlx_flash manifest")
+    version = _require(data, "format_version", int, path, "")
+    if version != FORMAT_VERSION:
+        raise FlashFormatError(
+            f"{path}: format version {version} is not supported by this mlx_flash (it reads version "
+            f"{FORMAT_VERSION}); re-convert the model or upgrade mlx_flash"
+        )
+    layers = []
+    for i, entry in enumerate(_require(data, "layers", list, path, "")):
+        where = f"layers[{i}]."
+        blobs = _require(entry, "blobs", dict, path, where)
+        layer = LayerEntry(
+            index=_require(entry, "index", int, path, where),
+            prefix=_require(entry, "prefix", str, path, where),
+            offset=_nonneg(_require(entry, "offset", int, path, where), path, where + "offset"),
+            nbytes=_nonneg(_require(entry, "nbytes", int, path, where), path, where + "nbytes"),
+            checksum=_require(entry, "checksum", str, path, where),
+            regions=tuple(
+                _parse_region(r, path, f"{where}regions[{j}].")
+                for j, r in enumerate(_require(entry, "regions", list, path, where))
+            ),
+            blobs={str(k): _parse_blob(v, path, f"{where}blobs.{k}.") for k, v in blobs.items()},
+        )
+        if layer.index != i:
+            raise FlashFormatError(f"{path}: layer entry {i} says it is layer {layer.index}")
+        if not layer.regions:
+            raise FlashFormatError(f"{path}: layer {i} has no regions")
+        layers.append(layer)
+    quant = data.get("quantization")
+    if quant is not None:
+        quant = Quantization(
+            bits=_require(quant, "bits", int, path, "quantization."),
+            group_size=_require(quant, "group_size", int, path, "quantization."),
+        )
+        if quant.bits not in (2, 3, 4, 5, 6, 8) or quant.group_size not in (32, 64, 128):
+            raise FlashFormatError(f"{path}: unsupported quantization {quant}")
+    dtype = _require(data, "dtype", str, path, "")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise FlashFormatError(f"{path}: unknown store dtype {dtype!r}")
+    layout = _require(data, "layout", str, path, "")
+    if layout not in ("bundled", "unbundled"):
+        raise FlashFormatError(f"{path}: unknown layout {layout!r}")
+    manifest = Manifest(
+        model_type=_require(data, "model_type", str, path, ""),
+        d_model=_require(data, "d_model", int, path, ""),
+        d_ffn=_require(data, "d_ffn", int, path, ""),
+        gated=_require(data, "gated", bool, path, ""),
+        activation=_require(data, "activation", str, path, ""),
+        layout=layout,
+        dtype=dtype,
+        align=_nonneg(_require(data, "align", int, path, ""), path, "align"),
+        store_file=_require(data, "store_file", str, path, ""),
+        store_size=_nonneg(_require(data, "store_size", int, path, ""), path, "store_size"),
+        layers=tuple(layers),
+        quantization=quant,
+        checksum_algorithm=_require(data, "checksum_algorithm", str, path, ""),
+        source=str(data.get("source", "")),
+        extra=data.get("extra") if isinstance(data.get("extra"), dict) else {},
+        format_version=version,
+    )
+    if manifest.d_model <= 0 or manifest.d_ffn <= 0:
+        raise FlashFormatError(f"{path}: d_model and d_ffn must be positive")
+    if "/" in manifest.store_file or manifest.store_file.startswith("."):
+        raise FlashFormatError(f"{path}: store_file must be a plain file name")
+    for layer in manifest.layers:
+        for r in layer.regions:
+            if r.n_records != manifest.d_ffn:
+                raise FlashFormatError(f"{path}: layer {layer.index} has {r.n_records} records, expected d_ffn={manifest.d_ffn}")
+            if r.offset + r.nbytes > manifest.store_size:
+                raise FlashFormatError(f"{path}: layer {layer.index} runs past the end of the store ({manifest.store_size} bytes)")
+        for name, b in layer.blobs.items():
+            if b.offset + b.nbytes > manifest.store_size:
+                raise FlashFormatError(f"{path}: layer {layer.index} blob {name!r} runs past the end of the store")
+        if layer.offset + layer.nbytes > manifest.store_size:
+            raise FlashFormatError(f"{path}: layer {layer.index} runs past the end of the store")
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and validate ``DIR/flash_manifest.json``."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise FlashFormatError(f"{path}: missing; {directory} is not a flash model directory (convert it with python -m mlx_flash.convert)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FlashFormatError(f"{path}: not valid JSON ({e})") from None
+    return parse_manifest(data, path)
+
+
+def check_store_file(directory: str | Path, manifest: Manifest) -> Path:
+    """The cheap load-time check: the store exists and has exactly the size the manifest says."""
+    store = Path(directory) / manifest.store_file
+    if not store.is_file():
+        raise FlashFormatError(f"{store}: store file missing")
+    size = store.stat().st_size
+    if size != manifest.store_size:
+        raise FlashFormatError(
+            f"{store}: store is {size} bytes but the manifest says {manifest.store_size} (truncated or replaced?)"
+        )
+    return store
