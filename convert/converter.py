@@ -1,0 +1,335 @@
+"""Turn a source model into a flash model directory, one layer at a time.
+
+Peak memory stays near one layer's FFN plus the trunk: each layer's FFN tensors are loaded, written
+to the store and released before the next layer. Output goes to a temporary directory next to OUT
+that is renamed at the very end, so an interrupted conversion leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, make_shards, save_config
+from tqdm import tqdm
+
+from mlx_flash.adapters import FFNSpec, ffn_prefixes, spec_for
+from mlx_flash.errors import FlashError, FlashFormatError, UnsupportedModelError
+from mlx_flash.manifest import DTYPES, STORE_FILE, Manifest, Quantization, numpy_storage_dtype
+from mlx_flash.sizes import format_size
+
+from .source import SourceModel
+from .writer import REGION_ALIGN, PartSpec, StoreWriter, plan_regions
+
+MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+FAIL_AT_ENV = "MLX_FLASH_CONVERT_FAIL_AT"  # test hook: "layer:N", "trunk" or "finalize"
+
+
+def open_source(src: str | Path) -> SourceModel:
+    """Pick the reader for SRC: a .gguf file, a local model directory, or a hub repo id."""
+    src = str(src)
+    if src.endswith(".gguf"):
+        from .gguf_source import open_gguf
+
+        if not Path(src).is_file():
+            raise FlashFormatError(f"{src}: no such GGUF file")
+        return open_gguf(Path(src))
+    from .hf_source import open_hf_directory, resolve_model_path
+
+    return open_hf_directory(resolve_model_path(src))
+
+
+def _maybe_stop(step: str) -> None:
+    if os.environ.get(FAIL_AT_ENV) == step:
+        raise KeyboardInterrupt(f"conversion stopped at {step} ({FAIL_AT_ENV})")
+
+
+def _dtype_name(a: mx.array) -> str:
+    for name, dt in MX_DTYPES.items():
+        if a.dtype == dt:
+            return name
+    raise UnsupportedModelError(f"unsupported tensor dtype {a.dtype}")
+
+
+def _to_numpy(a: mx.array, dtype: str) -> np.ndarray:
+    """An MLX array as numpy in the storage representation of ``dtype`` (bfloat16 -> uint16 bits)."""
+    if dtype == "uint32":
+        return np.array(a.astype(mx.uint32))
+    a = a.astype(MX_DTYPES[dtype])
+    if dtype == "bfloat16":
+        a = a.view(mx.uint16)
+    return np.array(a)
+
+
+class _Matrix:
+    """One Linear's weight as rows (float, or affine-packed words + scales + biases)."""
+
+    def __init__(self, weight: mx.array, scales: mx.array | None = None, biases: mx.array | None = None,
+                 bits: int = 0, group_size: int = 0):
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.bits, self.group_size = bits, group_size
+
+    @property
+    def packed(self) -> bool:
+        return self.scales is not None
+
+    def rows(self, start: int, stop: int) -> "_Matrix":
+        take = lambda a: None if a is None else a[start:stop]  # noqa: E731
+        return _Matrix(self.weight[start:stop], take(self.scales), take(self.biases), self.bits, self.group_size)
+
+    def dense(self) -> mx.array:
+        if not self.packed:
+            return self.weight
+        return mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+
+def _vectors_of(name: str, m: _Matrix, dtype: str, quant: Quantization | None) -> dict[str, tuple[mx.array, str]]:
+    """The per-neuron parts of one row-matrix, in the output representation."""
+    if quant is None:
+        return {name: (m.dense(), dtype)}
+    if not (m.packed and m.bits == quant.bits and m.group_size == quant.group_size):
+        dense = m.dense().astype(MX_DTYPES[dtype])
+        if dense.shape[-1] % quant.group_size:
+            raise UnsupportedModelError(
+                f"d_model={dense.shape[-1]} is not a multiple of --q-group-size {quant.group_size}"
+            )
+        m = _Matrix(*mx.quantize(dense, group_size=quant.group_size, bits=quant.bits), quant.bits, quant.group_size)
+    return {name: (m.weight, "uint32"), f"{name}.scales": (m.scales, dtype), f"{name}.biases": (m.biases, dtype)}
+
+
+class _LayerReader:
+    """Pulls one layer's FFN tensors out of a SourceModel (each loader is called once)."""
+
+    def __init__(self, source: SourceModel, spec: FFNSpec):
+        self.source, self.spec = source, spec
+        q = source.config.get("quantization") or {}
+        if q and q.get("mode", "affine") != "affine":
+            raise UnsupportedModelError(f"{source.description}: quantization mode {q.get('mode')!r} is not supported (affine only)")
+        self.bits, self.group_size = q.get("bits", 0), q.get("group_size", 0)
+
+    def _take(self, name: str) -> mx.array | None:
+        loader = self.source.tensors.pop(name, None)
+        return None if loader is None else loader()
+
+    def matrix(self, prefix: str, linear: str) -> tuple[_Matrix, mx.array | None]:
+        base = f"{prefix}.{linear}"
+        weight = self._take(f"{base}.weight")
+        if weight is None:
+            raise FlashFormatError(f"{self.source.description}: missing tensor {base}.weight")
+        scales, biases = self._take(f"{base}.scales"), self._take(f"{base}.biases")
+        bias = self._take(f"{base}.bias")
+        return _Matrix(weight, scales, biases, self.bits, self.group_size), bias
+
+    def layer(self, prefix: str, dtype: str, quant: Quantization | None):
+        """(vectors, blobs) of one layer: vectors are [d_ffn, width] arrays with their storage dtype."""
+        spec = self.spec
+        parts: dict[str, tuple[mx.array, str]] = {}
+        biases: dict[str, mx.array] = {}
+        if spec.fused_gate_up:
+            gate_up, bias = self.matrix(prefix, spec.fused_gate_up)
+            half = gate_up.weight.shape[0] // 2
+            gate, up = gate_up.rows(0, half), gate_up.rows(half, 2 * half)
+            if bias is not None:
+                biases["gate_bias"], biases["up_bias"] = bias[:half], bias[half:]
+        else:
+            gate = None
+            if spec.gate:
+                gate, b = self.matrix(prefix, spec.gate)
+                if b is not None:
+                    biases["gate_bias"] = b
+            up, b = self.matrix(prefix, spec.up)
+            if b is not None:
+                biases["up_bias"] = b
+        down, down_bias = self.matrix(prefix, spec.down)
+        if gate is not None:
+            parts.update(_vectors_of("gate", gate, dtype, quant))
+        parts.update(_vectors_of("up", up, dtype, quant))
+        parts.update(_vectors_of("down", _Matrix(down.dense().T), dtype, quant))
+        for name, b in biases.items():
+            parts[name] = (b.reshape(-1, 1), dtype)
+        vectors = {name: _to_numpy(a, dt) for name, (a, dt) in parts.items()}
+        dtypes = {name: dt for name, (_, dt) in parts.items()}
+        blobs = {} if down_bias is None else {"down_bias": (_to_numpy(down_bias, dtype), dtype)}
+        return vectors, dtypes, blobs
+
+
+def _part_specs(d_model: int, gated: bool, has_bias: tuple[bool, bool], dtype: str, quant: Quantization | None) -> list[PartSpec]:
+    """Part list of a record, computed from shapes alone (for the up-front size estimate)."""
+    specs = []
+    for name in (["gate"] if gated else []) + ["up", "down"]:
+        if quant is None:
+            specs.append(PartSpec(name, d_model, dtype))
+        else:
+            specs += [PartSpec(name, d_model * quant.bits // 32, "uint32"),
+                      PartSpec(f"{name}.scales", d_model // quant.group_size, dtype),
+                      PartSpec(f"{name}.biases", d_model // quant.group_size, dtype)]
+    for name, present in zip(("gate_bias", "up_bias"), has_bias):
+        if present:
+            specs.append(PartSpec(name, 1, dtype))
+    return specs
+
+
+def _save_trunk(out: Path, trunk: dict[str, mx.array]) -> None:
+    """Save the trunk like mlx-lm's save_model does (model.safetensors or shards + index)."""
+    shards = make_shards(trunk)
+    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = pattern.format(i + 1, len(shards))
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in trunk.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def _check_free_disk(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(out.parent).free
+    if free < needed * 1.05 + (64 << 20):
+        raise FlashError(
+            f"{out.parent}: not enough free disk for the conversion: about {format_size(needed)} needed, "
+            f"{format_size(free)} free"
+        )
+
+
+def _staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and os.name == "posix" and Path("/proc").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished directory into place; with --force the old OUT is removed only after."""
+    if out.exists():
+        if not force:
+            raise FlashError(f"{out}: exists and is not empty; pass --force to replace it")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    layout: str = "bundled",
+    align: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Convert SRC (model dir, hub repo id or .gguf) into the flash model directory OUT."""
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FlashError(f"{out}: exists and is not empty; pass --force to replace it")
+    if layout not in ("bundled", "unbundled"):
+        raise FlashError(f"unknown layout {layout!r} (bundled or unbundled)")
+    if dtype is not None and dtype not in MX_DTYPES:
+        raise FlashError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
+    if align < 0 or (align and align & (align - 1)):
+        raise FlashError(f"--align must be 0 or a power of two, not {align}")
+
+    source = open_source(src)
+    config = dict(source.config)
+    config.pop("model_file", None)
+    model_type = config["model_type"]
+    spec = spec_for(model_type)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))  # parameters stay lazy: shapes only
+    prefixes = ffn_prefixes(model, spec)
+    params = dict(tree_flatten(model.parameters()))
+    ffn_names = {k for k in params if any(k.startswith(p + ".") for p in prefixes)}
+    up_shape = params[f"{prefixes[0]}.{spec.fused_gate_up or spec.up}.weight"].shape
+    d_ffn = up_shape[0] // (2 if spec.fused_gate_up else 1)
+    d_model = up_shape[1]
+    source_quant = config.get("quantization")
+    dtype_given = dtype is not None
+    if dtype is None:
+        declared = config.get("torch_dtype") or config.get("dtype")
+        dtype = declared if declared in MX_DTYPES else ("float16" if source_quant else "float32")
+    if quantize:
+        quant = Quantization(q_bits, q_group_size)
+    elif source_quant and not dtype_given:
+        quant = Quantization(source_quant["bits"], source_quant["group_size"])  # keep it quantized
+    else:
+        quant = None
+        if source_quant:
+            log(f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} as --dtype asks")
+    if quant and d_model % quant.group_size:
+        raise UnsupportedModelError(f"d_model={d_model} is not a multiple of the quantization group size {quant.group_size}")
+
+    has_bias = (f"{prefixes[0]}.{spec.gate}.bias" in params if spec.gate else False,
+                f"{prefixes[0]}.{spec.up}.bias" in params)
+    regions = plan_regions(_part_specs(d_model, spec.gated, has_bias, dtype, quant), layout, align, 0, d_ffn)
+    store_estimate = (sum(r.nbytes for r in regions) + REGION_ALIGN + d_model * 4) * len(prefixes)
+    trunk_estimate = sum(v.size for k, v in params.items() if k not in ffn_names) * DTYPES[dtype]
+    _check_free_disk(out, store_estimate + trunk_estimate)
+
+    log(f"Converting {source.description} -> {out}")
+    log(f"  {model_type}: {len(prefixes)} layers, d_model {d_model}, d_ffn {d_ffn}, store {dtype}"
+        + (f" {quant.bits}-bit (group {quant.group_size})" if quant else "") + f", {layout}")
+    tmp = _staging_dir(out)
+    try:
+        reader = _LayerReader(source, spec)
+        entries = []
+        with open(tmp / STORE_FILE, "wb") as f:
+            writer = StoreWriter(f, layout, align)
+            for i, prefix in enumerate(tqdm(prefixes, desc="FFN layers", unit="layer", disable=not progress)):
+                vectors, dtypes, blobs = reader.layer(prefix, dtype, quant)
+                entries.append(writer.write_layer(i, prefix, vectors, blobs, dtypes))
+                del vectors, blobs
+                _maybe_stop(f"layer:{i}")
+            f.flush()
+            os.fsync(f.fileno())
+        _maybe_stop("trunk")
+        expected = {k for k in params if k not in ffn_names}
+        trunk = {}
+        for name in list(source.tensors):
+            if name.startswith(tuple(p + "." for p in prefixes)):
+                raise FlashFormatError(f"{source.description}: unexpected FFN tensor {name}")
+            module = name.rsplit(".", 1)[0]
+            if name in expected or (source_quant and f"{module}.weight" in expected):
+                a = source.tensors.pop(name)()
+                trunk[name] = a.astype(MX_DTYPES[dtype]) if mx.issubdtype(a.dtype, mx.floating) else a
+        missing = sorted(expected - set(trunk))
+        if missing:
+            raise FlashFormatError(f"{source.description}: missing trunk tensors: {', '.join(missing[:5])}")
+        _save_trunk(tmp, trunk)
+        del trunk
+        if source_quant:
+            config["quantization"] = source_quant
+        save_config(config, tmp / "config.json")
+        source.write_tokenizer(tmp)
+        manifest = Manifest(
+            model_type=model_type, d_model=d_model, d_ffn=d_ffn, gated=spec.gated, activation=spec.activation,
+            layout=layout, dtype=dtype, align=align, store_file=STORE_FILE,
+            store_size=(tmp / STORE_FILE).stat().st_size, layers=tuple(entries), quantization=quant,
+            source=source.description,
+        )
+        manifest.save(tmp)
+        _maybe_stop("finalize")
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"  store {format_size(manifest.store_size)} ({manifest.neuron_bytes()} B per neuron), "
+        f"trunk {format_size(sum(f.stat().st_size for f in out.glob('model*.safetensors')))}")
+    return out
