@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import _get_classes, load_config
 
+from mlx_flash.adapters import spec_for
 from mlx_flash.errors import FlashFormatError, UnsupportedModelError
 
 from .source import SourceModel
@@ -54,6 +55,7 @@ def open_hf_directory(path: Path) -> SourceModel:
         raise FlashFormatError(f"{config_file}: not valid JSON ({e})") from None
     if "model_type" not in config:
         raise FlashFormatError(f"{config_file}: has no model_type")
+    spec_for(config["model_type"])  # unsupported architectures fail before any weight is touched
     files = sorted(glob.glob(str(path / "model*.safetensors")))
     if not files:
         raise FlashFormatError(f"{path}: no model*.safetensors weight files")

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .errors import BudgetError, FlashError, FlashFormatError, StoreReadError, UnsupportedModelError
+from . import rebuild
 from .loader import load
 
 __all__ = ["load", "FlashError", "FlashFormatError", "BudgetError", "StoreReadError", "UnsupportedModelError"]

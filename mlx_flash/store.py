@@ -1,0 +1,491 @@
+"""Store reader: coalesced, parallel reads of neuron records from the flash store into neuron buffers.
+
+Why this shape (DESIGN.md §2, §5): flash is fast only for large reads with many in flight. So the ids of a
+call are sorted, adjacent ids are merged into one read per region run (capped at ``max_run_bytes`` and
+IOV_MAX iovecs), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
+
+Two ways a run lands in the destination:
+- *scatter*: when the store dtype of every wanted part equals the destination dtype and rows are
+  contiguous, one ``preadv`` scatters each record's parts straight into the destination rows; padding and
+  skipped parts go to a small per-thread sink. No intermediate copy.
+- *staged*: otherwise (other dtype, or O_DIRECT) the run is read into a per-thread staging buffer and
+  converted once into the destination (float16 -> float32, bfloat16 -> float32 by a 16-bit shift, ...).
+
+With ``page_cache=False`` reads bypass the OS page cache: ``F_NOCACHE`` on macOS; on Linux uncached
+buffered reads (``RWF_DONTCACHE``, kernel 6.14+, no alignment rules), else ``O_DIRECT`` through the aligned
+staging buffer. Readahead is turned off (``POSIX_FADV_RANDOM``): reads are exact, and readahead would
+fill the page cache behind the bypass.
+
+Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing from
+``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate ids or
+duplicate rows in one call are rejected with ``ValueError``: a neuron buffer never holds a neuron twice, and
+two reads racing into one row would be a bug of the caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import FlashFormatError, StoreReadError
+from .manifest import LayerEntry, Manifest, Part, Region, check_store_file, numpy_storage_dtype
+
+RWF_DONTCACHE = 0x80  # linux/fs.h; Python has no constant for it yet
+DIRECT_ALIGN = 4096  # covers 512- and 4096-byte logical blocks
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+MAX_THREADS = 64
+
+
+class ReadCount(NamedTuple):
+    """What one call cost: bytes transferred by the OS and preadv calls issued."""
+
+    bytes: int
+    reads: int
+
+
+@dataclass
+class ReadStats:
+    """Thread-safe counters of neuron reads; ``snapshot()`` copies them, ``reset()`` returns them and zeroes.
+
+    ``bytes_read`` counts bytes the OS transferred (with O_DIRECT this includes the alignment slack), ``reads``
+    preadv calls, ``seconds`` wall time inside ``read_neurons``, ``calls`` its calls.
+    """
+
+    bytes_read: int = 0
+    reads: int = 0
+    seconds: float = 0.0
+    calls: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, count: ReadCount, seconds: float) -> None:
+        with self._lock:
+            self.bytes_read += count.bytes
+            self.reads += count.reads
+            self.seconds += seconds
+            self.calls += 1
+
+    def snapshot(self) -> ReadStats:
+        with self._lock:
+            return ReadStats(self.bytes_read, self.reads, self.seconds, self.calls)
+
+    def reset(self) -> ReadStats:
+        with self._lock:
+            old = ReadStats(self.bytes_read, self.reads, self.seconds, self.calls)
+            self.bytes_read = self.reads = self.calls = 0
+            self.seconds = 0.0
+            return old
+
+    @property
+    def mean_read_bytes(self) -> float:
+        return self.bytes_read / self.reads if self.reads else 0.0
+
+
+@dataclass(frozen=True)
+class _RegionPlan:
+    """How to read runs of one region for one call: which parts land where, and as which iovecs."""
+
+    region: Region
+    wanted: tuple[Part, ...]
+    segments: tuple[tuple[str | None, int], ...]  # per record, from ``lead`` to ``tail``; None = sink
+    lead: int  # start of the first wanted part within a record
+    tail: int  # end of the last wanted part within a record
+    max_records: int
+    scatter: bool
+
+    def span(self, n_records: int) -> int:
+        """Bytes from the first wanted byte of the first record to the last wanted byte of the last."""
+        return (n_records - 1) * self.region.record_stride + self.tail - self.lead
+
+
+@dataclass
+class _Call:
+    """The sorted request of one read_neurons call, shared by its worker threads."""
+
+    layer: int
+    ids: list[int]
+    rows: np.ndarray
+    dest: Mapping[str, np.ndarray]
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _sorted_request(ids: np.ndarray, rows: np.ndarray, n_records: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids sorted ascending with their rows; rejects out-of-range, duplicate ids and duplicate rows."""
+    if ids.ndim != 1 or ids.shape != rows.shape:
+        raise ValueError(f"ids and rows must be 1-D and of equal length (got {ids.shape} and {rows.shape})")
+    order = np.argsort(ids, kind="stable")
+    sids, srows = ids[order], rows[order]
+    if sids[0] < 0 or sids[-1] >= n_records:
+        raise ValueError(f"neuron ids must be in [0, {n_records}) (got {sids[0]}..{sids[-1]})")
+    if np.any(sids[1:] == sids[:-1]):
+        raise ValueError("duplicate neuron ids in one read")
+    if np.unique(srows).size != srows.size:
+        raise ValueError("duplicate destination rows in one read")
+    return sids, srows
+
+
+def _run_bounds(sids: np.ndarray, cap: int) -> list[tuple[int, int]]:
+    """[a, b) index ranges of runs of consecutive ids, each at most ``cap`` records long."""
+    breaks = (np.flatnonzero(np.diff(sids) != 1) + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, len(sids)]
+    return [(s, min(s + cap, e)) for a, e in zip(starts, stops) for s in range(a, e, cap)]
+
+
+def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str) -> None:
+    """``dst[rows] = src`` where ``src`` holds raw store values of ``dtype`` (bfloat16 as uint16)."""
+    if dtype == "bfloat16" and dst.dtype.kind == "f":
+        src = (src.astype(np.uint32) << 16).view(np.float32)
+    dst[rows] = src
+
+
+def _sorted_parts(region: Region, where: str) -> list[Part]:
+    """The region's parts by offset; overlapping parts would make scatter reads ambiguous."""
+    parts = sorted(region.parts, key=lambda p: p.offset)
+    for a, b in zip(parts, parts[1:]):
+        if a.offset + a.nbytes > b.offset:
+            raise FlashFormatError(f"{where}: parts {a.name!r} and {b.name!r} overlap")
+    return parts
+
+
+class StoreReader:
+    """Reads neuron records of a flash store into neuron buffers (see the module docstring).
+
+    Usable from several threads at once; ``close()`` must not race with reads in flight.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        manifest: Manifest,
+        threads: int = 32,
+        page_cache: bool = True,
+        *,
+        bypass: str = "auto",
+        max_run_bytes: int = 1 << 20,
+    ) -> None:
+        """``bypass`` picks how ``page_cache=False`` is done: "auto", "nocache", "dontcache" or "direct"."""
+        if not 1 <= threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{MAX_THREADS} (got {threads})")
+        if max_run_bytes < 1:
+            raise ValueError("max_run_bytes must be positive")
+        self._fd: int | None = None
+        self._direct_fd: int | None = None
+        self._mm: mmap.mmap | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self.manifest = manifest
+        self.threads = threads
+        self.max_run_bytes = max_run_bytes
+        self.stats = ReadStats()
+        self.path = check_store_file(directory, manifest)
+        self._parts = {id(r): _sorted_parts(r, f"{self.path} layer {e.index}") for e in manifest.layers for r in e.regions}
+        strides = [r.record_stride for e in manifest.layers for r in e.regions]
+        self._sink_size = max(strides, default=1)
+        self._staging_size = _round_up(max(max_run_bytes, self._sink_size) + 2 * DIRECT_ALIGN, mmap.PAGESIZE)
+        self._local = threading.local()
+        try:
+            self._open(page_cache, bypass)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening and closing -------------------------------------------------------------------------
+
+    def _open(self, page_cache: bool, bypass: str) -> None:
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if self.manifest.store_size:
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        if hasattr(os, "posix_fadvise"):
+            # Readahead would pull neighbouring records we did not ask for into the page cache (with
+            # RWF_DONTCACHE, random reads left over half the file cached); every read here is exact.
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.cache_mode = "cached" if page_cache else self._bypass_mode(bypass)
+        self._flags = RWF_DONTCACHE if self.cache_mode == "dontcache" else 0
+        if self.threads > 1:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-store")
+
+    def _bypass_mode(self, bypass: str) -> str:
+        """Set up page-cache bypass; "auto" prefers F_NOCACHE (macOS), then RWF_DONTCACHE, then O_DIRECT."""
+        if bypass not in ("auto", "nocache", "dontcache", "direct"):
+            raise ValueError(f"unknown bypass mode {bypass!r}")
+        if bypass == "nocache" or (bypass == "auto" and sys.platform == "darwin"):
+            self._set_nocache()
+            return "nocache"
+        if bypass in ("auto", "dontcache") and self._dontcache_supported():
+            return "dontcache"
+        if bypass == "dontcache":
+            raise StoreReadError(f"{self.path}: this OS has no uncached buffered reads (RWF_DONTCACHE, Linux 6.14+)")
+        try:
+            self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, AttributeError) as e:
+            if bypass == "direct":
+                raise StoreReadError(f"{self.path}: cannot open with O_DIRECT ({e})") from e
+            warnings.warn(f"{self.path}: no way to bypass the page cache here ({e}); reading through it", stacklevel=3)
+            return "cached"
+        return "direct"
+
+    def _set_nocache(self) -> None:
+        """macOS: F_NOCACHE turns off caching for this descriptor (no alignment rules)."""
+        import fcntl
+
+        fcntl.fcntl(self._fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+
+    def _dontcache_supported(self) -> bool:
+        """Probe one uncached read; old kernels answer EOPNOTSUPP (or EINVAL for unknown flags)."""
+        try:
+            self._preadv(self._fd, [bytearray(1)], 0, RWF_DONTCACHE)
+        except (OSError, AttributeError) as e:
+            if isinstance(e, AttributeError) or e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return False
+            raise StoreReadError(f"{self.path}: probe read at offset 0 failed: {e}") from e
+        return True
+
+    def close(self) -> None:
+        """Join the threads and close the files; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self._mm is not None:
+            self._mm.close()
+        for fd in (self._direct_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public reads --------------------------------------------------------------------------------
+
+    def read_neurons(
+        self,
+        layer: int,
+        ids: Sequence[int] | np.ndarray,
+        dest: Mapping[str, np.ndarray],
+        rows: Sequence[int] | np.ndarray,
+    ) -> ReadCount:
+        """Read neurons ``ids`` of ``layer`` so that ``dest[p][rows[j]]`` gets part p of neuron ``ids[j]``."""
+        t0 = time.perf_counter()
+        count = ReadCount(0, 0)
+        try:
+            count = self._read_neurons(layer, np.asarray(ids, dtype=np.int64), dest, np.asarray(rows, dtype=np.int64))
+        finally:
+            self.stats.add(count, time.perf_counter() - t0)
+        return count
+
+    def read_range(self, layer: int, start: int, stop: int, dest: Mapping[str, np.ndarray], row0: int = 0) -> ReadCount:
+        """Read neurons [start, stop) into rows [row0, row0 + stop - start): coalescing makes it sequential."""
+        return self.read_neurons(layer, np.arange(start, stop), dest, np.arange(row0, row0 + stop - start))
+
+    def read_blob(self, layer: int, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
+        """A per-layer blob (e.g. the down bias) as a copy; raw store dtype unless ``dtype`` is given."""
+        entry = self._layer(layer)
+        if name not in entry.blobs:
+            raise KeyError(f"{self.path}: layer {layer} has no blob {name!r} (has {sorted(entry.blobs)})")
+        blob = entry.blobs[name]
+        raw = np.frombuffer(self._mm or b"", numpy_storage_dtype(blob.dtype), blob.length, blob.offset).copy()
+        if dtype is None:
+            return raw
+        out = np.empty(blob.length, dtype)
+        _convert_into(out, slice(None), raw, blob.dtype)
+        return out
+
+    def layer_digest(self, layer: int) -> str:
+        """Hex digest (manifest.checksum_algorithm) of the layer's bytes, streamed with this reader's cache mode."""
+        entry = self._layer(layer)
+        h = hashlib.new(self.manifest.checksum_algorithm)
+        chunk = self.max_run_bytes
+        for offset in range(entry.offset, entry.offset + entry.nbytes, chunk):
+            n = min(chunk, entry.offset + entry.nbytes - offset)
+            buf, pos, _ = self._read_staged(layer, offset, n)
+            h.update(memoryview(buf)[pos : pos + n])
+        return h.hexdigest()
+
+    # -- planning ------------------------------------------------------------------------------------
+
+    def _layer(self, layer: int) -> LayerEntry:
+        if self._closed:
+            raise StoreReadError(f"{self.path}: reader is closed")
+        if not 0 <= layer < self.manifest.n_layers:
+            raise IndexError(f"{self.path}: layer {layer} out of range (store has {self.manifest.n_layers})")
+        return self.manifest.layers[layer]
+
+    def _read_neurons(self, layer: int, ids: np.ndarray, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> ReadCount:
+        entry = self._layer(layer)
+        unknown = set(dest) - set(entry.part_names())
+        if unknown:
+            raise ValueError(f"dest names parts layer {layer} does not have: {sorted(unknown)}")
+        if ids.size == 0:
+            return ReadCount(0, 0)
+        sids, srows = _sorted_request(ids, rows, self.manifest.d_ffn)
+        plans = [p for p in (self._plan(r, dest, srows) for r in entry.regions) if p is not None]
+        call = _Call(layer, sids.tolist(), srows, dest)
+        jobs = [(plan, a, b) for plan in plans for a, b in _run_bounds(sids, plan.max_records)]
+        return self._execute(call, jobs)
+
+    def _plan(self, region: Region, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> _RegionPlan | None:
+        """Plan reads of one region, or None when no part of it is wanted (then it is not read)."""
+        parts = self._parts[id(region)]
+        wanted = tuple(p for p in parts if p.name in dest)
+        if not wanted:
+            return None
+        for p in wanted:
+            _check_dest(p, dest[p.name], rows)
+        lead, tail = wanted[0].offset, wanted[-1].offset + wanted[-1].nbytes
+        segments: list[tuple[str | None, int]] = []
+        pos = lead
+        for p in wanted:
+            if p.offset > pos:
+                segments.append((None, p.offset - pos))
+            segments.append((p.name, p.nbytes))
+            pos = p.offset + p.nbytes
+        scatter = self.cache_mode != "direct" and all(_scatterable(p, dest[p.name]) for p in wanted)
+        stride = region.record_stride
+        cap = max(1, self.max_run_bytes // stride)
+        if scatter:
+            cap = min(cap, max(1, IOV_MAX // (len(segments) + 1)))
+        return _RegionPlan(region, wanted, tuple(segments), lead, tail, cap, scatter)
+
+    # -- execution -----------------------------------------------------------------------------------
+
+    def _execute(self, call: _Call, jobs: list[tuple[_RegionPlan, int, int]]) -> ReadCount:
+        """Run the jobs inline (one thread or one job) or on the pool; returns only when all are done."""
+        if self._pool is None or len(jobs) == 1:
+            return self._drain(call, iter(jobs), threading.Lock(), threading.Event())
+        pending, lock, failed = iter(jobs), threading.Lock(), threading.Event()
+        futures = [self._pool.submit(self._drain, call, pending, lock, failed) for _ in range(min(self.threads, len(jobs)))]
+        wait(futures)  # no worker may still write into dest when we return or raise
+        counts = [f.result() for f in futures]
+        return ReadCount(sum(c.bytes for c in counts), sum(c.reads for c in counts))
+
+    def _drain(self, call: _Call, pending: Iterator[tuple[_RegionPlan, int, int]], lock: threading.Lock, failed: threading.Event) -> ReadCount:
+        """Worker loop: take runs from the shared iterator until it is empty or a run failed."""
+        nbytes = reads = 0
+        while True:
+            with lock:
+                job = None if failed.is_set() else next(pending, None)
+            if job is None:
+                return ReadCount(nbytes, reads)
+            plan, a, b = job
+            try:
+                run = self._scatter_run if plan.scatter else self._staged_run
+                n, r = run(call, plan, a, b)
+            except BaseException:
+                failed.set()
+                raise
+            nbytes, reads = nbytes + n, reads + r
+
+    def _run_offset(self, call: _Call, plan: _RegionPlan, a: int) -> int:
+        return plan.region.offset + call.ids[a] * plan.region.record_stride + plan.lead
+
+    def _scatter_run(self, call: _Call, plan: _RegionPlan, a: int, b: int) -> tuple[int, int]:
+        """One preadv whose iovecs are the destination rows (and a sink for padding / skipped parts)."""
+        sink = self._sink()
+        between = plan.region.record_stride - plan.tail + plan.lead
+        views: dict[str, Callable[[int], np.ndarray]] = {p.name: call.dest[p.name].__getitem__ for p in plan.wanted}
+        bufs: list[memoryview] = []
+        gap = 0
+        for row in call.rows[a:b].tolist():
+            for name, n in plan.segments:
+                if name is None:
+                    gap += n
+                    continue
+                if gap:
+                    bufs.append(sink[:gap])
+                    gap = 0
+                bufs.append(memoryview(views[name](row)))
+            gap = between
+        span = plan.span(b - a)
+        self._read(call.layer, self._read_fd, bufs, self._run_offset(call, plan, a), span)
+        return span, 1
+
+    def _staged_run(self, call: _Call, plan: _RegionPlan, a: int, b: int) -> tuple[int, int]:
+        """Read the run into the staging buffer, then convert each wanted part into its rows at once."""
+        buf, pos, nbytes = self._read_staged(call.layer, self._run_offset(call, plan, a), plan.span(b - a))
+        stride, rows = plan.region.record_stride, call.rows[a:b]
+        for p in plan.wanted:
+            dt = numpy_storage_dtype(p.dtype)
+            src = np.ndarray((b - a, p.length), dt, buffer=buf, offset=pos + p.offset - plan.lead, strides=(stride, dt.itemsize))
+            _convert_into(call.dest[p.name], rows, src, p.dtype)
+        return nbytes, 1
+
+    def _read_staged(self, layer: int, offset: int, nbytes: int) -> tuple[mmap.mmap, int, int]:
+        """Read [offset, offset+nbytes) into this thread's staging buffer: (buffer, data position, bytes read)."""
+        staging = self._staging()
+        if self.cache_mode != "direct":
+            self._read(layer, self._fd, [memoryview(staging)[:nbytes]], offset, nbytes)
+            return staging, 0, nbytes
+        start = offset - offset % DIRECT_ALIGN
+        length = _round_up(offset + nbytes, DIRECT_ALIGN) - start
+        expect = min(start + length, self.manifest.store_size) - start  # O_DIRECT stops at end of file
+        self._read(layer, self._direct_fd, [memoryview(staging)[:length]], start, expect)
+        return staging, offset - start, expect
+
+    def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> None:
+        """One preadv; an OSError or a short read becomes StoreReadError naming file, layer and offset."""
+        try:
+            got = self._preadv(fd, bufs, offset, self._flags)
+        except OSError as e:
+            raise StoreReadError(
+                f"{self.path}: reading layer {layer} at offset {offset} ({expect} bytes) failed: {e.strerror or e}"
+            ) from e
+        if got != expect:
+            raise StoreReadError(
+                f"{self.path}: short read in layer {layer} at offset {offset}: got {got} of {expect} bytes"
+            )
+
+    def _preadv(self, fd: int, bufs: list, offset: int, flags: int) -> int:
+        """The only place that touches the disk; tests replace it to inject faults."""
+        return os.preadv(fd, bufs, offset, flags)
+
+    @property
+    def _read_fd(self) -> int:
+        return self._direct_fd if self._direct_fd is not None else self._fd
+
+    def _sink(self) -> memoryview:
+        sink = getattr(self._local, "sink", None)
+        if sink is None:
+            sink = self._local.sink = memoryview(bytearray(self._sink_size))
+        return sink
+
+    def _staging(self) -> mmap.mmap:
+        """Per-thread staging buffer; anonymous mmap memory is page aligned, as O_DIRECT needs."""
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = mmap.mmap(-1, self._staging_size)
+        return staging
+
+
+def _check_dest(part: Part, arr: np.ndarray, rows: np.ndarray) -> None:
+    """Reject destinations that would silently receive the wrong shape or rows."""
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[1] != part.length:
+        shape = getattr(arr, "shape", None)
+        raise ValueError(f"dest[{part.name!r}] must be a 2-D array [capacity, {part.length}] (got shape {shape})")
+    if not arr.flags.writeable:
+        raise ValueError(f"dest[{part.name!r}] is read-only")
+    if rows.min() < 0 or rows.max() >= arr.shape[0]:
+        raise ValueError(f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] (got {rows.min()}..{rows.max()})")
+
+
+def _scatterable(part: Part, arr: np.ndarray) -> bool:
+    """preadv can fill the row directly: same dtype and byte order, and each row contiguous in memory."""
+    return arr.dtype == numpy_storage_dtype(part.dtype) and arr.dtype.isnative and arr.strides[1] == arr.itemsize

@@ -1,0 +1,117 @@
+"""Sliding-window neuron caching (the paper's windowing), with LRU eviction under a capacity.
+
+Per layer, keep resident the union of the neurons active over the last ``k`` tokens: each token loads
+only the active neurons that are missing and drops those that left the window. When the union would
+exceed ``capacity`` (the buffer's rows), the least recently active neurons are evicted first; the
+current token's neurons are never evicted. The window only decides what to keep: it never changes
+which neurons the FFN computes, so results do not depend on ``k`` or ``capacity``.
+
+The window's members are the neurons it asked to keep that are actually resident: each step forgets
+members the caller reports as not resident, so the window follows the buffer even if a load was
+skipped. Pinned neurons live in their own buffer: leave them out of ``active_ids`` and ``resident``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .buffer import check_ids, unique_ids
+
+
+@dataclass
+class WindowStats:
+    """Counts for one step (or, in ``SlidingWindow.totals``, summed over all steps).
+
+    ``requested``: active neurons; ``hits``: of those, already resident; ``loaded``: to load
+    (requested - hits); ``dropped``: to drop; ``evicted``: of those, dropped early because of the
+    capacity rather than because they left the window; ``overflow``: steps where the active set
+    alone was larger than the capacity.
+    """
+
+    requested: int = 0
+    hits: int = 0
+    loaded: int = 0
+    dropped: int = 0
+    evicted: int = 0
+    overflow: int = 0
+
+    def add(self, other: WindowStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class SlidingWindow:
+    """Which neurons of one layer to load and drop per token.
+
+    ``k`` >= 1 tokens of history (k=1 keeps only the current token's neurons), ``capacity`` rows in
+    the layer's buffer, ``n_neurons`` the layer's FFN size. Cost per step is O(active + resident)
+    scatters into n_neurons-sized masks, plus a sort of the older members when the capacity binds.
+    """
+
+    def __init__(self, k: int, capacity: int, n_neurons: int) -> None:
+        if k < 1:
+            raise ValueError(f"window size k must be >= 1, got {k}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.k = k
+        self.capacity = capacity
+        self.n_neurons = n_neurons
+        self.t = -1  # index of the current token
+        self.stats = WindowStats()
+        self.totals = WindowStats()
+        self._last = np.zeros(n_neurons, dtype=np.int64)  # token a member was last active (members only)
+        self._members = np.zeros(0, dtype=np.int64)
+        self._res = np.zeros(n_neurons, dtype=bool)  # scratch masks, all False between calls
+        self._keep = np.zeros(n_neurons, dtype=bool)
+
+    @property
+    def members(self) -> np.ndarray:
+        """Neurons the window keeps after the last step (sorted)."""
+        return self._members.copy()
+
+    def step(self, active_ids: np.ndarray, resident: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record this token's active neurons; return ``(to_load, to_drop)`` (sorted, disjoint).
+
+        ``resident``: the ids resident in the buffer now (``NeuronBuffer.neurons``). ``to_load`` is
+        every active neuron not resident; ``to_drop`` every resident neuron that is no longer a member
+        (left the window or evicted). Drop before loading. If the active set alone exceeds the capacity
+        (``stats.overflow``), ``to_load`` does not fit after the drops: the caller must compute that
+        token in chunks; the window keeps (and next step forgets) whatever the caller left unloaded.
+        """
+        active = unique_ids(active_ids, self._keep)
+        resident = check_ids(resident, self.n_neurons)
+        self.t += 1
+        res, keep = self._res, self._keep
+
+        res[resident] = True
+        hit = res[active]
+        to_load = active[~hit]
+        members = self._members
+        members = members[res[members] & (self._last[members] > self.t - self.k)]
+
+        self._last[active] = self.t
+        older = members[self._last[members] < self.t]
+        keep[older] = True
+        keep[active] = True
+        evicted = max(0, min(older.size, older.size + active.size - self.capacity))
+        if evicted:
+            keep[older[np.lexsort((older, self._last[older]))[:evicted]]] = False
+        self._members = np.flatnonzero(keep)
+        keep[self._members] = False
+
+        res[self._members] = False
+        to_drop = np.flatnonzero(res)
+        res[to_drop] = False
+
+        self.stats = WindowStats(
+            requested=active.size,
+            hits=int(hit.sum()),
+            loaded=to_load.size,
+            dropped=to_drop.size,
+            evicted=evicted,
+            overflow=int(active.size > self.capacity),
+        )
+        self.totals.add(self.stats)
+        return to_load, to_drop

@@ -1,0 +1,197 @@
+"""Converter: round trips for every architecture, dtypes, layouts, quantization, safety and --verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.utils import quantize_model, save_config, save_model
+
+from mlx_flash.adapters import ARCHITECTURES
+from mlx_flash.convert.converter import FAIL_AT_ENV, convert
+from mlx_flash.convert.verify import verify
+from mlx_flash.errors import FlashError, UnsupportedModelError
+from mlx_flash.manifest import MANIFEST_FILE, read_manifest
+from mlx_flash.rebuild import dense_ffn_weights
+from tiny_models import CONFIGS, build_model, save_tiny_model
+
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+def _np(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+def _trunk(out: Path) -> dict[str, mx.array]:
+    weights = {}
+    for f in out.glob("model*.safetensors"):
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def test_every_architecture_is_tested():
+    assert set(CONFIGS) == set(ARCHITECTURES) - {"gemma3"}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_round_trip_float32_is_exact(arch, tmp_path):
+    src, source = save_tiny_model(arch, tmp_path / "src")
+    out = convert(src, tmp_path / "flash", **QUIET)
+    ffn = dense_ffn_weights(out)
+    trunk = _trunk(out)
+    assert set(ffn) | set(trunk) == set(source) and not set(ffn) & set(trunk)
+    for name, value in ffn.items():
+        np.testing.assert_array_equal(_np(value), _np(source[name]), err_msg=name)
+    for name, value in trunk.items():
+        np.testing.assert_array_equal(_np(value), _np(source[name]), err_msg=name)
+    assert verify(out, progress=False) == []
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+def test_round_trip_half_precision_and_layouts(dtype, layout, tmp_path):
+    src, source = save_tiny_model("phi", tmp_path / "src", dtype=dtype)  # biases and GELU
+    out = convert(src, tmp_path / "flash", layout=layout, align=4096 if layout == "unbundled" else 0, **QUIET)
+    manifest = read_manifest(out)
+    assert manifest.dtype == {mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
+    assert len(manifest.layers[0].regions) == (1 if layout == "bundled" else 2)
+    if layout == "unbundled":
+        assert all(r.record_stride == 4096 for r in manifest.layers[0].regions)
+    for name, value in dense_ffn_weights(out).items():
+        np.testing.assert_array_equal(_np(value), _np(source[name]), err_msg=name)
+
+
+def test_bundled_record_holds_the_whole_neuron(tmp_path):
+    src, source = save_tiny_model("llama", tmp_path / "src")
+    out = convert(src, tmp_path / "flash", **QUIET)
+    manifest = read_manifest(out)
+    region = manifest.layers[1].regions[0]
+    assert [p.name for p in region.parts] == ["gate", "up", "down"]
+    raw = np.fromfile(out / manifest.store_file, dtype=np.uint8)
+    record = raw[region.offset + 5 * region.record_stride:][: region.record_size].view(np.float32)
+    d = manifest.d_model
+    np.testing.assert_array_equal(record[:d], _np(source["model.layers.1.mlp.gate_proj.weight"])[5])
+    np.testing.assert_array_equal(record[d:2 * d], _np(source["model.layers.1.mlp.up_proj.weight"])[5])
+    np.testing.assert_array_equal(record[2 * d:], _np(source["model.layers.1.mlp.down_proj.weight"])[:, 5])
+    assert not list(out.glob("ffn*.safetensors")) and (out / "ffn_store.bin").is_file()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_store_matches_mlx_quantization(bits, tmp_path):
+    src, source = save_tiny_model("qwen3", tmp_path / "src")
+    out = convert(src, tmp_path / "flash", quantize=True, q_bits=bits, q_group_size=32, **QUIET)
+    manifest = read_manifest(out)
+    assert manifest.quantization.bits == bits
+    assert manifest.neuron_bytes() == 3 * (64 * bits // 8 + 2 * (64 // 32) * 4)
+    for name, value in dense_ffn_weights(out).items():
+        w = source[name] if "down_proj" not in name else source[name].T
+        expected = mx.dequantize(*mx.quantize(w, group_size=32, bits=bits), group_size=32, bits=bits)
+        expected = expected if "down_proj" not in name else expected.T
+        np.testing.assert_allclose(_np(value), _np(expected), atol=1e-6, err_msg=name)
+        step = (_np(source[name]).max() - _np(source[name]).min()) / (2**bits - 1)
+        assert np.abs(_np(value) - _np(source[name])).max() <= step
+
+
+def test_quantized_source_stays_quantized(tmp_path):
+    model, config = build_model("llama")
+    model, config = quantize_model(model, config, group_size=64, bits=4)
+    src = tmp_path / "src"
+    save_model(src, model)
+    save_config(config, src / "config.json")
+    out = convert(src, tmp_path / "flash", **QUIET)
+    manifest = read_manifest(out)
+    assert manifest.quantization.bits == 4 and manifest.quantization.group_size == 64
+    params = dict(tree_flatten(model.parameters()))
+    from mlx_flash.rebuild import _layer_parts
+    from mlx_flash.store import StoreReader
+
+    with StoreReader(out, manifest, threads=1) as reader:
+        parts = _layer_parts(reader, manifest, 0)
+    # gate/up rows are the source's packed words, untouched; down was re-quantized along d_model
+    np.testing.assert_array_equal(np.array(parts["gate"]), np.array(params["model.layers.0.mlp.gate_proj.weight"]))
+    np.testing.assert_array_equal(np.array(parts["up"]), np.array(params["model.layers.0.mlp.up_proj.weight"]))
+    assert parts["gate"].dtype == mx.uint32 and parts["down"].shape == parts["up"].shape
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+
+
+def test_refuses_existing_output_and_force_replaces(tmp_path):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "flash"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(FlashError, match="--force"):
+        convert(src, out, **QUIET)
+    assert (out / "precious.txt").read_text() == "keep me"
+    convert(src, out, force=True, **QUIET)
+    assert (out / MANIFEST_FILE).is_file() and not (out / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("step", ["layer:0", "trunk", "finalize"])
+def test_interrupted_conversion_leaves_nothing_behind(step, tmp_path, monkeypatch):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "flash"
+    monkeypatch.setenv(FAIL_AT_ENV, step)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    monkeypatch.delenv(FAIL_AT_ENV)
+    convert(src, out, **QUIET)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setenv(FAIL_AT_ENV, step)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, force=True, **QUIET)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flash", "src"]
+
+
+def test_verify_names_the_damaged_layer(tmp_path):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    out = convert(src, tmp_path / "flash", **QUIET)
+    manifest = read_manifest(out)
+    store = out / manifest.store_file
+    data = bytearray(store.read_bytes())
+    data[manifest.layers[1].offset + 1000] ^= 0x01
+    store.write_bytes(bytes(data))
+    problems = verify(out, progress=False)
+    assert len(problems) == 1 and "layer 1 is damaged" in problems[0] and str(store) in problems[0]
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
+        convert(src, tmp_path / "flash", **QUIET)
+
+
+def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    import shutil as shutil_module
+
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _: shutil_module._ntuple_diskusage(1 << 30, 1 << 30, 1000))
+    with pytest.raises(FlashError, match="not enough free disk"):
+        convert(src, tmp_path / "flash", **QUIET)
+    assert not (tmp_path / "flash").exists()
+
+
+def test_cli_converts_and_verifies(tmp_path):
+    src, _ = save_tiny_model("nemotron", tmp_path / "src")
+    out = tmp_path / "flash"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mlx_flash.convert", *a], capture_output=True, text=True,  # noqa: E731
+                                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    done = run(str(src), str(out), "--dtype", "float16")
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(out).dtype == "float16"
+    assert run("--verify", str(out)).returncode == 0
+    again = run(str(src), str(out))
+    assert again.returncode == 1 and "--force" in again.stderr and "Traceback" not in again.stderr
+    missing = run(str(tmp_path / "nope"), str(tmp_path / "o2"))
+    assert missing.returncode == 1 and "nope" in missing.stderr and "Traceback" not in missing.stderr

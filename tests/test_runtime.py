@@ -1,0 +1,137 @@
+"""Streaming runtime: the flash model computes what plain mlx-lm computes, and streams as it says."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.generate import batch_generate
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_flash
+from mlx_flash.errors import BudgetError
+from mlx_flash.flash_ffn import ffn_rows
+from mlx_flash.convert.converter import convert
+from mlx_flash.selectors import FixedSelector
+from tiny_models import CONFIGS, save_tiny_model
+
+QUIET = {"progress": False, "log": lambda *_: None}
+PROMPT = [[3, 17, 42, 99, 7, 120, 5, 64]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """arch -> (source dir, flash dir), converted once per module."""
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+    for arch in CONFIGS:
+        src, _ = save_tiny_model(arch, root / arch)
+        made[arch] = (src, convert(src, root / f"{arch}-flash", **QUIET))
+    return made
+
+
+def _logits(model, steps: int = 4) -> np.ndarray:
+    """Prompt logits, then ``steps`` greedy decode steps through a KV cache, stacked."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array(PROMPT), cache=cache)[0]]
+    token = mx.argmax(out[-1][-1])
+    for _ in range(steps):
+        out.append(model(token.reshape(1, 1), cache=cache)[0])
+        token = mx.argmax(out[-1][-1])
+    return np.concatenate([np.array(o) for o in out])
+
+
+@pytest.mark.parametrize("share", [1.0, 1 / 3])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_dense_selector_matches_mlx_lm(arch, share, tiny):
+    src, flash = tiny[arch]
+    reference, _ = mlx_lm.load(str(src))
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=share, pin_share=0.0)
+    plan = model.flash.plan
+    assert (plan.window_rows == 0) == (share == 1.0)
+    np.testing.assert_allclose(_logits(model), _logits(reference), atol=1e-4, rtol=0)
+    decode = [p for p in model.flash.telemetry.passes if p.phase == "decode"]
+    if share < 1:  # a third of the FFN in the buffer: every token deletes and appends
+        assert all(p.loaded > 0 and p.dropped > 0 for p in decode)
+    else:
+        assert all(p.loaded == 0 for p in decode)
+
+
+def test_no_record_is_read_at_load(tiny):
+    model, _ = mlx_flash.load(tiny["llama"][1], "1GB", ffn_share=0.5)
+    assert model.flash.reader.stats.snapshot().bytes_read == 0
+    model(mx.array(PROMPT))
+    assert model.flash.reader.stats.snapshot().bytes_read > 0
+
+
+def test_greedy_generation_matches_mlx_lm(tiny):
+    src, flash = tiny["qwen2"]
+    reference, tok = mlx_lm.load(str(src))
+    model, flash_tok = mlx_flash.load(flash, "1GB", ffn_share=0.4, pin_share=0.5)
+    expected = mlx_lm.generate(reference, tok, "hello world", max_tokens=12)
+    assert mlx_lm.generate(model, flash_tok, "hello world", max_tokens=12) == expected
+    summary = model.flash.telemetry.summary()
+    assert summary["tokens"] >= 12 and summary["flash_bytes_per_token"] > 0
+
+
+def test_batched_generation_matches_mlx_lm(tiny):
+    src, flash = tiny["llama"]
+    reference, tok = mlx_lm.load(str(src))
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.0)
+    prompts = [tok.encode("abc"), tok.encode("a longer prompt here")]
+    expected = batch_generate(reference, tok, prompts, max_tokens=6).texts
+    assert batch_generate(model, tok, prompts, max_tokens=6).texts == expected
+    assert any(p.tokens == 2 and p.phase == "decode" for p in model.flash.telemetry.passes)
+
+
+def test_injected_selection_computes_the_window(tiny):
+    """With window k, the FFN multiplies exactly the union of the last k selections."""
+    _, flash = tiny["llama"]
+    choices = [np.arange(0, 40), np.arange(20, 60), np.arange(100, 110)]
+    calls = []
+
+    def choose(layer, x):
+        if layer == 0:
+            calls.append(1)
+        return choices[(len(calls) - 1) % 3]
+
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=1.0, pin_share=0.0, selector=FixedSelector(choose), window=2)
+    # full buffer: all rows go through the window (nothing pinned) only if the plan leaves a window
+    assert model.flash.plan.window_rows == 0  # everything pinned: selection cannot change the result
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.9, pin_share=0.0, selector=FixedSelector(choose), window=2)
+    ffn = model.layers[0].mlp
+    x = mx.random.normal((1, 1, 64))
+    for step, expected_rows in enumerate([choices[0], np.union1d(choices[0], choices[1]), np.union1d(choices[1], choices[2])]):
+        y = ffn(x)
+        buf = ffn._state.buffer
+        assert sorted(buf.neurons.tolist()) == expected_rows.tolist()
+        weights = mlx_flash.rebuild.dense_ffn_weights(flash)
+        rows = {
+            "gate": weights["model.layers.0.mlp.gate_proj.weight"][mx.array(expected_rows)],
+            "up": weights["model.layers.0.mlp.up_proj.weight"][mx.array(expected_rows)],
+            "down": weights["model.layers.0.mlp.down_proj.weight"].T[mx.array(expected_rows)],
+        }
+        manual = ffn_rows(x.reshape(1, 64), rows, "silu", True, None).reshape(1, 1, 64)
+        np.testing.assert_allclose(np.array(y), np.array(manual), atol=1e-5)
+    stats = model.flash.telemetry.passes
+    assert [p.loaded for p in stats] == [40, 20, 10]  # only neurons not already buffered are read
+    assert [p.dropped for p in stats] == [0, 0, 20]  # 0..19 left the 2-token window
+
+
+def test_budget_below_trunk_is_refused_with_the_need(tiny):
+    with pytest.raises(BudgetError, match="needs at least"):
+        mlx_flash.load(tiny["llama"][1], "100KB")
+
+
+def test_prompt_cache_reuse_across_calls(tiny):
+    src, flash = tiny["gemma"]
+    reference, tok = mlx_lm.load(str(src))
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.25)
+    texts = []
+    for m in (reference, model):
+        cache = make_prompt_cache(m)
+        first = "".join(r.text for r in mlx_lm.stream_generate(m, tok, "one", max_tokens=4, prompt_cache=cache))
+        second = "".join(r.text for r in mlx_lm.stream_generate(m, tok, " two", max_tokens=4, prompt_cache=cache))
+        texts.append((first, second))
+    assert texts[0] == texts[1]
