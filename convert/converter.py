@@ -20,6 +20,7 @@ from mlx_lm.utils import _get_classes, make_shards, save_config
 from tqdm import tqdm
 
 from mlx_flash.adapters import FFNSpec, ffn_prefixes, spec_for
+from mlx_flash.integration import write_entry_point
 from mlx_flash.errors import FlashError, FlashFormatError, UnsupportedModelError
 from mlx_flash.manifest import DTYPES, STORE_FILE, Manifest, Quantization, numpy_storage_dtype
 from mlx_flash.sizes import format_size
@@ -316,7 +317,7 @@ def convert(
         del trunk
         if source_quant:
             config["quantization"] = source_quant
-        save_config(config, tmp / "config.json")
+        save_config(write_entry_point(tmp, config), tmp / "config.json")
         source.write_tokenizer(tmp)
         manifest = Manifest(
             model_type=model_type, d_model=d_model, d_ffn=d_ffn, gated=spec.gated, activation=spec.activation,

@@ -8,7 +8,7 @@ the first forward pass.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.utils import _get_classes, load_config, load_tokenizer, load_model
 
-from .adapters import ffn_modules, set_ffn, spec_for
+from .adapters import set_ffn, spec_for
 from .budget import BudgetPlan, plan_budget
 from .buffer import NeuronBuffer
 from .errors import FlashError, FlashFormatError
@@ -44,6 +44,7 @@ class FlashRuntime:
     telemetry: Telemetry
     compute_dtype: mx.Dtype
     window: int
+    layers: list = field(default_factory=list)  # the FlashFFN module of every layer
 
     @property
     def activation(self) -> str:
@@ -99,92 +100,111 @@ def _check_directory(directory: Path) -> Manifest:
     return manifest
 
 
-def load(
-    path: str | Path,
-    memory_budget: str | int | None = None,
-    *,
-    window: int = 4,
-    selector: str | Selector = "dense",
-    threads: int = 32,
-    page_cache: bool = True,
-    max_context: int = 2048,
-    prefill_step_size: int = 512,
-    pin_share: float = 0.5,
-    ffn_share: float | None = None,
-    compute_dtype: str | None = None,
-    telemetry: bool = True,
-):
-    """Load a flash model directory; returns ``(model, tokenizer)`` usable with mlx_lm.generate.
+@dataclass
+class FlashOptions:
+    """Run-time settings of a flash model (``load`` keywords; ``flash_settings.json`` stores defaults).
 
     ``memory_budget``: bytes MLX may hold for the model ("1.5GB", "40%" of RAM; default 50% of RAM):
-    trunk + KV cache for ``max_context`` tokens + prefill temporaries + neuron buffers. ``window``: tokens
-    of history kept resident (the paper's k). ``pin_share``: share of the buffer rows pinned for the
-    whole run (the paper's hybrid setting), the rest is the sliding-window buffer. ``ffn_share`` fixes
-    the buffers' share of each layer's FFN rows instead of filling the budget (benchmarks).
-    ``model.flash`` is the ``FlashRuntime`` (telemetry, plan, store reader).
+    trunk + KV cache for ``max_context`` tokens + prefill temporaries + selector + neuron buffers.
+    ``window``: tokens of history kept resident (the paper's k). ``pin_share``: share of the buffer
+    rows pinned for the whole run (the paper's hybrid setting); the rest is the sliding-window buffer.
+    ``ffn_share`` fixes the buffers' share of each layer's FFN rows instead of filling the budget.
     """
-    directory = Path(path)
+
+    memory_budget: str | int | None = None
+    window: int = 4
+    selector: str | Selector = "dense"
+    threads: int = 32
+    page_cache: bool = True
+    max_context: int = 2048
+    prefill_step_size: int = 512
+    pin_share: float = 0.5
+    ffn_share: float | None = None
+    compute_dtype: str | None = None
+    telemetry: bool = True
+
+
+def prepare_runtime(directory: Path, config: dict, options: FlashOptions) -> FlashRuntime:
+    """Check the directory, plan the budget and preallocate every layer's buffers (no record is read)."""
     manifest = _check_directory(directory)
-    config = load_config(directory)
     if config.get("model_type") != manifest.model_type:
         raise FlashFormatError(
             f"{directory / 'config.json'}: model_type {config.get('model_type')!r} does not match the manifest's "
             f"{manifest.model_type!r}"
         )
-    spec = spec_for(manifest.model_type)
-    if compute_dtype is None:
-        compute_dtype = "float32" if mx.default_device() == mx.cpu else manifest.dtype
+    compute_dtype = options.compute_dtype or ("float32" if mx.default_device() == mx.cpu else manifest.dtype)
     dtype = MX_DTYPES[compute_dtype]
     itemsize = dtype.size
     parts = _buffer_parts(manifest, dtype)
     neuron_bytes = sum(w * d.size for w, d in parts.values())
     trunk_stored = sum(f.stat().st_size for f in directory.glob("model*.safetensors"))
     trunk = int(trunk_stored * max(1.0, itemsize / MX_DTYPES[manifest.dtype].size))
-    kv = _kv_bytes(config, manifest.n_layers, max_context, itemsize)
-    budget = memory_budget if memory_budget is not None else int(DEFAULT_BUDGET_SHARE * physical_memory())
-    temporaries = _temporaries(config, manifest, prefill_step_size, manifest.d_ffn, itemsize)
+    kv = _kv_bytes(config, manifest.n_layers, options.max_context, itemsize)
+    budget = options.memory_budget
+    budget = budget if budget is not None else int(DEFAULT_BUDGET_SHARE * physical_memory())
+    temporaries = _temporaries(config, manifest, options.prefill_step_size, manifest.d_ffn, itemsize)
     plan = plan_budget(budget, trunk=trunk, kv_cache=kv, temporaries=temporaries, selector=0,
                        neuron_bytes=neuron_bytes, n_layers=manifest.n_layers, d_ffn=manifest.d_ffn,
-                       pin_share=pin_share, ffn_share=ffn_share)
+                       pin_share=options.pin_share, ffn_share=options.ffn_share)
+    selector = options.selector
     if isinstance(selector, str):
         if selector != "dense":
             raise FlashError(f"unknown selector {selector!r} (available: dense)")
         selector = DenseSelector(manifest.d_ffn)
-
-    reader = StoreReader(directory, manifest, threads=threads, page_cache=page_cache)
+    reader = StoreReader(directory, manifest, threads=options.threads, page_cache=options.page_cache)
     try:
         runtime = FlashRuntime(directory, manifest, reader, plan, selector,
-                               Telemetry(manifest.n_layers, manifest.d_ffn, enabled=telemetry), dtype, window)
-        flash_layers = [_make_layer(runtime, i, parts) for i in range(manifest.n_layers)]
+                               Telemetry(manifest.n_layers, manifest.d_ffn, enabled=options.telemetry), dtype,
+                               options.window)
+        runtime.layers = [_make_layer(runtime, i, parts) for i in range(manifest.n_layers)]
+    except BaseException:
+        reader.close()
+        raise
+    return runtime
 
+
+def install(model, runtime: FlashRuntime):
+    """Swap every FFN module of a freshly built mlx-lm model for the runtime's FlashFFN modules."""
+    manifest = runtime.manifest
+    if len(model.layers) != manifest.n_layers:
+        raise FlashFormatError(
+            f"{runtime.directory / 'config.json'}: {len(model.layers)} layers but the store has {manifest.n_layers}"
+        )
+    spec = spec_for(manifest.model_type)
+    for i, module in enumerate(runtime.layers):
+        set_ffn(model, spec, i, module)
+    model.flash = runtime
+    return model
+
+
+def load(path: str | Path, memory_budget: str | int | None = None, **options):
+    """Load a flash model directory; returns ``(model, tokenizer)`` usable with mlx_lm.generate.
+
+    Keywords are those of ``FlashOptions``. ``model.flash`` is the ``FlashRuntime`` (telemetry, plan,
+    store reader).
+    """
+    directory = Path(path)
+    opts = FlashOptions(memory_budget=memory_budget, **options)
+    if not (directory / "config.json").is_file():
+        _check_directory(directory)  # says what is missing, manifest first
+    config = load_config(directory)
+    runtime = prepare_runtime(directory, config, opts)
+    try:
         def build(config: dict):
             model_class, args_class = _get_classes(config)
-
-            def make(args):
-                model = model_class(args)
-                if len(model.layers) != manifest.n_layers:
-                    raise FlashFormatError(
-                        f"{directory / 'config.json'}: {len(model.layers)} layers but the store has {manifest.n_layers}"
-                    )
-                for i, module in enumerate(flash_layers):
-                    set_ffn(model, spec, i, module)
-                return model
-
-            return make, args_class
+            return (lambda args: install(model_class(args), runtime)), args_class
 
         try:
             model, _ = load_model(directory, lazy=True, strict=True, get_model_classes=build,
                                   model_config={"model_file": None})
         except ValueError as e:
             raise FlashFormatError(f"{directory}: trunk weights do not match config.json ({e})") from None
-        model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+        model.update(tree_map(lambda p: p.astype(runtime.compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
                               model.parameters()))
         mx.eval(model.parameters())
-        assert all(isinstance(m, FlashFFN) for m in ffn_modules(model, spec))
-        model.flash = runtime
         tokenizer = load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
     except BaseException:
-        reader.close()
+        runtime.close()
         raise
     return model, tokenizer
 
