@@ -5,9 +5,10 @@ call are sorted, adjacent ids are merged into one read per region run (capped at
 IOV_MAX iovecs), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
 
 Two ways a run lands in the destination:
-- *scatter*: when the store dtype of every wanted part equals the destination dtype and rows are
-  contiguous, one ``preadv`` scatters each record's parts straight into the destination rows; padding and
-  skipped parts go to a small per-thread sink. No intermediate copy.
+- *scatter*: when the store dtype of every wanted part equals the destination dtype and the destination
+  is C-contiguous, one ``preadv`` scatters each record's parts straight into the destination rows; padding
+  and skipped parts go to a small write-only sink buffer. No intermediate copy. The iovec lists are built
+  by the calling thread, so workers hold the GIL for little more than the preadv call.
 - *staged*: otherwise (other dtype, or O_DIRECT) the run is read into a per-thread staging buffer and
   converted once into the destination (float16 -> float32, bfloat16 -> float32 by a 16-bit shift, ...).
 
@@ -32,9 +33,11 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain, repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,19 +108,14 @@ class _RegionPlan:
     max_records: int
     scatter: bool
 
+    @property
+    def between(self) -> int:
+        """Bytes from the end of the last wanted part of a record to the first of the next record."""
+        return self.region.record_stride - self.tail + self.lead
+
     def span(self, n_records: int) -> int:
         """Bytes from the first wanted byte of the first record to the last wanted byte of the last."""
         return (n_records - 1) * self.region.record_stride + self.tail - self.lead
-
-
-@dataclass
-class _Call:
-    """The sorted request of one read_neurons call, shared by its worker threads."""
-
-    layer: int
-    ids: list[int]
-    rows: np.ndarray
-    dest: Mapping[str, np.ndarray]
 
 
 def _round_up(n: int, to: int) -> int:
@@ -197,6 +195,7 @@ class StoreReader:
         strides = [r.record_stride for e in manifest.layers for r in e.regions]
         self._sink_size = max(strides, default=1)
         self._staging_size = _round_up(max(max_run_bytes, self._sink_size) + 2 * DIRECT_ALIGN, mmap.PAGESIZE)
+        self._sink = memoryview(bytearray(self._sink_size))  # write-only scratch for padding, shared by threads
         self._local = threading.local()
         try:
             self._open(page_cache, bypass)
@@ -337,10 +336,12 @@ class StoreReader:
         if ids.size == 0:
             return ReadCount(0, 0)
         sids, srows = _sorted_request(ids, rows, self.manifest.d_ffn)
-        plans = [p for p in (self._plan(r, dest, srows) for r in entry.regions) if p is not None]
-        call = _Call(layer, sids.tolist(), srows, dest)
-        jobs = [(plan, a, b) for plan in plans for a, b in _run_bounds(sids, plan.max_records)]
-        return self._execute(call, jobs)
+        jobs: list[Callable[[], int]] = []
+        for region in entry.regions:
+            plan = self._plan(region, dest, srows)
+            if plan is not None:
+                jobs += self._jobs(layer, plan, sids, srows, dest)
+        return self._execute(jobs)
 
     def _plan(self, region: Region, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> _RegionPlan | None:
         """Plan reads of one region, or None when no part of it is wanted (then it is not read)."""
@@ -359,89 +360,91 @@ class StoreReader:
             segments.append((p.name, p.nbytes))
             pos = p.offset + p.nbytes
         scatter = self.cache_mode != "direct" and all(_scatterable(p, dest[p.name]) for p in wanted)
-        stride = region.record_stride
-        cap = max(1, self.max_run_bytes // stride)
+        cap = max(1, self.max_run_bytes // region.record_stride)
         if scatter:
             cap = min(cap, max(1, IOV_MAX // (len(segments) + 1)))
         return _RegionPlan(region, wanted, tuple(segments), lead, tail, cap, scatter)
 
+    def _jobs(
+        self, layer: int, plan: _RegionPlan, sids: np.ndarray, srows: np.ndarray, dest: Mapping[str, np.ndarray]
+    ) -> list[Callable[[], int]]:
+        """One job per run: a ready preadv (scatter) or a read-and-convert (staged)."""
+        bounds = _run_bounds(sids, plan.max_records)
+        offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
+        if not plan.scatter:
+            return [partial(self._staged_run, layer, plan, offsets[a], srows[a:b], dest) for a, b in bounds]
+        records = self._record_iovecs(plan, dest, srows)
+        read, fd, padded, stride, span1 = self._read, self._read_fd, plan.between > 0, plan.region.record_stride, plan.span(1)
+        jobs: list[Callable[[], int]] = []
+        for a, b in bounds:
+            bufs = list(chain.from_iterable(records[a:b]))
+            if padded:
+                del bufs[-1]  # no padding after the last record of a run
+            jobs.append(partial(read, layer, fd, bufs, offsets[a], span1 + (b - a - 1) * stride))
+        return jobs
+
+    def _record_iovecs(self, plan: _RegionPlan, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> list[tuple[memoryview, ...]]:
+        """Per record of the call, the iovecs that receive it: its destination rows, sink slices between."""
+        columns: list[Iterable[memoryview]] = []
+        for name, n in plan.segments:
+            if name is None:
+                columns.append(repeat(self._sink[:n]))
+            else:
+                flat = memoryview(dest[name].reshape(-1).view(np.uint8))
+                columns.append([flat[r * n : r * n + n] for r in rows.tolist()])
+        if plan.between:
+            columns.append(repeat(self._sink[: plan.between]))
+        return list(zip(*columns))
+
     # -- execution -----------------------------------------------------------------------------------
 
-    def _execute(self, call: _Call, jobs: list[tuple[_RegionPlan, int, int]]) -> ReadCount:
+    def _execute(self, jobs: list[Callable[[], int]]) -> ReadCount:
         """Run the jobs inline (one thread or one job) or on the pool; returns only when all are done."""
-        if self._pool is None or len(jobs) == 1:
-            return self._drain(call, iter(jobs), threading.Lock(), threading.Event())
         pending, lock, failed = iter(jobs), threading.Lock(), threading.Event()
-        futures = [self._pool.submit(self._drain, call, pending, lock, failed) for _ in range(min(self.threads, len(jobs)))]
+        if self._pool is None or len(jobs) == 1:
+            return self._drain(pending, lock, failed)
+        futures = [self._pool.submit(self._drain, pending, lock, failed) for _ in range(min(self.threads, len(jobs)))]
         wait(futures)  # no worker may still write into dest when we return or raise
         counts = [f.result() for f in futures]
         return ReadCount(sum(c.bytes for c in counts), sum(c.reads for c in counts))
 
-    def _drain(self, call: _Call, pending: Iterator[tuple[_RegionPlan, int, int]], lock: threading.Lock, failed: threading.Event) -> ReadCount:
-        """Worker loop: take runs from the shared iterator until it is empty or a run failed."""
+    def _drain(self, pending: Iterator[Callable[[], int]], lock: threading.Lock, failed: threading.Event) -> ReadCount:
+        """Worker loop: take jobs from the shared iterator until it is empty or a job failed."""
         nbytes = reads = 0
         while True:
             with lock:
                 job = None if failed.is_set() else next(pending, None)
             if job is None:
                 return ReadCount(nbytes, reads)
-            plan, a, b = job
             try:
-                run = self._scatter_run if plan.scatter else self._staged_run
-                n, r = run(call, plan, a, b)
+                nbytes += job()
             except BaseException:
                 failed.set()
                 raise
-            nbytes, reads = nbytes + n, reads + r
+            reads += 1
 
-    def _run_offset(self, call: _Call, plan: _RegionPlan, a: int) -> int:
-        return plan.region.offset + call.ids[a] * plan.region.record_stride + plan.lead
-
-    def _scatter_run(self, call: _Call, plan: _RegionPlan, a: int, b: int) -> tuple[int, int]:
-        """One preadv whose iovecs are the destination rows (and a sink for padding / skipped parts)."""
-        sink = self._sink()
-        between = plan.region.record_stride - plan.tail + plan.lead
-        views: dict[str, Callable[[int], np.ndarray]] = {p.name: call.dest[p.name].__getitem__ for p in plan.wanted}
-        bufs: list[memoryview] = []
-        gap = 0
-        for row in call.rows[a:b].tolist():
-            for name, n in plan.segments:
-                if name is None:
-                    gap += n
-                    continue
-                if gap:
-                    bufs.append(sink[:gap])
-                    gap = 0
-                bufs.append(memoryview(views[name](row)))
-            gap = between
-        span = plan.span(b - a)
-        self._read(call.layer, self._read_fd, bufs, self._run_offset(call, plan, a), span)
-        return span, 1
-
-    def _staged_run(self, call: _Call, plan: _RegionPlan, a: int, b: int) -> tuple[int, int]:
-        """Read the run into the staging buffer, then convert each wanted part into its rows at once."""
-        buf, pos, nbytes = self._read_staged(call.layer, self._run_offset(call, plan, a), plan.span(b - a))
-        stride, rows = plan.region.record_stride, call.rows[a:b]
+    def _staged_run(self, layer: int, plan: _RegionPlan, offset: int, rows: np.ndarray, dest: Mapping[str, np.ndarray]) -> int:
+        """Read a run into the staging buffer, then convert each wanted part into its rows at once."""
+        n, stride = len(rows), plan.region.record_stride
+        buf, pos, nbytes = self._read_staged(layer, offset, plan.span(n))
         for p in plan.wanted:
             dt = numpy_storage_dtype(p.dtype)
-            src = np.ndarray((b - a, p.length), dt, buffer=buf, offset=pos + p.offset - plan.lead, strides=(stride, dt.itemsize))
-            _convert_into(call.dest[p.name], rows, src, p.dtype)
-        return nbytes, 1
+            src = np.ndarray((n, p.length), dt, buffer=buf, offset=pos + p.offset - plan.lead, strides=(stride, dt.itemsize))
+            _convert_into(dest[p.name], rows, src, p.dtype)
+        return nbytes
 
     def _read_staged(self, layer: int, offset: int, nbytes: int) -> tuple[mmap.mmap, int, int]:
         """Read [offset, offset+nbytes) into this thread's staging buffer: (buffer, data position, bytes read)."""
         staging = self._staging()
         if self.cache_mode != "direct":
-            self._read(layer, self._fd, [memoryview(staging)[:nbytes]], offset, nbytes)
-            return staging, 0, nbytes
+            return staging, 0, self._read(layer, self._fd, [memoryview(staging)[:nbytes]], offset, nbytes)
         start = offset - offset % DIRECT_ALIGN
         length = _round_up(offset + nbytes, DIRECT_ALIGN) - start
         expect = min(start + length, self.manifest.store_size) - start  # O_DIRECT stops at end of file
-        self._read(layer, self._direct_fd, [memoryview(staging)[:length]], start, expect)
-        return staging, offset - start, expect
+        return staging, offset - start, self._read(layer, self._direct_fd, [memoryview(staging)[:length]], start, expect)
 
-    def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> None:
-        """One preadv; an OSError or a short read becomes StoreReadError naming file, layer and offset."""
+    def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> int:
+        """One preadv of ``expect`` bytes; an OSError or a short read becomes StoreReadError naming file, layer, offset."""
         try:
             got = self._preadv(fd, bufs, offset, self._flags)
         except OSError as e:
@@ -452,6 +455,7 @@ class StoreReader:
             raise StoreReadError(
                 f"{self.path}: short read in layer {layer} at offset {offset}: got {got} of {expect} bytes"
             )
+        return got
 
     def _preadv(self, fd: int, bufs: list, offset: int, flags: int) -> int:
         """The only place that touches the disk; tests replace it to inject faults."""
@@ -460,12 +464,6 @@ class StoreReader:
     @property
     def _read_fd(self) -> int:
         return self._direct_fd if self._direct_fd is not None else self._fd
-
-    def _sink(self) -> memoryview:
-        sink = getattr(self._local, "sink", None)
-        if sink is None:
-            sink = self._local.sink = memoryview(bytearray(self._sink_size))
-        return sink
 
     def _staging(self) -> mmap.mmap:
         """Per-thread staging buffer; anonymous mmap memory is page aligned, as O_DIRECT needs."""
@@ -487,5 +485,5 @@ def _check_dest(part: Part, arr: np.ndarray, rows: np.ndarray) -> None:
 
 
 def _scatterable(part: Part, arr: np.ndarray) -> bool:
-    """preadv can fill the row directly: same dtype and byte order, and each row contiguous in memory."""
-    return arr.dtype == numpy_storage_dtype(part.dtype) and arr.dtype.isnative and arr.strides[1] == arr.itemsize
+    """preadv can fill rows directly: same dtype and byte order, C-contiguous (rows are byte slices of it)."""
+    return arr.dtype == numpy_storage_dtype(part.dtype) and arr.dtype.isnative and arr.flags.c_contiguous

@@ -1,0 +1,418 @@
+"""StoreReader: right values in the right rows, coalescing, page-cache bypass, faults, digests."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_flash.errors import StoreReadError
+from mlx_flash.manifest import (
+    STORE_FILE,
+    Blob,
+    LayerEntry,
+    Manifest,
+    Part,
+    Region,
+    numpy_storage_dtype,
+    read_manifest,
+)
+from mlx_flash.store import ReadStats, StoreReader
+
+PARTS = ("gate", "up", "down")
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to if to else n
+
+
+def _encode(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(raw store array, the float32 values a reader must reproduce) for ``dtype``."""
+    if dtype == "bfloat16":
+        raw = (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return raw, (raw.astype(np.uint32) << 16).view(np.float32)
+    raw = values.astype(numpy_storage_dtype(dtype))
+    return raw, raw.astype(np.float32)
+
+
+def build_store(
+    directory: Path,
+    *,
+    layout: str = "bundled",
+    dtype: str = "float32",
+    d_model: int = 8,
+    d_ffn: int = 64,
+    n_layers: int = 2,
+    align: int = 0,
+    part_gap: int = 0,
+    seed: int = 0,
+) -> tuple[Manifest, list[dict[str, np.ndarray]]]:
+    """Write a store with random garbage in every padding byte; returns the manifest and per-layer truth.
+
+    ``part_gap`` leaves a hole between parts inside a record (exercises interior sinks).
+    """
+    rng = np.random.default_rng(seed)
+    itemsize = np.dtype(numpy_storage_dtype(dtype)).itemsize
+    part_bytes = d_model * itemsize
+    groups = [PARTS] if layout == "bundled" else [(p,) for p in PARTS]
+    chunks: list[tuple[int, np.ndarray]] = []  # (offset, raw bytes) to write
+    layers, truth, pos = [], [], 0
+    for li in range(n_layers):
+        pos = _round_up(pos, align)
+        start, regions, values = pos, [], {}
+        for group in groups:
+            parts = tuple(Part(n, j * (part_bytes + part_gap), d_model, dtype) for j, n in enumerate(group))
+            size = parts[-1].offset + part_bytes
+            stride = _round_up(size, align)
+            records = np.frombuffer(rng.bytes(stride * d_ffn), np.uint8).reshape(d_ffn, stride).copy()
+            for p in parts:
+                raw, values[p.name] = _encode(rng.standard_normal((d_ffn, d_model)), dtype)
+                records[:, p.offset : p.offset + part_bytes] = raw.view(np.uint8).reshape(d_ffn, part_bytes)
+            regions.append(Region(pos, stride, size, d_ffn, parts))
+            chunks.append((pos, records))
+            pos += stride * d_ffn
+        bias_raw, values["down_bias"] = _encode(rng.standard_normal(d_model), dtype)
+        chunks.append((pos, bias_raw.view(np.uint8)))
+        blobs = {"down_bias": Blob(pos, d_model, dtype)}
+        pos += bias_raw.nbytes
+        layers.append(LayerEntry(li, f"model.layers.{li}.mlp", start, pos - start, "", tuple(regions), blobs))
+        truth.append(values)
+    data = bytearray(rng.bytes(pos + 123))  # trailing garbage: the store may hold more than the layers
+    for off, raw in chunks:
+        data[off : off + raw.nbytes] = raw.tobytes()
+    layers = [
+        LayerEntry(e.index, e.prefix, e.offset, e.nbytes, hashlib.sha256(data[e.offset : e.offset + e.nbytes]).hexdigest(), e.regions, e.blobs)
+        for e in layers
+    ]
+    with open(directory / STORE_FILE, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be dropped from the page cache
+    Manifest("llama", d_model, d_ffn, True, "silu", layout, dtype, align, STORE_FILE, len(data), tuple(layers)).save(directory)
+    return read_manifest(directory), truth
+
+
+def make_dest(manifest: Manifest, capacity: int, dtype=np.float32, names=PARTS) -> dict[str, np.ndarray]:
+    return {n: np.full((capacity, manifest.d_model), np.nan, dtype) for n in names}
+
+
+def check_rows(dest, truth, ids, rows, capacity) -> None:
+    """Rows got exactly the neurons' parts; every other row is untouched (still NaN)."""
+    untouched = np.setdiff1d(np.arange(capacity), rows)
+    for name, arr in dest.items():
+        np.testing.assert_array_equal(arr[rows].astype(np.float32), truth[name][ids])
+        assert np.isnan(arr[untouched].astype(np.float32)).all(), name
+
+
+def random_request(rng, d_ffn: int, capacity: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.choice(d_ffn, n, replace=False), rng.choice(capacity, n, replace=False)
+
+
+@pytest.fixture
+def bundled(tmp_path):
+    return tmp_path, *build_store(tmp_path)
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize(
+    "geometry",
+    [dict(layout="bundled"), dict(layout="unbundled"), dict(layout="bundled", align=4096), dict(layout="unbundled", align=512, part_gap=0),
+     dict(layout="bundled", part_gap=12)],
+)
+def test_random_ids_land_in_their_rows(tmp_path, geometry, threads):
+    manifest, truth = build_store(tmp_path, **geometry)
+    rng = np.random.default_rng(1)
+    with StoreReader(tmp_path, manifest, threads=threads) as reader:
+        for layer in range(manifest.n_layers):
+            for n in (1, 7, 40, 64):
+                ids, rows = random_request(rng, manifest.d_ffn, 80, n)
+                dest = make_dest(manifest, 80)
+                reader.read_neurons(layer, ids, dest, rows)
+                check_rows(dest, truth[layer], ids, rows, 80)
+
+
+def test_scatter_reads_straight_into_destination_rows(bundled):
+    directory, manifest, truth = bundled
+    dest = make_dest(manifest, 16)
+    seen = []
+    with StoreReader(directory, manifest, threads=1) as reader:
+        original = reader._preadv
+        reader._preadv = lambda fd, bufs, off, flags: (seen.append(list(bufs)), original(fd, bufs, off, flags))[1]
+        reader.read_neurons(0, [3, 4], dest, [9, 2])
+    (bufs,) = seen
+    assert np.shares_memory(np.asarray(bufs[0]), dest["gate"][9]) and np.shares_memory(np.asarray(bufs[-1]), dest["down"][2])
+    check_rows(dest, truth[0], [3, 4], [9, 2], 16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+def test_half_precision_stores_convert_into_float32(tmp_path, dtype, layout):
+    manifest, truth = build_store(tmp_path, dtype=dtype, layout=layout, align=64)
+    rng = np.random.default_rng(2)
+    ids, rows = random_request(rng, manifest.d_ffn, 50, 30)
+    with StoreReader(tmp_path, manifest, threads=4) as reader:
+        dest = make_dest(manifest, 50)
+        reader.read_neurons(1, ids, dest, rows)
+    check_rows(dest, truth[1], ids, rows, 50)
+
+
+def test_bfloat16_into_uint16_dest_is_raw(tmp_path):
+    manifest, truth = build_store(tmp_path, dtype="bfloat16")
+    dest = {n: np.zeros((4, manifest.d_model), np.uint16) for n in PARTS}
+    with StoreReader(tmp_path, manifest, threads=1) as reader:
+        reader.read_neurons(0, [5, 6], dest, [0, 1])
+    got = (dest["up"][:2].astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(got, truth[0]["up"][[5, 6]])
+
+
+def test_float16_dest_from_float32_store(bundled):
+    directory, manifest, truth = bundled
+    dest = {"up": np.zeros((4, manifest.d_model), np.float16)}
+    with StoreReader(directory, manifest, threads=1) as reader:
+        reader.read_neurons(0, [10], dest, [3])
+    np.testing.assert_array_equal(dest["up"][3], truth[0]["up"][10].astype(np.float16))
+
+
+@pytest.mark.parametrize("layout,reads", [("bundled", 1), ("unbundled", 2)])
+def test_missing_part_is_skipped_and_unwanted_region_not_read(tmp_path, layout, reads):
+    manifest, truth = build_store(tmp_path, layout=layout, part_gap=8)
+    dest = make_dest(manifest, 20, names=("up", "down"))
+    with StoreReader(tmp_path, manifest, threads=2) as reader:
+        count = reader.read_neurons(0, range(10), dest, range(10, 20))
+    assert count.reads == reads
+    check_rows(dest, truth[0], np.arange(10), np.arange(10, 20), 20)
+
+
+def test_middle_part_skipped_goes_to_sink(tmp_path):
+    manifest, truth = build_store(tmp_path, align=256, part_gap=4)
+    dest = make_dest(manifest, 12, names=("gate", "down"))
+    with StoreReader(tmp_path, manifest, threads=1) as reader:
+        reader.read_neurons(1, [0, 1, 2, 30, 31], dest, [4, 0, 11, 2, 7])
+    check_rows(dest, truth[1], [0, 1, 2, 30, 31], [4, 0, 11, 2, 7], 12)
+
+
+@pytest.mark.parametrize("layout,regions", [("bundled", 1), ("unbundled", 3)])
+def test_coalescing_one_read_per_run_per_region(tmp_path, layout, regions):
+    manifest, _ = build_store(tmp_path, layout=layout)
+    with StoreReader(tmp_path, manifest, threads=4) as reader:
+        assert reader.read_neurons(0, range(10), make_dest(manifest, 10), range(10)).reads == regions
+        ids = [21, 3, 4, 5, 1, 9, 20, 63]  # runs: [1] [3..5] [9] [20, 21] [63]
+        assert reader.read_neurons(0, ids, make_dest(manifest, 10), range(8)).reads == 5 * regions
+
+
+def test_runs_are_capped_by_max_run_bytes(bundled):
+    directory, manifest, truth = bundled
+    stride = manifest.layers[0].regions[0].record_stride
+    with StoreReader(directory, manifest, threads=3, max_run_bytes=3 * stride) as reader:
+        dest = make_dest(manifest, 64)
+        count = reader.read_range(0, 0, 10, dest, row0=5)
+    assert count.reads == 4  # 3 + 3 + 3 + 1
+    check_rows(dest, truth[0], np.arange(10), np.arange(5, 15), 64)
+
+
+def test_runs_are_capped_by_iov_max(tmp_path, monkeypatch):
+    import mlx_flash.store as store
+
+    monkeypatch.setattr(store, "IOV_MAX", 16)  # 3 parts + 1 padding sink per record -> 4 records per preadv
+    manifest, truth = build_store(tmp_path, align=128)
+    with StoreReader(tmp_path, manifest, threads=1) as reader:
+        dest = make_dest(manifest, 64)
+        assert reader.read_range(1, 0, 64, dest).reads == 16
+    check_rows(dest, truth[1], np.arange(64), np.arange(64), 64)
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+def test_thread_counts_and_bypass_modes_agree(tmp_path, layout):
+    manifest, truth = build_store(tmp_path, layout=layout, align=4096)
+    ids, rows = random_request(np.random.default_rng(3), manifest.d_ffn, 64, 50)
+    results = {}
+    for threads, page_cache, bypass in [(1, True, "auto"), (8, True, "auto"), (8, False, "auto"), (8, False, "direct"), (1, False, "direct")]:
+        try:
+            reader = StoreReader(tmp_path, manifest, threads=threads, page_cache=page_cache, bypass=bypass)
+        except StoreReadError as e:  # e.g. O_DIRECT on tmpfs
+            pytest.skip(str(e))
+        with reader:
+            dest = make_dest(manifest, 64)
+            reader.read_neurons(0, ids, dest, rows)
+            results[(threads, page_cache, bypass, reader.cache_mode)] = dest
+    first = next(iter(results.values()))
+    for key, dest in results.items():
+        for name in PARTS:
+            np.testing.assert_array_equal(dest[name], first[name], err_msg=str(key))
+    check_rows(first, truth[0], ids, rows, 64)
+
+
+def test_direct_io_reads_unaligned_records(tmp_path):
+    manifest, truth = build_store(tmp_path, d_model=24, d_ffn=300, part_gap=4)  # 296-byte records
+    try:
+        reader = StoreReader(tmp_path, manifest, threads=4, page_cache=False, bypass="direct", max_run_bytes=5000)
+    except StoreReadError as e:
+        pytest.skip(str(e))
+    ids, rows = random_request(np.random.default_rng(4), 300, 300, 200)
+    with reader:
+        assert reader.cache_mode == "direct"
+        dest = make_dest(manifest, 300)
+        reader.read_neurons(1, ids, dest, rows)
+    check_rows(dest, truth[1], ids, rows, 300)
+
+
+def _cached_bytes(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+@pytest.mark.parametrize("bypass", ["auto", "direct"])
+def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
+    manifest, _ = build_store(tmp_path, d_model=512, d_ffn=1024, n_layers=2)  # 6 KiB records, 12 MiB
+    store = tmp_path / STORE_FILE
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        for page_cache in (False, True):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert _cached_bytes(store) == 0
+            try:
+                reader = StoreReader(tmp_path, manifest, threads=8, page_cache=page_cache, bypass=bypass)
+            except StoreReadError as e:
+                pytest.skip(str(e))
+            with reader:
+                if reader.cache_mode == "cached" and not page_cache:
+                    pytest.skip("no page-cache bypass on this file system")
+                dest, rng = make_dest(manifest, 1024), np.random.default_rng(5)
+                for layer in range(2):
+                    reader.read_range(layer, 0, 1024, dest)
+                    for _ in range(5):  # scattered reads are where readahead used to fill the cache
+                        reader.read_neurons(layer, rng.choice(1024, 200, replace=False), dest, range(200))
+            cached, size = _cached_bytes(store), manifest.store_size
+            if page_cache:
+                assert cached > 0.9 * size  # the check can see cached pages
+            else:
+                assert cached < 0.05 * size, (reader.cache_mode, cached, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("fault", ["eio", "short"])
+@pytest.mark.parametrize("threads", [1, 8])
+def test_faults_raise_store_read_error_and_reader_recovers(bundled, fault, threads):
+    directory, manifest, truth = bundled
+    region = manifest.layers[1].regions[0]
+    bad_offset = region.offset + 20 * region.record_stride
+    with StoreReader(directory, manifest, threads=threads) as reader:
+        original = reader._preadv
+
+        def faulty(fd, bufs, offset, flags):
+            if offset == bad_offset:
+                if fault == "eio":
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                return original(fd, bufs, offset, flags) - 1
+            return original(fd, bufs, offset, flags)
+
+        reader._preadv = faulty
+        ids = [0, 5, 6, 20, 33, 40, 41, 60]
+        with pytest.raises(StoreReadError) as info:
+            reader.read_neurons(1, ids, make_dest(manifest, 8), range(8))
+        message = str(info.value)
+        assert str(directory / STORE_FILE) in message and "layer 1" in message and f"offset {bad_offset}" in message
+        assert ("Input/output error" if fault == "eio" else "short read") in message
+        reader._preadv = original
+        dest = make_dest(manifest, 8)
+        reader.read_neurons(1, ids, dest, range(8))
+        check_rows(dest, truth[1], ids, np.arange(8), 8)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
+    directory, manifest, _ = bundled
+    threads_before, fds_before = threading.active_count(), _open_fds()
+    reader = StoreReader(directory, manifest, threads=8, page_cache=False)
+    reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))  # starts pool threads
+    assert threading.active_count() > threads_before
+    reader.close()
+    reader.close()
+    assert threading.active_count() == threads_before and _open_fds() == fds_before
+    with pytest.raises(StoreReadError, match="closed"):
+        reader.read_neurons(0, [1], make_dest(manifest, 1), [0])
+
+
+def test_layer_digest_matches_hashlib_and_manifest(tmp_path):
+    manifest, _ = build_store(tmp_path, align=4096, n_layers=3)
+    data = (tmp_path / STORE_FILE).read_bytes()
+    for page_cache, bypass in [(True, "auto"), (False, "direct")]:
+        try:
+            reader = StoreReader(tmp_path, manifest, threads=2, page_cache=page_cache, bypass=bypass, max_run_bytes=10000)
+        except StoreReadError as e:
+            pytest.skip(str(e))
+        with reader:
+            for e in manifest.layers:
+                digest = reader.layer_digest(e.index)
+                assert digest == hashlib.sha256(data[e.offset : e.offset + e.nbytes]).hexdigest() == e.checksum
+
+
+def test_read_blob(tmp_path):
+    manifest, truth = build_store(tmp_path, dtype="bfloat16")
+    with StoreReader(tmp_path, manifest, threads=1) as reader:
+        raw = reader.read_blob(1, "down_bias")
+        assert raw.dtype == np.uint16
+        np.testing.assert_array_equal(reader.read_blob(1, "down_bias", np.float32), truth[1]["down_bias"])
+        with pytest.raises(KeyError, match="up_bias"):
+            reader.read_blob(1, "up_bias")
+
+
+def test_stats_count_reads_and_reset(bundled):
+    directory, manifest, _ = bundled
+    with StoreReader(directory, manifest, threads=4) as reader:
+        a = reader.read_neurons(0, [1, 2, 3, 10], make_dest(manifest, 4), range(4))
+        b = reader.read_neurons(1, [7, 9], make_dest(manifest, 4), range(2))
+        snap = reader.stats.snapshot()
+        stride = manifest.layers[0].regions[0].record_stride
+        assert (snap.reads, snap.bytes_read, snap.calls) == (a.reads + b.reads, 6 * stride, 2) == (4, 6 * stride, 2)
+        assert snap.seconds > 0 and snap.mean_read_bytes == 6 * stride / 4
+        assert reader.stats.reset() == snap
+        assert reader.stats.snapshot() == ReadStats()
+
+
+def test_rejects_bad_requests(bundled):
+    directory, manifest, _ = bundled
+    with StoreReader(directory, manifest, threads=1) as reader:
+        dest = make_dest(manifest, 4)
+        with pytest.raises(ValueError, match="duplicate neuron ids"):
+            reader.read_neurons(0, [3, 3], dest, [0, 1])
+        with pytest.raises(ValueError, match="duplicate destination rows"):
+            reader.read_neurons(0, [3, 4], dest, [1, 1])
+        with pytest.raises(ValueError, match=r"\[0, 64\)"):
+            reader.read_neurons(0, [64], dest, [0])
+        with pytest.raises(ValueError, match=r"rows must be in \[0, 4\)"):
+            reader.read_neurons(0, [1], dest, [4])
+        with pytest.raises(ValueError, match="bias"):
+            reader.read_neurons(0, [1], {**dest, "bias": dest["up"]}, [0])
+        with pytest.raises(ValueError, match="2-D"):
+            reader.read_neurons(0, [1], {"up": np.zeros((4, 3), np.float32)}, [0])
+        with pytest.raises(IndexError):
+            reader.read_neurons(2, [1], dest, [0])
+        with pytest.raises(ValueError, match="threads"):
+            StoreReader(directory, manifest, threads=65)
+        assert reader.read_neurons(0, [], dest, []) == (0, 0)
+
+
+def test_reads_into_mlx_arrays_without_copy(bundled):
+    mx = pytest.importorskip("mlx.core")
+    directory, manifest, truth = bundled
+    buffers = {n: mx.zeros((8, manifest.d_model), dtype=mx.float32) for n in PARTS}
+    mx.eval(*buffers.values())
+    dest = {n: np.array(a, copy=False) for n, a in buffers.items()}
+    with StoreReader(directory, manifest, threads=2) as reader:
+        reader.read_neurons(0, [40, 2, 3], dest, [7, 0, 1])
+    for n in PARTS:
+        np.testing.assert_array_equal(np.array(buffers[n][[7, 0, 1]]), truth[0][n][[40, 2, 3]])
