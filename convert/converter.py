@@ -16,7 +16,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, make_shards, save_config
+from mlx_lm.utils import _get_classes, save_config
 from tqdm import tqdm
 
 from mlx_flash.adapters import FFNSpec, ffn_prefixes, spec_for
@@ -176,16 +176,34 @@ def _part_specs(d_model: int, gated: bool, has_bias: tuple[bool, bool], dtype: s
     return specs
 
 
-def _save_trunk(out: Path, trunk: dict[str, mx.array]) -> None:
-    """Save the trunk like mlx-lm's save_model does (model.safetensors or shards + index)."""
-    shards = make_shards(trunk)
-    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = pattern.format(i + 1, len(shards))
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in trunk.values())}, "weight_map": dict(sorted(weight_map.items()))}
+TRUNK_SHARD_BYTES = 64 << 20  # small shards: only one shard of trunk tensors is in memory at a time
+
+
+def _save_trunk(out: Path, names: list[str], load: Callable[[str], mx.array]) -> None:
+    """Save the trunk as mlx-lm-style shards + index, loading each tensor just before its shard is written."""
+    shards: list[dict[str, mx.array]] = [{}]
+    written, weight_map, total = [], {}, 0
+
+    def flush() -> None:
+        if shards[-1]:
+            path = out / f".trunk-{len(written):05d}.safetensors"
+            mx.save_safetensors(str(path), shards[-1], metadata={"format": "mlx"})
+            written.append((path, list(shards[-1])))
+            shards[-1] = {}
+
+    for name in names:
+        a = load(name)
+        total += a.nbytes
+        if shards[-1] and sum(v.nbytes for v in shards[-1].values()) + a.nbytes > TRUNK_SHARD_BYTES:
+            flush()
+        shards[-1][name] = a
+    flush()
+    pattern = "model-{:05d}-of-{:05d}.safetensors" if len(written) > 1 else "model.safetensors"
+    for i, (path, keys) in enumerate(written):
+        final = pattern.format(i + 1, len(written))
+        os.replace(path, out / final)
+        weight_map.update({k: final for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
@@ -302,19 +320,21 @@ def convert(
             os.fsync(f.fileno())
         _maybe_stop("trunk")
         expected = {k for k in params if k not in ffn_names}
-        trunk = {}
-        for name in list(source.tensors):
+        trunk_names = []
+        for name in source.tensors:
             if name.startswith(tuple(p + "." for p in prefixes)):
                 raise FlashFormatError(f"{source.description}: unexpected FFN tensor {name}")
-            module = name.rsplit(".", 1)[0]
-            if name in expected or (source_quant and f"{module}.weight" in expected):
-                a = source.tensors.pop(name)()
-                trunk[name] = a.astype(MX_DTYPES[dtype]) if mx.issubdtype(a.dtype, mx.floating) else a
-        missing = sorted(expected - set(trunk))
+            if name in expected or (source_quant and f"{name.rsplit('.', 1)[0]}.weight" in expected):
+                trunk_names.append(name)
+        missing = sorted(expected - set(trunk_names))
         if missing:
             raise FlashFormatError(f"{source.description}: missing trunk tensors: {', '.join(missing[:5])}")
-        _save_trunk(tmp, trunk)
-        del trunk
+
+        def load_trunk_tensor(name: str) -> mx.array:
+            a = source.tensors.pop(name)()
+            return a.astype(MX_DTYPES[dtype]) if mx.issubdtype(a.dtype, mx.floating) else a
+
+        _save_trunk(tmp, trunk_names, load_trunk_tensor)
         if source_quant:
             config["quantization"] = source_quant
         save_config(write_entry_point(tmp, config), tmp / "config.json")
