@@ -135,3 +135,24 @@ def test_prompt_cache_reuse_across_calls(tiny):
         second = "".join(r.text for r in mlx_lm.stream_generate(m, tok, " two", max_tokens=4, prompt_cache=cache))
         texts.append((first, second))
     assert texts[0] == texts[1]
+
+
+def test_float16_store_matches_mlx_lm_within_tolerance(tmp_path):
+    """float16 weights computed in float16: same logits as mlx-lm's float16 model within 2e-2."""
+    src, _ = save_tiny_model("qwen3", tmp_path / "src", dtype=mx.float16)
+    flash = convert(src, tmp_path / "flash", **QUIET)
+    reference, _ = mlx_lm.load(str(src))
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=1 / 3, pin_share=0.0, compute_dtype="float16")
+    assert model.flash.compute_dtype == mx.float16
+    np.testing.assert_allclose(_logits(model), _logits(reference), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_store_runs_quantized_and_matches_its_dequantized_weights(bits, tmp_path):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    flash = convert(src, tmp_path / "flash", quantize=True, q_bits=bits, q_group_size=32, **QUIET)
+    dense, _ = mlx_flash.rebuild.load_dense(flash)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.5)
+    buffers = model.flash.layers[0]._state.buffer.arrays()
+    assert buffers["gate"].dtype == mx.uint32  # kept packed, multiplied with mx.quantized_matmul
+    np.testing.assert_allclose(_logits(model), _logits(dense), atol=1e-4, rtol=0)
