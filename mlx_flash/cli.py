@@ -26,7 +26,8 @@ def add_flash_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=4, help="tokens of history whose neurons stay buffered (k)")
     g.add_argument("--selector", default=None, help="neuron selector: dense, gate, predictor or auto")
     g.add_argument("--sparsity", type=float, default=None, help="target fraction of FFN neurons skipped per token")
-    g.add_argument("--threads", type=int, default=32, help="parallel flash reads")
+    g.add_argument("--threads", type=int, default=None,
+                   help="parallel flash reads (default: the best count measured by mlx_flash.probe, else 32)")
     g.add_argument("--no-page-cache", action="store_true", help="bypass the OS page cache for flash reads")
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -56,7 +57,9 @@ def resolve_model(model: str | None, log: Callable[[str], None] = print) -> Path
 
 def load_options(args: argparse.Namespace, is_default_model: bool) -> dict:
     """Keyword arguments for mlx_flash.load from the flash flags."""
-    options = dict(window=args.window, threads=args.threads, page_cache=not args.no_page_cache)
+    options = dict(window=args.window, page_cache=not args.no_page_cache)
+    if args.threads is not None:
+        options["threads"] = args.threads
     if args.selector is not None:
         options["selector"] = args.selector
     if args.sparsity is not None:
