@@ -71,14 +71,15 @@ _INT_TYPES = {
 }
 _FLOAT_TYPES = _INT_TYPES | {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
 _NO_TOKEN = 0xFFFFFFFF  # llama.cpp's "no such token" id
+_MAX_ARRAY_ITEMS = 1 << 24  # 64x the largest vocabularies; bounds parsing time on a damaged length
 _REQUIRED = object()
 
 
 class _CheckedReader(GGUFReader):
-    """GGUFReader that fails on a read past the end of the file.
+    """GGUFReader that rejects a corrupted length at once instead of walking the file item by item.
 
-    The stock reader returns a short array there; with a corrupted array length it then loops over
-    zero-byte elements for as long as that length says instead of failing.
+    The stock reader returns a short array for a read past the end of the file and parses metadata
+    arrays one Python call per item, so a damaged array length makes it loop for minutes to hours.
     """
 
     def _get(self, offset, dtype, count=1, override_order=None):
@@ -86,6 +87,16 @@ class _CheckedReader(GGUFReader):
         if len(array) != int(count):
             raise ValueError(f"data ends before offset {offset} + {int(count)} items")
         return array
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type == GGUFValueType.ARRAY:
+            item_type = int(self._get(orig_offs, np.uint32)[0])
+            count = int(self._get(orig_offs + 4, np.uint64)[0])
+            scalar = self.gguf_scalar_to_np.get(item_type)
+            item_size = np.dtype(scalar).itemsize if scalar else 8  # a string or array starts with 8+ bytes
+            if count > _MAX_ARRAY_ITEMS or count * item_size > len(self.data) - orig_offs - 12:
+                raise ValueError(f"metadata array of {count} items at offset {orig_offs} cannot fit the file")
+        return super()._get_field_parts(orig_offs, raw_type)
 
 
 class _Metadata:
@@ -245,8 +256,10 @@ def _round(value: float) -> float:
 def _check_heads(meta: _Metadata, config: dict, rope_dims: int) -> None:
     """Head counts the attention layout (and the Q/K un-permutation) can work with."""
     heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-    if heads % kv_heads or head_dim % 2:
-        raise FlashFormatError(f"{meta.path}: {heads} heads, {kv_heads} KV heads, head size {head_dim}")
+    if heads % kv_heads or head_dim % 2 or not 0 < rope_dims <= head_dim:
+        raise FlashFormatError(
+            f"{meta.path}: {heads} heads, {kv_heads} KV heads, head size {head_dim}, {rope_dims} rotary dims"
+        )
     if rope_dims != head_dim:
         raise UnsupportedModelError(f"{meta.path}: rotary embedding on {rope_dims} of {head_dim} head dims")
 
@@ -277,7 +290,9 @@ def _match_tensors(path: Path, arch: str, config: dict, tensors: dict[str, Reade
     expected = _model_shapes(path, config)
     if config["tie_word_embeddings"]:
         expected.pop("lm_head.weight", None)  # what mlx-lm's sanitize does for tied models
-    arch_id = {name: arch_id for arch_id, name in MODEL_ARCH_NAMES.items()}[arch]
+    arch_id = {name: arch_id for arch_id, name in MODEL_ARCH_NAMES.items()}.get(arch)
+    if arch_id is None:
+        raise UnsupportedModelError(f"{path}: this version of the gguf package does not know {arch!r}; upgrade it")
     table = get_tensor_name_map(arch_id, config["num_hidden_layers"])
     names = {name: table.get_name(name, try_suffixes=(".weight", ".bias")) for name in expected}
     unmapped = sorted(name for name, gguf_name in names.items() if gguf_name is None)
