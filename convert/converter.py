@@ -26,7 +26,7 @@ from mlx_flash.manifest import DTYPES, STORE_FILE, Manifest, Quantization, numpy
 from mlx_flash.sizes import format_size
 
 from .source import SourceModel
-from .writer import REGION_ALIGN, PartSpec, StoreWriter, plan_regions
+from .writer import REGION_ALIGN, PartSpec, StoreWriter, drop_written, plan_regions
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FAIL_AT_ENV = "MLX_FLASH_CONVERT_FAIL_AT"  # test hook: "layer:N", "trunk" or "finalize"
@@ -188,6 +188,8 @@ def _save_trunk(out: Path, names: list[str], load: Callable[[str], mx.array]) ->
         if shards[-1]:
             path = out / f".trunk-{len(written):05d}.safetensors"
             mx.save_safetensors(str(path), shards[-1], metadata={"format": "mlx"})
+            with open(path, "rb+") as f:
+                drop_written(f)
             written.append((path, list(shards[-1])))
             shards[-1] = {}
 

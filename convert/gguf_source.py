@@ -364,11 +364,28 @@ def _loader(tensor: ReaderTensor, fixup: Callable | None) -> Callable[[], mx.arr
     def load() -> mx.array:
         if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             array = np.asarray(tensor.data)
+        elif fixup is None and tensor.data.ndim == 2:
+            return _dequantize_into_mlx(tensor)
         else:
             array = dequantize(tensor.data, tensor.tensor_type)
         return mx.array(fixup(array) if fixup else array)
 
     return load
+
+
+def _dequantize_into_mlx(tensor: ReaderTensor, rows_per_chunk: int = 1024) -> mx.array:
+    """Dequantize a 2-D tensor a block of rows at a time straight into a preallocated MLX array.
+
+    Dequantizing the whole tensor at once would hold several full-size float32 temporaries plus the
+    copy ``mx.array`` makes: for an embedding that is the converter's peak memory.
+    """
+    rows = tensor.data.shape[0]
+    out = mx.zeros((rows, int(tensor.n_elements) // rows), dtype=mx.float32)
+    mx.eval(out)
+    view = np.array(out, copy=False)  # writable, shares memory with ``out``
+    for start in range(0, rows, rows_per_chunk):
+        view[start:start + rows_per_chunk] = dequantize(tensor.data[start:start + rows_per_chunk], tensor.tensor_type)
+    return out
 
 
 def _main_type(reader: GGUFReader) -> str:

@@ -9,6 +9,7 @@ describes, streams them to the store file in chunks and hashes each layer as it 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -58,6 +59,18 @@ def plan_regions(parts: list[PartSpec], layout: str, align: int, offset: int, n_
     return regions
 
 
+def drop_written(file: BinaryIO, offset: int = 0, length: int = 0) -> None:
+    """Flush written bytes to disk and drop them from the page cache.
+
+    Dirty pages of a large output would otherwise pile up in the page cache, which counts against the
+    memory of a converter run in a tight budget (it is, on a machine smaller than the model).
+    """
+    file.flush()
+    os.fdatasync(file.fileno())
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(file.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
+
+
 class StoreWriter:
     """Appends layers to an open store file; returns each layer's manifest entry."""
 
@@ -104,4 +117,5 @@ class StoreWriter:
             self.file.write(data)
             digest.update(data)
             self.offset += len(data)
+        drop_written(self.file, start, self.offset - start)
         return LayerEntry(index, prefix, start, self.offset - start, digest.hexdigest(), tuple(regions), blob_entries)
