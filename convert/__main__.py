@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
-from mlx_flash.errors import FlashError
+from mlx_flash.cli import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,33 +29,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> int:
+    if args.verify:
+        from .verify import verify
+
+        problems = verify(args.verify)
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        if not problems:
+            print(f"{args.verify}: OK")
+        return 1 if problems else 0
+    if not args.src or not args.out:
+        build_parser().error("SRC and OUT are required (or --verify DIR)")
+    from .converter import convert
+
+    convert(args.src, args.out, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
+            q_group_size=args.q_group_size, layout=args.layout, align=args.align, force=args.force)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.verify:
-            from .verify import verify
-
-            problems = verify(args.verify)
-            for line in problems:
-                print(f"error: {line}", file=sys.stderr)
-            if not problems:
-                print(f"{args.verify}: OK")
-            return 1 if problems else 0
-        if not args.src or not args.out:
-            build_parser().error("SRC and OUT are required (or --verify DIR)")
-        from .converter import convert
-
-        convert(args.src, args.out, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
-                q_group_size=args.q_group_size, layout=args.layout, align=args.align, force=args.force)
-        return 0
-    except FlashError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return run_cli(run, build_parser(), argv)
 
 
 if __name__ == "__main__":
