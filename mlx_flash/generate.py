@@ -100,7 +100,7 @@ def print_summary(stats: dict) -> None:
     print(f"Prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.3f} tokens-per-sec")
     print(f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.3f} tokens-per-sec")
     print(f"Peak memory: {format_size(stats['peak_memory_bytes'])} (MLX); process peak {format_size(stats['process_peak_rss_bytes'])}")
-    print(f"Memory budget {format_size(plan['total'])}: trunk {format_size(plan['trunk'])}, buffers "
+    print(f"Memory budget {format_size(plan['total'])}, planned {format_size(plan['used'])}: trunk {format_size(plan['trunk'])}, buffers "
           f"{format_size(plan['buffers'])} ({100 * plan['ffn_share']:.0f}% of each FFN), KV cache {format_size(plan['kv_cache'])}")
     print(f"Flash: {stats['flash_bytes_per_token'] / 1e6:.3f} MB/token in {stats['reads_per_token']:.1f} reads, "
           f"I/O {stats['io_ms_per_token']:.2f} ms/token, compute {stats['compute_ms_per_token']:.2f} ms/token")
