@@ -30,6 +30,7 @@ from .writer import REGION_ALIGN, PartSpec, StoreWriter, drop_written, plan_regi
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FAIL_AT_ENV = "MLX_FLASH_CONVERT_FAIL_AT"  # test hook: "layer:N", "trunk" or "finalize"
+BUILTIN_CALIBRATION = "builtin"  # calibration= value for the packaged sample text
 
 
 def open_source(src: str | Path) -> SourceModel:
@@ -254,10 +255,18 @@ def convert(
     layout: str = "bundled",
     align: int = 0,
     force: bool = False,
+    calibration: str | Path | None = None,
+    sparsity: float | None = None,
+    predictor_rank: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Convert SRC (model dir, hub repo id or .gguf) into the flash model directory OUT."""
+    """Convert SRC (model dir, hub repo id or .gguf) into the flash model directory OUT.
+
+    ``calibration``: a text file, or "builtin" for the packaged English sample, to measure activations
+    on and train the predictors with (``convert/calibrate.py``); None skips it (the model then runs
+    dense, or with selectors given explicitly). ``sparsity``/``predictor_rank``: see ``calibrate``.
+    """
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FlashError(f"{out}: exists and is not empty; pass --force to replace it")
@@ -348,6 +357,11 @@ def convert(
             source=source.description,
         )
         manifest.save(tmp)
+        if calibration is not None:
+            from .calibrate import calibrate
+
+            calibrate(tmp, None if calibration == BUILTIN_CALIBRATION else calibration, sparsity=sparsity,
+                      ranks=predictor_rank, progress=progress, log=log)
         _maybe_stop("finalize")
         _publish(tmp, out, force)
     except BaseException:

@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mlx_flash.errors import FlashFormatError
-from mlx_flash.manifest import check_store_file, read_manifest
+from mlx_flash.manifest import check_store_file, check_trunk_file, read_manifest
 from mlx_flash.store import StoreReader
 
 
@@ -20,10 +20,16 @@ def verify(directory: str | Path, progress: bool = True) -> list[str]:
     for name in ("config.json",):
         if not (directory / name).is_file():
             problems.append(f"{directory / name}: missing")
-    if not list(directory.glob("model*.safetensors")):
+    trunk = sorted(directory.glob("model*.safetensors"))
+    if not trunk:
         problems.append(f"{directory}: no trunk weights (model*.safetensors)")
-    if not list(directory.glob("tokenizer*")):
-        problems.append(f"{directory}: no tokenizer files")
+    for path in trunk:
+        try:
+            check_trunk_file(path)
+        except FlashFormatError as e:
+            problems.append(str(e))
+    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer.model").is_file():
+        problems.append(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model)")
     with StoreReader(directory, manifest, threads=1) as reader:
         for layer in tqdm(manifest.layers, desc="verify", unit="layer", disable=not progress):
             if reader.layer_digest(layer.index) != layer.checksum:

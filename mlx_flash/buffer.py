@@ -135,6 +135,14 @@ class NeuronBuffer:
         """Register lazy results that read the buffer; they are evaluated before any row changes."""
         self._pending.extend(outputs)
 
+    def settled(self) -> None:
+        """The caller has evaluated (and waited for) every registered result: let them go.
+
+        Without this a buffer whose rows never change (the pinned one) would keep every output ever
+        computed from it alive: a leak of tokens x d_model per layer.
+        """
+        self._pending.clear()
+
     def delete(self, ids: np.ndarray) -> None:
         """Free the rows of ``ids`` by moving the last used rows into the holes (O(deleted)).
 

@@ -17,6 +17,7 @@ the trunk still checks every trunk weight.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from .adapters import ACTIVATIONS
 from .buffer import NeuronBuffer
+from .errors import FlashError
 from .manifest import Quantization
 from .window import SlidingWindow
 
@@ -42,25 +44,66 @@ class _LayerState:
     io: list = field(default_factory=lambda: [0, 0, 0.0])  # bytes, reads, seconds (filled by the loader)
 
 
-def ffn_rows(x: mx.array, parts: dict[str, mx.array], activation: str, gated: bool,
-             quant: Quantization | None) -> mx.array:
-    """The FFN restricted to the neurons whose rows are in ``parts`` (without the down bias)."""
+def project_in(x: mx.array, parts: dict[str, mx.array], name: str, quant: Quantization | None) -> mx.array:
+    """``x`` times the rows of part ``name`` ("gate" or "up"), plus that part's per-neuron bias if any."""
+    if quant is None:
+        y = x @ parts[name].T
+    else:
+        y = mx.quantized_matmul(x, parts[name], parts[f"{name}.scales"], parts[f"{name}.biases"],
+                                transpose=True, group_size=quant.group_size, bits=quant.bits)
+    bias = parts.get(f"{name}_bias")
+    return y if bias is None else y + bias[:, 0]
 
-    def project_in(name: str) -> mx.array:
-        if quant is None:
-            y = x @ parts[name].T
-        else:
-            y = mx.quantized_matmul(x, parts[name], parts[f"{name}.scales"], parts[f"{name}.biases"],
-                                    transpose=True, group_size=quant.group_size, bits=quant.bits)
-        bias = parts.get(f"{name}_bias")
-        return y if bias is None else y + bias[:, 0]
 
+def ffn_hidden(x: mx.array, parts: dict[str, mx.array], activation: str, gated: bool, quant: Quantization | None,
+               gate: mx.array | None = None) -> mx.array:
+    """The activations ``act(gate)*up`` (gated) or ``act(up)`` of the rows in ``parts``.
+
+    ``gate``: act(gate) of these rows, already computed exactly (the gate selector keeps the gate
+    matrix in DRAM), so ``parts`` need not hold the gate rows.
+    """
     act = ACTIVATIONS[activation]
-    h = act(project_in("gate")) * project_in("up") if gated else act(project_in("up"))
+    if not gated:
+        return act(project_in(x, parts, "up", quant))
+    if gate is None:
+        gate = act(project_in(x, parts, "gate", quant))
+    return gate * project_in(x, parts, "up", quant)
+
+
+def ffn_rows(x: mx.array, parts: dict[str, mx.array], activation: str, gated: bool,
+             quant: Quantization | None, gate: mx.array | None = None) -> mx.array:
+    """The FFN restricted to the neurons whose rows are in ``parts`` (without the down bias)."""
+    h = ffn_hidden(x, parts, activation, gated, quant, gate)
     if quant is None:
         return h @ parts["down"]
     return mx.quantized_matmul(h, parts["down"], parts["down.scales"], parts["down.biases"], transpose=False,
                                group_size=quant.group_size, bits=quant.bits)
+
+
+class ThreadGuard:
+    """Refuses a model's FFN call while another thread is inside a forward pass of the same model.
+
+    A forward pass starts at layer 0; the thread that starts it owns the model until another thread starts
+    one. Buffers and windows are per model, so two overlapping passes would corrupt each other (wrong
+    tokens, or errors deep inside the buffers): the second one gets a clear FlashError instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def enter(self, layer: int) -> None:
+        me = threading.get_ident()
+        if self._lock.acquire(blocking=False):
+            if layer == 0 or self._owner in (None, me):
+                self._owner = me
+                return
+            self._lock.release()
+        raise FlashError("this flash model is in use by another thread: use it from one thread at a time "
+                         "(a lock around generation) or load one model per thread")
+
+    def exit(self) -> None:
+        self._lock.release()
 
 
 class FlashFFN(nn.Module):
@@ -72,6 +115,14 @@ class FlashFFN(nn.Module):
         self._state = state
 
     def __call__(self, x: mx.array) -> mx.array:
+        guard = self._runtime.guard
+        guard.enter(self._state.index)
+        try:
+            return self._forward(x)
+        finally:
+            guard.exit()
+
+    def _forward(self, x: mx.array) -> mx.array:
         rt, st = self._runtime, self._state
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
@@ -81,21 +132,24 @@ class FlashFFN(nn.Module):
         mx.eval(xf)
         t0 = time.perf_counter()
         st.io[:] = [0, 0, 0.0]
-        loaded = hits = dropped = 0
+        loaded = hits = dropped = computed = 0
         out = None
-        if st.pinned is not None:
-            if st.pinned.n_used < st.pinned_ids.size:  # first use: pinned rows arrive lazily, not at load
-                loaded += st.pinned.append(st.pinned_ids).size
-            out = self._rows(xf, st.pinned)
+        sel = rt.selector
+        gate = sel.activations(st.index, xf) if getattr(sel, "supplies_gate", False) else None
+        keep = None  # with compute_rows="selected": the ids to compute among the resident rows
         if prefill:
             requested = st.d_ffn
             needed = self._unpinned(np.arange(st.d_ffn))
         else:
-            selected = rt.selector(st.index, xf)
+            selected = sel.select(st.index, gate) if gate is not None else sel(st.index, xf)
             requested = selected.size
             needed = self._unpinned(selected)
+            keep = selected if rt.compute_rows == "selected" else None
+        if st.pinned is not None:
+            if st.pinned.n_used < st.pinned_ids.size:  # first use: pinned rows arrive lazily, not at load
+                loaded += st.pinned.append(st.pinned_ids).size
+            out, computed = self._rows(xf, st.pinned, gate, keep)
         hits += requested - needed.size
-        computed = 0 if st.pinned is None else st.pinned.n_used
         if needed.size and not prefill and needed.size <= st.buffer.capacity:
             to_load, to_drop = st.window.step(needed, st.buffer.neurons)
             st.buffer.delete(to_drop)
@@ -103,22 +157,28 @@ class FlashFFN(nn.Module):
             hits += needed.size - to_load.size
             loaded += to_load.size
             dropped += to_drop.size
-            part = self._rows(xf, st.buffer)
-            out = part if out is None else out + part
-            computed += st.buffer.n_used
+            part, rows = self._rows(xf, st.buffer, gate, keep)
+            out = part if out is None or part is None else out + part
+            computed += rows
         elif needed.size:
-            part, chunk_hits, chunk_loaded, chunk_dropped = self._stream(xf, needed)
+            part, chunk_hits, chunk_loaded, chunk_dropped = self._stream(xf, needed, gate)
             out = part if out is None else out + part
             hits += chunk_hits
             loaded += chunk_loaded
             dropped += chunk_dropped
             computed += needed.size
+        if rt.window == 0 and st.buffer is not None:  # k=0: nothing kept between tokens (the bench's baselines)
+            dropped += st.buffer.n_used
+            st.buffer.delete(st.buffer.neurons)
         if out is None:
             out = mx.zeros_like(xf)
         if st.down_bias is not None:
             out = out + st.down_bias
         out = out.astype(x.dtype).reshape(shape)
         mx.eval(out)
+        for buf in (st.pinned, st.buffer):  # everything fenced in this call fed ``out``: evaluated
+            if buf is not None:
+                buf.settled()
         elapsed = time.perf_counter() - t0
         bytes_read, reads, io_s = st.io
         rt.telemetry.add(st.index, requested=requested, hits=hits, loaded=loaded, dropped=dropped, computed=computed,
@@ -131,13 +191,29 @@ class FlashFFN(nn.Module):
             return ids
         return ids[~st.pinned.resident(ids)] if st.pinned.n_used else np.setdiff1d(ids, st.pinned_ids)
 
-    def _rows(self, xf: mx.array, buffer: NeuronBuffer) -> mx.array:
-        rt = self._runtime
-        y = ffn_rows(xf, buffer.arrays(), rt.activation, rt.gated, rt.quantization)
-        buffer.fence(y)
-        return y
+    def _rows(self, xf: mx.array, buffer: NeuronBuffer, gate: mx.array | None = None,
+              keep: np.ndarray | None = None) -> tuple[mx.array | None, int]:
+        """FFN over the buffer's rows, or only those of the ids in ``keep``; returns (output, rows computed).
 
-    def _stream(self, xf: mx.array, needed: np.ndarray) -> tuple[mx.array, int, int, int]:
+        ``gate``: exact act(gate) of every neuron of the layer [tokens, d_ffn] (the gate selector's).
+        """
+        rt = self._runtime
+        parts, ids = buffer.arrays(), buffer.neurons
+        if keep is not None:
+            slots = buffer.slots_of(keep)
+            slots = np.sort(slots[slots >= 0])
+            if slots.size == 0:
+                return None, 0
+            if slots.size < ids.size:
+                take = mx.array(slots)
+                parts, ids = {k: v[take] for k, v in parts.items()}, ids[slots]
+        if gate is not None:
+            gate = gate[:, mx.array(ids)]
+        y = ffn_rows(xf, parts, rt.activation, rt.gated, rt.quantization, gate)
+        buffer.fence(y)
+        return y, ids.size
+
+    def _stream(self, xf: mx.array, needed: np.ndarray, gate: mx.array | None = None) -> tuple[mx.array, int, int, int]:
         """Compute over ``needed`` in chunks of the buffer's capacity; chunks already resident go first."""
         st = self._state
         buf = st.buffer
@@ -153,6 +229,6 @@ class FlashFFN(nn.Module):
             hits += chunk.size - new.size
             loaded += new.size
             dropped += stale.size
-            y = self._rows(xf, buf)
+            y, _ = self._rows(xf, buf, gate)
             out = y if out is None else out + y
         return out, hits, loaded, dropped

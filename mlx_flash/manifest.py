@@ -12,7 +12,9 @@ column, a per-neuron bias; for quantized stores the packed words, scales and bia
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -268,6 +270,9 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     )
     if manifest.d_model <= 0 or manifest.d_ffn <= 0:
         raise FlashFormatError(f"{path}: d_model and d_ffn must be positive")
+    if manifest.checksum_algorithm not in hashlib.algorithms_available:
+        raise FlashFormatError(f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r}")
+    _check_ffn_parts(manifest, path)
     if "/" in manifest.store_file or manifest.store_file.startswith("."):
         raise FlashFormatError(f"{path}: store_file must be a plain file name")
     for layer in manifest.layers:
@@ -282,6 +287,46 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         if layer.offset + layer.nbytes > manifest.store_size:
             raise FlashFormatError(f"{path}: layer {layer.index} runs past the end of the store")
     return manifest
+
+
+def _part_shape(name: str, manifest: Manifest) -> tuple[int, str] | None:
+    """(elements, dtype) a record part of this name must have, from the FFN shape; None for unknown names."""
+    q, base, suffix = manifest.quantization, *name.partition(".")[::2]
+    if name in ("gate_bias", "up_bias"):
+        return 1, manifest.dtype
+    if base not in ("gate", "up", "down") or suffix not in ("", "scales", "biases") or (suffix and q is None):
+        return None
+    if not suffix:
+        return (manifest.d_model, manifest.dtype) if q is None else (manifest.d_model * q.bits // 32, "uint32")
+    return manifest.d_model // q.group_size, manifest.dtype
+
+
+def _check_ffn_parts(manifest: Manifest, path: Path) -> None:
+    """Every layer's records hold the same parts, and those make this FFN: what the runtime's buffers assume."""
+    if not manifest.layers:
+        raise FlashFormatError(f"{path}: manifest has no layers")
+    first = sorted((p.name, p.length, p.dtype) for r in manifest.layers[0].regions for p in r.parts)
+    names = [n for n, _, _ in first]
+    if len(set(names)) != len(names):
+        raise FlashFormatError(f"{path}: layer 0 holds a record part twice ({names})")
+    for name, length, dtype in first:
+        shape = _part_shape(name, manifest)
+        if shape is None:
+            raise FlashFormatError(f"{path}: unknown record part {name!r}")
+        if (length, dtype) != shape:
+            raise FlashFormatError(f"{path}: record part {name!r} is {length} x {dtype}, expected {shape[0]} x {shape[1]} "
+                                   f"for d_model={manifest.d_model}")
+    wanted = {"up", "down"} | ({"gate"} if manifest.gated else set())
+    vectors = {n.partition(".")[0] for n in names} - {"gate_bias", "up_bias"}
+    if vectors != wanted:
+        raise FlashFormatError(f"{path}: record parts {names} do not make a{' gated' if manifest.gated else ''} FFN")
+    for layer in manifest.layers[1:]:
+        if sorted((p.name, p.length, p.dtype) for r in layer.regions for p in r.parts) != first:
+            raise FlashFormatError(f"{path}: layer {layer.index}'s record parts differ from layer 0's")
+    for layer in manifest.layers:
+        bias = layer.blobs.get("down_bias")
+        if bias is not None and bias.length != manifest.d_model:
+            raise FlashFormatError(f"{path}: layer {layer.index}'s down_bias has {bias.length} values, expected {manifest.d_model}")
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -307,3 +352,46 @@ def check_store_file(directory: str | Path, manifest: Manifest) -> Path:
             f"{store}: store is {size} bytes but the manifest says {manifest.store_size} (truncated or replaced?)"
         )
     return store
+
+
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                      "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own limit
+
+
+def check_trunk_file(path: str | Path) -> dict[str, Any]:
+    """The cheap load-time check of a trunk safetensors file: its header parses and every tensor lies in the file.
+
+    Reads only the header (a few KB), so a truncated or damaged trunk is reported with its name before
+    MLX allocates anything. Returns the header's tensor entries.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise FlashFormatError(f"{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FlashFormatError(f"{path}: damaged safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise FlashFormatError(f"{path}: damaged safetensors header (not a JSON object)")
+    data = size - 8 - n
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, t in tensors.items():
+        ok = isinstance(t, dict) and t.get("dtype") in SAFETENSORS_DTYPES
+        shape, span = (t.get("shape"), t.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        ok = ok and isinstance(span, list) and len(span) == 2 and all(type(o) is int for o in span)
+        if not ok or not 0 <= span[0] <= span[1]:
+            raise FlashFormatError(f"{path}: damaged safetensors header entry for tensor {name!r}")
+        if span[1] > data:
+            raise FlashFormatError(
+                f"{path}: tensor {name!r} ends at byte {span[1]} of the data but the file holds {data} (truncated?)"
+            )
+        if math.prod(shape) * SAFETENSORS_DTYPES[t["dtype"]] != span[1] - span[0]:
+            raise FlashFormatError(f"{path}: tensor {name!r} has shape {shape} but {span[1] - span[0]} bytes")
+    return tensors

@@ -217,14 +217,21 @@ def test_runs_are_capped_by_max_run_bytes(bundled):
     check_rows(dest, truth[0], np.arange(10), np.arange(5, 15), 64)
 
 
-def test_runs_are_capped_by_iov_max(tmp_path, monkeypatch):
+def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch):
     import mlx_flash.store as store
 
-    monkeypatch.setattr(store, "IOV_MAX", 16)  # 3 parts + 1 padding sink per record -> 4 records per preadv
+    monkeypatch.setattr(store, "IOV_MAX", 16)  # 3 parts + 1 padding sink per record -> at most 4 records scattered
     manifest, truth = build_store(tmp_path, align=128)
+    ids = [0, 1, 2, 3, 10, 11, 12, 13, 14]  # a run of 4 (scattered) and a run of 5 (staged)
+    iovecs = []
     with StoreReader(tmp_path, manifest, threads=1) as reader:
+        original = reader._preadv
+        reader._preadv = lambda fd, bufs, off, flags: (iovecs.append(len(bufs)), original(fd, bufs, off, flags))[1]
         dest = make_dest(manifest, 64)
-        assert reader.read_range(1, 0, 64, dest).reads == 16
+        assert reader.read_neurons(1, ids, dest, range(9)).reads == 2
+        check_rows(dest, truth[1], ids, range(9), 64)
+        assert reader.read_range(1, 0, 64, dest).reads == 1  # one long run: one staged read
+    assert iovecs == [15, 1, 1]  # 4 records x (3 parts + sink) - the last sink; staged reads take one buffer
     check_rows(dest, truth[1], np.arange(64), np.arange(64), 64)
 
 

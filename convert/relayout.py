@@ -1,0 +1,101 @@
+"""Rewrite a flash model directory's store in the other layout (bundled <-> unbundled), nothing else changed.
+
+Why: the bench compares the same neurons read as one record per neuron (bundled) and as separate gate, up
+and down records (unbundled). Re-laying out the converted store copies its bytes exactly (same dtype, same
+quantization, same neuron order, same predictors and settings), which converting again from the source
+could not promise. Other files are hard-linked where the file system allows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from mlx_flash.manifest import MANIFEST_FILE, Manifest, numpy_storage_dtype, read_manifest
+from mlx_flash.store import StoreReader
+
+from .converter import _publish, _staging_dir
+from .writer import StoreWriter
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def relayout(src: str | Path, out: str | Path, layout: str, *, force: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print) -> Path:
+    """Write OUT: flash directory SRC with its FFN store in ``layout``; returns OUT."""
+    src, out = Path(src), Path(out).absolute()
+    manifest = read_manifest(src)
+    if layout not in ("bundled", "unbundled"):
+        raise ValueError(f"unknown layout {layout!r} (bundled or unbundled)")
+    log(f"Re-laying out {src} ({manifest.layout}) -> {out} ({layout})")
+    tmp = _staging_dir(out)
+    try:
+        for item in src.iterdir():
+            if item.name in (manifest.store_file, MANIFEST_FILE) or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(item, tmp / item.name)
+        entries = []
+        with StoreReader(src, manifest, threads=4) as reader, open(tmp / manifest.store_file, "wb") as f:
+            writer = StoreWriter(f, layout, manifest.align)
+            ids = np.arange(manifest.d_ffn)
+            for entry in tqdm(manifest.layers, desc="layers", unit="layer", disable=not progress):
+                parts = [p for r in entry.regions for p in r.parts]
+                vectors = {p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype)) for p in parts}
+                reader.read_neurons(entry.index, ids, vectors, ids)
+                blobs = {name: (reader.read_blob(entry.index, name), b.dtype) for name, b in entry.blobs.items()}
+                entries.append(writer.write_layer(entry.index, entry.prefix, vectors, blobs,
+                                                  {p.name: p.dtype for p in parts}))
+            f.flush()
+            os.fsync(f.fileno())
+        dataclasses.replace(manifest, layout=layout, layers=tuple(entries),
+                            store_size=(tmp / manifest.store_file).stat().st_size).save(tmp)
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fingerprint(directory: Path, manifest: Manifest) -> str:
+    """Changes whenever the directory's manifest or any of its other files does."""
+    h = hashlib.sha256((directory / MANIFEST_FILE).read_bytes())
+    for item in sorted(directory.rglob("*")):
+        if item.is_file() and item.name != manifest.store_file and not item.name.startswith("."):
+            st = item.stat()
+            h.update(f"{item.relative_to(directory)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def layout_sibling(directory: str | Path, layout: str, cache: Path, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> Path:
+    """DIRECTORY itself if its store has ``layout``, else a re-laid-out copy cached under ``cache``.
+
+    The copy is named after the directory and a fingerprint of it, so a re-converted model gets a new copy;
+    older copies of the same directory are removed.
+    """
+    directory = Path(directory).absolute()
+    manifest = read_manifest(directory)
+    if manifest.layout == layout:
+        return directory
+    stem = f"{directory.name}-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}-{layout}"
+    out = cache / f"{stem}-{_fingerprint(directory, manifest)}"
+    if (out / MANIFEST_FILE).is_file():
+        return out
+    for stale in cache.glob(f"{stem}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return relayout(directory, out, layout, force=True, progress=progress, log=log)

@@ -1,0 +1,169 @@
+"""What conversion measured about a model's FFN activations, as stored in its flash model directory.
+
+``python -m mlx_flash.convert`` runs the dense model over calibration text (convert/calibrate.py) and
+keeps, per layer, how often each neuron was active and quantiles of the activation magnitudes, plus
+the trained low-rank activation predictors. The runtime reads them back: thresholds for a target
+sparsity come from the quantiles, pinned neurons from the frequencies, the ``predictor`` selector from
+the predictors. Arrays live in two safetensors files; the manifest's ``extra`` names them and carries
+the small facts (tokens seen, the conversion's sparsity, the predictors' measured quality).
+
+Terms: a neuron's activation is ``h = act(gate)*up`` (gated FFNs) or ``act(up)``; it is *active* for a
+token when ``|h|`` is above the layer's threshold: 0 for ReLU-family FFNs (exact zeros) unless a
+sparsity is asked for, else the quantile of ``|h|`` at the target sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import FlashFormatError
+from .manifest import Manifest
+
+CALIBRATION_FILE = "calibration.safetensors"
+PREDICTOR_FILE = "predictors.safetensors"
+LEVELS = np.linspace(0.0, 1.0, 1001)  # quantile levels; fine steps so thresholds near 0.99 are exact
+NATURAL_ACTIVATIONS = ("relu", "relu2")  # exact zeros: active means h != 0
+
+
+def natural_zeros(manifest: Manifest) -> bool:
+    """Whether the FFN has exact zeros (ReLU family, no gate), so threshold 0 is a real sparsity."""
+    return not manifest.gated and manifest.activation in NATURAL_ACTIVATIONS
+
+
+def default_sparsity(manifest: Manifest) -> float | None:
+    """The conversion target when none is given: natural zeros for ReLU-family FFNs, else 0.5."""
+    return None if natural_zeros(manifest) else 0.5
+
+
+@dataclass
+class Calibration:
+    """Per-layer activation statistics (arrays are [layers, ...]); ``sparsity`` None means natural zeros."""
+
+    frequency: np.ndarray  # [layers, d_ffn]: share of calibration tokens on which each neuron was active
+    magnitude: np.ndarray  # [layers, levels]: quantiles of |h|, pooled over tokens and neurons
+    gate: np.ndarray | None  # [layers, levels]: quantiles of |act(gate)| (gated FFNs only)
+    zero_fraction: np.ndarray  # [layers]: share of activations exactly zero
+    sparsity: float | None
+    tokens: int
+
+    def threshold(self, layer: int, sparsity: float | None, of: str = "magnitude") -> float:
+        """|h| (or |act(gate)| with ``of="gate"``) above which a neuron counts as active at ``sparsity``."""
+        if sparsity is None:
+            return 0.0
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        table = self.magnitude if of == "magnitude" else self.gate
+        if table is None:
+            raise ValueError("this calibration has no gate quantiles (the FFN has no gate)")
+        return float(np.interp(sparsity, LEVELS, table[layer]))
+
+
+@dataclass
+class Predictors:
+    """Per layer ``logits = (x @ w_in) @ w_out + bias``; a neuron is predicted active where ``logits > cut``
+    (``cut`` 0 is probability 0.5; conversion calibrates it per layer)."""
+
+    w_in: list[mx.array]  # [d_model, rank]
+    w_out: list[mx.array]  # [rank, d_ffn]
+    bias: list[mx.array]  # [d_ffn]
+    cut: list[float]
+
+    @property
+    def ranks(self) -> list[int]:
+        return [w.shape[1] for w in self.w_in]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for group in (self.w_in, self.w_out, self.bias) for a in group)
+
+    def logits(self, layer: int, x: mx.array) -> mx.array:
+        return (x @ self.w_in[layer]) @ self.w_out[layer] + self.bias[layer]
+
+    def astype(self, dtype: mx.Dtype) -> Predictors:
+        cast = lambda arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
+        return Predictors(cast(self.w_in), cast(self.w_out), cast(self.bias), self.cut)
+
+
+def _save_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
+    tmp = path.with_name(path.stem + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx_flash"})
+    os.replace(tmp, path)
+
+
+def save_calibration(directory: Path, manifest: Manifest, calibration: Calibration,
+                     predictors: Predictors | None, info: dict) -> Manifest:
+    """Write the arrays, then the manifest whose ``extra`` points at them; returns that manifest.
+
+    ``info`` holds the facts worth reading without the arrays (text, per-layer predictor quality).
+    """
+    directory = Path(directory)
+    arrays = {"frequency": calibration.frequency, "magnitude": calibration.magnitude,
+              "zero_fraction": calibration.zero_fraction}
+    if calibration.gate is not None:
+        arrays["gate"] = calibration.gate
+    _save_atomic(directory / CALIBRATION_FILE, {k: mx.array(v.astype(np.float32)) for k, v in arrays.items()})
+    extra = dict(manifest.extra)
+    extra["calibration"] = {"file": CALIBRATION_FILE, "sparsity": calibration.sparsity, "tokens": calibration.tokens,
+                            "levels": len(LEVELS), **info.get("calibration", {})}
+    extra.pop("predictor", None)
+    if predictors is not None:
+        weights = {}
+        for i in range(len(predictors.w_in)):
+            weights[f"{i}.w_in"], weights[f"{i}.w_out"] = predictors.w_in[i], predictors.w_out[i]
+            weights[f"{i}.bias"] = predictors.bias[i]
+            weights[f"{i}.cut"] = mx.array([predictors.cut[i]], dtype=mx.float32)
+        _save_atomic(directory / PREDICTOR_FILE, weights)
+        extra["predictor"] = {"file": PREDICTOR_FILE, "sparsity": calibration.sparsity, "ranks": predictors.ranks,
+                              "bytes": predictors.nbytes, **info.get("predictor", {})}
+    elif (directory / PREDICTOR_FILE).exists():
+        (directory / PREDICTOR_FILE).unlink()
+    manifest = dataclasses.replace(manifest, extra=extra)
+    manifest.save(directory)
+    return manifest
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FlashFormatError(f"{path}: missing (the manifest names it); re-run the calibration")
+    try:
+        return dict(mx.load(str(path)))
+    except (RuntimeError, ValueError) as e:
+        raise FlashFormatError(f"{path}: cannot read ({e})") from None
+
+
+def read_calibration(directory: Path, manifest: Manifest) -> Calibration | None:
+    """The stored calibration, or None if the model was converted without one."""
+    meta = manifest.extra.get("calibration")
+    if not meta:
+        return None
+    path = Path(directory) / meta["file"]
+    arrays = {k: np.array(v) for k, v in _load_arrays(path).items()}
+    calibration = Calibration(arrays["frequency"], arrays["magnitude"], arrays.get("gate"), arrays["zero_fraction"],
+                              meta.get("sparsity"), int(meta.get("tokens", 0)))
+    if calibration.frequency.shape != (manifest.n_layers, manifest.d_ffn) or calibration.magnitude.shape[1] != len(LEVELS):
+        raise FlashFormatError(f"{path}: shapes do not match the manifest (re-run the calibration)")
+    return calibration
+
+
+def read_predictors(directory: Path, manifest: Manifest) -> Predictors | None:
+    """The stored predictors (as saved, float16), or None if none were trained."""
+    meta = manifest.extra.get("predictor")
+    if not meta:
+        return None
+    path = Path(directory) / meta["file"]
+    arrays = _load_arrays(path)
+    try:
+        layers = range(manifest.n_layers)
+        predictors = Predictors([arrays[f"{i}.w_in"] for i in layers], [arrays[f"{i}.w_out"] for i in layers],
+                                [arrays[f"{i}.bias"] for i in layers], [arrays[f"{i}.cut"].item() for i in layers])
+    except KeyError as e:
+        raise FlashFormatError(f"{path}: no predictor {e} (re-run the calibration)") from None
+    if any(w.shape[0] != manifest.d_model for w in predictors.w_in) or any(b.shape != (manifest.d_ffn,) for b in predictors.bias):
+        raise FlashFormatError(f"{path}: predictor shapes do not match the manifest")
+    return predictors

@@ -1,0 +1,382 @@
+"""``python -m mlx_flash.probe``: measure this disk's read throughput by read size and threads, with the page
+cache bypassed (the paper's figure 2b), and fit the cost model the runtime uses.
+
+Why: the runtime picks its read thread count, and ``mlx_flash.bench`` its physical limit, from this
+measurement (``mlx_flash.costmodel``); without one they use DESIGN.md §5's numbers. Reads are random,
+chunk-aligned and never repeat within a cell, from a fresh file of random bytes that is dropped from the page
+cache first; the file must be on the disk you will stream models from, not on tmpfs. ``--store DIR`` also
+times the store reader itself on a flash model, cold and warm, to split I/O time into disk and reader cost.
+
+    python -m mlx_flash.probe --path ~/models --size 1GB --json probe.json --plot probe.png
+    python -m mlx_flash.probe --path ~/models --store ~/models/my-flash-model --threads 1 4 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .costmodel import PROBE_FORMAT, PROBE_VERSION, Cell, CostModel, device_key, probe_path
+from .manifest import STORE_FILE, LayerEntry, Manifest, Part, Region, numpy_storage_dtype, read_manifest
+from .pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
+from .sizes import format_size, parse_size
+from .store import DIRECT_ALIGN, MAX_THREADS, RWF_DONTCACHE, StoreReader
+
+DEFAULT_CHUNKS = tuple(4096 << i for i in range(9))  # 4 KiB .. 1 MiB
+DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Uncached:
+    """A read-only descriptor whose reads bypass the page cache, and how (``mode``)."""
+
+    def __init__(self, path: Path, bypass: str = "auto"):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.flags = 0
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self.mode = self._bypass(path, bypass)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _bypass(self, path: Path, bypass: str) -> str:
+        if bypass == "nocache" or (bypass == "auto" and sys.platform == "darwin"):
+            import fcntl
+
+            fcntl.fcntl(self.fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+            return "nocache"
+        if bypass in ("auto", "dontcache"):
+            try:
+                os.preadv(self.fd, [bytearray(1)], 0, RWF_DONTCACHE)
+                self.flags = RWF_DONTCACHE
+                return "dontcache"
+            except OSError:
+                if bypass == "dontcache":
+                    raise
+        direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        os.close(self.fd)
+        self.fd = direct_fd
+        return "direct"
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def make_probe_file(directory: Path, size: int) -> Path:
+    """A store file of ``size`` random bytes in a new folder of ``directory``, fsynced and out of the page cache."""
+    folder = Path(tempfile.mkdtemp(prefix="mlx_flash-probe-", dir=directory))
+    path = folder / STORE_FILE
+    rng = np.random.default_rng(0)
+    block = 8 << 20
+    try:
+        with open(path, "wb") as f:
+            for offset in range(0, size, block):
+                f.write(rng.bytes(min(block, size - offset)))
+            f.flush()
+            os.fsync(f.fileno())
+        drop_from_page_cache(path)
+    except BaseException:
+        shutil.rmtree(folder)
+        raise
+    return path
+
+
+def _record_store(path: Path, record: int) -> Manifest:
+    """The probe file seen as one layer of ``record``-byte neurons, so the store reader itself can read it."""
+    n = path.stat().st_size // record
+    part = Part("up", 0, record // 4, "float32")
+    layer = LayerEntry(0, "probe", 0, n * record, "", (Region(0, record, record, n, (part,)),))
+    return Manifest("probe", record // 4, n, False, "relu", "bundled", "float32", 0, STORE_FILE, path.stat().st_size,
+                    (layer,))
+
+
+def measure_batches(path: Path, threads: Sequence[int], record: int, batch: int, seconds: float, repeat: int,
+                    bypass: str, progress: bool = True) -> dict:
+    """The store reader reading batches of ``batch`` random, non-adjacent ``record``-byte records per call,
+    per thread count, page cache bypassed: what one layer's sparse load costs, thread wake-ups and Python
+    included. The fastest thread count is what the runtime uses (on few cores, more threads cost more CPU
+    than the deeper disk queue saves)."""
+    manifest = _record_store(path, record)
+    rng = np.random.default_rng(3)
+    dest = {"up": np.empty((batch, record // 4), np.float32)}
+    samples: dict[int, list[float]] = {}
+    for t in tqdm(list(threads) * repeat, desc="reader batches", unit="cell", disable=not progress):
+        with StoreReader(path.parent, manifest, threads=t, page_cache=False, bypass=bypass) as reader:
+            t0, times = time.perf_counter(), []
+            while time.perf_counter() - t0 < seconds:
+                ids = np.sort(rng.choice(manifest.d_ffn // 2, batch, replace=False)) * 2
+                start = time.perf_counter()
+                reader.read_neurons(0, ids, dest, np.arange(batch))
+                times.append(time.perf_counter() - start)
+        samples.setdefault(t, []).append(float(np.median(times)))
+    ms = {t: 1e3 * float(np.median(v)) for t, v in samples.items()}
+    return {"record": record, "batch": batch, "ms_per_batch": {str(t): v for t, v in ms.items()},
+            "best_threads": min(ms, key=ms.get)}
+
+
+def measure_cell(src: Uncached, file_size: int, chunk: int, threads: int, seconds: float,
+                 rng: np.random.Generator) -> dict:
+    """``threads`` threads read distinct random ``chunk``-aligned pieces for ``seconds`` (or until each piece
+    of the file was read once); returns bytes, reads, wall seconds and bytes/s."""
+    offsets = (rng.permutation(file_size // chunk) * chunk).tolist()
+    start: list[float] = []
+    barrier = threading.Barrier(threads + 1, action=lambda: start.append(time.perf_counter()))
+    reads, ends, errors = [0] * threads, [0.0] * threads, []
+
+    def worker(i: int) -> None:
+        buf = mmap.mmap(-1, max(chunk, mmap.PAGESIZE))  # page aligned, as O_DIRECT needs; freed by the GC
+        bufs, n = [memoryview(buf)[:chunk]], 0
+        try:
+            barrier.wait()
+            deadline = start[0] + seconds
+            for off in offsets[i::threads]:
+                if time.perf_counter() > deadline:
+                    break
+                if os.preadv(src.fd, bufs, off, src.flags) != chunk:
+                    raise OSError(f"short read at offset {off}")
+                n += 1
+        except BaseException as e:  # reported by the caller; the barrier must not hang the others
+            errors.append(e)
+            barrier.abort()
+        finally:
+            reads[i], ends[i] = n, time.perf_counter()
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+    wall = max(ends) - start[0]
+    total = sum(reads) * chunk
+    return {"chunk": chunk, "threads": threads, "bytes": total, "reads": sum(reads), "seconds": wall,
+            "bytes_per_s": total / wall if wall > 0 else 0.0}
+
+
+def run_probe(directory: Path, size: int, chunks=DEFAULT_CHUNKS, threads=DEFAULT_THREADS, seconds: float = 0.5,
+              bypass: str = "auto", repeat: int = 1, batch: int = 32, progress: bool = True) -> dict:
+    """Create the probe file in ``directory``, measure every (chunk, threads) cell, fit; the probe as JSON data.
+
+    With ``repeat`` > 1 the whole grid is measured that many times, interleaved, and each cell keeps the median
+    rate: on a shared machine a neighbour's burst then spoils one sample, not a cell. Then the store reader
+    reads batches of ``batch`` random 4 KiB records per call (``measure_batches``; 0 skips it).
+    """
+    if on_ram_disk(directory):
+        raise ValueError(f"{directory} is on {file_system_type(directory)} (RAM): probe a directory on disk")
+    chunks, threads = sorted(set(chunks)), sorted(set(threads))
+    if not all(1 <= t <= MAX_THREADS for t in threads):
+        raise ValueError(f"threads must be in 1..{MAX_THREADS}")
+    if size < max(chunks) * max(threads):
+        raise ValueError(f"--size {format_size(size)} is too small for {max(threads)} threads of "
+                         f"{format_size(max(chunks))} reads")
+    path = make_probe_file(directory, size)
+    rng = np.random.default_rng(1)
+    try:
+        src = Uncached(path, bypass)
+        try:
+            if src.mode == "direct" and any(c % DIRECT_ALIGN for c in chunks):
+                raise ValueError(f"O_DIRECT needs chunk sizes that are multiples of {DIRECT_ALIGN}")
+            grid = [(c, t) for c in chunks for t in threads]
+            samples: dict[tuple[int, int], list[dict]] = {}
+            for c, t in tqdm(grid * repeat, desc="probe", unit="cell", disable=not progress):
+                samples.setdefault((c, t), []).append(measure_cell(src, size, c, t, seconds, rng))
+            cells = [_median_cell(samples[key]) for key in grid]
+        finally:
+            src.close()
+        batches = measure_batches(path, threads, 4096, batch, seconds, repeat, bypass, progress) if batch else None
+        after = cached_bytes(path)
+    finally:
+        shutil.rmtree(path.parent)
+    model = CostModel.fit([Cell(c["chunk"], c["threads"], c["bytes_per_s"]) for c in cells],
+                          f"probe of {directory} ({datetime.now().date()})",
+                          batches["best_threads"] if batches else None)
+    errors = [abs(model.throughput(c["chunk"], c["threads"]) / c["bytes_per_s"] - 1) for c in cells if c["bytes_per_s"]]
+    return {
+        "format": PROBE_FORMAT, "version": PROBE_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "path": str(directory.resolve()), "file_system": file_system_type(directory), "device": device_key(directory),
+        "bypass": src.mode, "file_bytes": size, "seconds_per_cell": seconds, "repeat": repeat, "page_cache_after": after,
+        "cells": cells, "batches": batches, "model": model.to_json(),
+        "fit_error": {"median": float(np.median(errors)), "max": float(max(errors))},
+    }
+
+
+def measure_reader(directory: Path, threads: Sequence[int], fraction: float, seconds: float, cost: CostModel,
+                   progress: bool = True) -> dict:
+    """The store reader on a real flash store, per thread count: random sets of ``fraction`` of a layer's
+    neurons per call (what a sparse token reads) and whole layers (what naive reads), cold (page cache
+    bypassed) and warm (the store in the page cache: what is left is the reader's CPU cost), next to the
+    cost model's disk time for the same reads. The gap between the three says where I/O time goes."""
+    manifest = read_manifest(directory)
+    store = directory / manifest.store_file
+    k = max(1, round(fraction * manifest.d_ffn))
+    rng = np.random.default_rng(2)
+    id_sets = [np.sort(rng.choice(manifest.d_ffn, k, replace=False)) for _ in range(64)]
+    dest = {p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype))
+            for r in manifest.layers[0].regions for p in r.parts}
+    rows = []
+    grid = [(pattern, warm, t) for pattern in ("random", "layer") for warm in (False, True) for t in threads]
+    for pattern, warm, t in tqdm(grid, desc="store reader", unit="cell", disable=not progress):
+        drop_from_page_cache(store)
+        with StoreReader(directory, manifest, threads=t, page_cache=warm) as reader:
+            if warm:
+                for layer in range(manifest.n_layers):
+                    reader.read_range(layer, 0, manifest.d_ffn, dest)
+                reader.stats.reset()
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                layer = n % manifest.n_layers
+                if pattern == "layer":
+                    reader.read_range(layer, 0, manifest.d_ffn, dest)
+                else:
+                    reader.read_neurons(layer, id_sets[n % len(id_sets)], dest, np.arange(k))
+                n += 1
+            stats = reader.stats.snapshot()
+        rows.append({"pattern": pattern, "warm": warm, "threads": t, "calls": stats.calls,
+                     "reads_per_call": stats.reads / stats.calls, "bytes_per_call": stats.bytes_read / stats.calls,
+                     "ms_per_call": 1e3 * stats.seconds / stats.calls,
+                     "model_ms_per_call": 1e3 * cost.read_seconds(stats.bytes_read, stats.reads, t) / stats.calls})
+    return {"directory": str(directory), "layout": manifest.layout, "record_bytes": manifest.neuron_bytes(),
+            "neurons_per_call": k, "rows": rows}
+
+
+def format_reader(result: dict) -> str:
+    """One line per (pattern, threads): cold and warm ms per call and the cost model's disk time."""
+    lines = [f"store reader on {result['directory']} ({result['layout']}, {result['record_bytes']} B per neuron): "
+             f"random = {result['neurons_per_call']} random neurons per call, layer = a whole layer per call",
+             f"{'pattern':>8} {'threads':>7} {'reads':>6} {'KB/read':>8} {'cold ms':>8} {'warm ms':>8} {'disk ms':>8}"]
+    rows = {(r["pattern"], r["warm"], r["threads"]): r for r in result["rows"]}
+    for (pattern, warm, t), cold in rows.items():
+        if warm:
+            continue
+        hot = rows[(pattern, True, t)]
+        size = cold["bytes_per_call"] / cold["reads_per_call"] / 1e3 if cold["reads_per_call"] else 0.0
+        lines.append(f"{pattern:>8} {t:7d} {cold['reads_per_call']:6.1f} {size:8.1f} {cold['ms_per_call']:8.3f} "
+                     f"{hot['ms_per_call']:8.3f} {cold['model_ms_per_call']:8.3f}")
+    lines.append("cold: page cache bypassed (disk + reader); warm: store in the page cache (reader CPU cost alone); "
+                 "disk: the cost model's time for the same reads at that thread count")
+    return "\n".join(lines)
+
+
+def _median_cell(samples: list[dict]) -> dict:
+    """The sample with the median rate, with every sample's rate kept for the record."""
+    ranked = sorted(samples, key=lambda c: c["bytes_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "samples_bytes_per_s": [c["bytes_per_s"] for c in samples]}
+
+
+def format_probe(probe: dict) -> str:
+    """The throughput table (MB/s, rows = read size, columns = threads) and the fitted model."""
+    threads = sorted({c["threads"] for c in probe["cells"]})
+    chunks = sorted({c["chunk"] for c in probe["cells"]})
+    rate = {(c["chunk"], c["threads"]): c["bytes_per_s"] for c in probe["cells"]}
+    model = CostModel.from_json(probe["model"])
+    cached = probe["page_cache_after"]
+    lines = [
+        f"probe: {probe['path']} ({probe['file_system']}, {probe['device']}), {format_size(probe['file_bytes'])} file, "
+        f"bypass {probe['bypass']}, {probe['seconds_per_cell']} s per cell x {probe['repeat']}, page cache after: "
+        f"{'?' if cached is None else format_size(cached)}",
+        "random reads, MB/s (1 MB = 1e6 bytes)",
+        f"{'read size':>10} " + " ".join(f"{f'{t} thr':>8}" for t in threads) + f" {'best thr':>9}",
+    ]
+    for c in chunks:
+        row = [rate.get((c, t), 0.0) / 1e6 for t in threads]
+        lines.append(f"{_kib(c):>10} " + " ".join(f"{r:8.0f}" for r in row) + f" {model.best_threads(c):9d}")
+    lines.append("fitted cost model: read of s bytes = a + s / b (device time shared by the threads)")
+    lines.append(f"{'threads':>10} {'a (us)':>8} {'b (GB/s)':>9}")
+    for t, a, b in zip(model.threads, model.per_read_s, model.bandwidth):
+        lines.append(f"{t:10d} {a * 1e6:8.1f} {b / 1e9:9.2f}")
+    err = probe["fit_error"]
+    lines.append(f"fit error: median {100 * err['median']:.0f}%, max {100 * err['max']:.0f}% of the measured throughput")
+    batches = probe.get("batches")
+    if batches:
+        lines.append(f"store reader, batches of {batches['batch']} random {_kib(batches['record'])} records per call "
+                     f"(one layer's sparse load), ms per batch:")
+        lines.append(" ".join(f"{t} thr {ms:.2f}" for t, ms in batches["ms_per_batch"].items())
+                     + f"  -> the runtime reads with {batches['best_threads']} threads")
+    return "\n".join(lines)
+
+
+def _kib(n: int) -> str:
+    return f"{n // 1024} KiB" if n < 1 << 20 else f"{n // (1 << 20)} MiB"
+
+
+def save_probe(probe: dict, file: Path) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(probe, indent=1) + "\n")
+    os.replace(tmp, file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .default_model import cache_root
+
+    p = argparse.ArgumentParser(prog="python -m mlx_flash.probe", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", type=Path, default=None,
+                   help="directory on the disk to probe (default: the mlx_flash cache, where the default model lives)")
+    p.add_argument("--size", default="1GB", help="probe file size (default: 1GB); larger than the disk's cache")
+    p.add_argument("--json", type=Path, help="also write the probe to this file")
+    p.add_argument("--chunk-sizes", nargs="+", help="read sizes (default: 4KiB to 1MiB in powers of two)")
+    p.add_argument("--threads", nargs="+", type=int, default=list(DEFAULT_THREADS), help="thread counts")
+    p.add_argument("--seconds", type=float, default=0.5, help="time per (read size, threads) cell")
+    p.add_argument("--repeat", type=int, default=1, help="measure the grid this many times; keep each cell's median")
+    p.add_argument("--batch", type=int, default=32,
+                   help="random records per store-reader call when timing thread counts (0: skip)")
+    p.add_argument("--bypass", default="auto", choices=["auto", "dontcache", "direct", "nocache"],
+                   help="how to bypass the page cache (auto: F_NOCACHE on macOS, RWF_DONTCACHE, else O_DIRECT)")
+    p.add_argument("--store", type=Path, help="also time the store reader on this flash model directory")
+    p.add_argument("--fraction", type=float, default=0.03, help="--store: share of a layer's neurons per random call")
+    p.add_argument("--no-save", action="store_true", help="do not store the result where the runtime finds it")
+    p.add_argument("--plot", type=Path, help="write a PNG of throughput against read size and threads")
+    args = p.parse_args(argv)
+    directory = args.path or cache_root()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        chunks = [parse_size(c) for c in args.chunk_sizes] if args.chunk_sizes else list(DEFAULT_CHUNKS)
+        probe = run_probe(directory, parse_size(args.size), chunks, args.threads, args.seconds, args.bypass,
+                          args.repeat, args.batch)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_probe(probe))
+    if args.store:
+        probe["store_reader"] = measure_reader(args.store, args.threads, args.fraction, args.seconds,
+                                               CostModel.from_json(probe["model"]))
+        print(format_reader(probe["store_reader"]))
+    if not args.no_save:
+        save_probe(probe, probe_path(directory))
+        print(f"saved for the runtime: {probe_path(directory)}")
+    if args.json:
+        save_probe(probe, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plots import plot_probe
+
+        plot_probe(probe, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The ablation bench on stories260K with tiny settings: structure, and the orderings the paper's table shows.
+
+Timings are not asserted (benchmarks are commands, not timed tests): bytes and reads are exact counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash
+from mlx_flash import bench
+from mlx_flash.convert.converter import convert
+from mlx_flash.convert.relayout import layout_sibling, relayout
+from mlx_flash.manifest import read_manifest
+from mlx_flash.rebuild import dense_ffn_weights
+from mlx_flash.selectors import FixedSelector
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+def sparse_selector(d_model: int = 64, d_ffn: int = 172, share: float = 0.3) -> FixedSelector:
+    """A deterministic input-dependent selection (top 30% of a fixed random projection), like a predictor's."""
+    proj = mx.array(np.random.default_rng(0).standard_normal((d_model, d_ffn)).astype(np.float32))
+    k = int(share * d_ffn)
+    return FixedSelector(lambda layer, x: np.argsort(-np.array((x @ proj).max(axis=0)))[:k])
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLX_FLASH_CACHE", str(root / "cache"))
+    yield convert(STORIES, root / "stories", **QUIET)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def report(stories):
+    return bench.run_bench(stories, ffn_share=0.5, prompt="Once upon a time", tokens=8, selector=sparse_selector(),
+                           window=4, pin_share=0.5, reference=True, progress=False)
+
+
+def test_report_structure(report):
+    rows = report["configs"]
+    assert [(r["index"], r["name"]) for r in rows] == [(1, "naive"), (2, "hybrid"), (3, "+selector"), (4, "+window"),
+                                                       (5, "+bundling")]
+    assert [r["layout"] for r in rows] == ["bundled", "bundled", "unbundled", "unbundled", "bundled"]
+    assert [r["selector"] for r in rows] == ["DenseSelector"] * 2 + ["FixedSelector"] * 3
+    assert [r["window"] for r in rows] == [0, 4, 0, 4, 4]
+    assert rows[0]["pinned_rows"] == 0 and all(r["pinned_rows"] > 0 for r in rows[1:])
+    for r in rows:
+        assert r["cache_mode"] != "cached" and r["decode_tokens"] >= 7
+        for key in bench.METRICS:
+            assert np.isfinite(r[key]), key
+        assert r["ffn_bytes_per_token"] > 0 and r["limit_ms_per_token"] > 0
+    mem = report["memory"]
+    assert mem["ffn_share"] == pytest.approx(0.5, abs=0.01)
+    assert mem["total"] == mem["trunk"] + mem["kv_cache"] + mem["temporaries"] + mem["selector"] + mem["buffers"]
+    assert report["physical_limit_ms"] == rows[-1]["limit_ms_per_token"]
+    json.dumps(report)  # the --json output
+    text = bench.format_report(report)
+    assert "naive" in text and "+bundling" in text and "physical limit" in text and "in memory" in text
+
+
+def test_naive_reads_the_whole_ffn_and_exact_configs_match_plain_mlx_lm(report, stories):
+    naive, hybrid = report["configs"][:2]
+    ffn = read_manifest(stories).ffn_bytes()
+    assert naive["ffn_bytes_per_token"] == ffn and naive["fraction_loaded"] == 1.0
+    assert hybrid["ffn_bytes_per_token"] == pytest.approx(ffn / 2, rel=0.02)  # the FFN cache share stays
+    assert naive["mean_read_bytes"] > 16 * 1024  # large sequential reads, not neuron by neuron
+    plain, pinned = report["references"]
+    assert plain["tokens"] == pinned["tokens"] == naive["tokens"] == hybrid["tokens"]
+
+
+def test_bytes_fall_from_naive_to_window_and_bundling_only_cuts_reads(report):
+    rows = report["configs"]
+    nbytes = [r["ffn_bytes_per_token"] for r in rows]
+    assert nbytes[0] >= nbytes[1] >= nbytes[2] >= nbytes[3]
+    assert nbytes[3] < nbytes[0] / 2
+    window, bundled = rows[3], rows[4]
+    assert bundled["tokens"] == window["tokens"]
+    assert bundled["ffn_bytes_per_token"] == window["ffn_bytes_per_token"]
+    assert bundled["reads_per_token"] < window["reads_per_token"]
+    assert bundled["mean_read_bytes"] > window["mean_read_bytes"]
+
+
+def test_cli_writes_json_and_plot(stories, tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["--model", str(stories), "--ffn-cache", "50%", "--tokens", "3", "--selector", "dense", "--configs", "1,5",
+            "--no-reference", "--json", str(out)]
+    if _has_matplotlib():
+        argv += ["--plot", str(png)]
+    assert bench.main(argv) == 0
+    assert "1. naive" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["index"] for r in data["configs"]] == [1, 5]
+    if _has_matplotlib():
+        assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_budget_sets_the_share(stories, report):
+    budget = report["memory"]["total"]  # what --ffn-cache 50% implies
+    result = bench.run_bench(stories, memory_budget=budget, prompt="Once upon a time", tokens=8, selector="dense",
+                             setups=(1,), reference=False, progress=False)
+    assert result["memory"]["ffn_share"] == pytest.approx(0.5, abs=0.01) and result["memory"]["total"] <= budget
+
+
+def test_bench_rejects_both_or_neither_budget(stories):
+    with pytest.raises(ValueError, match="exactly one"):
+        bench.run_bench(stories, progress=False)
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(stories), "--tokens", "1"])
+    with pytest.raises(ValueError, match="ffn-cache"):
+        bench.parse_share("150%")
+    assert bench.parse_share("50%") == bench.parse_share("0.5") == 0.5
+
+
+def test_relayout_round_trips_bytes_and_weights(stories, tmp_path):
+    unbundled = relayout(stories, tmp_path / "unbundled", "unbundled", **QUIET)
+    manifest = read_manifest(unbundled)
+    assert manifest.layout == "unbundled" and len(manifest.layers[0].regions) == 3
+    back = relayout(unbundled, tmp_path / "back", "bundled", **QUIET)
+    store = read_manifest(stories).store_file
+    assert (back / store).read_bytes() == (stories / store).read_bytes()
+    a, b = dense_ffn_weights(stories), dense_ffn_weights(unbundled)
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+
+
+def test_layout_sibling_is_cached_and_follows_the_source(stories, tmp_path):
+    src = relayout(stories, tmp_path / "copy", "bundled", **QUIET)  # a private copy we may touch
+    first = layout_sibling(src, "unbundled", tmp_path / "layouts", **QUIET)
+    assert layout_sibling(src, "unbundled", tmp_path / "layouts", **QUIET) == first
+    assert layout_sibling(src, "bundled", tmp_path / "layouts", **QUIET) == src.absolute()
+    (src / "flash_settings.json").write_text((src / "flash_settings.json").read_text() + " ")
+    second = layout_sibling(src, "unbundled", tmp_path / "layouts", **QUIET)
+    assert second != first and not first.exists() and second.exists()
+
+
+def test_window_zero_keeps_nothing_between_tokens(stories):
+    model, _ = mlx_flash.load(stories, "1GB", ffn_share=0.5, pin_share=0.0, window=0, selector=sparse_selector())
+    model(mx.array([[1, 2, 3]]))
+    for _ in range(2):
+        model(mx.array([[4]]))
+        assert all(layer._state.buffer.n_used == 0 for layer in model.flash.layers)
+    decode = [p for p in model.flash.telemetry.passes if p.phase == "decode"]
+    assert all(p.loaded == p.requested for p in decode)  # every selected neuron is read again
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
