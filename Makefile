@@ -12,7 +12,7 @@ openblas:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread; fi
 
 test: openblas
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,examples]'
 	$(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS)) $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-slow: openblas

@@ -211,7 +211,8 @@ def _save_trunk(out: Path, names: list[str], load: Callable[[str], mx.array]) ->
 
 
 def _check_free_disk(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out.parent).free
+    existing = next(p for p in out.parents if p.exists())  # OUT's parents may not exist yet
+    free = shutil.disk_usage(existing).free
     if free < needed * 1.05 + (64 << 20):
         raise FlashError(
             f"{out.parent}: not enough free disk for the conversion: about {format_size(needed)} needed, "

@@ -215,3 +215,9 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
     weights = sum(f.stat().st_size for f in out.glob("model*.safetensors")) + (out / "ffn_store.bin").stat().st_size
     assert weights > 530e6  # the model really is bigger than the budget
     assert verify(out, progress=False) == []
+
+
+def test_output_parents_are_created(tmp_path):
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    out = convert(src, tmp_path / "new" / "deeper" / "flash", **QUIET)
+    assert (out / MANIFEST_FILE).is_file()

@@ -9,6 +9,7 @@ nbformat): without it they are skipped on a developer machine and fail on CI (CI
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -53,6 +54,9 @@ def test_notebook_is_committed_clean_and_parametrized(name):
     for variable in ("MLX_FLASH_NOTEBOOK_MODEL", "MLX_FLASH_NOTEBOOK_OUT", "MLX_FLASH_NOTEBOOK_QUICK"):
         assert variable in source
     assert nb["cells"][0]["cell_type"] == "markdown"  # it starts by saying what the reader will see
+    for cell in code:  # plain Python a reader can copy (IPython magics aside)
+        lines = "".join(cell["source"]).splitlines()
+        ast.parse("\n".join("pass" if line.lstrip().startswith("%") else line for line in lines))
 
 
 @pytest.fixture(scope="module")
