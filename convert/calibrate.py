@@ -16,6 +16,7 @@ and the predictors with their recall and precision on held-back calibration toke
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -41,7 +42,6 @@ from mlx_flash.store import StoreReader
 
 from .predictor import auto_ranks, choose_cut, score_predictor, train_predictor
 
-BUILTIN_TEXT = Path(__file__).resolve().parent.parent / "mlx_flash" / "data" / "calibration.txt"
 SEQ_LEN = 256  # tokens per calibration window (each starts a fresh context)
 MAX_TOKENS = 16384  # enough for stable quantiles and a few hundred positives per neuron
 HELD_OUT = 0.2  # share of windows kept back: half to calibrate the predictors' cut, half to measure them
@@ -51,11 +51,10 @@ QUANTILE_TOKENS = 4096  # tokens whose activations give the quantiles
 
 
 def builtin_text_path() -> Path:
-    """The packaged English sample (installed as mlx_flash/data/calibration.txt)."""
+    """The packaged English sample: Austen passages, public domain (mlx_flash/data/README.md)."""
     import mlx_flash
 
-    installed = Path(mlx_flash.__file__).parent / "data" / "calibration.txt"
-    return installed if installed.is_file() else BUILTIN_TEXT
+    return Path(mlx_flash.__file__).parent / "data" / "calibration.txt"
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int) -> np.ndarray:
@@ -65,6 +64,10 @@ def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int) -> np.nda
     if n < 2:
         raise FlashError(f"calibration text is too short: {ids.size} tokens, need at least {2 * seq_len}")
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+class _Captured(Exception):
+    """Raised by the last layer's capture: the rest of the forward pass (final norm, head) is not needed."""
 
 
 class _CaptureFFN(nn.Module):
@@ -78,15 +81,21 @@ class _CaptureFFN(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         m, reader = self._manifest, self._reader
         xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        if self._layer == m.n_layers - 1:
+            self._store(xf)
+            raise _Captured
         parts = _layer_parts(reader, m, self._layer)
         out = ffn_rows(xf, parts, m.activation, m.gated, m.quantization)
         if "down_bias" in m.layers[self._layer].blobs:
             out = out + mx.array(reader.read_blob(self._layer, "down_bias", np.float32))
         out = out.astype(x.dtype).reshape(x.shape)
-        mx.eval(out, xf)
+        mx.eval(out)
+        self._store(xf)
+        return out
+
+    def _store(self, xf: mx.array) -> None:
         self._inputs[self._filled:self._filled + xf.shape[0]] = np.array(xf)
         self._filled += xf.shape[0]
-        return out
 
 
 def collect_ffn_inputs(directory: Path, manifest: Manifest, windows: np.ndarray, scratch: Path,
@@ -104,7 +113,10 @@ def collect_ffn_inputs(directory: Path, manifest: Manifest, windows: np.ndarray,
         for i in range(manifest.n_layers):
             set_ffn(model, spec, i, _CaptureFFN(reader, manifest, i, inputs[i]))
         for b in tqdm(range(0, len(windows), per_batch), desc="calibration forward", unit="batch", disable=not progress):
-            mx.eval(model(mx.array(windows[b:b + per_batch])))
+            try:
+                model(mx.array(windows[b:b + per_batch]))
+            except _Captured:
+                pass
     for x in inputs:
         x.flush()
     return inputs
@@ -123,6 +135,16 @@ def layer_activations(parts: dict[str, mx.array], manifest: Manifest, x: np.ndar
         if g is not None:
             gs.append(np.abs(np.array(g)))
     return np.concatenate(hs), (np.concatenate(gs) if gs else None)
+
+
+def _layer_predictor(parts: dict[str, mx.array], manifest: Manifest, x: np.ndarray, active: np.ndarray, rank: int,
+                     n_train: int, n_cut: int, margin: float) -> tuple[tuple, float, dict[str, float]]:
+    """Train on tokens [0, n_train), set the cut on [n_train, n_cut), measure on the rest."""
+    up = None if manifest.gated else np.array(_dense_rows(parts, "up", manifest))
+    up_bias = None if up is None or "up_bias" not in parts else np.array(parts["up_bias"][:, 0])
+    weights = train_predictor(x[:n_train], active[:n_train], rank, up=up, up_bias=up_bias)
+    cut = choose_cut(weights, x[n_train:n_cut], active[n_train:n_cut], margin)
+    return weights, cut, score_predictor(weights, cut, x[n_cut:], active[n_cut:])
 
 
 def _quantiles(values: np.ndarray) -> np.ndarray:
@@ -176,7 +198,7 @@ def calibrate(
         magnitude = np.zeros((manifest.n_layers, len(LEVELS)), np.float32)
         gate_q = np.zeros_like(magnitude) if manifest.gated else None
         zeros = np.zeros(manifest.n_layers, np.float32)
-        w_in, w_out, bias, cuts, quality = [], [], [], [], []
+        weights, cuts, quality = [], [], []
         margin = NATURAL_MARGIN if sparsity is None else 1.0
         sample = np.linspace(0, n_train - 1, min(n_train, QUANTILE_TOKENS)).astype(np.int64)
         with StoreReader(directory, manifest, threads=4) as reader:
@@ -188,19 +210,14 @@ def calibrate(
                 if g is not None:
                     gate_q[i] = _quantiles(g[sample])
                 zeros[i] = float((h[sample] == 0).mean())
-                threshold = 0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i]))
-                active = h > threshold
+                active = h > (0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i])))
                 del h, g
                 frequency[i] = active[:n_train].mean(0)
                 if predictors:
                     x = np.asarray(inputs[i])
-                    up = None if manifest.gated else np.array(_dense_rows(parts, "up", manifest))
-                    up_bias = None if up is None or "up_bias" not in parts else np.array(parts["up_bias"][:, 0])
-                    p = train_predictor(x[:n_train], active[:n_train], rank_list[i], up=up, up_bias=up_bias)
-                    cuts.append(choose_cut(p, x[n_train:n_cut], active[n_train:n_cut], margin))
-                    w_in.append(p[0]); w_out.append(p[1]); bias.append(p[2])  # noqa: E702
-                    quality.append(score_predictor(p, cuts[-1], x[n_cut:], active[n_cut:]))
-                    bar.set_postfix(recall=f"{quality[-1]['recall']:.3f}", predicted=f"{quality[-1]['predicted']:.3f}")
+                    p, cut, q = _layer_predictor(parts, manifest, x, active, rank_list[i], n_train, n_cut, margin)
+                    weights.append(p); cuts.append(cut); quality.append(q)  # noqa: E702
+                    bar.set_postfix(recall=f"{q['recall']:.3f}", predicted=f"{q['predicted']:.3f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -209,20 +226,35 @@ def calibrate(
             "predictor": {"cut": cuts, "margin": margin}}
     stored = None
     if predictors:
-        stored = Predictors(w_in, w_out, bias, cuts)
+        stored = Predictors(*(list(w) for w in zip(*weights)), cuts)
         info["predictor"].update({k: [q[k] for q in quality] for k in quality[0]})
+        params = sum(r * (manifest.d_model + manifest.d_ffn) + manifest.d_ffn for r in stored.ranks)
+        info["predictor"]["share_of_parameters"] = params / model_parameters(directory, manifest)
     manifest = save_calibration(directory, manifest, calibration, stored, info)
-    _report(manifest, log)
+    _report(directory, manifest, log)
     return manifest
 
 
-def _report(manifest: Manifest, log: Callable[[str], None]) -> None:
+def model_parameters(directory: Path, manifest: Manifest) -> int:
+    """Parameters of the whole model: the trunk's (from the safetensors headers; packed quantized words
+    count as the weights they hold) plus the FFN's (from its shape)."""
+    bits = (manifest.quantization.bits if manifest.quantization else 32)
+    total = manifest.n_layers * manifest.d_ffn * manifest.d_model * (3 if manifest.gated else 2)
+    for path in directory.glob("model*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                total += int(np.prod(meta["shape"])) * (32 // bits if meta["dtype"] == "U32" else 1)
+    return total
+
+
+def _report(directory: Path, manifest: Manifest, log: Callable[[str], None]) -> None:
     meta = manifest.extra.get("predictor")
     if not meta:
         return
-    ffn = manifest.ffn_bytes()
-    log(f"  predictors: ranks {meta['ranks']}, {meta['bytes'] / 1e6:.2f} MB ({100 * meta['bytes'] / ffn:.1f}% of the FFN store); "
-        f"held-back recall {np.mean(meta['recall']):.3f}, precision {np.mean(meta['precision']):.3f}, "
+    log(f"  predictors: ranks {meta['ranks']}, {meta['bytes'] / 1e6:.2f} MB, {100 * meta['share_of_parameters']:.1f}% of the "
+        f"model's parameters; held-back recall {np.mean(meta['recall']):.3f}, precision {np.mean(meta['precision']):.3f}, "
         f"predicted {np.mean(meta['predicted']):.3f} vs active {np.mean(meta['active']):.3f} of neurons")
 
 

@@ -57,14 +57,30 @@ class _LowRank(nn.Module):
         return self.w_out(self.w_in(x))
 
 
-def _principal_start(model: _LowRank, x: np.ndarray, mean: np.ndarray, std: np.ndarray, up: np.ndarray,
+def _orthonormal(y: np.ndarray) -> np.ndarray:
+    """Orthonormal columns spanning ``y``'s, by Cholesky QR done twice (matmuls and a small Cholesky:
+    numpy's QR and eigh crawl when BLAS threads compete for the cores)."""
+    for _ in range(2):
+        y = y @ np.linalg.inv(np.linalg.cholesky(y.T @ y)).T
+    return y
+
+
+def principal_directions(up: np.ndarray, cov: np.ndarray, rank: int, iterations: int = 8, seed: int = 0) -> np.ndarray:
+    """An orthonormal basis [d_ffn, rank] of the top-``rank`` principal subspace of the pre-activations,
+    whose covariance is ``up @ cov @ up.T``, by subspace iteration (never forms the d_ffn x d_ffn matrix)."""
+    q = _orthonormal(np.random.default_rng(seed).normal(size=(up.shape[0], min(up.shape[0], rank))))
+    for _ in range(iterations):
+        q = _orthonormal(up @ (cov @ (up.T @ q)))
+    return q
+
+
+def _principal_start(model: _LowRank, mean: np.ndarray, std: np.ndarray, cov: np.ndarray, up: np.ndarray,
                      up_bias: np.ndarray | None) -> None:
     """Set the predictor to the best rank-r approximation of the pre-activations ``x @ up.T (+ bias)``."""
-    rank = model.w_in.weight.shape[0]
-    z = x @ up.T
-    _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
-    v = vt[:rank].T  # [d_ffn, rank]
-    scale = INIT_LOGIT_SCALE / (z.std() + 1e-12)
+    up = up.astype(np.float64)
+    v = principal_directions(up, cov, model.w_in.weight.shape[0])  # [d_ffn, rank]
+    spread = np.sqrt(max(np.trace(cov @ (up.T @ up)) / up.shape[0], 1e-24))  # std of the pre-activations
+    scale = INIT_LOGIT_SCALE / spread
     model.w_in.weight = mx.array(((std[:, None] * (up.T @ v)) * scale).T.astype(np.float32))
     model.w_out.weight = mx.array(v.astype(np.float32))
     offset = mean @ up.T + (0.0 if up_bias is None else up_bias)
@@ -84,7 +100,8 @@ def train_predictor(x: np.ndarray, active: np.ndarray, rank: int, *, up: np.ndar
     mx.random.seed(seed)
     model = _LowRank(x.shape[1], rank, active.shape[1])
     if up is not None:
-        _principal_start(model, x, mean, std, up, up_bias)
+        centered = (x - mean).astype(np.float64)
+        _principal_start(model, mean, std, centered.T @ centered / len(x), up, up_bias)
     optimizer = optim.Adam(learning_rate=LEARNING_RATE)
 
     def loss_fn(m: _LowRank, xb: mx.array, yb: mx.array) -> mx.array:

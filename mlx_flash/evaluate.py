@@ -128,6 +128,26 @@ def _dense_perplexity(directory: Path, windows: np.ndarray) -> float:
     return float(ppl)
 
 
+def _decode(model, windows: np.ndarray, label: str, progress: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Next-token losses [windows, seq_len - 1] from decoding each window token by token through a KV cache,
+    and the telemetry's per-layer requested/loaded/computed counts summed over those tokens."""
+    telemetry = model.flash.telemetry
+    telemetry.reset()
+    per_layer = {k: np.zeros(telemetry.n_layers) for k in ("requested", "loaded", "computed")}
+    losses = np.zeros((len(windows), windows.shape[1] - 1))
+    bar = tqdm(total=losses.size, desc=label, unit="tok", disable=not progress)
+    for w, tokens in enumerate(windows):
+        cache = make_prompt_cache(model)
+        for t in range(windows.shape[1] - 1):
+            logits = model(mx.array(tokens[t:t + 1])[None], cache=cache)[0, -1].astype(mx.float32)
+            losses[w, t] = nn.losses.cross_entropy(logits, mx.array(tokens[t + 1])).item()
+            for k in per_layer:
+                per_layer[k] += telemetry.per_layer[k]
+            bar.update()
+    bar.close()
+    return losses, per_layer
+
+
 def evaluate(
     directory: str | Path,
     data: str | Path,
@@ -164,19 +184,7 @@ def evaluate(
             thresholds = [0.0] * manifest.n_layers
         audit = _Audit(runtime.selector, _truth_parts(directory, manifest), manifest, thresholds)
         runtime.selector = audit
-        per_layer = {k: np.zeros(manifest.n_layers) for k in ("requested", "loaded", "computed")}
-        runtime.telemetry.reset()
-        losses = np.zeros((len(windows), seq_len - 1))
-        bar = tqdm(total=losses.size, desc=f"decode ({selector})", unit="tok", disable=not progress)
-        for w, tokens in enumerate(windows):
-            cache = make_prompt_cache(model)
-            for t in range(seq_len - 1):
-                logits = model(mx.array(tokens[t:t + 1])[None], cache=cache)[0, -1].astype(mx.float32)
-                losses[w, t] = nn.losses.cross_entropy(logits, mx.array(tokens[t + 1])).item()
-                for k in per_layer:
-                    per_layer[k] += runtime.telemetry.per_layer[k]
-                bar.update()
-        bar.close()
+        losses, per_layer = _decode(model, windows, f"decode ({selector})", progress)
         dense = _dense_perplexity(directory, windows)
     finally:
         runtime.close()
@@ -186,7 +194,7 @@ def evaluate(
     perplexity = math.exp(losses.mean())
     summary = runtime.telemetry.summary()
     result = {
-        "model": str(directory), "data": str(data), "selector": type(audit.inner).__name__,
+        "model": str(directory), "data": str(data), "selector": getattr(audit.inner, "name", type(audit.inner).__name__),
         "sparsity": target, "window": window, "compute_rows": compute_rows, "seq_len": seq_len,
         "windows": len(windows), "tokens": n_tokens, "plan": runtime.plan.as_dict(),
         "perplexity": perplexity, "dense_perplexity": dense, "perplexity_change": perplexity / dense - 1,

@@ -54,6 +54,7 @@ class DenseSelector:
     """Every neuron: the exact FFN. With a buffer smaller than the FFN it streams the whole FFN each
     token, which is the paper's naive baseline."""
 
+    name = "dense"
     needs_input = False
     nbytes = 0
 
@@ -67,6 +68,7 @@ class DenseSelector:
 class FixedSelector:
     """Ids chosen by a function of (layer, x) — for tests and experiments that inject selections."""
 
+    name = "fixed"
     needs_input = True
     nbytes = 0
 
@@ -85,6 +87,7 @@ class GateSelector:
     ``activations`` once and hands the result to ``select`` and to the FFN (``supplies_gate``).
     """
 
+    name = "gate"
     needs_input = True
     supplies_gate = True
 
@@ -110,6 +113,7 @@ class GateSelector:
 class PredictorSelector:
     """Neurons whose predicted logit is above the layer's calibrated cut (see ``convert/predictor.py``)."""
 
+    name = "predictor"
     needs_input = True
 
     def __init__(self, predictors: Predictors):

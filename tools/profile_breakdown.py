@@ -1,19 +1,20 @@
 """Where a flash model's time per token goes, from a py-spy profile of the generating thread.
 
 Why: tokens/s against naive depends on more than bytes read: on a small CPU, MLX compute, Python work per layer
-and waiting for reads all count (issue 6). py-spy samples the main thread's stack (Python and native frames);
-each sample is put in one bucket:
+and waiting for reads all count (issue 6). py-spy samples the main thread's stack; each sample is put in one
+bucket (MLX work is told by native MLX frames with ``--native``, else by the Python line that waits for MLX to
+evaluate; ``--native`` slows the process several times, so prefer plain sampling for times):
 
 - FFN I/O: inside ``StoreReader.read_neurons`` (planning reads, preadv, waiting for the read threads);
-- FFN compute (MLX): MLX native frames under ``FlashFFN.__call__``, except evaluating the layer's input;
-- FFN Python/numpy: the rest of ``FlashFFN.__call__`` (selector, window, buffer bookkeeping, interpreter);
-- trunk compute (MLX): MLX native frames elsewhere, and the layer-input evaluation at the top of FlashFFN
-  (MLX is lazy: that is where the layer's attention runs);
+- FFN compute (MLX): MLX work under ``FlashFFN`` methods (FFN rows, selector), except evaluating its input;
+- FFN Python/numpy: the rest of the time in ``FlashFFN`` (selector, window, buffer bookkeeping, interpreter);
+- trunk compute (MLX): MLX work elsewhere, and the layer-input evaluation at the top of FlashFFN (MLX is
+  lazy: that is where the layer's attention runs, and where each layer waits for MLX's worker thread);
 - other Python: mlx-lm's model code, sampling, detokenizing, interpreter.
 
-    py-spy record --native --idle -r 250 --format raw -o spy.txt -- \\
+    py-spy record --idle -r 100 --format raw -o spy.txt -- \\
         python -m mlx_flash.bench --model DIR --ffn-cache 50% --configs 5 --no-reference --tokens 128
-    python tools/profile_breakdown.py spy.txt --tokens 128
+    python tools/profile_breakdown.py spy.txt --tokens 130 --rate 100
 """
 
 from __future__ import annotations
@@ -26,34 +27,39 @@ from pathlib import Path
 
 BUCKETS = ("FFN I/O", "FFN compute (MLX)", "FFN Python/numpy", "trunk compute (MLX)", "other Python")
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):(?P<line>\d+)\)$")
+# without native frames, MLX's work shows as the Python line that waits for it
+EVALUATING = ("mx.eval(", "mx.async_eval(", "np.array(", ".item()", ".tolist()")
 
 
-def _is_mlx_native(frame: str) -> bool:
-    return "mlx::" in frame or "libmlx" in frame
-
-
-def _evaluates_layer_input(frame: str, roots: list[Path]) -> bool:
-    """The FlashFFN frame sits on ``mx.eval(xf)``: MLX runs the lazily built attention there."""
+def _source(frame: str, roots: list[Path]) -> str:
+    """The source line a Python frame ("func (file:line)") is on, or "" for native frames."""
     m = _FRAME.match(frame)
     if not m:
-        return False
+        return ""
     for root in roots:
         line = linecache.getline(str(root / m["file"]), int(m["line"]))
         if line:
-            return "mx.eval(xf)" in line
-    return False
+            return line
+    return ""
+
+
+def _in_mlx(frames: list[str], roots: list[Path]) -> bool:
+    """The sample is MLX work: native MLX frames (py-spy --native), else a leaf line that makes MLX evaluate."""
+    if any("mlx::" in f or "libmlx" in f for f in frames):
+        return True
+    return any(call in _source(frames[-1], roots) for call in EVALUATING)
 
 
 def bucket(frames: list[str], roots: list[Path]) -> str:
     """The bucket of one sample of the generating thread (see the module docstring)."""
     if any("read_neurons" in f for f in frames):
         return "FFN I/O"
-    ffn = [i for i, f in enumerate(frames) if f.startswith("FlashFFN.__call__")]
-    below = frames[ffn[-1] + 1:] if ffn else frames
-    native = any(_is_mlx_native(f) for f in below)
-    if ffn and not (native and _evaluates_layer_input(frames[ffn[-1]], roots)):
-        return "FFN compute (MLX)" if native else "FFN Python/numpy"
-    return "trunk compute (MLX)" if native else "other Python"
+    ffn = [i for i, f in enumerate(frames) if f.startswith("FlashFFN.")]
+    if not ffn:
+        return "trunk compute (MLX)" if _in_mlx(frames, roots) else "other Python"
+    if "mx.eval(xf)" in _source(frames[ffn[-1]], roots):
+        return "trunk compute (MLX)"  # MLX is lazy: the layer's attention runs where FlashFFN evaluates its input
+    return "FFN compute (MLX)" if _in_mlx(frames[ffn[-1]:], roots) else "FFN Python/numpy"
 
 
 def breakdown(raw: Path, roots: list[Path], marker: str = "generate_step") -> Counter:
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("raw", type=Path, help="py-spy record --format raw output")
     p.add_argument("--tokens", type=int, help="tokens generated: also print ms per token")
-    p.add_argument("--rate", type=float, default=250, help="py-spy sampling rate (-r), for ms per token")
+    p.add_argument("--rate", type=float, default=100, help="py-spy sampling rate (-r), for ms per token")
     args = p.parse_args(argv)
     import mlx_lm
 

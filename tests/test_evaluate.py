@@ -1,0 +1,104 @@
+"""``mlx_flash.evaluate`` computes what the streaming runtime computes, and dense equals plain mlx-lm."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_flash
+from mlx_flash.convert.calibrate import calibrate
+from mlx_flash.convert.converter import convert
+from mlx_flash.evaluate import evaluate, main, text_windows
+from conftest import RELU2_DIR, WIKITEXT
+
+QUIET = {"progress": False, "log": lambda *_: None}
+SHORT = {"seq_len": 24, "max_windows": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "wiki.txt"
+    path.write_text("".join(WIKITEXT.read_text().splitlines(keepends=True)[:40]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def relu2(tmp_path_factory):
+    """relu2-8m converted and calibrated on 2,048 tokens (predictors included)."""
+    out = convert(RELU2_DIR, tmp_path_factory.mktemp("relu2") / "flash", **QUIET)
+    calibrate(out, max_tokens=2048, seq_len=128, **QUIET)
+    return out
+
+
+def test_dense_perplexity_equals_plain_mlx_lm(relu2, text):
+    result = evaluate(relu2, text, selector="dense", **SHORT)
+    reference, tokenizer = mlx_lm.load(str(RELU2_DIR))
+    windows = mx.array(text_windows(tokenizer, text, 24, 2))
+    losses = nn.losses.cross_entropy(reference(windows[:, :-1]), windows[:, 1:], reduction="none")
+    expected = math.exp(losses.mean().item())
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert result["dense_perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert result["fraction_used"] == 1.0 and result["recall"] == 1.0
+    assert result["tokens"] == 2 * 23
+
+
+def test_evaluate_reports_what_the_runtime_computes(relu2, text):
+    options = dict(selector="predictor", window=2, ffn_share=0.95, pin_share=0.0)
+    result = evaluate(relu2, text, **options, **SHORT)
+    model, tokenizer = mlx_flash.load(relu2, "4GB", **options)
+    losses = []
+    for window in text_windows(tokenizer, text, 24, 2):
+        cache = make_prompt_cache(model)
+        for t in range(23):
+            logits = model(mx.array(window[t:t + 1])[None], cache=cache)[0, -1]
+            losses.append(nn.losses.cross_entropy(logits, mx.array(window[t + 1])).item())
+    summary = model.flash.telemetry.summary()
+    assert result["perplexity"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-6)
+    for key in ("fraction_used", "fraction_loaded", "fraction_computed"):
+        assert result[key] == pytest.approx(summary[key], rel=1e-9)
+    assert result["selector"] == "predictor" and result["sparsity"] is None
+    assert result["fraction_loaded"] < result["fraction_used"] < result["fraction_computed"] < 1
+    assert 0.5 < result["recall"] <= 1 and result["fraction_truly_active"] < result["fraction_predicted"]
+    assert abs(result["perplexity_change"]) < 0.05  # natural zeros, a good predictor: close to dense
+
+
+def test_cli_writes_json(relu2, text, tmp_path, capsys):
+    out = tmp_path / "result.json"
+    assert main(["--model", str(relu2), "--data", str(text), "--selector", "predictor", "--seq-len", "16",
+                 "--max-windows", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["per_layer"]["recall"]) == 8 and result["window"] == 4
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_reports_a_missing_predictor(tmp_path, text, capsys):
+    plain = convert(RELU2_DIR, tmp_path / "plain", **QUIET)
+    assert main(["--model", str(plain), "--data", str(text), "--selector", "predictor"]) == 1
+    assert "no trained predictors" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2_calibrated(tmp_path_factory, smollm2_gguf):
+    """SmolLM2-135M (SwiGLU) converted as float32 with the default calibration (target sparsity 0.5)."""
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "flash", dtype="float32", calibration="builtin",
+                   **QUIET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selector", ["gate", "predictor"])
+def test_smollm2_selectors_at_half_sparsity(smollm2_calibrated, selector):
+    """SwiGLU has no exact zeros: skipping half the neurons costs measurable perplexity, within bounds."""
+    result = evaluate(smollm2_calibrated, WIKITEXT, selector=selector, sparsity=0.5, seq_len=128, max_windows=2,
+                      progress=False)
+    assert 0.4 < result["fraction_used"] < 0.65
+    assert result["fraction_loaded"] < 0.5 * result["fraction_used"]  # windowing at k=4
+    assert result["perplexity_change"] < PERPLEXITY_BOUND[selector]
+    extra = read_manifest(smollm2_calibrated).extra["predictor"]
+    assert extra["share_of_parameters"] < 0.1 and min(extra["recall"]) > 0.5
