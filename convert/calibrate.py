@@ -122,19 +122,19 @@ def collect_ffn_inputs(directory: Path, manifest: Manifest, windows: np.ndarray,
     return inputs
 
 
-def layer_activations(parts: dict[str, mx.array], manifest: Manifest, x: np.ndarray,
-                      chunk: int = 2048) -> tuple[np.ndarray, np.ndarray | None]:
-    """|h| [tokens, d_ffn] and, for gated FFNs, |act(gate)|, computed in chunks of tokens."""
-    act = ACTIVATIONS[manifest.activation]
-    hs, gs = [], []
-    for a in range(0, len(x), chunk):
-        xc = mx.array(x[a:a + chunk])
-        g = act(project_in(xc, parts, "gate", manifest.quantization)) if manifest.gated else None
-        h = ffn_hidden(xc, parts, manifest.activation, manifest.gated, manifest.quantization, g)
-        hs.append(np.abs(np.array(h)))
-        if g is not None:
-            gs.append(np.abs(np.array(g)))
-    return np.concatenate(hs), (np.concatenate(gs) if gs else None)
+def layer_activations(parts: dict[str, mx.array], manifest: Manifest, x: np.ndarray) -> tuple[mx.array, mx.array | None]:
+    """|h| [tokens, d_ffn] and, for gated FFNs, |act(gate)| of the FFN inputs ``x``."""
+    xm = mx.array(x)
+    g = ACTIVATIONS[manifest.activation](project_in(xm, parts, "gate", manifest.quantization)) if manifest.gated else None
+    h = ffn_hidden(xm, parts, manifest.activation, manifest.gated, manifest.quantization, g)
+    return mx.abs(h), (None if g is None else mx.abs(g))
+
+
+def active_mask(parts: dict[str, mx.array], manifest: Manifest, x: np.ndarray, threshold: float,
+                chunk: int = 2048) -> np.ndarray:
+    """Which neurons are active (|h| > threshold) for each token of ``x``, computed a chunk of tokens at a time."""
+    return np.concatenate([np.array(layer_activations(parts, manifest, x[a:a + chunk])[0] > threshold)
+                           for a in range(0, len(x), chunk)])
 
 
 def _layer_predictor(parts: dict[str, mx.array], manifest: Manifest, x: np.ndarray, active: np.ndarray, rank: int,
@@ -205,13 +205,14 @@ def calibrate(
             bar = tqdm(range(manifest.n_layers), desc="activations + predictors", unit="layer", disable=not progress)
             for i in bar:
                 parts = _layer_parts(reader, manifest, i)
-                h, g = layer_activations(parts, manifest, inputs[i])
-                magnitude[i] = _quantiles(h[sample])
+                h, g = (None if a is None else np.array(a) for a in layer_activations(parts, manifest, inputs[i][sample]))
+                magnitude[i] = _quantiles(h)
                 if g is not None:
-                    gate_q[i] = _quantiles(g[sample])
-                zeros[i] = float((h[sample] == 0).mean())
-                active = h > (0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i])))
+                    gate_q[i] = _quantiles(g)
+                zeros[i] = float((h == 0).mean())
                 del h, g
+                threshold = 0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i]))
+                active = active_mask(parts, manifest, inputs[i], threshold)
                 frequency[i] = active[:n_train].mean(0)
                 if predictors:
                     x = np.asarray(inputs[i])

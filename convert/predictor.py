@@ -93,7 +93,7 @@ def train_predictor(x: np.ndarray, active: np.ndarray, rank: int, *, up: np.ndar
     FFNs) starts it from the principal directions of the up pre-activations."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     xs = mx.array((x - mean) / std)
-    ys = mx.array(active.astype(np.float32))
+    ys = mx.array(active.astype(np.uint8))  # a quarter of float32 labels; cast per batch
     positive = float(np.clip(active.mean(), 1e-4, 1 - 1e-4))
     weight = (1 - positive) / positive
 
@@ -105,6 +105,7 @@ def train_predictor(x: np.ndarray, active: np.ndarray, rank: int, *, up: np.ndar
     optimizer = optim.Adam(learning_rate=LEARNING_RATE)
 
     def loss_fn(m: _LowRank, xb: mx.array, yb: mx.array) -> mx.array:
+        yb = yb.astype(mx.float32)
         loss = nn.losses.binary_cross_entropy(m(xb), yb, with_logits=True, reduction="none")
         return (loss * (1 + (weight - 1) * yb)).mean()
 
