@@ -21,7 +21,7 @@ from .adapters import ACTIVATIONS, set_ffn, spec_for
 from .budget import BudgetPlan, plan_budget
 from .buffer import NeuronBuffer
 from .costmodel import CostModel, cost_model_for
-from .errors import FlashError, FlashFormatError, UnsupportedModelError
+from .errors import BudgetError, FlashError, FlashFormatError, UnsupportedModelError
 from .flash_ffn import FlashFFN, ThreadGuard, _LayerState
 from .manifest import MANIFEST_FILE, Manifest, check_store_file, check_trunk_file, read_manifest
 from .calibration import read_calibration
@@ -208,18 +208,28 @@ def prepare_runtime(directory: Path, config: dict, options: FlashOptions) -> Fla
     temporaries = _temporaries(config, manifest, options.prefill_step_size, manifest.d_ffn, itemsize,
                                _kv_capacity(options.max_context))
     temporaries += kv // manifest.n_layers  # a growing KVCache copies one layer's cache (evaluated layer by layer)
+
+    def check_budget(selector_bytes: int) -> None:
+        plan_budget(budget, trunk=trunk, kv_cache=kv, temporaries=temporaries, selector=selector_bytes,
+                    neuron_bytes=sum(w * d.size for w, d in _buffer_parts(manifest, dtype, GATE_PARTS).values()),
+                    n_layers=manifest.n_layers, d_ffn=manifest.d_ffn, pin_share=options.pin_share,
+                    ffn_share=options.ffn_share)
+
     # refuse a budget too small before the selector reads anything (the gate selector holds a third of the FFN)
-    plan_budget(budget, trunk=trunk, kv_cache=kv, temporaries=temporaries,
-                selector=_selector_floor(directory, manifest, options, itemsize),
-                neuron_bytes=sum(w * d.size for w, d in _buffer_parts(manifest, dtype, GATE_PARTS).values()),
-                n_layers=manifest.n_layers, d_ffn=manifest.d_ffn, pin_share=options.pin_share,
-                ffn_share=options.ffn_share)
+    selector = options.selector
+    if isinstance(selector, str):
+        selector = _resolve_selector(directory, manifest, selector, options.sparsity)
+        if selector == "gate" and options.selector == "auto":
+            try:
+                check_budget(_gate_bytes(manifest, itemsize))
+            except BudgetError:  # a model bigger than memory: stream the gate rows rather than refuse
+                selector = _resolve_selector(directory, manifest, "auto", options.sparsity, gate_fits=False)
+    check_budget(_gate_bytes(manifest, itemsize) if selector == "gate" else 0)
     cost = cost_model_for(directory)
     threads = options.threads or cost.reader_threads(min(r.record_size for r in manifest.layers[0].regions))
     reader = StoreReader(directory, manifest, threads=threads, page_cache=options.page_cache,
                          max_run_bytes=cost.run_bytes(threads))
     try:
-        selector = options.selector
         if isinstance(selector, str):
             selector = make_selector(selector, directory, manifest, reader, dtype, options.sparsity)
         # the gate selector computes act(gate) from its own copy: buffers hold only up and down
@@ -320,15 +330,16 @@ def load(path: str | Path, memory_budget: str | int | None = None, **options):
     return model, tokenizer
 
 
-def _selector_floor(directory: Path, manifest: Manifest, options: FlashOptions, itemsize: int) -> int:
-    """Bytes the named selector will hold that are known before it is built: the gate selector's gate rows."""
-    if not isinstance(options.selector, str):
-        return 0
+def _resolve_selector(directory: Path, manifest: Manifest, name: str, sparsity: float | None,
+                      gate_fits: bool = True) -> str:
+    """The concrete selector a selector name stands for in this flash model directory."""
     meta = manifest.extra.get("predictor") or {}
-    name = resolve(options.selector, manifest, read_calibration(directory, manifest), meta.get("sparsity"), bool(meta),
-                   options.sparsity)
-    if name != "gate":
-        return 0
+    return resolve(name, manifest, read_calibration(directory, manifest), meta.get("sparsity"), bool(meta), sparsity,
+                   gate_fits)
+
+
+def _gate_bytes(manifest: Manifest, itemsize: int) -> int:
+    """Bytes the gate selector holds: every layer's gate rows."""
     row = sum(p.length * (4 if p.dtype == "uint32" else itemsize)
               for r in manifest.layers[0].regions for p in r.parts if p.name in GATE_PARTS)
     return manifest.n_layers * manifest.d_ffn * row

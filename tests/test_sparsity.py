@@ -15,7 +15,7 @@ from mlx_flash.convert.__main__ import main as convert_main
 from mlx_flash.convert.calibrate import builtin_text_path, calibrate
 from mlx_flash.convert.converter import convert
 from mlx_flash.convert.predictor import auto_ranks, choose_cut, score_predictor, train_predictor
-from mlx_flash.errors import FlashError
+from mlx_flash.errors import BudgetError, FlashError
 from mlx_flash.flash_ffn import ffn_rows
 from mlx_flash.manifest import read_manifest
 from mlx_flash.rebuild import dense_ffn_weights
@@ -163,9 +163,10 @@ def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrat
     plain = convert(src, tmp_path / "plain", **QUIET)
     assert mlx_flash.load(plain, "1GB")[0].flash.selector.name == "dense"
     assert mlx_flash.load(relu2_calibrated, "1GB")[0].flash.selector.name == "predictor"
-    assert mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "predictor"
-    # predictors were trained for 0.5: another target falls back to the gate selector, or is refused
+    assert mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "gate"  # gated: the exact gate wins
     assert mlx_flash.load(llama_calibrated, "1GB", sparsity=0.7)[0].flash.selector.name == "gate"
+    assert mlx_flash.load(llama_calibrated, "1GB", selector="predictor")[0].flash.selector.name == "predictor"
+    # predictors were trained for 0.5: another target is refused
     with pytest.raises(FlashError, match="trained for sparsity 0.5"):
         mlx_flash.load(llama_calibrated, "1GB", selector="predictor", sparsity=0.7)
     with pytest.raises(FlashError, match="gated FFN"):
@@ -173,6 +174,30 @@ def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrat
     with pytest.raises(FlashError, match="calibration"):
         mlx_flash.load(plain, "1GB", selector="gate")
 
+
+
+def _smallest_budget(directory, selector: str) -> int:
+    """The smallest memory budget (to 1 KiB) that ``selector`` loads under."""
+    lo, hi = 1, 1 << 30
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2
+        try:
+            mlx_flash.load(directory, mid, selector=selector)[0].flash.close()
+            hi = mid
+        except BudgetError:
+            lo = mid
+    return hi
+
+
+def test_auto_passes_over_the_gate_when_its_rows_do_not_fit(llama_calibrated):
+    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto streams with the predictor."""
+    gate, predictor = _smallest_budget(llama_calibrated, "gate"), _smallest_budget(llama_calibrated, "predictor")
+    assert predictor < gate
+    between = (predictor + gate) // 2
+    with pytest.raises(BudgetError):
+        mlx_flash.load(llama_calibrated, between, selector="gate")
+    assert mlx_flash.load(llama_calibrated, between)[0].flash.selector.name == "predictor"
+    assert mlx_flash.load(llama_calibrated, gate)[0].flash.selector.name == "gate"
 
 def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
     model, _ = mlx_flash.load(relu2_calibrated, "1GB", ffn_share=0.5, pin_share=0.5)
