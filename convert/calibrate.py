@@ -46,7 +46,7 @@ SEQ_LEN = 256  # tokens per calibration window (each starts a fresh context)
 MAX_TOKENS = 16384  # enough for stable quantiles and a few hundred positives per neuron
 HELD_OUT = 0.2  # share of windows kept back: half to calibrate the predictors' cut, half to measure them
 NATURAL_MARGIN = 1.3  # natural zeros: predict 1.3x the active share (see convert/predictor.py)
-BATCH_TOKENS = 4096  # tokens per forward pass (each pass reads every layer's FFN once)
+BATCH_TOKENS = 1024  # tokens per forward pass (each pass reads every layer's FFN once)
 QUANTILE_TOKENS = 4096  # tokens whose activations give the quantiles
 
 

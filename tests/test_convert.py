@@ -202,7 +202,8 @@ MEMBUDGET = Path(__file__).resolve().parents[2] / "shared" / "tools" / "membudge
 
 @pytest.mark.slow
 def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path):
-    """Layer-by-layer conversion: 538 MB of float32 weights written under a 300 MiB cgroup (page cache counted)."""
+    """Layer-by-layer conversion: 538 MB of float32 weights written under a 300 MiB cgroup (page cache counted),
+    then calibrated under the runtime's 457 MiB."""
     if os.geteuid() != 0 or not MEMBUDGET.is_file():
         if os.environ.get("CI") == "true":
             pytest.fail("membudget needs root and ../shared/tools/membudget")
@@ -216,6 +217,14 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
     weights = sum(f.stat().st_size for f in out.glob("model*.safetensors")) + (out / "ffn_store.bin").stat().st_size
     assert weights > 530e6  # the model really is bigger than the budget
     assert verify(out, progress=False) == []
+    # calibration runs the dense model (trunk in DRAM, FFN streamed layer by layer) and trains the
+    # predictors under the budget the runtime itself needs (tests/test_reliability.py: 457 MiB)
+    done = subprocess.run([sys.executable, str(MEMBUDGET), "457M", "--", sys.executable, "-m",
+                           "mlx_flash.convert.calibrate", str(out), "--max-tokens", "4096"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "exit 0" in done.stderr, done.stderr[-2000:]
+    meta = read_manifest(out).extra
+    assert meta["calibration"]["tokens"] == 4096 and len(meta["predictor"]["recall"]) == 30
 
 
 def test_output_parents_are_created(tmp_path):
