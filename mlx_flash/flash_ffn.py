@@ -6,7 +6,13 @@ Per call (one layer, one forward pass):
   already buffered and drops those that left it. The FFN is computed on every resident row (pinned +
   window buffer): rows the selector did not pick this token are neurons active in the last k tokens,
   so computing them only moves the result towards the dense FFN (exactly so for ReLU-family models,
-  where an inactive neuron contributes zero) and costs no extra I/O.
+  where an inactive neuron contributes zero) and costs no extra I/O. ``compute_rows="selected"``
+  instead gathers and computes only this token's selection. Measured (WikiText-2, k=4): on SmolLM2
+  (SwiGLU, gate selector, sparsity 0.5) every resident row gives +7.0% perplexity over dense and the
+  selection alone +35.4%; on relu2-8m (predictor) both are within 0.03% of dense, the selection at
+  half the multiplies (19.6% vs 38.0% of FFN rows). So resident rows are the default; "selected"
+  suits natural-zero models where compute matters. With the gate selector the FFN takes act(gate)
+  from the selector's exact values.
 - prefill (many tokens) and decode steps whose selection does not fit the buffer: the needed neurons
   are streamed through the buffer in chunks of its capacity, each chunk a few large sequential reads,
   and the partial outputs are summed. This is exact (dense) for prompts: per-token selection over
