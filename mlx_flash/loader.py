@@ -218,12 +218,13 @@ def prepare_runtime(directory: Path, config: dict, options: FlashOptions) -> Fla
     # refuse a budget too small before the selector reads anything (the gate selector holds a third of the FFN)
     selector = options.selector
     if isinstance(selector, str):
-        selector = _resolve_selector(directory, manifest, selector, options.sparsity)
-        if selector == "gate" and options.selector == "auto":
+        gate_fits = True
+        if selector == "auto":  # a model bigger than memory: auto streams the gate rows rather than refuse
             try:
                 check_budget(_gate_bytes(manifest, itemsize))
-            except BudgetError:  # a model bigger than memory: stream the gate rows rather than refuse
-                selector = _resolve_selector(directory, manifest, "auto", options.sparsity, gate_fits=False)
+            except BudgetError:
+                gate_fits = False
+        selector = _resolve_selector(directory, manifest, selector, options.sparsity, gate_fits)
     check_budget(_gate_bytes(manifest, itemsize) if selector == "gate" else 0)
     cost = cost_model_for(directory)
     threads = options.threads or cost.reader_threads(min(r.record_size for r in manifest.layers[0].regions))

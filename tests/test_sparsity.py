@@ -175,7 +175,6 @@ def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrat
         mlx_flash.load(plain, "1GB", selector="gate")
 
 
-
 def _smallest_budget(directory, selector: str) -> int:
     """The smallest memory budget (to 1 KiB) that ``selector`` loads under."""
     lo, hi = 1, 1 << 30
@@ -198,6 +197,7 @@ def test_auto_passes_over_the_gate_when_its_rows_do_not_fit(llama_calibrated):
         mlx_flash.load(llama_calibrated, between, selector="gate")
     assert mlx_flash.load(llama_calibrated, between)[0].flash.selector.name == "predictor"
     assert mlx_flash.load(llama_calibrated, gate)[0].flash.selector.name == "gate"
+
 
 def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
     model, _ = mlx_flash.load(relu2_calibrated, "1GB", ffn_share=0.5, pin_share=0.5)
