@@ -16,22 +16,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", nargs="?", help="source model: directory, hub repo id, or .gguf file")
     p.add_argument("out", nargs="?", help="output flash model directory")
-    p.add_argument("--verify", metavar="DIR", help="check the checksums of a flash model directory and exit")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="store and trunk dtype (default: the source's)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize FFN records (affine, along d_model)")
-    p.add_argument("--q-bits", type=int, default=4, choices=[4, 8], help="bits per weight with --quantize")
-    p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128], help="group size with --quantize")
-    p.add_argument("--layout", choices=["bundled", "unbundled"], default="bundled",
-                   help="bundled: one record per neuron (gate row, up row, down column); unbundled: one per matrix row")
-    p.add_argument("--align", type=int, default=0, help="pad records to a multiple of this many bytes (4096 for O_DIRECT); 0 = no padding")
+    p.add_argument(
+        "--verify", metavar="DIR", help="check the checksums of a flash model directory and exit"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="store and trunk dtype (default: the source's)",
+    )
+    p.add_argument(
+        "-q", "--quantize", action="store_true", help="quantize FFN records (affine, along d_model)"
+    )
+    p.add_argument(
+        "--q-bits", type=int, default=4, choices=[4, 8], help="bits per weight with --quantize"
+    )
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        default=64,
+        choices=[32, 64, 128],
+        help="group size with --quantize",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["bundled", "unbundled"],
+        default="bundled",
+        help="bundled: one record per neuron (gate row, up row, down column); unbundled: one per matrix row",
+    )
+    p.add_argument(
+        "--align",
+        type=int,
+        default=0,
+        help="pad records to a multiple of this many bytes (4096 for O_DIRECT); 0 = no padding",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--calibration", metavar="FILE", default="builtin",
-                   help="text to measure FFN activations on and train the predictors with (default: a built-in English sample)")
-    p.add_argument("--no-calibration", action="store_true", help="skip calibration (the model then runs dense by default)")
-    p.add_argument("--sparsity", type=float,
-                   help="target share of FFN neurons skipped per token, which the predictors learn (default: exact zeros "
-                   "for ReLU-family FFNs, else 0.5)")
-    p.add_argument("--predictor-rank", type=int, help="rank of every layer's predictor (default: about d_model/4, 4x for the last layers)")
+    p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        default="builtin",
+        help="text to measure FFN activations on and train the predictors with (default: a built-in English sample)",
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="skip calibration (the model then runs dense by default)",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="target share of FFN neurons skipped per token, which the predictors learn (default: exact zeros "
+        "for ReLU-family FFNs, else 0.5)",
+    )
+    p.add_argument(
+        "--predictor-rank",
+        type=int,
+        help="rank of every layer's predictor (default: about d_model/4, 4x for the last layers)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -50,10 +90,20 @@ def run(args: argparse.Namespace) -> int:
         build_parser().error("SRC and OUT are required (or --verify DIR)")
     from .converter import convert
 
-    convert(args.src, args.out, dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
-            q_group_size=args.q_group_size, layout=args.layout, align=args.align, force=args.force,
-            calibration=None if args.no_calibration else args.calibration, sparsity=args.sparsity,
-            predictor_rank=args.predictor_rank)
+    convert(
+        args.src,
+        args.out,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        layout=args.layout,
+        align=args.align,
+        force=args.force,
+        calibration=None if args.no_calibration else args.calibration,
+        sparsity=args.sparsity,
+        predictor_rank=args.predictor_rank,
+    )
     return 0
 
 

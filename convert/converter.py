@@ -72,8 +72,14 @@ def _to_numpy(a: mx.array, dtype: str) -> np.ndarray:
 class _Matrix:
     """One Linear's weight as rows (float, or affine-packed words + scales + biases)."""
 
-    def __init__(self, weight: mx.array, scales: mx.array | None = None, biases: mx.array | None = None,
-                 bits: int = 0, group_size: int = 0):
+    def __init__(
+        self,
+        weight: mx.array,
+        scales: mx.array | None = None,
+        biases: mx.array | None = None,
+        bits: int = 0,
+        group_size: int = 0,
+    ):
         self.weight, self.scales, self.biases = weight, scales, biases
         self.bits, self.group_size = bits, group_size
 
@@ -83,15 +89,25 @@ class _Matrix:
 
     def rows(self, start: int, stop: int) -> "_Matrix":
         take = lambda a: None if a is None else a[start:stop]  # noqa: E731
-        return _Matrix(self.weight[start:stop], take(self.scales), take(self.biases), self.bits, self.group_size)
+        return _Matrix(
+            self.weight[start:stop],
+            take(self.scales),
+            take(self.biases),
+            self.bits,
+            self.group_size,
+        )
 
     def dense(self) -> mx.array:
         if not self.packed:
             return self.weight
-        return mx.dequantize(self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+        return mx.dequantize(
+            self.weight, self.scales, self.biases, group_size=self.group_size, bits=self.bits
+        )
 
 
-def _vectors_of(name: str, m: _Matrix, dtype: str, quant: Quantization | None) -> dict[str, tuple[mx.array, str]]:
+def _vectors_of(
+    name: str, m: _Matrix, dtype: str, quant: Quantization | None
+) -> dict[str, tuple[mx.array, str]]:
     """The per-neuron parts of one row-matrix, in the output representation."""
     if quant is None:
         return {name: (m.dense(), dtype)}
@@ -101,8 +117,16 @@ def _vectors_of(name: str, m: _Matrix, dtype: str, quant: Quantization | None) -
             raise UnsupportedModelError(
                 f"d_model={dense.shape[-1]} is not a multiple of --q-group-size {quant.group_size}"
             )
-        m = _Matrix(*mx.quantize(dense, group_size=quant.group_size, bits=quant.bits), quant.bits, quant.group_size)
-    return {name: (m.weight, "uint32"), f"{name}.scales": (m.scales, dtype), f"{name}.biases": (m.biases, dtype)}
+        m = _Matrix(
+            *mx.quantize(dense, group_size=quant.group_size, bits=quant.bits),
+            quant.bits,
+            quant.group_size,
+        )
+    return {
+        name: (m.weight, "uint32"),
+        f"{name}.scales": (m.scales, dtype),
+        f"{name}.biases": (m.biases, dtype),
+    }
 
 
 class _LayerReader:
@@ -112,7 +136,9 @@ class _LayerReader:
         self.source, self.spec = source, spec
         q = source.config.get("quantization") or {}
         if q and q.get("mode", "affine") != "affine":
-            raise UnsupportedModelError(f"{source.description}: quantization mode {q.get('mode')!r} is not supported (affine only)")
+            raise UnsupportedModelError(
+                f"{source.description}: quantization mode {q.get('mode')!r} is not supported (affine only)"
+            )
         self.bits, self.group_size = q.get("bits", 0), q.get("group_size", 0)
 
     def _take(self, name: str) -> mx.array | None:
@@ -161,16 +187,20 @@ class _LayerReader:
         return vectors, dtypes, blobs
 
 
-def _part_specs(d_model: int, gated: bool, has_bias: tuple[bool, bool], dtype: str, quant: Quantization | None) -> list[PartSpec]:
+def _part_specs(
+    d_model: int, gated: bool, has_bias: tuple[bool, bool], dtype: str, quant: Quantization | None
+) -> list[PartSpec]:
     """Part list of a record, computed from shapes alone (for the up-front size estimate)."""
     specs = []
     for name in (["gate"] if gated else []) + ["up", "down"]:
         if quant is None:
             specs.append(PartSpec(name, d_model, dtype))
         else:
-            specs += [PartSpec(name, d_model * quant.bits // 32, "uint32"),
-                      PartSpec(f"{name}.scales", d_model // quant.group_size, dtype),
-                      PartSpec(f"{name}.biases", d_model // quant.group_size, dtype)]
+            specs += [
+                PartSpec(name, d_model * quant.bits // 32, "uint32"),
+                PartSpec(f"{name}.scales", d_model // quant.group_size, dtype),
+                PartSpec(f"{name}.biases", d_model // quant.group_size, dtype),
+            ]
     for name, present in zip(("gate_bias", "up_bias"), has_bias):
         if present:
             specs.append(PartSpec(name, 1, dtype))
@@ -224,7 +254,12 @@ def _staging_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and os.name == "posix" and Path("/proc").exists():
+        if (
+            pid.isdigit()
+            and not Path(f"/proc/{pid}").exists()
+            and os.name == "posix"
+            and Path("/proc").exists()
+        ):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -303,27 +338,40 @@ def convert(
     else:
         quant = None
         if source_quant:
-            log(f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} as --dtype asks")
+            log(
+                f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} as --dtype asks"
+            )
     if quant and d_model % quant.group_size:
-        raise UnsupportedModelError(f"d_model={d_model} is not a multiple of the quantization group size {quant.group_size}")
+        raise UnsupportedModelError(
+            f"d_model={d_model} is not a multiple of the quantization group size {quant.group_size}"
+        )
 
-    has_bias = (f"{prefixes[0]}.{spec.gate}.bias" in params if spec.gate else False,
-                f"{prefixes[0]}.{spec.up}.bias" in params)
-    regions = plan_regions(_part_specs(d_model, spec.gated, has_bias, dtype, quant), layout, align, 0, d_ffn)
+    has_bias = (
+        f"{prefixes[0]}.{spec.gate}.bias" in params if spec.gate else False,
+        f"{prefixes[0]}.{spec.up}.bias" in params,
+    )
+    regions = plan_regions(
+        _part_specs(d_model, spec.gated, has_bias, dtype, quant), layout, align, 0, d_ffn
+    )
     store_estimate = (sum(r.nbytes for r in regions) + REGION_ALIGN + d_model * 4) * len(prefixes)
     trunk_estimate = sum(v.size for k, v in params.items() if k not in ffn_names) * DTYPES[dtype]
     _check_free_disk(out, store_estimate + trunk_estimate)
 
     log(f"Converting {source.description} -> {out}")
-    log(f"  {model_type}: {len(prefixes)} layers, d_model {d_model}, d_ffn {d_ffn}, store {dtype}"
-        + (f" {quant.bits}-bit (group {quant.group_size})" if quant else "") + f", {layout}")
+    log(
+        f"  {model_type}: {len(prefixes)} layers, d_model {d_model}, d_ffn {d_ffn}, store {dtype}"
+        + (f" {quant.bits}-bit (group {quant.group_size})" if quant else "")
+        + f", {layout}"
+    )
     tmp = _staging_dir(out)
     try:
         reader = _LayerReader(source, spec)
         entries = []
         with open(tmp / STORE_FILE, "wb") as f:
             writer = StoreWriter(f, layout, align)
-            for i, prefix in enumerate(tqdm(prefixes, desc="FFN layers", unit="layer", disable=not progress)):
+            for i, prefix in enumerate(
+                tqdm(prefixes, desc="FFN layers", unit="layer", disable=not progress)
+            ):
                 vectors, dtypes, blobs = reader.layer(prefix, dtype, quant)
                 entries.append(writer.write_layer(i, prefix, vectors, blobs, dtypes))
                 del vectors, blobs
@@ -336,11 +384,15 @@ def convert(
         for name in source.tensors:
             if name.startswith(tuple(p + "." for p in prefixes)):
                 raise FlashFormatError(f"{source.description}: unexpected FFN tensor {name}")
-            if name in expected or (source_quant and f"{name.rsplit('.', 1)[0]}.weight" in expected):
+            if name in expected or (
+                source_quant and f"{name.rsplit('.', 1)[0]}.weight" in expected
+            ):
                 trunk_names.append(name)
         missing = sorted(expected - set(trunk_names))
         if missing:
-            raise FlashFormatError(f"{source.description}: missing trunk tensors: {', '.join(missing[:5])}")
+            raise FlashFormatError(
+                f"{source.description}: missing trunk tensors: {', '.join(missing[:5])}"
+            )
 
         def load_trunk_tensor(name: str) -> mx.array:
             a = source.tensors.pop(name)()
@@ -352,22 +404,39 @@ def convert(
         save_config(write_entry_point(tmp, config), tmp / "config.json")
         source.write_tokenizer(tmp)
         manifest = Manifest(
-            model_type=model_type, d_model=d_model, d_ffn=d_ffn, gated=spec.gated, activation=spec.activation,
-            layout=layout, dtype=dtype, align=align, store_file=STORE_FILE,
-            store_size=(tmp / STORE_FILE).stat().st_size, layers=tuple(entries), quantization=quant,
+            model_type=model_type,
+            d_model=d_model,
+            d_ffn=d_ffn,
+            gated=spec.gated,
+            activation=spec.activation,
+            layout=layout,
+            dtype=dtype,
+            align=align,
+            store_file=STORE_FILE,
+            store_size=(tmp / STORE_FILE).stat().st_size,
+            layers=tuple(entries),
+            quantization=quant,
             source=source.description,
         )
         manifest.save(tmp)
         if calibration is not None:
             from .calibrate import calibrate
 
-            calibrate(tmp, None if calibration == BUILTIN_CALIBRATION else calibration, sparsity=sparsity,
-                      ranks=predictor_rank, progress=progress, log=log)
+            calibrate(
+                tmp,
+                None if calibration == BUILTIN_CALIBRATION else calibration,
+                sparsity=sparsity,
+                ranks=predictor_rank,
+                progress=progress,
+                log=log,
+            )
         _maybe_stop("finalize")
         _publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"  store {format_size(manifest.store_size)} ({manifest.neuron_bytes()} B per neuron), "
-        f"trunk {format_size(sum(f.stat().st_size for f in out.glob('model*.safetensors')))}")
+    log(
+        f"  store {format_size(manifest.store_size)} ({manifest.neuron_bytes()} B per neuron), "
+        f"trunk {format_size(sum(f.stat().st_size for f in out.glob('model*.safetensors')))}"
+    )
     return out

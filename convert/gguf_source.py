@@ -34,7 +34,16 @@ from gguf import (
 )
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from mlx_flash.errors import FlashFormatError, UnsupportedModelError
 
@@ -64,10 +73,24 @@ SUPPORTED_ARCHITECTURES = tuple(_ARCHS)
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 # Errors gguf's reader raises on a malformed file (it has no exception type of its own).
-_READER_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, RecursionError, OSError)
+_READER_ERRORS = (
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    OverflowError,
+    RecursionError,
+    OSError,
+)
 _INT_TYPES = {
-    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
-    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+    GGUFValueType.UINT8,
+    GGUFValueType.INT8,
+    GGUFValueType.UINT16,
+    GGUFValueType.INT16,
+    GGUFValueType.UINT32,
+    GGUFValueType.INT32,
+    GGUFValueType.UINT64,
+    GGUFValueType.INT64,
 }
 _FLOAT_TYPES = _INT_TYPES | {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
 _NO_TOKEN = 0xFFFFFFFF  # llama.cpp's "no such token" id
@@ -93,9 +116,13 @@ class _CheckedReader(GGUFReader):
             item_type = int(self._get(orig_offs, np.uint32)[0])
             count = int(self._get(orig_offs + 4, np.uint64)[0])
             scalar = self.gguf_scalar_to_np.get(item_type)
-            item_size = np.dtype(scalar).itemsize if scalar else 8  # a string or array starts with 8+ bytes
+            item_size = (
+                np.dtype(scalar).itemsize if scalar else 8
+            )  # a string or array starts with 8+ bytes
             if count > _MAX_ARRAY_ITEMS or count * item_size > len(self.data) - orig_offs - 12:
-                raise ValueError(f"metadata array of {count} items at offset {orig_offs} cannot fit the file")
+                raise ValueError(
+                    f"metadata array of {count} items at offset {orig_offs} cannot fit the file"
+                )
         return super()._get_field_parts(orig_offs, raw_type)
 
 
@@ -121,16 +148,22 @@ class _Metadata:
         except ValueError as e:  # undecodable UTF-8
             raise FlashFormatError(f"{self.path}: metadata field {key}: {e}") from e
 
-    def get_int(self, key: str, default: Any = _REQUIRED, minimum: int = 1, maximum: int = 2**31 - 1) -> Any:
+    def get_int(
+        self, key: str, default: Any = _REQUIRED, minimum: int = 1, maximum: int = 2**31 - 1
+    ) -> Any:
         value = self._field(key, _INT_TYPES, default)
         if value is not default and not minimum <= value <= maximum:
-            raise FlashFormatError(f"{self.path}: metadata field {key.format(arch=self.arch)} = {value}")
+            raise FlashFormatError(
+                f"{self.path}: metadata field {key.format(arch=self.arch)} = {value}"
+            )
         return value
 
     def get_float(self, key: str, default: Any = _REQUIRED) -> Any:
         value = self._field(key, _FLOAT_TYPES, default)
         if value is not default and not (math.isfinite(value) and value > 0):
-            raise FlashFormatError(f"{self.path}: metadata field {key.format(arch=self.arch)} = {value}")
+            raise FlashFormatError(
+                f"{self.path}: metadata field {key.format(arch=self.arch)} = {value}"
+            )
         return value
 
     def get_str(self, key: str, default: Any = _REQUIRED) -> Any:
@@ -178,9 +211,13 @@ def open_gguf(path: Path) -> SourceModel:
     names = _match_tensors(path, arch, config, tensors)
     vocab = _read_vocab(meta, config) if meta.reader.get_field(Keys.Tokenizer.LIST) else None
     if vocab is not None:
-        config.update({f"{k}_token_id": vocab.special[k] for k in ("bos", "eos") if k in vocab.special})
-    loaders = {mlx_name: _loader(tensors[gguf_name], _fixup(mlx_name, _ARCHS[arch], config))
-               for mlx_name, gguf_name in names.items()}
+        config.update(
+            {f"{k}_token_id": vocab.special[k] for k in ("bos", "eos") if k in vocab.special}
+        )
+    loaders = {
+        mlx_name: _loader(tensors[gguf_name], _fixup(mlx_name, _ARCHS[arch], config))
+        for mlx_name, gguf_name in names.items()
+    }
     return SourceModel(
         config=config,
         tensors=loaders,
@@ -243,7 +280,9 @@ def _config(meta: _Metadata, tensors: dict[str, ReaderTensor]) -> dict:
     if arch == "gemma3":
         # llama.cpp hard-codes these two for gemma3; newer files may state the base frequency.
         config["sliding_window_pattern"] = 6
-        config["rope_local_base_freq"] = meta.get_float("{arch}.rope.freq_base_swa", 10000.0)  # not in older gguf Keys
+        config["rope_local_base_freq"] = meta.get_float(
+            "{arch}.rope.freq_base_swa", 10000.0
+        )  # not in older gguf Keys
         config["sliding_window"] = meta.get_int(Keys.Attention.SLIDING_WINDOW, 512)
     return config
 
@@ -255,20 +294,28 @@ def _round(value: float) -> float:
 
 def _check_heads(meta: _Metadata, config: dict, rope_dims: int) -> None:
     """Head counts the attention layout (and the Q/K un-permutation) can work with."""
-    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    heads, kv_heads, head_dim = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    )
     if heads % kv_heads or head_dim % 2 or not 0 < rope_dims <= head_dim:
         raise FlashFormatError(
             f"{meta.path}: {heads} heads, {kv_heads} KV heads, head size {head_dim}, {rope_dims} rotary dims"
         )
     if rope_dims != head_dim:
-        raise UnsupportedModelError(f"{meta.path}: rotary embedding on {rope_dims} of {head_dim} head dims")
+        raise UnsupportedModelError(
+            f"{meta.path}: rotary embedding on {rope_dims} of {head_dim} head dims"
+        )
 
 
 def _check_layers(path: Path, layers: int, tensors: dict[str, ReaderTensor]) -> None:
     """block_count must match the blocks present (and bounds the model built from the config)."""
     present = {int(m.group(1)) for name in tensors if (m := re.match(r"blk\.(\d+)\.", name))}
     if present != set(range(layers)):
-        raise FlashFormatError(f"{path}: block_count is {layers} but the file has tensors for {len(present)} blocks")
+        raise FlashFormatError(
+            f"{path}: block_count is {layers} but the file has tensors for {len(present)} blocks"
+        )
 
 
 def _rope_scaling(meta: _Metadata) -> dict | None:
@@ -277,11 +324,15 @@ def _rope_scaling(meta: _Metadata) -> dict | None:
     if kind == "none":
         return None
     if kind != "linear":
-        raise UnsupportedModelError(f"{meta.path}: rope scaling {kind!r} is not supported (only linear)")
+        raise UnsupportedModelError(
+            f"{meta.path}: rope scaling {kind!r} is not supported (only linear)"
+        )
     return {"type": "linear", "factor": meta.get_float(Keys.Rope.SCALING_FACTOR)}
 
 
-def _match_tensors(path: Path, arch: str, config: dict, tensors: dict[str, ReaderTensor]) -> dict[str, str]:
+def _match_tensors(
+    path: Path, arch: str, config: dict, tensors: dict[str, ReaderTensor]
+) -> dict[str, str]:
     """mlx-lm parameter name -> GGUF tensor name, checked both ways and shape by shape.
 
     The expected parameters are those of the mlx-lm model built (lazily, nothing is allocated) from
@@ -292,22 +343,30 @@ def _match_tensors(path: Path, arch: str, config: dict, tensors: dict[str, Reade
         expected.pop("lm_head.weight", None)  # what mlx-lm's sanitize does for tied models
     arch_id = {name: arch_id for arch_id, name in MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
-        raise UnsupportedModelError(f"{path}: this version of the gguf package does not know {arch!r}; upgrade it")
+        raise UnsupportedModelError(
+            f"{path}: this version of the gguf package does not know {arch!r}; upgrade it"
+        )
     table = get_tensor_name_map(arch_id, config["num_hidden_layers"])
     names = {name: table.get_name(name, try_suffixes=(".weight", ".bias")) for name in expected}
     unmapped = sorted(name for name, gguf_name in names.items() if gguf_name is None)
     if unmapped:
-        raise UnsupportedModelError(f"{path}: no GGUF tensor name for mlx-lm parameters {unmapped[:5]}")
+        raise UnsupportedModelError(
+            f"{path}: no GGUF tensor name for mlx-lm parameters {unmapped[:5]}"
+        )
     missing = sorted(gguf_name for gguf_name in names.values() if gguf_name not in tensors)
     if missing:
         raise FlashFormatError(f"{path}: tensors missing: {', '.join(missing[:5])}")
     extra = sorted(set(tensors) - set(names.values()))
     if extra:
-        raise UnsupportedModelError(f"{path}: tensors with no place in mlx-lm's {config['model_type']}: {extra[:5]}")
+        raise UnsupportedModelError(
+            f"{path}: tensors with no place in mlx-lm's {config['model_type']}: {extra[:5]}"
+        )
     for name, gguf_name in names.items():
         shape = tuple(int(d) for d in reversed(tensors[gguf_name].shape))
         if shape != expected[name]:
-            raise FlashFormatError(f"{path}: tensor {gguf_name} has shape {shape}, the config implies {expected[name]}")
+            raise FlashFormatError(
+                f"{path}: tensor {gguf_name} has shape {shape}, the config implies {expected[name]}"
+            )
         _check_type(path, tensors[gguf_name])
     return names
 
@@ -318,14 +377,18 @@ def _model_shapes(path: Path, config: dict) -> dict[str, tuple[int, ...]]:
         model_class, args_class = _get_classes(config)
         model = model_class(args_class.from_dict(config))
     except (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError) as e:
-        raise FlashFormatError(f"{path}: mlx-lm cannot build a model from this metadata: {e}") from e
+        raise FlashFormatError(
+            f"{path}: mlx-lm cannot build a model from this metadata: {e}"
+        ) from e
     return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
 
 
 def _check_type(path: Path, tensor: ReaderTensor) -> None:
     """Fail at open time, not mid-conversion, on a tensor type gguf cannot dequantize."""
     if not _dequantizable(tensor.tensor_type):
-        raise UnsupportedModelError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}")
+        raise UnsupportedModelError(
+            f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}"
+        )
 
 
 @cache
@@ -355,7 +418,9 @@ def _fixup(name: str, arch: _Arch, config: dict) -> Callable[[np.ndarray], np.nd
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Inverse of mlx_lm.gguf.permute_weights / llama.cpp's LlamaModel.permute (interleaved -> halves)."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def _loader(tensor: ReaderTensor, fixup: Callable | None) -> Callable[[], mx.array]:
@@ -384,7 +449,9 @@ def _dequantize_into_mlx(tensor: ReaderTensor, rows_per_chunk: int = 1024) -> mx
     mx.eval(out)
     view = np.array(out, copy=False)  # writable, shares memory with ``out``
     for start in range(0, rows, rows_per_chunk):
-        view[start:start + rows_per_chunk] = dequantize(tensor.data[start:start + rows_per_chunk], tensor.tensor_type)
+        view[start : start + rows_per_chunk] = dequantize(
+            tensor.data[start : start + rows_per_chunk], tensor.tensor_type
+        )
     return out
 
 
@@ -401,22 +468,33 @@ def _read_vocab(meta: _Metadata, config: dict) -> _Vocab:
     tok = Keys.Tokenizer
     model = meta.get_str(tok.MODEL)
     if model not in ("llama", "gpt2"):
-        raise UnsupportedModelError(f"{meta.path}: tokenizer model {model!r} is not supported (llama, gpt2)")
+        raise UnsupportedModelError(
+            f"{meta.path}: tokenizer model {model!r} is not supported (llama, gpt2)"
+        )
     tokens = meta.get_list(tok.LIST, {GGUFValueType.STRING})
     n = len(tokens)
     if not 0 < n <= config["vocab_size"]:
-        raise FlashFormatError(f"{meta.path}: {n} tokens for an embedding of {config['vocab_size']} rows")
+        raise FlashFormatError(
+            f"{meta.path}: {n} tokens for an embedding of {config['vocab_size']} rows"
+        )
     scores = meta.get_list(tok.SCORES, _FLOAT_TYPES, [-float(i) for i in range(n)])
     types = meta.get_list(tok.TOKEN_TYPE, _INT_TYPES, [int(TokenType.NORMAL)] * n)
     if len(scores) != n or len(types) != n:
-        raise FlashFormatError(f"{meta.path}: {n} tokens but {len(scores)} scores and {len(types)} token types")
+        raise FlashFormatError(
+            f"{meta.path}: {n} tokens but {len(scores)} scores and {len(types)} token types"
+        )
     pre = meta.get_str(tok.PRE, None)
     if model == "gpt2" and pre not in _BYTE_LEVEL_SPLITS:
         raise UnsupportedModelError(
             f"{meta.path}: pre-tokenizer {pre!r} is not supported ({', '.join(map(str, _BYTE_LEVEL_SPLITS))})"
         )
     special = {}
-    for name, key in (("bos", tok.BOS_ID), ("eos", tok.EOS_ID), ("unk", tok.UNK_ID), ("pad", tok.PAD_ID)):
+    for name, key in (
+        ("bos", tok.BOS_ID),
+        ("eos", tok.EOS_ID),
+        ("unk", tok.UNK_ID),
+        ("pad", tok.PAD_ID),
+    ):
         token_id = meta.get_int(key, _NO_TOKEN, minimum=0, maximum=_NO_TOKEN)
         if token_id != _NO_TOKEN:
             if token_id >= n:
@@ -445,14 +523,18 @@ def _write_tokenizer(path: Path, vocab: _Vocab | None, out_dir: Path) -> None:
     if vocab is None:
         raise UnsupportedModelError(f"{path}: the file has no tokenizer (tokenizer.ggml.tokens)")
     try:
-        tokenizer = _spm_tokenizer(vocab) if vocab.model == "llama" else _byte_level_tokenizer(vocab)
+        tokenizer = (
+            _spm_tokenizer(vocab) if vocab.model == "llama" else _byte_level_tokenizer(vocab)
+        )
         _add_special_tokens(tokenizer, vocab)
         tokenizer.post_processor = _bos_eos_template(vocab)
     except Exception as e:  # tokenizers reports a vocabulary it rejects as a bare Exception
         raise FlashFormatError(f"{path}: cannot build a tokenizer from its metadata: {e}") from e
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(vocab), indent=2, ensure_ascii=False))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(_tokenizer_config(vocab), indent=2, ensure_ascii=False)
+    )
 
 
 def _spm_tokenizer(vocab: _Vocab) -> Tokenizer:
@@ -480,11 +562,15 @@ def _spm_tokenizer(vocab: _Vocab) -> Tokenizer:
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if vocab.add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
-    tokenizer.decoder = decoders.Sequence(steps)  # the shapes mlx-lm's SPM streaming detokenizer recognises
+    tokenizer.decoder = decoders.Sequence(
+        steps
+    )  # the shapes mlx-lm's SPM streaming detokenizer recognises
     return tokenizer
 
 
-def _spm_merges(tokens: list[str], rank: list[float], types: list[int], ids: dict[str, int]) -> list[tuple[str, str]]:
+def _spm_merges(
+    tokens: list[str], rank: list[float], types: list[int], ids: dict[str, int]
+) -> list[tuple[str, str]]:
     """Every split of a mergeable token into two known tokens, best-scoring result first."""
     mergeable = {int(TokenType.NORMAL), int(TokenType.USER_DEFINED)}
     merges = []
@@ -529,7 +615,10 @@ def _byte_level_tokenizer(vocab: _Vocab) -> Tokenizer:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
     if split == "digits":
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
         )
     elif split is not None:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -547,11 +636,18 @@ def _add_special_tokens(tokenizer: Tokenizer, vocab: _Vocab) -> None:
     """Control tokens match whole and are special; user-defined ones match whole too (as llama.cpp does)."""
     special = {int(TokenType.CONTROL), int(TokenType.UNKNOWN)}
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(vocab.tokens, vocab.types) if kind in special]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(vocab.tokens, vocab.types)
+            if kind in special
+        ]
     )
     tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False)
-         for t, kind in zip(vocab.tokens, vocab.types) if kind == TokenType.USER_DEFINED]
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(vocab.tokens, vocab.types)
+            if kind == TokenType.USER_DEFINED
+        ]
     )
 
 

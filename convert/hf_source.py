@@ -20,9 +20,19 @@ from mlx_flash.errors import FlashFormatError, UnsupportedModelError
 from .source import SourceModel
 
 TOKENIZER_PATTERNS = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json",
-    "chat_template.json", "chat_template.jinja", "*.tiktoken", "tiktoken.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "*.tiktoken",
+    "tiktoken.model",
 )
 
 
@@ -32,7 +42,9 @@ def resolve_model_path(path_or_repo: str, revision: str | None = None) -> Path:
     if path.exists():
         return path
     if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/")):
-        raise FlashFormatError(f"{path_or_repo}: no such file or directory (and not a hub repo id like org/name)")
+        raise FlashFormatError(
+            f"{path_or_repo}: no such file or directory (and not a hub repo id like org/name)"
+        )
     from huggingface_hub import snapshot_download
 
     return Path(
@@ -48,7 +60,9 @@ def open_hf_directory(path: Path) -> SourceModel:
     """A SourceModel over ``path/model*.safetensors`` and ``path/config.json``."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FlashFormatError(f"{config_file}: missing; {path} is not a Hugging Face / mlx-lm model directory")
+        raise FlashFormatError(
+            f"{config_file}: missing; {path} is not a Hugging Face / mlx-lm model directory"
+        )
     try:
         config = load_config(path)
     except json.JSONDecodeError as e:

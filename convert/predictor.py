@@ -35,7 +35,9 @@ LEARNING_RATE = 2e-3
 INIT_LOGIT_SCALE = 4.0  # a start of one standard deviation of pre-activation = logit 4
 STORE_DTYPE = mx.float16
 
-Weights = tuple[mx.array, mx.array, mx.array]  # w_in [d_model, rank], w_out [rank, d_ffn], bias [d_ffn]
+Weights = tuple[
+    mx.array, mx.array, mx.array
+]  # w_in [d_model, rank], w_out [rank, d_ffn], bias [d_ffn]
 
 
 def auto_ranks(manifest: Manifest) -> list[int]:
@@ -65,7 +67,9 @@ def _orthonormal(y: np.ndarray) -> np.ndarray:
     return y
 
 
-def principal_directions(up: np.ndarray, cov: np.ndarray, rank: int, iterations: int = 8, seed: int = 0) -> np.ndarray:
+def principal_directions(
+    up: np.ndarray, cov: np.ndarray, rank: int, iterations: int = 8, seed: int = 0
+) -> np.ndarray:
     """An orthonormal basis [d_ffn, rank] of the top-``rank`` principal subspace of the pre-activations,
     whose covariance is ``up @ cov @ up.T``, by subspace iteration (never forms the d_ffn x d_ffn matrix)."""
     q = _orthonormal(np.random.default_rng(seed).normal(size=(up.shape[0], min(up.shape[0], rank))))
@@ -74,12 +78,20 @@ def principal_directions(up: np.ndarray, cov: np.ndarray, rank: int, iterations:
     return q
 
 
-def _principal_start(model: _LowRank, mean: np.ndarray, std: np.ndarray, cov: np.ndarray, up: np.ndarray,
-                     up_bias: np.ndarray | None) -> None:
+def _principal_start(
+    model: _LowRank,
+    mean: np.ndarray,
+    std: np.ndarray,
+    cov: np.ndarray,
+    up: np.ndarray,
+    up_bias: np.ndarray | None,
+) -> None:
     """Set the predictor to the best rank-r approximation of the pre-activations ``x @ up.T (+ bias)``."""
     up = up.astype(np.float64)
     v = principal_directions(up, cov, model.w_in.weight.shape[0])  # [d_ffn, rank]
-    spread = np.sqrt(max(np.trace(cov @ (up.T @ up)) / up.shape[0], 1e-24))  # std of the pre-activations
+    spread = np.sqrt(
+        max(np.trace(cov @ (up.T @ up)) / up.shape[0], 1e-24)
+    )  # std of the pre-activations
     scale = INIT_LOGIT_SCALE / spread
     model.w_in.weight = mx.array(((std[:, None] * (up.T @ v)) * scale).T.astype(np.float32))
     model.w_out.weight = mx.array(v.astype(np.float32))
@@ -87,8 +99,16 @@ def _principal_start(model: _LowRank, mean: np.ndarray, std: np.ndarray, cov: np
     model.w_out.bias = mx.array(((offset @ v @ v.T) * scale).astype(np.float32))
 
 
-def train_predictor(x: np.ndarray, active: np.ndarray, rank: int, *, up: np.ndarray | None = None,
-                    up_bias: np.ndarray | None = None, epochs: int = EPOCHS, seed: int = 0) -> Weights:
+def train_predictor(
+    x: np.ndarray,
+    active: np.ndarray,
+    rank: int,
+    *,
+    up: np.ndarray | None = None,
+    up_bias: np.ndarray | None = None,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+) -> Weights:
     """Predict ``active`` [tokens, d_ffn] from ``x`` [tokens, d_model]; ``up`` [d_ffn, d_model] (non-gated
     FFNs) starts it from the principal directions of the up pre-activations."""
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -122,7 +142,7 @@ def train_predictor(x: np.ndarray, active: np.ndarray, rank: int, *, up: np.ndar
     for _ in range(epochs):
         order = mx.array(rng.permutation(len(x)))
         for b in range(0, len(x), BATCH):
-            idx = order[b:b + BATCH]
+            idx = order[b : b + BATCH]
             step(xs[idx], ys[idx])
             mx.eval(state)
     # fold the standardisation in: ((x - mean) / std) @ A @ B + c == x @ (A / std) @ B + (c - (mean / std) @ A @ B)
@@ -144,7 +164,9 @@ def choose_cut(weights: Weights, x: np.ndarray, active: np.ndarray, margin: floa
     return float(np.quantile(logits, 1.0 - share)) if share < 1.0 else float(logits.min()) - 1.0
 
 
-def score_predictor(weights: Weights, cut: float, x: np.ndarray, active: np.ndarray) -> dict[str, float]:
+def score_predictor(
+    weights: Weights, cut: float, x: np.ndarray, active: np.ndarray
+) -> dict[str, float]:
     """Recall and precision of ``logit > cut`` against ``active``, and the predicted and active shares."""
     predicted = predictor_logits(weights, x) > cut
     hits = float((predicted & active).sum())

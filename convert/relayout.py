@@ -32,8 +32,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def relayout(src: str | Path, out: str | Path, layout: str, *, force: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> Path:
+def relayout(
+    src: str | Path,
+    out: str | Path,
+    layout: str,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write OUT: flash directory SRC with its FFN store in ``layout``; returns OUT."""
     src, out = Path(src), Path(out).absolute()
     manifest = read_manifest(src)
@@ -50,20 +57,36 @@ def relayout(src: str | Path, out: str | Path, layout: str, *, force: bool = Fal
             else:
                 _link_or_copy(item, tmp / item.name)
         entries = []
-        with StoreReader(src, manifest, threads=4) as reader, open(tmp / manifest.store_file, "wb") as f:
+        with (
+            StoreReader(src, manifest, threads=4) as reader,
+            open(tmp / manifest.store_file, "wb") as f,
+        ):
             writer = StoreWriter(f, layout, manifest.align)
             ids = np.arange(manifest.d_ffn)
             for entry in tqdm(manifest.layers, desc="layers", unit="layer", disable=not progress):
                 parts = [p for r in entry.regions for p in r.parts]
-                vectors = {p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype)) for p in parts}
+                vectors = {
+                    p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype))
+                    for p in parts
+                }
                 reader.read_neurons(entry.index, ids, vectors, ids)
-                blobs = {name: (reader.read_blob(entry.index, name), b.dtype) for name, b in entry.blobs.items()}
-                entries.append(writer.write_layer(entry.index, entry.prefix, vectors, blobs,
-                                                  {p.name: p.dtype for p in parts}))
+                blobs = {
+                    name: (reader.read_blob(entry.index, name), b.dtype)
+                    for name, b in entry.blobs.items()
+                }
+                entries.append(
+                    writer.write_layer(
+                        entry.index, entry.prefix, vectors, blobs, {p.name: p.dtype for p in parts}
+                    )
+                )
             f.flush()
             os.fsync(f.fileno())
-        dataclasses.replace(manifest, layout=layout, layers=tuple(entries),
-                            store_size=(tmp / manifest.store_file).stat().st_size).save(tmp)
+        dataclasses.replace(
+            manifest,
+            layout=layout,
+            layers=tuple(entries),
+            store_size=(tmp / manifest.store_file).stat().st_size,
+        ).save(tmp)
         _publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,8 +104,14 @@ def _fingerprint(directory: Path, manifest: Manifest) -> str:
     return h.hexdigest()[:12]
 
 
-def layout_sibling(directory: str | Path, layout: str, cache: Path, *, progress: bool = True,
-                   log: Callable[[str], None] = print) -> Path:
+def layout_sibling(
+    directory: str | Path,
+    layout: str,
+    cache: Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """DIRECTORY itself if its store has ``layout``, else a re-laid-out copy cached under ``cache``.
 
     The copy is named after the directory and a fingerprint of it, so a re-converted model gets a new copy;

@@ -28,7 +28,10 @@ def verify(directory: str | Path, progress: bool = True) -> list[str]:
             check_trunk_file(path)
         except FlashFormatError as e:
             problems.append(str(e))
-    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer.model").is_file():
+    if (
+        not (directory / "tokenizer.json").is_file()
+        and not (directory / "tokenizer.model").is_file()
+    ):
         problems.append(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model)")
     with StoreReader(directory, manifest, threads=1) as reader:
         for layer in tqdm(manifest.layers, desc="verify", unit="layer", disable=not progress):

@@ -37,7 +37,9 @@ def part_group(name: str) -> str:
     return name.split(".")[0].removesuffix("_bias")
 
 
-def plan_regions(parts: list[PartSpec], layout: str, align: int, offset: int, n_records: int) -> list[Region]:
+def plan_regions(
+    parts: list[PartSpec], layout: str, align: int, offset: int, n_records: int
+) -> list[Region]:
     """Geometry of one layer's regions starting at ``offset`` (already region-aligned)."""
     groups: list[list[PartSpec]]
     if layout == "bundled":
@@ -88,8 +90,14 @@ class StoreWriter:
                 digest.update(zeros)
             self.offset = target
 
-    def write_layer(self, index: int, prefix: str, vectors: dict[str, np.ndarray], blobs: dict[str, tuple[np.ndarray, str]],
-                    part_dtypes: dict[str, str]) -> LayerEntry:
+    def write_layer(
+        self,
+        index: int,
+        prefix: str,
+        vectors: dict[str, np.ndarray],
+        blobs: dict[str, tuple[np.ndarray, str]],
+        part_dtypes: dict[str, str],
+    ) -> LayerEntry:
         """Write one layer. ``vectors[name]`` is [n_neurons, length] in the storage numpy dtype."""
         self._pad_to(_round_up(self.offset, REGION_ALIGN), None)
         start = self.offset
@@ -105,7 +113,9 @@ class StoreWriter:
                 chunk = np.zeros((c1 - c0, region.record_stride), dtype=np.uint8)
                 for part in region.parts:
                     src = np.ascontiguousarray(vectors[part.name][c0:c1])
-                    chunk[:, part.offset:part.offset + part.nbytes] = src.view(np.uint8).reshape(c1 - c0, part.nbytes)
+                    chunk[:, part.offset : part.offset + part.nbytes] = src.view(np.uint8).reshape(
+                        c1 - c0, part.nbytes
+                    )
                 data = chunk.tobytes()
                 self.file.write(data)
                 digest.update(data)
@@ -118,4 +128,12 @@ class StoreWriter:
             digest.update(data)
             self.offset += len(data)
         drop_written(self.file, start, self.offset - start)
-        return LayerEntry(index, prefix, start, self.offset - start, digest.hexdigest(), tuple(regions), blob_entries)
+        return LayerEntry(
+            index,
+            prefix,
+            start,
+            self.offset - start,
+            digest.hexdigest(),
+            tuple(regions),
+            blob_entries,
+        )

@@ -6,11 +6,21 @@ __version__ = "0.1.0"
 
 # Installed, the offline pipeline (the repo's top-level convert/) is the subpackage mlx_flash.convert
 # (pyproject's package-dir). Run from a source checkout, the checkout's convert/ must play that part.
-if not (_Path(__file__).parent / "convert").is_dir() and (_Path(__file__).parent.parent / "convert" / "__init__.py").is_file():
+if (
+    not (_Path(__file__).parent / "convert").is_dir()
+    and (_Path(__file__).parent.parent / "convert" / "__init__.py").is_file()
+):
     __path__.append(str(_Path(__file__).parent.parent))  # noqa: F821 - a package's own __path__
 
 from . import rebuild  # noqa: E402
 from .errors import BudgetError, FlashError, FlashFormatError, StoreReadError, UnsupportedModelError  # noqa: E402
 from .loader import load  # noqa: E402
 
-__all__ = ["load", "FlashError", "FlashFormatError", "BudgetError", "StoreReadError", "UnsupportedModelError"]
+__all__ = [
+    "load",
+    "FlashError",
+    "FlashFormatError",
+    "BudgetError",
+    "StoreReadError",
+    "UnsupportedModelError",
+]

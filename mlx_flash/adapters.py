@@ -59,10 +59,18 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "qwen3": _LLAMA,
     "olmo2": _LLAMA,
     "gemma": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu"),
-    "gemma2": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"),
-    "gemma3_text": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"),
-    "gemma3": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"),
-    "phi3": FFNSpec("mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"),
+    "gemma2": FFNSpec(
+        "mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
+    ),
+    "gemma3_text": FFNSpec(
+        "mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
+    ),
+    "gemma3": FFNSpec(
+        "mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
+    ),
+    "phi3": FFNSpec(
+        "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
+    ),
     "phi": FFNSpec("mlp", up="fc1", down="fc2", activation="gelu_approx"),
     "gpt2": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu_approx"),
     "gpt_neox": FFNSpec("mlp", up="dense_h_to_4h", down="dense_4h_to_h", activation="gelu_approx"),

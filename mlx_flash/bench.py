@@ -36,11 +36,17 @@ from .pagecache import cached_bytes, drop_from_page_cache, file_system_type
 from .selectors import Selector
 from .sizes import format_size, parse_size
 
-DEFAULT_PROMPT = ("The old lighthouse stood at the edge of the cliff, and every night the keeper climbed its "
-                  "stairs to light the lamp. One evening a storm came in from the sea,")
-UNLIMITED = 1 << 50  # the budget passed with --ffn-cache: the share, not the budget, sizes the buffers
+DEFAULT_PROMPT = (
+    "The old lighthouse stood at the edge of the cliff, and every night the keeper climbed its "
+    "stairs to light the lamp. One evening a storm came in from the sea,"
+)
+UNLIMITED = (
+    1 << 50
+)  # the budget passed with --ffn-cache: the share, not the budget, sizes the buffers
 CGROUP_ENV = "MLX_FLASH_BENCH_IN_CGROUP"
-PROCESS_SLACK = 1 << 30  # --membudget: interpreter, MLX, numpy and tokenizer on top of what the plan counts
+PROCESS_SLACK = (
+    1 << 30
+)  # --membudget: interpreter, MLX, numpy and tokenizer on top of what the plan counts
 
 
 @dataclass(frozen=True)
@@ -57,22 +63,78 @@ class Setup:
 
 
 SETUPS = (
-    Setup(1, "naive", "whole FFN read every token in large sequential reads, nothing kept", "bundled", False, False, False),
-    Setup(2, "hybrid", "FFN cache kept (pinned rows + last streamed chunk), the rest read every token", "bundled",
-          False, True, True),
-    Setup(3, "+selector", "only selected neurons read, as separate gate/up/down records, no window", "unbundled",
-          True, False, True),
-    Setup(4, "+window", "neurons of the last k tokens stay, only new ones read (unbundled)", "unbundled",
-          True, True, True),
-    Setup(5, "+bundling", "same neurons, one record per neuron (bundled layout)", "bundled", True, True, True),
+    Setup(
+        1,
+        "naive",
+        "whole FFN read every token in large sequential reads, nothing kept",
+        "bundled",
+        False,
+        False,
+        False,
+    ),
+    Setup(
+        2,
+        "hybrid",
+        "FFN cache kept (pinned rows + last streamed chunk), the rest read every token",
+        "bundled",
+        False,
+        True,
+        True,
+    ),
+    Setup(
+        3,
+        "+selector",
+        "only selected neurons read, as separate gate/up/down records, no window",
+        "unbundled",
+        True,
+        False,
+        True,
+    ),
+    Setup(
+        4,
+        "+window",
+        "neurons of the last k tokens stay, only new ones read (unbundled)",
+        "unbundled",
+        True,
+        True,
+        True,
+    ),
+    Setup(
+        5,
+        "+bundling",
+        "same neurons, one record per neuron (bundled layout)",
+        "bundled",
+        True,
+        True,
+        True,
+    ),
 )
 
-IN_MEMORY = Setup(0, "FFN in memory", "whole FFN pinned: the runtime with no reads (its per-layer cost alone)",
-                  "bundled", False, True, True)
+IN_MEMORY = Setup(
+    0,
+    "FFN in memory",
+    "whole FFN pinned: the runtime with no reads (its per-layer cost alone)",
+    "bundled",
+    False,
+    True,
+    True,
+)
 
-METRICS = ("ffn_bytes_per_token", "reads_per_token", "mean_read_bytes", "io_ms_per_token", "ffn_compute_ms_per_token",
-           "other_ms_per_token", "ms_per_token", "tokens_per_s", "prompt_tps", "peak_memory", "fraction_loaded",
-           "limit_ms_per_token", "disk_ms_per_token")
+METRICS = (
+    "ffn_bytes_per_token",
+    "reads_per_token",
+    "mean_read_bytes",
+    "io_ms_per_token",
+    "ffn_compute_ms_per_token",
+    "other_ms_per_token",
+    "ms_per_token",
+    "tokens_per_s",
+    "prompt_tps",
+    "peak_memory",
+    "fraction_loaded",
+    "limit_ms_per_token",
+    "disk_ms_per_token",
+)
 
 
 def parse_share(text: str) -> float:
@@ -88,16 +150,36 @@ def _selector_name(selector: str | Selector) -> str:
     return selector if isinstance(selector, str) else type(selector).__name__
 
 
-def run_setup(setup: Setup, directory: Path, prompt: list[int], *, tokens: int, ffn_share: float,
-              selector: str | Selector, window: int, pin_share: float, threads: int | None, max_context: int,
-              cost: CostModel, load_options: dict | None = None) -> dict:
+def run_setup(
+    setup: Setup,
+    directory: Path,
+    prompt: list[int],
+    *,
+    tokens: int,
+    ffn_share: float,
+    selector: str | Selector,
+    window: int,
+    pin_share: float,
+    threads: int | None,
+    max_context: int,
+    cost: CostModel,
+    load_options: dict | None = None,
+) -> dict:
     """Load ``directory`` as ``setup`` says, generate ``tokens`` greedy tokens cold from disk; its metrics."""
     store = directory / read_manifest(directory).store_file
     drop_from_page_cache(store)
-    model, tokenizer = load(directory, UNLIMITED, ffn_share=ffn_share, pin_share=pin_share if setup.pins else 0.0,
-                            window=window if setup.keeps_window else 0,
-                            selector=selector if setup.sparse else "dense", threads=threads, page_cache=False,
-                            max_context=max_context, **(load_options or {}))
+    model, tokenizer = load(
+        directory,
+        UNLIMITED,
+        ffn_share=ffn_share,
+        pin_share=pin_share if setup.pins else 0.0,
+        window=window if setup.keeps_window else 0,
+        selector=selector if setup.sparse else "dense",
+        threads=threads,
+        page_cache=False,
+        max_context=max_context,
+        **(load_options or {}),
+    )
     rt = model.flash
     try:
         gc.collect()
@@ -110,16 +192,31 @@ def run_setup(setup: Setup, directory: Path, prompt: list[int], *, tokens: int, 
         peak = mx.get_peak_memory()
         reader = rt.reader
         result = {
-            "index": setup.index, "name": setup.name, "what": setup.what, "layout": rt.manifest.layout,
-            "selector": type(rt.selector).__name__, "window": rt.window, "pinned_rows": rt.plan.pinned_rows,
-            "window_rows": rt.plan.window_rows, "threads": reader.threads, "cache_mode": reader.cache_mode,
-            "tokens": ids, "decode_tokens": summary["tokens"],
-            "ffn_bytes_per_token": summary["flash_bytes_per_token"], "reads_per_token": summary["reads_per_token"],
-            "io_ms_per_token": summary["io_ms_per_token"], "ffn_compute_ms_per_token": summary["compute_ms_per_token"],
-            "fraction_used": summary["fraction_used"], "fraction_loaded": summary["fraction_loaded"],
-            "fraction_computed": summary["fraction_computed"], "buffer_hit_rate": summary["buffer_hit_rate"],
-            "tokens_per_s": last.generation_tps, "prompt_tps": last.prompt_tps, "peak_memory": peak,
-            "memory_plan": rt.plan.as_dict(), "page_cache_after": cached_bytes(store),
+            "index": setup.index,
+            "name": setup.name,
+            "what": setup.what,
+            "layout": rt.manifest.layout,
+            "selector": type(rt.selector).__name__,
+            "window": rt.window,
+            "pinned_rows": rt.plan.pinned_rows,
+            "window_rows": rt.plan.window_rows,
+            "threads": reader.threads,
+            "cache_mode": reader.cache_mode,
+            "tokens": ids,
+            "decode_tokens": summary["tokens"],
+            "ffn_bytes_per_token": summary["flash_bytes_per_token"],
+            "reads_per_token": summary["reads_per_token"],
+            "io_ms_per_token": summary["io_ms_per_token"],
+            "ffn_compute_ms_per_token": summary["compute_ms_per_token"],
+            "fraction_used": summary["fraction_used"],
+            "fraction_loaded": summary["fraction_loaded"],
+            "fraction_computed": summary["fraction_computed"],
+            "buffer_hit_rate": summary["buffer_hit_rate"],
+            "tokens_per_s": last.generation_tps,
+            "prompt_tps": last.prompt_tps,
+            "peak_memory": peak,
+            "memory_plan": rt.plan.as_dict(),
+            "page_cache_after": cached_bytes(store),
         }
     finally:
         rt.close()
@@ -127,12 +224,18 @@ def run_setup(setup: Setup, directory: Path, prompt: list[int], *, tokens: int, 
         gc.collect()
     reads = result["reads_per_token"]
     result["mean_read_bytes"] = result["ffn_bytes_per_token"] / reads if reads else 0.0
-    result["ms_per_token"] = 1e3 / result["tokens_per_s"] if result["tokens_per_s"] else float("nan")
-    result["other_ms_per_token"] = result["ms_per_token"] - result["io_ms_per_token"] - result["ffn_compute_ms_per_token"]
+    result["ms_per_token"] = (
+        1e3 / result["tokens_per_s"] if result["tokens_per_s"] else float("nan")
+    )
+    result["other_ms_per_token"] = (
+        result["ms_per_token"] - result["io_ms_per_token"] - result["ffn_compute_ms_per_token"]
+    )
     # the physical limit: these bytes at the probe's best rate for reads of this size; and the disk's time for
     # them at the thread count used (the rest of the measured I/O time is the reader's CPU work)
     result["limit_ms_per_token"] = 1e3 * cost.read_seconds(result["ffn_bytes_per_token"], reads)
-    result["disk_ms_per_token"] = 1e3 * cost.read_seconds(result["ffn_bytes_per_token"], reads, result["threads"])
+    result["disk_ms_per_token"] = 1e3 * cost.read_seconds(
+        result["ffn_bytes_per_token"], reads, result["threads"]
+    )
     return result
 
 
@@ -147,13 +250,32 @@ def _references(directory: Path, prompt: list[int], common: dict) -> list[dict]:
     ids, last = [], None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=common["tokens"]):
         ids.append(last.token)
-    plain = {"name": "mlx-lm, model in memory", "tokens": ids, "tokens_per_s": last.generation_tps,
-             "prompt_tps": last.prompt_tps, "peak_memory": mx.get_peak_memory()}
+    plain = {
+        "name": "mlx-lm, model in memory",
+        "tokens": ids,
+        "tokens_per_s": last.generation_tps,
+        "prompt_tps": last.prompt_tps,
+        "peak_memory": mx.get_peak_memory(),
+    }
     del model
     gc.collect()
     pinned = run_setup(IN_MEMORY, directory, prompt, **common, ffn_share=1.0)
-    return [plain, {"name": IN_MEMORY.name, **{k: pinned[k] for k in ("tokens", "tokens_per_s", "prompt_tps",
-                                                                        "peak_memory", "ffn_compute_ms_per_token")}}]
+    return [
+        plain,
+        {
+            "name": IN_MEMORY.name,
+            **{
+                k: pinned[k]
+                for k in (
+                    "tokens",
+                    "tokens_per_s",
+                    "prompt_tps",
+                    "peak_memory",
+                    "ffn_compute_ms_per_token",
+                )
+            },
+        },
+    ]
 
 
 def _median_rows(rounds: list[list[dict]]) -> list[dict]:
@@ -163,25 +285,49 @@ def _median_rows(rounds: list[list[dict]]) -> list[dict]:
         row = dict(first)
         for key in METRICS:
             row[key] = statistics.median(r[i][key] for r in rounds)
-        for key, better in (("ffn_bytes_per_token", "lower"), ("io_ms_per_token", "lower"), ("tokens_per_s", "higher")):
+        for key, better in (
+            ("ffn_bytes_per_token", "lower"),
+            ("io_ms_per_token", "lower"),
+            ("tokens_per_s", "higher"),
+        ):
             ratios = []
             for r in rounds:
                 base, value = r[0][key], r[i][key]
-                ratios.append((base / value if better == "lower" else value / base) if value and base else float("nan"))
+                ratios.append(
+                    (base / value if better == "lower" else value / base)
+                    if value and base
+                    else float("nan")
+                )
             row[f"{key}_vs_naive"] = statistics.median(ratios)
         same = [t == n for t, n in zip(first["tokens"], rounds[0][0]["tokens"])]
         row["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
-        row["round_values"] = {key: [r[i][key] for r in rounds] for key in ("ffn_bytes_per_token", "io_ms_per_token",
-                                                                             "tokens_per_s")}
+        row["round_values"] = {
+            key: [r[i][key] for r in rounds]
+            for key in ("ffn_bytes_per_token", "io_ms_per_token", "tokens_per_s")
+        }
         rows.append(row)
     return rows
 
 
-def run_bench(model_dir: str | Path, *, ffn_share: float | None = None, memory_budget: str | int | None = None,
-              prompt: str = DEFAULT_PROMPT, tokens: int = 64, selector: str | Selector = "auto", window: int = 4,
-              pin_share: float = 0.5, threads: int | None = None, repeat: int = 1, setups: tuple[int, ...] = (1, 2, 3, 4, 5),
-              unbundled: Path | None = None, reference: bool = True, max_context: int | None = None,
-              load_options: dict | None = None, progress: bool = True) -> dict:
+def run_bench(
+    model_dir: str | Path,
+    *,
+    ffn_share: float | None = None,
+    memory_budget: str | int | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    tokens: int = 64,
+    selector: str | Selector = "auto",
+    window: int = 4,
+    pin_share: float = 0.5,
+    threads: int | None = None,
+    repeat: int = 1,
+    setups: tuple[int, ...] = (1, 2, 3, 4, 5),
+    unbundled: Path | None = None,
+    reference: bool = True,
+    max_context: int | None = None,
+    load_options: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Run the ablation; the report as JSON-ready data (see ``format_report``)."""
     from .convert.relayout import layout_sibling
     from .default_model import cache_root
@@ -195,19 +341,40 @@ def run_bench(model_dir: str | Path, *, ffn_share: float | None = None, memory_b
     other = "unbundled" if manifest.layout == "bundled" else "bundled"
     chosen = [s for s in SETUPS if s.index in setups]
     if any(s.layout == other for s in chosen):
-        dirs[other] = unbundled if unbundled is not None and other == "unbundled" else layout_sibling(
-            model_dir, other, cache_root() / "layouts", progress=progress, log=log)
+        dirs[other] = (
+            unbundled
+            if unbundled is not None and other == "unbundled"
+            else layout_sibling(
+                model_dir, other, cache_root() / "layouts", progress=progress, log=log
+            )
+        )
     tokenizer = load_tokenizer(model_dir)
     prompt_ids = tokenizer.encode(prompt)
     max_context = max_context or len(prompt_ids) + tokens + 1
     cost = cost_model_for(model_dir)
-    common = dict(tokens=tokens, selector=selector, window=window, pin_share=pin_share, threads=threads,
-                  max_context=max_context, cost=cost, load_options=load_options)
+    common = dict(
+        tokens=tokens,
+        selector=selector,
+        window=window,
+        pin_share=pin_share,
+        threads=threads,
+        max_context=max_context,
+        cost=cost,
+        load_options=load_options,
+    )
 
     # Warm-up (and, with --memory-budget, the FFN share the chosen selector leaves): the full technique stack.
     if ffn_share is None:
-        model, _ = load(model_dir, memory_budget, selector=selector, pin_share=pin_share, window=window,
-                        max_context=max_context, threads=threads, **(load_options or {}))
+        model, _ = load(
+            model_dir,
+            memory_budget,
+            selector=selector,
+            pin_share=pin_share,
+            window=window,
+            max_context=max_context,
+            threads=threads,
+            **(load_options or {}),
+        )
         ffn_share = model.flash.plan.ffn_share
         model.flash.close()
         del model
@@ -230,18 +397,45 @@ def run_bench(model_dir: str | Path, *, ffn_share: float | None = None, memory_b
         same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"])]
         ref["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
     return {
-        "machine": {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "file_system": file_system_type(model_dir), "cost_model": cost.source},
-        "model": {"name": model_dir.name, "path": str(model_dir), "model_type": manifest.model_type,
-                  "n_layers": manifest.n_layers, "d_ffn": manifest.d_ffn, "dtype": manifest.dtype,
-                  "ffn_bytes": manifest.ffn_bytes(), "directories": {k: str(v) for k, v in dirs.items()}},
-        "settings": {"prompt": prompt, "prompt_tokens": len(prompt_ids), "tokens": tokens,
-                     "selector": _selector_name(selector), "window": window, "pin_share": pin_share,
-                     "threads": rows[0]["threads"], "repeat": repeat, "max_context": max_context,
-                     "memory_budget": memory_budget, "load_options": load_options or {}},
-        "memory": {"ffn_share": plan["ffn_share"], "trunk": plan["trunk"], "kv_cache": plan["kv_cache"],
-                   "temporaries": plan["temporaries"], "selector": plan["selector"], "buffers": plan["buffers"],
-                   "total": plan["used"]},
+        "machine": {
+            "host": platform.node(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "file_system": file_system_type(model_dir),
+            "cost_model": cost.source,
+        },
+        "model": {
+            "name": model_dir.name,
+            "path": str(model_dir),
+            "model_type": manifest.model_type,
+            "n_layers": manifest.n_layers,
+            "d_ffn": manifest.d_ffn,
+            "dtype": manifest.dtype,
+            "ffn_bytes": manifest.ffn_bytes(),
+            "directories": {k: str(v) for k, v in dirs.items()},
+        },
+        "settings": {
+            "prompt": prompt,
+            "prompt_tokens": len(prompt_ids),
+            "tokens": tokens,
+            "selector": _selector_name(selector),
+            "window": window,
+            "pin_share": pin_share,
+            "threads": rows[0]["threads"],
+            "repeat": repeat,
+            "max_context": max_context,
+            "memory_budget": memory_budget,
+            "load_options": load_options or {},
+        },
+        "memory": {
+            "ffn_share": plan["ffn_share"],
+            "trunk": plan["trunk"],
+            "kv_cache": plan["kv_cache"],
+            "temporaries": plan["temporaries"],
+            "selector": plan["selector"],
+            "buffers": plan["buffers"],
+            "total": plan["used"],
+        },
         "configs": rows,
         "physical_limit_ms": rows[-1]["limit_ms_per_token"],
         "references": refs,
@@ -275,7 +469,11 @@ def format_report(report: dict) -> str:
             f"{r['peak_memory'] / 1e6:9.1f}{100 * r['fraction_loaded']:7.1f}%{r['same_tokens_as_naive']:>8}"
         )
     last = report["configs"][-1]
-    gap = last["io_ms_per_token"] / last["limit_ms_per_token"] if last["limit_ms_per_token"] else float("nan")
+    gap = (
+        last["io_ms_per_token"] / last["limit_ms_per_token"]
+        if last["limit_ms_per_token"]
+        else float("nan")
+    )
     out += [
         f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); limit = the bytes at the probe's best "
         "rate for that read size; FFN ms = FFN compute, selector, window and buffer work; other = attention, head, "
@@ -287,15 +485,20 @@ def format_report(report: dict) -> str:
         f"CPU work (planning, thread wake-ups, copies) and reads waiting on one another",
     ]
     for ref in report["references"]:
-        out.append(f"reference, {ref['name']} (no reads): {ref['tokens_per_s']:.2f} tok/s, peak "
-                   f"{ref['peak_memory'] / 1e6:.1f} MB, same tokens as naive {ref['same_tokens_as_naive']}")
+        out.append(
+            f"reference, {ref['name']} (no reads): {ref['tokens_per_s']:.2f} tok/s, peak "
+            f"{ref['peak_memory'] / 1e6:.1f} MB, same tokens as naive {ref['same_tokens_as_naive']}"
+        )
     return "\n".join(out)
 
 
 def _membudget_tool() -> Path | None:
     """$MLX_FLASH_MEMBUDGET, ``membudget`` on PATH, or the checkout's ../shared/tools/membudget."""
-    for candidate in (os.environ.get("MLX_FLASH_MEMBUDGET"), shutil.which("membudget"),
-                      Path(__file__).resolve().parents[2] / "shared" / "tools" / "membudget"):
+    for candidate in (
+        os.environ.get("MLX_FLASH_MEMBUDGET"),
+        shutil.which("membudget"),
+        Path(__file__).resolve().parents[2] / "shared" / "tools" / "membudget",
+    ):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
@@ -305,14 +508,27 @@ def _rerun_in_cgroup(args: argparse.Namespace, argv: list[str]) -> int:
     """Run this same command again inside a memory cgroup of the implied memory + the process's own."""
     tool = _membudget_tool()
     if sys.platform != "linux" or tool is None or os.geteuid() != 0:
-        raise ValueError("--membudget needs Linux, root and the membudget tool (set MLX_FLASH_MEMBUDGET)")
+        raise ValueError(
+            "--membudget needs Linux, root and the membudget tool (set MLX_FLASH_MEMBUDGET)"
+        )
     if args.membudget != "auto":
         limit = parse_size(args.membudget)
     else:
         share = parse_share(args.ffn_cache) if args.ffn_cache else None
-        context = args.max_context or len(load_tokenizer(Path(args.model)).encode(args.prompt)) + args.tokens + 1
-        model, _ = load(args.model, args.memory_budget or UNLIMITED, ffn_share=share, pin_share=args.pin_share,
-                        window=args.window, selector=args.selector, max_context=context, **_load_options(args))
+        context = (
+            args.max_context
+            or len(load_tokenizer(Path(args.model)).encode(args.prompt)) + args.tokens + 1
+        )
+        model, _ = load(
+            args.model,
+            args.memory_budget or UNLIMITED,
+            ffn_share=share,
+            pin_share=args.pin_share,
+            window=args.window,
+            selector=args.selector,
+            max_context=context,
+            **_load_options(args),
+        )
         limit = model.flash.plan.used + PROCESS_SLACK
         model.flash.close()
     child, skip = [], False
@@ -321,34 +537,86 @@ def _rerun_in_cgroup(args: argparse.Namespace, argv: list[str]) -> int:
             child.append(a)
         skip = a == "--membudget" and args.membudget != "auto"
     print(f"re-running under a {format_size(limit)} memory cgroup ({tool})", file=sys.stderr)
-    cmd = [sys.executable, str(tool), str(limit), "--", sys.executable, "-m", "mlx_flash.bench", *child]
+    cmd = [
+        sys.executable,
+        str(tool),
+        str(limit),
+        "--",
+        sys.executable,
+        "-m",
+        "mlx_flash.bench",
+        *child,
+    ]
     return subprocess.run(cmd, env={**os.environ, CGROUP_ENV: "1"}).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_flash.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="flash model directory (the other layout is made and cached)")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="flash model directory (the other layout is made and cached)"
+    )
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--memory-budget", help='memory for the whole model, e.g. "300MB": sets the FFN cache share')
-    budget.add_argument("--ffn-cache", metavar="SHARE", help='share of each FFN kept in memory, e.g. "50%%" or 0.5')
+    budget.add_argument(
+        "--memory-budget", help='memory for the whole model, e.g. "300MB": sets the FFN cache share'
+    )
+    budget.add_argument(
+        "--ffn-cache", metavar="SHARE", help='share of each FFN kept in memory, e.g. "50%%" or 0.5'
+    )
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate per configuration")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (raw, no chat template)")
-    p.add_argument("--selector", default="auto", help="selector of configurations 3-5 (predictor, gate, auto, ...)")
-    p.add_argument("--sparsity", type=float, help="target fraction of FFN neurons skipped (threshold selectors)")
+    p.add_argument(
+        "--selector",
+        default="auto",
+        help="selector of configurations 3-5 (predictor, gate, auto, ...)",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="target fraction of FFN neurons skipped (threshold selectors)",
+    )
     p.add_argument("--window", type=int, default=4, help="k of configurations 2, 4 and 5")
-    p.add_argument("--pin-share", type=float, default=0.5, help="share of the FFN cache pinned (configurations 2-5)")
+    p.add_argument(
+        "--pin-share",
+        type=float,
+        default=0.5,
+        help="share of the FFN cache pinned (configurations 2-5)",
+    )
     p.add_argument("--threads", type=int, help="read threads (default: the probe's best, else 32)")
-    p.add_argument("--max-context", type=int, help="KV cache tokens the memory reserves (default: prompt + tokens)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        help="KV cache tokens the memory reserves (default: prompt + tokens)",
+    )
     p.add_argument("--configs", default="1,2,3,4,5", help="which configurations to run, e.g. 1,5")
-    p.add_argument("--repeat", type=int, default=1, help="rounds; each metric is the median, ratios taken per round")
-    p.add_argument("--unbundled", type=Path, help="an existing unbundled copy of --model (default: made and cached)")
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the no-read references (plain mlx-lm, and the runtime with the whole FFN pinned)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds; each metric is the median, ratios taken per round",
+    )
+    p.add_argument(
+        "--unbundled",
+        type=Path,
+        help="an existing unbundled copy of --model (default: made and cached)",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the no-read references (plain mlx-lm, and the runtime with the whole FFN pinned)",
+    )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="write a PNG of the ablation here")
-    p.add_argument("--membudget", nargs="?", const="auto", metavar="SIZE",
-                   help="re-run inside a memory cgroup (Linux, root) of SIZE (default: the implied memory + 1 GiB)")
+    p.add_argument(
+        "--membudget",
+        nargs="?",
+        const="auto",
+        metavar="SIZE",
+        help="re-run inside a memory cgroup (Linux, root) of SIZE (default: the implied memory + 1 GiB)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
 
@@ -361,11 +629,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.membudget and os.environ.get(CGROUP_ENV) != "1":
         return _rerun_in_cgroup(args, argv)
     report = run_bench(
-        args.model, ffn_share=parse_share(args.ffn_cache) if args.ffn_cache else None,
-        memory_budget=args.memory_budget, prompt=args.prompt, tokens=args.tokens, selector=args.selector,
-        window=args.window, pin_share=args.pin_share, threads=args.threads, repeat=args.repeat,
-        setups=tuple(int(c) for c in args.configs.split(",")), unbundled=args.unbundled,
-        reference=not args.no_reference, max_context=args.max_context, load_options=_load_options(args),
+        args.model,
+        ffn_share=parse_share(args.ffn_cache) if args.ffn_cache else None,
+        memory_budget=args.memory_budget,
+        prompt=args.prompt,
+        tokens=args.tokens,
+        selector=args.selector,
+        window=args.window,
+        pin_share=args.pin_share,
+        threads=args.threads,
+        repeat=args.repeat,
+        setups=tuple(int(c) for c in args.configs.split(",")),
+        unbundled=args.unbundled,
+        reference=not args.no_reference,
+        max_context=args.max_context,
+        load_options=_load_options(args),
     )
     print(format_report(report))
     if args.json:

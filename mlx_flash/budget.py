@@ -42,13 +42,20 @@ class BudgetPlan:
         return (self.pinned_rows + self.window_rows) / self.d_ffn
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "buffers": self.buffers, "used": self.used, "ffn_share": self.ffn_share}
+        return {
+            **asdict(self),
+            "buffers": self.buffers,
+            "used": self.used,
+            "ffn_share": self.ffn_share,
+        }
 
     def describe(self) -> str:
-        return (f"budget {format_size(self.total)}: trunk {format_size(self.trunk)}, KV cache {format_size(self.kv_cache)}, "
-                f"buffers {format_size(self.buffers)} ({self.pinned_rows} pinned + {self.window_rows} window rows of "
-                f"{self.d_ffn} per layer, {100 * self.ffn_share:.0f}% of the FFN), selector {format_size(self.selector)}, "
-                f"temporaries {format_size(self.temporaries)}")
+        return (
+            f"budget {format_size(self.total)}: trunk {format_size(self.trunk)}, KV cache {format_size(self.kv_cache)}, "
+            f"buffers {format_size(self.buffers)} ({self.pinned_rows} pinned + {self.window_rows} window rows of "
+            f"{self.d_ffn} per layer, {100 * self.ffn_share:.0f}% of the FFN), selector {format_size(self.selector)}, "
+            f"temporaries {format_size(self.temporaries)}"
+        )
 
 
 def plan_budget(
@@ -82,9 +89,13 @@ def plan_budget(
     if ffn_share is not None:
         rows = min(rows, max(min_rows, int(round(ffn_share * d_ffn))))
     if rows >= d_ffn:
-        return BudgetPlan(total, trunk, kv_cache, temporaries, selector, neuron_bytes, n_layers, d_ffn, d_ffn, 0)
+        return BudgetPlan(
+            total, trunk, kv_cache, temporaries, selector, neuron_bytes, n_layers, d_ffn, d_ffn, 0
+        )
     pinned = int(rows * pin_share)
     window = rows - pinned
     if window < min_rows:
         window, pinned = min_rows, max(0, rows - min_rows)
-    return BudgetPlan(total, trunk, kv_cache, temporaries, selector, neuron_bytes, n_layers, d_ffn, pinned, window)
+    return BudgetPlan(
+        total, trunk, kv_cache, temporaries, selector, neuron_bytes, n_layers, d_ffn, pinned, window
+    )

@@ -90,7 +90,9 @@ class NeuronBuffer:
             a = mx.zeros((capacity, width), dtype=store_dtype)
             mx.eval(a)
             view = np.array(a, copy=False)
-            if not (view.flags.writeable and view.flags.c_contiguous and view.shape == (capacity, width)):
+            if not (
+                view.flags.writeable and view.flags.c_contiguous and view.shape == (capacity, width)
+            ):
                 raise RuntimeError(f"MLX did not give a writable contiguous view of part {name!r}")
             self._storage[name] = a
             self._rows[name] = view
@@ -159,7 +161,9 @@ class NeuronBuffer:
         self._slot_neuron[slots] = -1
         holes = slots[slots < n_new]
         tail = np.arange(n_new, self.n_used)
-        movers = tail[self._slot_neuron[tail] >= 0]  # as many survivors past n_new as holes before it
+        movers = tail[
+            self._slot_neuron[tail] >= 0
+        ]  # as many survivors past n_new as holes before it
         for view in self._rows.values():
             view[holes] = view[movers]
         moved = self._slot_neuron[movers]

@@ -27,7 +27,9 @@ from .manifest import Manifest
 
 CALIBRATION_FILE = "calibration.safetensors"
 PREDICTOR_FILE = "predictors.safetensors"
-LEVELS = np.linspace(0.0, 1.0, 1001)  # quantile levels; fine steps so thresholds near 0.99 are exact
+LEVELS = np.linspace(
+    0.0, 1.0, 1001
+)  # quantile levels; fine steps so thresholds near 0.99 are exact
 NATURAL_ACTIVATIONS = ("relu", "relu2")  # exact zeros: active means h != 0
 
 
@@ -45,7 +47,9 @@ def default_sparsity(manifest: Manifest) -> float | None:
 class Calibration:
     """Per-layer activation statistics (arrays are [layers, ...]); ``sparsity`` None means natural zeros."""
 
-    frequency: np.ndarray  # [layers, d_ffn]: share of calibration tokens on which each neuron was active
+    frequency: (
+        np.ndarray
+    )  # [layers, d_ffn]: share of calibration tokens on which each neuron was active
     magnitude: np.ndarray  # [layers, levels]: quantiles of |h|, pooled over tokens and neurons
     gate: np.ndarray | None  # [layers, levels]: quantiles of |act(gate)| (gated FFNs only)
     zero_fraction: np.ndarray  # [layers]: share of activations exactly zero
@@ -96,21 +100,36 @@ def _save_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
     os.replace(tmp, path)
 
 
-def save_calibration(directory: Path, manifest: Manifest, calibration: Calibration,
-                     predictors: Predictors | None, info: dict) -> Manifest:
+def save_calibration(
+    directory: Path,
+    manifest: Manifest,
+    calibration: Calibration,
+    predictors: Predictors | None,
+    info: dict,
+) -> Manifest:
     """Write the arrays, then the manifest whose ``extra`` points at them; returns that manifest.
 
     ``info`` holds the facts worth reading without the arrays (text, per-layer predictor quality).
     """
     directory = Path(directory)
-    arrays = {"frequency": calibration.frequency, "magnitude": calibration.magnitude,
-              "zero_fraction": calibration.zero_fraction}
+    arrays = {
+        "frequency": calibration.frequency,
+        "magnitude": calibration.magnitude,
+        "zero_fraction": calibration.zero_fraction,
+    }
     if calibration.gate is not None:
         arrays["gate"] = calibration.gate
-    _save_atomic(directory / CALIBRATION_FILE, {k: mx.array(v.astype(np.float32)) for k, v in arrays.items()})
+    _save_atomic(
+        directory / CALIBRATION_FILE, {k: mx.array(v.astype(np.float32)) for k, v in arrays.items()}
+    )
     extra = dict(manifest.extra)
-    extra["calibration"] = {"file": CALIBRATION_FILE, "sparsity": calibration.sparsity, "tokens": calibration.tokens,
-                            "levels": len(LEVELS), **info.get("calibration", {})}
+    extra["calibration"] = {
+        "file": CALIBRATION_FILE,
+        "sparsity": calibration.sparsity,
+        "tokens": calibration.tokens,
+        "levels": len(LEVELS),
+        **info.get("calibration", {}),
+    }
     extra.pop("predictor", None)
     if predictors is not None:
         weights = {}
@@ -119,8 +138,13 @@ def save_calibration(directory: Path, manifest: Manifest, calibration: Calibrati
             weights[f"{i}.bias"] = predictors.bias[i]
             weights[f"{i}.cut"] = mx.array([predictors.cut[i]], dtype=mx.float32)
         _save_atomic(directory / PREDICTOR_FILE, weights)
-        extra["predictor"] = {"file": PREDICTOR_FILE, "sparsity": calibration.sparsity, "ranks": predictors.ranks,
-                              "bytes": predictors.nbytes, **info.get("predictor", {})}
+        extra["predictor"] = {
+            "file": PREDICTOR_FILE,
+            "sparsity": calibration.sparsity,
+            "ranks": predictors.ranks,
+            "bytes": predictors.nbytes,
+            **info.get("predictor", {}),
+        }
     elif (directory / PREDICTOR_FILE).exists():
         (directory / PREDICTOR_FILE).unlink()
     manifest = dataclasses.replace(manifest, extra=extra)
@@ -144,9 +168,18 @@ def read_calibration(directory: Path, manifest: Manifest) -> Calibration | None:
         return None
     path = Path(directory) / meta["file"]
     arrays = {k: np.array(v) for k, v in _load_arrays(path).items()}
-    calibration = Calibration(arrays["frequency"], arrays["magnitude"], arrays.get("gate"), arrays["zero_fraction"],
-                              meta.get("sparsity"), int(meta.get("tokens", 0)))
-    if calibration.frequency.shape != (manifest.n_layers, manifest.d_ffn) or calibration.magnitude.shape[1] != len(LEVELS):
+    calibration = Calibration(
+        arrays["frequency"],
+        arrays["magnitude"],
+        arrays.get("gate"),
+        arrays["zero_fraction"],
+        meta.get("sparsity"),
+        int(meta.get("tokens", 0)),
+    )
+    if calibration.frequency.shape != (
+        manifest.n_layers,
+        manifest.d_ffn,
+    ) or calibration.magnitude.shape[1] != len(LEVELS):
         raise FlashFormatError(f"{path}: shapes do not match the manifest (re-run the calibration)")
     return calibration
 
@@ -160,10 +193,16 @@ def read_predictors(directory: Path, manifest: Manifest) -> Predictors | None:
     arrays = _load_arrays(path)
     try:
         layers = range(manifest.n_layers)
-        predictors = Predictors([arrays[f"{i}.w_in"] for i in layers], [arrays[f"{i}.w_out"] for i in layers],
-                                [arrays[f"{i}.bias"] for i in layers], [arrays[f"{i}.cut"].item() for i in layers])
+        predictors = Predictors(
+            [arrays[f"{i}.w_in"] for i in layers],
+            [arrays[f"{i}.w_out"] for i in layers],
+            [arrays[f"{i}.bias"] for i in layers],
+            [arrays[f"{i}.cut"].item() for i in layers],
+        )
     except KeyError as e:
         raise FlashFormatError(f"{path}: no predictor {e} (re-run the calibration)") from None
-    if any(w.shape[0] != manifest.d_model for w in predictors.w_in) or any(b.shape != (manifest.d_ffn,) for b in predictors.bias):
+    if any(w.shape[0] != manifest.d_model for w in predictors.w_in) or any(
+        b.shape != (manifest.d_ffn,) for b in predictors.bias
+    ):
         raise FlashFormatError(f"{path}: predictor shapes do not match the manifest")
     return predictors

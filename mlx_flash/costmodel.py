@@ -52,7 +52,9 @@ def _fit_line(cells: Sequence[Cell]) -> tuple[float, float]:
     if slope <= 0:  # bandwidth never binds in the measured range: all cost is per read
         return sy, 1e-15
     if a < 0:  # no measurable per-read cost: pure bandwidth
-        return 0.0, sum(w * x * y for w, x, y in zip(ws, xs, ys)) / sum(w * x * x for w, x in zip(ws, xs))
+        return 0.0, sum(w * x * y for w, x, y in zip(ws, xs, ys)) / sum(
+            w * x * x for w, x in zip(ws, xs)
+        )
     return a, slope
 
 
@@ -64,7 +66,9 @@ class CostModel:
     per_read_s: tuple[float, ...]
     bandwidth: tuple[float, ...]  # bytes per second
     source: str = "defaults"
-    batch_threads: int | None = None  # fastest thread count for a layer's batch of small reads, CPU cost included
+    batch_threads: int | None = (
+        None  # fastest thread count for a layer's batch of small reads, CPU cost included
+    )
 
     @classmethod
     def fit(cls, cells: Iterable[Cell], source: str, batch_threads: int | None = None) -> CostModel:
@@ -77,7 +81,13 @@ class CostModel:
             raise ValueError("no probe measurements to fit")
         ts = sorted(by_threads)
         fits = [_fit_line(by_threads[t]) for t in ts]
-        return cls(tuple(ts), tuple(a for a, _ in fits), tuple(1.0 / c for _, c in fits), source, batch_threads)
+        return cls(
+            tuple(ts),
+            tuple(a for a, _ in fits),
+            tuple(1.0 / c for _, c in fits),
+            source,
+            batch_threads,
+        )
 
     @classmethod
     def defaults(cls) -> CostModel:
@@ -122,7 +132,9 @@ class CostModel:
         every thread busy instead of a few 1 MiB reads leaving most of them idle.
         """
         size = 64 << 10
-        while size < 4 << 20 and self.throughput(size, threads) < share * self.throughput(1 << 40, threads):
+        while size < 4 << 20 and self.throughput(size, threads) < share * self.throughput(
+            1 << 40, threads
+        ):
             size *= 2
         return size
 
@@ -135,14 +147,23 @@ class CostModel:
         return nbytes / rate
 
     def to_json(self) -> dict:
-        return {"threads": list(self.threads), "per_read_s": list(self.per_read_s),
-                "bandwidth_bytes_per_s": list(self.bandwidth), "source": self.source, "batch_threads": self.batch_threads}
+        return {
+            "threads": list(self.threads),
+            "per_read_s": list(self.per_read_s),
+            "bandwidth_bytes_per_s": list(self.bandwidth),
+            "source": self.source,
+            "batch_threads": self.batch_threads,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> CostModel:
-        return cls(tuple(int(t) for t in d["threads"]), tuple(float(a) for a in d["per_read_s"]),
-                   tuple(float(b) for b in d["bandwidth_bytes_per_s"]), str(d.get("source", "probe")),
-                   d.get("batch_threads"))
+        return cls(
+            tuple(int(t) for t in d["threads"]),
+            tuple(float(a) for a in d["per_read_s"]),
+            tuple(float(b) for b in d["bandwidth_bytes_per_s"]),
+            str(d.get("source", "probe")),
+            d.get("batch_threads"),
+        )
 
 
 def device_key(path: str | Path) -> str:

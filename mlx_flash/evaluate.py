@@ -80,7 +80,13 @@ class _Audit:
     without it.
     """
 
-    def __init__(self, inner, parts: list[dict[str, mx.array]], manifest: Manifest, thresholds: list[float] | None):
+    def __init__(
+        self,
+        inner,
+        parts: list[dict[str, mx.array]],
+        manifest: Manifest,
+        thresholds: list[float] | None,
+    ):
         self.inner, self._parts, self._m, self._thresholds = inner, parts, manifest, thresholds
         self._x: mx.array | None = None
         n = manifest.n_layers
@@ -103,7 +109,9 @@ class _Audit:
         self.selected[layer] += ids.size
         if self._thresholds is not None:
             m = self._m
-            h = ffn_hidden(x.astype(mx.float32), self._parts[layer], m.activation, m.gated, m.quantization)
+            h = ffn_hidden(
+                x.astype(mx.float32), self._parts[layer], m.activation, m.gated, m.quantization
+            )
             truth = np.flatnonzero(np.array(mx.any(mx.abs(h) > self._thresholds[layer], axis=0)))
             self.active[layer] += truth.size
             self.hits[layer] += np.intersect1d(truth, ids, assume_unique=True).size
@@ -128,7 +136,9 @@ def _dense_perplexity(directory: Path, windows: np.ndarray) -> float:
     return float(ppl)
 
 
-def _decode(model, windows: np.ndarray, label: str, progress: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _decode(
+    model, windows: np.ndarray, label: str, progress: bool
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Next-token losses [windows, seq_len - 1] from decoding each window token by token through a KV cache,
     and the telemetry's per-layer requested/loaded/computed counts summed over those tokens."""
     telemetry = model.flash.telemetry
@@ -139,7 +149,7 @@ def _decode(model, windows: np.ndarray, label: str, progress: bool) -> tuple[np.
     for w, tokens in enumerate(windows):
         cache = make_prompt_cache(model)
         for t in range(windows.shape[1] - 1):
-            logits = model(mx.array(tokens[t:t + 1])[None], cache=cache)[0, -1].astype(mx.float32)
+            logits = model(mx.array(tokens[t : t + 1])[None], cache=cache)[0, -1].astype(mx.float32)
             losses[w, t] = nn.losses.cross_entropy(logits, mx.array(tokens[t + 1])).item()
             for k in per_layer:
                 per_layer[k] += telemetry.per_layer[k]
@@ -170,13 +180,23 @@ def evaluate(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    model, tokenizer = load(directory, memory_budget, selector=selector, sparsity=sparsity, window=window,
-                            ffn_share=ffn_share, pin_share=pin_share, compute_rows=compute_rows)
+    model, tokenizer = load(
+        directory,
+        memory_budget,
+        selector=selector,
+        sparsity=sparsity,
+        window=window,
+        ffn_share=ffn_share,
+        pin_share=pin_share,
+        compute_rows=compute_rows,
+    )
     runtime = model.flash
     try:
         windows = text_windows(tokenizer, data, seq_len, max_windows)
         calibration = read_calibration(directory, manifest)
-        target = sparsity if sparsity is not None else (calibration.sparsity if calibration else None)
+        target = (
+            sparsity if sparsity is not None else (calibration.sparsity if calibration else None)
+        )
         thresholds = None
         if calibration is not None:
             thresholds = [calibration.threshold(i, target) for i in range(manifest.n_layers)]
@@ -194,13 +214,25 @@ def evaluate(
     perplexity = math.exp(losses.mean())
     summary = runtime.telemetry.summary()
     result = {
-        "model": str(directory), "data": str(data), "selector": getattr(audit.inner, "name", type(audit.inner).__name__),
-        "sparsity": target, "window": window, "compute_rows": compute_rows, "seq_len": seq_len,
-        "windows": len(windows), "tokens": n_tokens, "plan": runtime.plan.as_dict(),
-        "perplexity": perplexity, "dense_perplexity": dense, "perplexity_change": perplexity / dense - 1,
-        "fraction_used": summary["fraction_used"], "fraction_loaded": summary["fraction_loaded"],
+        "model": str(directory),
+        "data": str(data),
+        "selector": getattr(audit.inner, "name", type(audit.inner).__name__),
+        "sparsity": target,
+        "window": window,
+        "compute_rows": compute_rows,
+        "seq_len": seq_len,
+        "windows": len(windows),
+        "tokens": n_tokens,
+        "plan": runtime.plan.as_dict(),
+        "perplexity": perplexity,
+        "dense_perplexity": dense,
+        "perplexity_change": perplexity / dense - 1,
+        "fraction_used": summary["fraction_used"],
+        "fraction_loaded": summary["fraction_loaded"],
         "fraction_computed": summary["fraction_computed"],
-        "loaded_per_used": summary["fraction_loaded"] / summary["fraction_used"] if summary["fraction_used"] else 0.0,
+        "loaded_per_used": summary["fraction_loaded"] / summary["fraction_used"]
+        if summary["fraction_used"]
+        else 0.0,
         "flash_bytes_per_token": summary["flash_bytes_per_token"],
         "per_layer": {
             "fraction_used": (per_layer["requested"] / neurons).tolist(),
@@ -209,57 +241,100 @@ def evaluate(
         },
     }
     if thresholds is not None:
-        result.update({
-            "fraction_truly_active": float(audit.active.sum() / (neurons * manifest.n_layers)),
-            "fraction_predicted": float(audit.selected.sum() / (neurons * manifest.n_layers)),
-            "recall": float(audit.hits.sum() / max(1.0, audit.active.sum())),
-        })
-        result["per_layer"].update({
-            "fraction_truly_active": (audit.active / neurons).tolist(),
-            "recall": (audit.hits / np.maximum(1.0, audit.active)).tolist(),
-            "precision": (audit.hits / np.maximum(1.0, audit.selected)).tolist(),
-        })
+        result.update(
+            {
+                "fraction_truly_active": float(audit.active.sum() / (neurons * manifest.n_layers)),
+                "fraction_predicted": float(audit.selected.sum() / (neurons * manifest.n_layers)),
+                "recall": float(audit.hits.sum() / max(1.0, audit.active.sum())),
+            }
+        )
+        result["per_layer"].update(
+            {
+                "fraction_truly_active": (audit.active / neurons).tolist(),
+                "recall": (audit.hits / np.maximum(1.0, audit.active)).tolist(),
+                "precision": (audit.hits / np.maximum(1.0, audit.selected)).tolist(),
+            }
+        )
     return result
 
 
 def _print(r: dict) -> None:
-    print(f"{r['model']}: selector {r['selector']}, sparsity {r['sparsity']}, window k={r['window']}, "
-          f"{r['windows']} windows of {r['seq_len']} tokens ({r['tokens']} scored)")
-    print(f"perplexity {r['perplexity']:.3f} vs dense {r['dense_perplexity']:.3f} ({100 * r['perplexity_change']:+.2f}%)")
-    print(f"per token: used {r['fraction_used']:.3f}, loaded {r['fraction_loaded']:.3f}, computed "
-          f"{r['fraction_computed']:.3f} of FFN neurons (loaded/used {r['loaded_per_used']:.3f})")
+    print(
+        f"{r['model']}: selector {r['selector']}, sparsity {r['sparsity']}, window k={r['window']}, "
+        f"{r['windows']} windows of {r['seq_len']} tokens ({r['tokens']} scored)"
+    )
+    print(
+        f"perplexity {r['perplexity']:.3f} vs dense {r['dense_perplexity']:.3f} ({100 * r['perplexity_change']:+.2f}%)"
+    )
+    print(
+        f"per token: used {r['fraction_used']:.3f}, loaded {r['fraction_loaded']:.3f}, computed "
+        f"{r['fraction_computed']:.3f} of FFN neurons (loaded/used {r['loaded_per_used']:.3f})"
+    )
     if "recall" in r:
-        print(f"truly active {r['fraction_truly_active']:.3f}, predicted {r['fraction_predicted']:.3f}, recall {r['recall']:.3f}")
+        print(
+            f"truly active {r['fraction_truly_active']:.3f}, predicted {r['fraction_predicted']:.3f}, recall {r['recall']:.3f}"
+        )
         pl = r["per_layer"]
         print("layer  active  used  recall  precision  loaded")
-        for i, (a, u, rc, pr, ld) in enumerate(zip(pl["fraction_truly_active"], pl["fraction_used"], pl["recall"],
-                                                   pl["precision"], pl["fraction_loaded"])):
+        for i, (a, u, rc, pr, ld) in enumerate(
+            zip(
+                pl["fraction_truly_active"],
+                pl["fraction_used"],
+                pl["recall"],
+                pl["precision"],
+                pl["fraction_loaded"],
+            )
+        ):
             print(f"{i:5d}  {a:.3f}  {u:.3f}  {rc:.3f}   {pr:.3f}     {ld:.3f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_flash.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.evaluate", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--model", required=True, help="flash model directory")
     p.add_argument("--data", required=True, help="text file (e.g. WikiText-2 raw test)")
     p.add_argument("--selector", default="auto", choices=["auto", "dense", "gate", "predictor"])
-    p.add_argument("--sparsity", type=float, help="target share of neurons skipped (default: the conversion's)")
+    p.add_argument(
+        "--sparsity", type=float, help="target share of neurons skipped (default: the conversion's)"
+    )
     p.add_argument("--window", type=int, default=4, help="tokens of history kept resident (k)")
-    p.add_argument("--compute-rows", choices=["resident", "selected"], default="resident",
-                   help="compute every resident row (default) or only this token's selection")
+    p.add_argument(
+        "--compute-rows",
+        choices=["resident", "selected"],
+        default="resident",
+        help="compute every resident row (default) or only this token's selection",
+    )
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per window")
-    p.add_argument("--max-windows", type=int, default=MAX_WINDOWS, help="windows to score (0: the whole text)")
-    p.add_argument("--ffn-share", type=float, default=0.95, help="share of each layer's FFN rows buffered")
+    p.add_argument(
+        "--max-windows", type=int, default=MAX_WINDOWS, help="windows to score (0: the whole text)"
+    )
+    p.add_argument(
+        "--ffn-share", type=float, default=0.95, help="share of each layer's FFN rows buffered"
+    )
     p.add_argument("--pin-share", type=float, default=0.0, help="share of the buffer pinned")
     p.add_argument("--memory-budget", default="4GB")
-    p.add_argument("--json", metavar="OUT", help="write the full result (with per-layer numbers) here")
+    p.add_argument(
+        "--json", metavar="OUT", help="write the full result (with per-layer numbers) here"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate(args.model, args.data, selector=args.selector, sparsity=args.sparsity, window=args.window,
-                      seq_len=args.seq_len, max_windows=args.max_windows or None, memory_budget=args.memory_budget,
-                      ffn_share=args.ffn_share, pin_share=args.pin_share, compute_rows=args.compute_rows)
+    result = evaluate(
+        args.model,
+        args.data,
+        selector=args.selector,
+        sparsity=args.sparsity,
+        window=args.window,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows or None,
+        memory_budget=args.memory_budget,
+        ffn_share=args.ffn_share,
+        pin_share=args.pin_share,
+        compute_rows=args.compute_rows,
+    )
     _print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -47,22 +47,39 @@ class _LayerState:
     buffer: NeuronBuffer | None
     window: SlidingWindow | None
     down_bias: mx.array | None
-    io: list = field(default_factory=lambda: [0, 0, 0.0])  # bytes, reads, seconds (filled by the loader)
+    io: list = field(
+        default_factory=lambda: [0, 0, 0.0]
+    )  # bytes, reads, seconds (filled by the loader)
 
 
-def project_in(x: mx.array, parts: dict[str, mx.array], name: str, quant: Quantization | None) -> mx.array:
+def project_in(
+    x: mx.array, parts: dict[str, mx.array], name: str, quant: Quantization | None
+) -> mx.array:
     """``x`` times the rows of part ``name`` ("gate" or "up"), plus that part's per-neuron bias if any."""
     if quant is None:
         y = x @ parts[name].T
     else:
-        y = mx.quantized_matmul(x, parts[name], parts[f"{name}.scales"], parts[f"{name}.biases"],
-                                transpose=True, group_size=quant.group_size, bits=quant.bits)
+        y = mx.quantized_matmul(
+            x,
+            parts[name],
+            parts[f"{name}.scales"],
+            parts[f"{name}.biases"],
+            transpose=True,
+            group_size=quant.group_size,
+            bits=quant.bits,
+        )
     bias = parts.get(f"{name}_bias")
     return y if bias is None else y + bias[:, 0]
 
 
-def ffn_hidden(x: mx.array, parts: dict[str, mx.array], activation: str, gated: bool, quant: Quantization | None,
-               gate: mx.array | None = None) -> mx.array:
+def ffn_hidden(
+    x: mx.array,
+    parts: dict[str, mx.array],
+    activation: str,
+    gated: bool,
+    quant: Quantization | None,
+    gate: mx.array | None = None,
+) -> mx.array:
     """The activations ``act(gate)*up`` (gated) or ``act(up)`` of the rows in ``parts``.
 
     ``gate``: act(gate) of these rows, already computed exactly (the gate selector keeps the gate
@@ -76,14 +93,27 @@ def ffn_hidden(x: mx.array, parts: dict[str, mx.array], activation: str, gated: 
     return gate * project_in(x, parts, "up", quant)
 
 
-def ffn_rows(x: mx.array, parts: dict[str, mx.array], activation: str, gated: bool,
-             quant: Quantization | None, gate: mx.array | None = None) -> mx.array:
+def ffn_rows(
+    x: mx.array,
+    parts: dict[str, mx.array],
+    activation: str,
+    gated: bool,
+    quant: Quantization | None,
+    gate: mx.array | None = None,
+) -> mx.array:
     """The FFN restricted to the neurons whose rows are in ``parts`` (without the down bias)."""
     h = ffn_hidden(x, parts, activation, gated, quant, gate)
     if quant is None:
         return h @ parts["down"]
-    return mx.quantized_matmul(h, parts["down"], parts["down.scales"], parts["down.biases"], transpose=False,
-                               group_size=quant.group_size, bits=quant.bits)
+    return mx.quantized_matmul(
+        h,
+        parts["down"],
+        parts["down.scales"],
+        parts["down.biases"],
+        transpose=False,
+        group_size=quant.group_size,
+        bits=quant.bits,
+    )
 
 
 class ThreadGuard:
@@ -105,8 +135,10 @@ class ThreadGuard:
                 self._owner = me
                 return
             self._lock.release()
-        raise FlashError("this flash model is in use by another thread: use it from one thread at a time "
-                         "(a lock around generation) or load one model per thread")
+        raise FlashError(
+            "this flash model is in use by another thread: use it from one thread at a time "
+            "(a lock around generation) or load one model per thread"
+        )
 
     def exit(self) -> None:
         self._lock.release()
@@ -152,7 +184,9 @@ class FlashFFN(nn.Module):
             needed = self._unpinned(selected)
             keep = selected if rt.compute_rows == "selected" else None
         if st.pinned is not None:
-            if st.pinned.n_used < st.pinned_ids.size:  # first use: pinned rows arrive lazily, not at load
+            if (
+                st.pinned.n_used < st.pinned_ids.size
+            ):  # first use: pinned rows arrive lazily, not at load
                 loaded += st.pinned.append(st.pinned_ids).size
             out, computed = self._rows(xf, st.pinned, gate, keep)
         hits += requested - needed.size
@@ -173,7 +207,9 @@ class FlashFFN(nn.Module):
             loaded += chunk_loaded
             dropped += chunk_dropped
             computed += needed.size
-        if rt.window == 0 and st.buffer is not None:  # k=0: nothing kept between tokens (the bench's baselines)
+        if (
+            rt.window == 0 and st.buffer is not None
+        ):  # k=0: nothing kept between tokens (the bench's baselines)
             dropped += st.buffer.n_used
             st.buffer.delete(st.buffer.neurons)
         if out is None:
@@ -187,18 +223,35 @@ class FlashFFN(nn.Module):
                 buf.settled()
         elapsed = time.perf_counter() - t0
         bytes_read, reads, io_s = st.io
-        rt.telemetry.add(st.index, requested=requested, hits=hits, loaded=loaded, dropped=dropped, computed=computed,
-                         bytes_read=bytes_read, reads=reads, io_s=io_s, compute_s=max(0.0, elapsed - io_s))
+        rt.telemetry.add(
+            st.index,
+            requested=requested,
+            hits=hits,
+            loaded=loaded,
+            dropped=dropped,
+            computed=computed,
+            bytes_read=bytes_read,
+            reads=reads,
+            io_s=io_s,
+            compute_s=max(0.0, elapsed - io_s),
+        )
         return out
 
     def _unpinned(self, ids: np.ndarray) -> np.ndarray:
         st = self._state
         if st.pinned is None:
             return ids
-        return ids[~st.pinned.resident(ids)] if st.pinned.n_used else np.setdiff1d(ids, st.pinned_ids)
+        return (
+            ids[~st.pinned.resident(ids)] if st.pinned.n_used else np.setdiff1d(ids, st.pinned_ids)
+        )
 
-    def _rows(self, xf: mx.array, buffer: NeuronBuffer, gate: mx.array | None = None,
-              keep: np.ndarray | None = None) -> tuple[mx.array | None, int]:
+    def _rows(
+        self,
+        xf: mx.array,
+        buffer: NeuronBuffer,
+        gate: mx.array | None = None,
+        keep: np.ndarray | None = None,
+    ) -> tuple[mx.array | None, int]:
         """FFN over the buffer's rows, or only those of the ids in ``keep``; returns (output, rows computed).
 
         ``gate``: exact act(gate) of every neuron of the layer [tokens, d_ffn] (the gate selector's).
@@ -219,13 +272,17 @@ class FlashFFN(nn.Module):
         buffer.fence(y)
         return y, ids.size
 
-    def _stream(self, xf: mx.array, needed: np.ndarray, gate: mx.array | None = None) -> tuple[mx.array, int, int, int]:
+    def _stream(
+        self, xf: mx.array, needed: np.ndarray, gate: mx.array | None = None
+    ) -> tuple[mx.array, int, int, int]:
         """Compute over ``needed`` in chunks of the buffer's capacity; chunks already resident go first."""
         st = self._state
         buf = st.buffer
         cap = buf.capacity
-        chunks = [needed[i:i + cap] for i in range(0, needed.size, cap)]
-        chunks.sort(key=lambda c: -int(buf.resident(c).sum()))  # reuse what the last call left behind
+        chunks = [needed[i : i + cap] for i in range(0, needed.size, cap)]
+        chunks.sort(
+            key=lambda c: -int(buf.resident(c).sum())
+        )  # reuse what the last call left behind
         out, hits, loaded, dropped = None, 0, 0, 0
         for chunk in chunks:
             resident = buf.neurons

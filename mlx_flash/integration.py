@@ -20,7 +20,15 @@ from .manifest import read_manifest
 
 MODEL_FILE = "flash_model.py"
 SETTINGS_FILE = "flash_settings.json"
-SETTING_KEYS = ("memory_budget", "window", "selector", "threads", "page_cache", "max_context", "pin_share")
+SETTING_KEYS = (
+    "memory_budget",
+    "window",
+    "selector",
+    "threads",
+    "page_cache",
+    "max_context",
+    "pin_share",
+)
 
 MODEL_FILE_SOURCE = '''"""mlx-lm entry point of this flash model directory (config.json names it as model_file)."""
 from pathlib import Path
@@ -47,7 +55,9 @@ def read_settings(directory: str | Path) -> dict:
             raise FlashFormatError(f"{path}: not valid JSON ({e})") from None
         unknown = set(stored) - set(SETTING_KEYS)
         if not isinstance(stored, dict) or unknown:
-            raise FlashFormatError(f"{path}: unknown settings {sorted(unknown)} (known: {', '.join(SETTING_KEYS)})")
+            raise FlashFormatError(
+                f"{path}: unknown settings {sorted(unknown)} (known: {', '.join(SETTING_KEYS)})"
+            )
         settings.update(stored)
     return settings
 
@@ -77,10 +87,11 @@ def model_file_classes(directory: Path):
 
     def Model(config: ModelArgs):  # noqa: N802 - mlx-lm calls it like a class
         # mlx-lm does not cast the trunk: compute in the dtype it was stored in
-        options = FlashOptions(**read_settings(directory), compute_dtype=read_manifest(directory).dtype)
+        options = FlashOptions(
+            **read_settings(directory), compute_dtype=read_manifest(directory).dtype
+        )
         runtime = prepare_runtime(directory, dict(config), options)
         model_class, args_class = _get_classes(dict(config))
         return install(model_class(args_class.from_dict(dict(config))), runtime)
 
     return Model, ModelArgs
-

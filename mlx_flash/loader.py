@@ -48,8 +48,12 @@ class FlashRuntime:
     compute_dtype: mx.Dtype
     window: int
     layers: list = field(default_factory=list)  # the FlashFFN module of every layer
-    guard: ThreadGuard = field(default_factory=ThreadGuard, repr=False)  # one thread at a time (see load)
-    cost: CostModel = field(default_factory=CostModel.defaults)  # this disk's probe (mlx_flash.probe) or defaults
+    guard: ThreadGuard = field(
+        default_factory=ThreadGuard, repr=False
+    )  # one thread at a time (see load)
+    cost: CostModel = field(
+        default_factory=CostModel.defaults
+    )  # this disk's probe (mlx_flash.probe) or defaults
     compute_rows: str = "resident"  # FlashOptions.compute_rows
 
     @property
@@ -67,7 +71,9 @@ class FlashRuntime:
     def io_estimate_ms(self, phase: str = "decode") -> float:
         """I/O ms per token the cost model predicts for what was read; compare with the measured io_ms_per_token."""
         s = self.telemetry.summary(phase)
-        return 1e3 * self.cost.read_seconds(s["flash_bytes_per_token"], s["reads_per_token"], self.reader.threads)
+        return 1e3 * self.cost.read_seconds(
+            s["flash_bytes_per_token"], s["reads_per_token"], self.reader.threads
+        )
 
     def close(self) -> None:
         self.reader.close()
@@ -81,8 +87,14 @@ def _kv_bytes(config: dict, n_layers: int, tokens: int, itemsize: int) -> int:
     return 2 * n_layers * kv_heads * head_dim * tokens * itemsize
 
 
-def _temporaries(config: dict, manifest: Manifest, prefill_tokens: int, window_rows: int, itemsize: int,
-                 context: int = 0) -> int:
+def _temporaries(
+    config: dict,
+    manifest: Manifest,
+    prefill_tokens: int,
+    window_rows: int,
+    itemsize: int,
+    context: int = 0,
+) -> int:
     """Peak bytes of activations during a prefill step: hidden states, FFN hidden rows, attention scores.
 
     A prefill chunk late in the context attends to every earlier token: its scores (and the boolean
@@ -104,7 +116,9 @@ def _kv_capacity(max_context: int) -> int:
     return -(-max_context // KVCache.step) * KVCache.step
 
 
-def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, mx.Dtype]]:
+def _buffer_parts(
+    manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...] = ()
+) -> dict[str, tuple[int, mx.Dtype]]:
     parts = {}
     for region in manifest.layers[0].regions:
         for p in region.parts:
@@ -133,14 +147,19 @@ def _check_directory(directory: Path) -> Manifest:
         raise FlashFormatError(f"{directory}: no trunk weights (model*.safetensors)")
     for path in trunk:
         check_trunk_file(path)
-    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer.model").is_file():
+    if (
+        not (directory / "tokenizer.json").is_file()
+        and not (directory / "tokenizer.model").is_file()
+    ):
         raise FlashFormatError(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model)")
     try:
         spec_for(manifest.model_type)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{directory / MANIFEST_FILE}: {e}") from None
     if manifest.activation not in ACTIVATIONS:
-        raise FlashFormatError(f"{directory / MANIFEST_FILE}: unknown activation {manifest.activation!r}")
+        raise FlashFormatError(
+            f"{directory / MANIFEST_FILE}: unknown activation {manifest.activation!r}"
+        )
     return manifest
 
 
@@ -199,27 +218,49 @@ def prepare_runtime(directory: Path, config: dict, options: FlashOptions) -> Fla
     dtype = MX_DTYPES[compute_dtype]
     itemsize = dtype.size
     if options.compute_rows not in ("resident", "selected"):
-        raise FlashError(f"compute_rows must be 'resident' or 'selected', not {options.compute_rows!r}")
+        raise FlashError(
+            f"compute_rows must be 'resident' or 'selected', not {options.compute_rows!r}"
+        )
     trunk_stored = sum(f.stat().st_size for f in directory.glob("model*.safetensors"))
     trunk = int(trunk_stored * max(1.0, itemsize / MX_DTYPES[manifest.dtype].size))
     kv = _kv_bytes(config, manifest.n_layers, _kv_capacity(options.max_context), itemsize)
     budget = options.memory_budget
     budget = budget if budget is not None else int(DEFAULT_BUDGET_SHARE * physical_memory())
-    temporaries = _temporaries(config, manifest, options.prefill_step_size, manifest.d_ffn, itemsize,
-                               _kv_capacity(options.max_context))
-    temporaries += kv // manifest.n_layers  # a growing KVCache copies one layer's cache (evaluated layer by layer)
+    temporaries = _temporaries(
+        config,
+        manifest,
+        options.prefill_step_size,
+        manifest.d_ffn,
+        itemsize,
+        _kv_capacity(options.max_context),
+    )
+    temporaries += (
+        kv // manifest.n_layers
+    )  # a growing KVCache copies one layer's cache (evaluated layer by layer)
 
     def check_budget(selector_bytes: int) -> None:
-        plan_budget(budget, trunk=trunk, kv_cache=kv, temporaries=temporaries, selector=selector_bytes,
-                    neuron_bytes=sum(w * d.size for w, d in _buffer_parts(manifest, dtype, GATE_PARTS).values()),
-                    n_layers=manifest.n_layers, d_ffn=manifest.d_ffn, pin_share=options.pin_share,
-                    ffn_share=options.ffn_share)
+        plan_budget(
+            budget,
+            trunk=trunk,
+            kv_cache=kv,
+            temporaries=temporaries,
+            selector=selector_bytes,
+            neuron_bytes=sum(
+                w * d.size for w, d in _buffer_parts(manifest, dtype, GATE_PARTS).values()
+            ),
+            n_layers=manifest.n_layers,
+            d_ffn=manifest.d_ffn,
+            pin_share=options.pin_share,
+            ffn_share=options.ffn_share,
+        )
 
     # refuse a budget too small before the selector reads anything (the gate selector holds a third of the FFN)
     selector = options.selector
     if isinstance(selector, str):
         gate_fits = True
-        if selector == "auto":  # a model bigger than memory: auto streams the gate rows rather than refuse
+        if (
+            selector == "auto"
+        ):  # a model bigger than memory: auto streams the gate rows rather than refuse
             try:
                 check_budget(_gate_bytes(manifest, itemsize))
             except BudgetError:
@@ -227,27 +268,55 @@ def prepare_runtime(directory: Path, config: dict, options: FlashOptions) -> Fla
         selector = _resolve_selector(directory, manifest, selector, options.sparsity, gate_fits)
     check_budget(_gate_bytes(manifest, itemsize) if selector == "gate" else 0)
     cost = cost_model_for(directory)
-    threads = options.threads or cost.reader_threads(min(r.record_size for r in manifest.layers[0].regions))
-    reader = StoreReader(directory, manifest, threads=threads, page_cache=options.page_cache,
-                         max_run_bytes=cost.run_bytes(threads))
+    threads = options.threads or cost.reader_threads(
+        min(r.record_size for r in manifest.layers[0].regions)
+    )
+    reader = StoreReader(
+        directory,
+        manifest,
+        threads=threads,
+        page_cache=options.page_cache,
+        max_run_bytes=cost.run_bytes(threads),
+    )
     try:
         if isinstance(selector, str):
             selector = make_selector(selector, directory, manifest, reader, dtype, options.sparsity)
         # the gate selector computes act(gate) from its own copy: buffers hold only up and down
-        parts = _buffer_parts(manifest, dtype, GATE_PARTS if getattr(selector, "supplies_gate", False) else ())
-        plan = plan_budget(budget, trunk=trunk, kv_cache=kv, temporaries=temporaries,
-                           selector=getattr(selector, "nbytes", 0),
-                           neuron_bytes=sum(w * d.size for w, d in parts.values()), n_layers=manifest.n_layers,
-                           d_ffn=manifest.d_ffn, pin_share=options.pin_share, ffn_share=options.ffn_share)
+        parts = _buffer_parts(
+            manifest, dtype, GATE_PARTS if getattr(selector, "supplies_gate", False) else ()
+        )
+        plan = plan_budget(
+            budget,
+            trunk=trunk,
+            kv_cache=kv,
+            temporaries=temporaries,
+            selector=getattr(selector, "nbytes", 0),
+            neuron_bytes=sum(w * d.size for w, d in parts.values()),
+            n_layers=manifest.n_layers,
+            d_ffn=manifest.d_ffn,
+            pin_share=options.pin_share,
+            ffn_share=options.ffn_share,
+        )
         calibration = read_calibration(directory, manifest)
-        runtime = FlashRuntime(directory, manifest, reader, plan, selector,
-                               Telemetry(manifest.n_layers, manifest.d_ffn, enabled=options.telemetry), dtype,
-                               options.window, cost=cost, compute_rows=options.compute_rows)
+        runtime = FlashRuntime(
+            directory,
+            manifest,
+            reader,
+            plan,
+            selector,
+            Telemetry(manifest.n_layers, manifest.d_ffn, enabled=options.telemetry),
+            dtype,
+            options.window,
+            cost=cost,
+            compute_rows=options.compute_rows,
+        )
         # a selector that reads no input takes every neuron: pinning hot ones saves nothing, and a contiguous
         # pinned block leaves the rest to stream in large reads (the bench's hybrid configuration)
         hot = calibration if selector.needs_input else None
-        runtime.layers = [_make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
-                          for i in range(manifest.n_layers)]
+        runtime.layers = [
+            _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
+            for i in range(manifest.n_layers)
+        ]
     except BaseException:
         reader.close()
         raise
@@ -305,25 +374,41 @@ def load(path: str | Path, memory_budget: str | int | None = None, **options):
     config = _load_config(directory)
     runtime = prepare_runtime(directory, config, opts)
     try:
+
         def build(config: dict):
             model_class, args_class = _get_classes(config)
             return (lambda args: install(model_class(args), runtime)), args_class
 
         try:
-            model, _ = load_model(directory, lazy=True, strict=True, get_model_classes=build,
-                                  model_config={"model_file": None})
+            model, _ = load_model(
+                directory,
+                lazy=True,
+                strict=True,
+                get_model_classes=build,
+                model_config={"model_file": None},
+            )
         except ValueError as e:
-            raise FlashFormatError(f"{directory}: trunk weights do not match config.json ({e})") from None
+            raise FlashFormatError(
+                f"{directory}: trunk weights do not match config.json ({e})"
+            ) from None
         except RuntimeError as e:  # MLX could not read a trunk file (the header check passed)
             raise FlashFormatError(f"{directory}: cannot read the trunk weights ({e})") from None
-        model.update(tree_map(lambda p: p.astype(runtime.compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-                              model.parameters()))
+        model.update(
+            tree_map(
+                lambda p: (
+                    p.astype(runtime.compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
+                ),
+                model.parameters(),
+            )
+        )
         mx.eval(model.parameters())
         try:
             tokenizer = load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
         except Exception as e:  # tokenizers/transformers raise many types for a damaged file
             names = ", ".join(sorted(p.name for p in directory.glob("tokenizer*")))
-            raise FlashFormatError(f"{directory}: cannot load the tokenizer ({names}): {type(e).__name__}: {e}") from None
+            raise FlashFormatError(
+                f"{directory}: cannot load the tokenizer ({names}): {type(e).__name__}: {e}"
+            ) from None
         _bound_mlx_cache(runtime.plan)
     except BaseException:
         runtime.close()
@@ -331,18 +416,30 @@ def load(path: str | Path, memory_budget: str | int | None = None, **options):
     return model, tokenizer
 
 
-def _resolve_selector(directory: Path, manifest: Manifest, name: str, sparsity: float | None,
-                      gate_fits: bool = True) -> str:
+def _resolve_selector(
+    directory: Path, manifest: Manifest, name: str, sparsity: float | None, gate_fits: bool = True
+) -> str:
     """The concrete selector a selector name stands for in this flash model directory."""
     meta = manifest.extra.get("predictor") or {}
-    return resolve(name, manifest, read_calibration(directory, manifest), meta.get("sparsity"), bool(meta), sparsity,
-                   gate_fits)
+    return resolve(
+        name,
+        manifest,
+        read_calibration(directory, manifest),
+        meta.get("sparsity"),
+        bool(meta),
+        sparsity,
+        gate_fits,
+    )
 
 
 def _gate_bytes(manifest: Manifest, itemsize: int) -> int:
     """Bytes the gate selector holds: every layer's gate rows."""
-    row = sum(p.length * (4 if p.dtype == "uint32" else itemsize)
-              for r in manifest.layers[0].regions for p in r.parts if p.name in GATE_PARTS)
+    row = sum(
+        p.length * (4 if p.dtype == "uint32" else itemsize)
+        for r in manifest.layers[0].regions
+        for p in r.parts
+        if p.name in GATE_PARTS
+    )
     return manifest.n_layers * manifest.d_ffn * row
 
 
@@ -380,12 +477,23 @@ def _pinned_ids(calibration, layer: int, rows: int) -> np.ndarray:
     return np.sort(np.argsort(-calibration.frequency[layer], kind="stable")[:rows]).astype(np.int64)
 
 
-def _make_layer(runtime: FlashRuntime, index: int, parts: dict[str, tuple[int, mx.Dtype]],
-                pinned_ids: np.ndarray) -> FlashFFN:
+def _make_layer(
+    runtime: FlashRuntime,
+    index: int,
+    parts: dict[str, tuple[int, mx.Dtype]],
+    pinned_ids: np.ndarray,
+) -> FlashFFN:
     """One layer's FlashFFN with its preallocated buffers (rows stay empty until the first token)."""
     plan, manifest, reader = runtime.plan, runtime.manifest, runtime.reader
-    state = _LayerState(index=index, d_ffn=manifest.d_ffn, pinned=None, pinned_ids=pinned_ids, buffer=None,
-                        window=None, down_bias=None)
+    state = _LayerState(
+        index=index,
+        d_ffn=manifest.d_ffn,
+        pinned=None,
+        pinned_ids=pinned_ids,
+        buffer=None,
+        window=None,
+        down_bias=None,
+    )
 
     def load_rows(ids: np.ndarray, dest: dict[str, np.ndarray], rows: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -400,5 +508,7 @@ def _make_layer(runtime: FlashRuntime, index: int, parts: dict[str, tuple[int, m
         state.buffer = NeuronBuffer(plan.window_rows, parts, load_rows, manifest.d_ffn)
         state.window = SlidingWindow(max(1, runtime.window), plan.window_rows, manifest.d_ffn)
     if "down_bias" in manifest.layers[index].blobs:
-        state.down_bias = mx.array(reader.read_blob(index, "down_bias", np.float32)).astype(runtime.compute_dtype)
+        state.down_bias = mx.array(reader.read_blob(index, "down_bias", np.float32)).astype(
+            runtime.compute_dtype
+        )
     return FlashFFN(runtime, state)

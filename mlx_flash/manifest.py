@@ -35,7 +35,11 @@ DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
 
 def numpy_storage_dtype(dtype: str) -> np.dtype:
     """numpy dtype used to move raw bytes of ``dtype`` (bfloat16 has none: it travels as uint16)."""
-    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}[dtype])
+    return np.dtype(
+        {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}[
+            dtype
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -177,12 +181,17 @@ def _parse_part(d: Any, path: Path, where: str) -> Part:
 
 def _parse_region(d: Any, path: Path, where: str) -> Region:
     parts = tuple(
-        _parse_part(p, path, f"{where}parts[{j}].") for j, p in enumerate(_require(d, "parts", list, path, where))
+        _parse_part(p, path, f"{where}parts[{j}].")
+        for j, p in enumerate(_require(d, "parts", list, path, where))
     )
     region = Region(
         offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
-        record_stride=_nonneg(_require(d, "record_stride", int, path, where), path, where + "record_stride"),
-        record_size=_nonneg(_require(d, "record_size", int, path, where), path, where + "record_size"),
+        record_stride=_nonneg(
+            _require(d, "record_stride", int, path, where), path, where + "record_stride"
+        ),
+        record_size=_nonneg(
+            _require(d, "record_size", int, path, where), path, where + "record_size"
+        ),
         n_records=_nonneg(_require(d, "n_records", int, path, where), path, where + "n_records"),
         parts=parts,
     )
@@ -271,19 +280,27 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     if manifest.d_model <= 0 or manifest.d_ffn <= 0:
         raise FlashFormatError(f"{path}: d_model and d_ffn must be positive")
     if manifest.checksum_algorithm not in hashlib.algorithms_available:
-        raise FlashFormatError(f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r}")
+        raise FlashFormatError(
+            f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r}"
+        )
     _check_ffn_parts(manifest, path)
     if "/" in manifest.store_file or manifest.store_file.startswith("."):
         raise FlashFormatError(f"{path}: store_file must be a plain file name")
     for layer in manifest.layers:
         for r in layer.regions:
             if r.n_records != manifest.d_ffn:
-                raise FlashFormatError(f"{path}: layer {layer.index} has {r.n_records} records, expected d_ffn={manifest.d_ffn}")
+                raise FlashFormatError(
+                    f"{path}: layer {layer.index} has {r.n_records} records, expected d_ffn={manifest.d_ffn}"
+                )
             if r.offset + r.nbytes > manifest.store_size:
-                raise FlashFormatError(f"{path}: layer {layer.index} runs past the end of the store ({manifest.store_size} bytes)")
+                raise FlashFormatError(
+                    f"{path}: layer {layer.index} runs past the end of the store ({manifest.store_size} bytes)"
+                )
         for name, b in layer.blobs.items():
             if b.offset + b.nbytes > manifest.store_size:
-                raise FlashFormatError(f"{path}: layer {layer.index} blob {name!r} runs past the end of the store")
+                raise FlashFormatError(
+                    f"{path}: layer {layer.index} blob {name!r} runs past the end of the store"
+                )
         if layer.offset + layer.nbytes > manifest.store_size:
             raise FlashFormatError(f"{path}: layer {layer.index} runs past the end of the store")
     return manifest
@@ -294,10 +311,18 @@ def _part_shape(name: str, manifest: Manifest) -> tuple[int, str] | None:
     q, base, suffix = manifest.quantization, *name.partition(".")[::2]
     if name in ("gate_bias", "up_bias"):
         return 1, manifest.dtype
-    if base not in ("gate", "up", "down") or suffix not in ("", "scales", "biases") or (suffix and q is None):
+    if (
+        base not in ("gate", "up", "down")
+        or suffix not in ("", "scales", "biases")
+        or (suffix and q is None)
+    ):
         return None
     if not suffix:
-        return (manifest.d_model, manifest.dtype) if q is None else (manifest.d_model * q.bits // 32, "uint32")
+        return (
+            (manifest.d_model, manifest.dtype)
+            if q is None
+            else (manifest.d_model * q.bits // 32, "uint32")
+        )
     return manifest.d_model // q.group_size, manifest.dtype
 
 
@@ -314,26 +339,36 @@ def _check_ffn_parts(manifest: Manifest, path: Path) -> None:
         if shape is None:
             raise FlashFormatError(f"{path}: unknown record part {name!r}")
         if (length, dtype) != shape:
-            raise FlashFormatError(f"{path}: record part {name!r} is {length} x {dtype}, expected {shape[0]} x {shape[1]} "
-                                   f"for d_model={manifest.d_model}")
+            raise FlashFormatError(
+                f"{path}: record part {name!r} is {length} x {dtype}, expected {shape[0]} x {shape[1]} "
+                f"for d_model={manifest.d_model}"
+            )
     wanted = {"up", "down"} | ({"gate"} if manifest.gated else set())
     vectors = {n.partition(".")[0] for n in names} - {"gate_bias", "up_bias"}
     if vectors != wanted:
-        raise FlashFormatError(f"{path}: record parts {names} do not make a{' gated' if manifest.gated else ''} FFN")
+        raise FlashFormatError(
+            f"{path}: record parts {names} do not make a{' gated' if manifest.gated else ''} FFN"
+        )
     for layer in manifest.layers[1:]:
         if sorted((p.name, p.length, p.dtype) for r in layer.regions for p in r.parts) != first:
-            raise FlashFormatError(f"{path}: layer {layer.index}'s record parts differ from layer 0's")
+            raise FlashFormatError(
+                f"{path}: layer {layer.index}'s record parts differ from layer 0's"
+            )
     for layer in manifest.layers:
         bias = layer.blobs.get("down_bias")
         if bias is not None and bias.length != manifest.d_model:
-            raise FlashFormatError(f"{path}: layer {layer.index}'s down_bias has {bias.length} values, expected {manifest.d_model}")
+            raise FlashFormatError(
+                f"{path}: layer {layer.index}'s down_bias has {bias.length} values, expected {manifest.d_model}"
+            )
 
 
 def read_manifest(directory: str | Path) -> Manifest:
     """Read and validate ``DIR/flash_manifest.json``."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
-        raise FlashFormatError(f"{path}: missing; {directory} is not a flash model directory (convert it with python -m mlx_flash.convert)")
+        raise FlashFormatError(
+            f"{path}: missing; {directory} is not a flash model directory (convert it with python -m mlx_flash.convert)"
+        )
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -354,8 +389,23 @@ def check_store_file(directory: str | Path, manifest: Manifest) -> Path:
     return store
 
 
-SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                      "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own limit
 
 
@@ -371,7 +421,9 @@ def check_trunk_file(path: str | Path) -> dict[str, Any]:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise FlashFormatError(f"{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)")
+            raise FlashFormatError(
+                f"{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -393,5 +445,7 @@ def check_trunk_file(path: str | Path) -> dict[str, Any]:
                 f"{path}: tensor {name!r} ends at byte {span[1]} of the data but the file holds {data} (truncated?)"
             )
         if math.prod(shape) * SAFETENSORS_DTYPES[t["dtype"]] != span[1] - span[0]:
-            raise FlashFormatError(f"{path}: tensor {name!r} has shape {shape} but {span[1] - span[0]} bytes")
+            raise FlashFormatError(
+                f"{path}: tensor {name!r} has shape {shape} but {span[1] - span[0]} bytes"
+            )
     return tensors

@@ -51,8 +51,11 @@ def cached_bytes(path: str | Path) -> int | None:
     """Bytes of ``path`` in the page cache (util-linux ``fincore``), None where that cannot be told."""
     if shutil.which("fincore") is None:
         return None
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+    )
     try:
         return int(out.stdout.split()[0]) if out.returncode == 0 else None
     except (IndexError, ValueError):

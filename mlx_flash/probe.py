@@ -34,7 +34,15 @@ import numpy as np
 from tqdm import tqdm
 
 from .costmodel import PROBE_FORMAT, PROBE_VERSION, Cell, CostModel, device_key, probe_path
-from .manifest import STORE_FILE, LayerEntry, Manifest, Part, Region, numpy_storage_dtype, read_manifest
+from .manifest import (
+    STORE_FILE,
+    LayerEntry,
+    Manifest,
+    Part,
+    Region,
+    numpy_storage_dtype,
+    read_manifest,
+)
 from .pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
 from .sizes import format_size, parse_size
 from .store import DIRECT_ALIGN, MAX_THREADS, RWF_DONTCACHE, StoreReader
@@ -104,12 +112,31 @@ def _record_store(path: Path, record: int) -> Manifest:
     n = path.stat().st_size // record
     part = Part("up", 0, record // 4, "float32")
     layer = LayerEntry(0, "probe", 0, n * record, "", (Region(0, record, record, n, (part,)),))
-    return Manifest("probe", record // 4, n, False, "relu", "bundled", "float32", 0, STORE_FILE, path.stat().st_size,
-                    (layer,))
+    return Manifest(
+        "probe",
+        record // 4,
+        n,
+        False,
+        "relu",
+        "bundled",
+        "float32",
+        0,
+        STORE_FILE,
+        path.stat().st_size,
+        (layer,),
+    )
 
 
-def measure_batches(path: Path, threads: Sequence[int], record: int, batch: int, seconds: float, repeat: int,
-                    bypass: str, progress: bool = True) -> dict:
+def measure_batches(
+    path: Path,
+    threads: Sequence[int],
+    record: int,
+    batch: int,
+    seconds: float,
+    repeat: int,
+    bypass: str,
+    progress: bool = True,
+) -> dict:
     """The store reader reading batches of ``batch`` random, non-adjacent ``record``-byte records per call,
     per thread count, page cache bypassed: what one layer's sparse load costs, thread wake-ups and Python
     included. The fastest thread count is what the runtime uses (on few cores, more threads cost more CPU
@@ -119,7 +146,9 @@ def measure_batches(path: Path, threads: Sequence[int], record: int, batch: int,
     dest = {"up": np.empty((batch, record // 4), np.float32)}
     samples: dict[int, list[float]] = {}
     for t in tqdm(list(threads) * repeat, desc="reader batches", unit="cell", disable=not progress):
-        with StoreReader(path.parent, manifest, threads=t, page_cache=False, bypass=bypass) as reader:
+        with StoreReader(
+            path.parent, manifest, threads=t, page_cache=False, bypass=bypass
+        ) as reader:
             t0, times = time.perf_counter(), []
             while time.perf_counter() - t0 < seconds:
                 ids = np.sort(rng.choice(manifest.d_ffn // 2, batch, replace=False)) * 2
@@ -128,12 +157,22 @@ def measure_batches(path: Path, threads: Sequence[int], record: int, batch: int,
                 times.append(time.perf_counter() - start)
         samples.setdefault(t, []).append(float(np.median(times)))
     ms = {t: 1e3 * float(np.median(v)) for t, v in samples.items()}
-    return {"record": record, "batch": batch, "ms_per_batch": {str(t): v for t, v in ms.items()},
-            "best_threads": min(ms, key=ms.get)}
+    return {
+        "record": record,
+        "batch": batch,
+        "ms_per_batch": {str(t): v for t, v in ms.items()},
+        "best_threads": min(ms, key=ms.get),
+    }
 
 
-def measure_cell(src: Uncached, file_size: int, chunk: int, threads: int, seconds: float,
-                 rng: np.random.Generator) -> dict:
+def measure_cell(
+    src: Uncached,
+    file_size: int,
+    chunk: int,
+    threads: int,
+    seconds: float,
+    rng: np.random.Generator,
+) -> dict:
     """``threads`` threads read distinct random ``chunk``-aligned pieces for ``seconds`` (or until each piece
     of the file was read once); returns bytes, reads, wall seconds and bytes/s."""
     offsets = (rng.permutation(file_size // chunk) * chunk).tolist()
@@ -142,7 +181,9 @@ def measure_cell(src: Uncached, file_size: int, chunk: int, threads: int, second
     reads, ends, errors = [0] * threads, [0.0] * threads, []
 
     def worker(i: int) -> None:
-        buf = mmap.mmap(-1, max(chunk, mmap.PAGESIZE))  # page aligned, as O_DIRECT needs; freed by the GC
+        buf = mmap.mmap(
+            -1, max(chunk, mmap.PAGESIZE)
+        )  # page aligned, as O_DIRECT needs; freed by the GC
         bufs, n = [memoryview(buf)[:chunk]], 0
         try:
             barrier.wait()
@@ -172,12 +213,27 @@ def measure_cell(src: Uncached, file_size: int, chunk: int, threads: int, second
         raise errors[0]
     wall = max(ends) - start[0]
     total = sum(reads) * chunk
-    return {"chunk": chunk, "threads": threads, "bytes": total, "reads": sum(reads), "seconds": wall,
-            "bytes_per_s": total / wall if wall > 0 else 0.0}
+    return {
+        "chunk": chunk,
+        "threads": threads,
+        "bytes": total,
+        "reads": sum(reads),
+        "seconds": wall,
+        "bytes_per_s": total / wall if wall > 0 else 0.0,
+    }
 
 
-def run_probe(directory: Path, size: int, chunks=DEFAULT_CHUNKS, threads=DEFAULT_THREADS, seconds: float = 0.5,
-              bypass: str = "auto", repeat: int = 1, batch: int = 32, progress: bool = True) -> dict:
+def run_probe(
+    directory: Path,
+    size: int,
+    chunks=DEFAULT_CHUNKS,
+    threads=DEFAULT_THREADS,
+    seconds: float = 0.5,
+    bypass: str = "auto",
+    repeat: int = 1,
+    batch: int = 32,
+    progress: bool = True,
+) -> dict:
     """Create the probe file in ``directory``, measure every (chunk, threads) cell, fit; the probe as JSON data.
 
     With ``repeat`` > 1 the whole grid is measured that many times, interleaved, and each cell keeps the median
@@ -185,13 +241,17 @@ def run_probe(directory: Path, size: int, chunks=DEFAULT_CHUNKS, threads=DEFAULT
     reads batches of ``batch`` random 4 KiB records per call (``measure_batches``; 0 skips it).
     """
     if on_ram_disk(directory):
-        raise ValueError(f"{directory} is on {file_system_type(directory)} (RAM): probe a directory on disk")
+        raise ValueError(
+            f"{directory} is on {file_system_type(directory)} (RAM): probe a directory on disk"
+        )
     chunks, threads = sorted(set(chunks)), sorted(set(threads))
     if not all(1 <= t <= MAX_THREADS for t in threads):
         raise ValueError(f"threads must be in 1..{MAX_THREADS}")
     if size < max(chunks) * max(threads):
-        raise ValueError(f"--size {format_size(size)} is too small for {max(threads)} threads of "
-                         f"{format_size(max(chunks))} reads")
+        raise ValueError(
+            f"--size {format_size(size)} is too small for {max(threads)} threads of "
+            f"{format_size(max(chunks))} reads"
+        )
     path = make_probe_file(directory, size)
     rng = np.random.default_rng(1)
     try:
@@ -206,27 +266,54 @@ def run_probe(directory: Path, size: int, chunks=DEFAULT_CHUNKS, threads=DEFAULT
             cells = [_median_cell(samples[key]) for key in grid]
         finally:
             src.close()
-        batches = measure_batches(path, threads, 4096, batch, seconds, repeat, bypass, progress) if batch else None
+        batches = (
+            measure_batches(path, threads, 4096, batch, seconds, repeat, bypass, progress)
+            if batch
+            else None
+        )
         after = cached_bytes(path)
     finally:
         shutil.rmtree(path.parent)
-    model = CostModel.fit([Cell(c["chunk"], c["threads"], c["bytes_per_s"]) for c in cells],
-                          f"probe of {directory} ({datetime.now().date()})",
-                          batches["best_threads"] if batches else None)
-    errors = [abs(model.throughput(c["chunk"], c["threads"]) / c["bytes_per_s"] - 1) for c in cells if c["bytes_per_s"]]
+    model = CostModel.fit(
+        [Cell(c["chunk"], c["threads"], c["bytes_per_s"]) for c in cells],
+        f"probe of {directory} ({datetime.now().date()})",
+        batches["best_threads"] if batches else None,
+    )
+    errors = [
+        abs(model.throughput(c["chunk"], c["threads"]) / c["bytes_per_s"] - 1)
+        for c in cells
+        if c["bytes_per_s"]
+    ]
     return {
-        "format": PROBE_FORMAT, "version": PROBE_VERSION,
+        "format": PROBE_FORMAT,
+        "version": PROBE_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "path": str(directory.resolve()), "file_system": file_system_type(directory), "device": device_key(directory),
-        "bypass": src.mode, "file_bytes": size, "seconds_per_cell": seconds, "repeat": repeat, "page_cache_after": after,
-        "cells": cells, "batches": batches, "model": model.to_json(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "path": str(directory.resolve()),
+        "file_system": file_system_type(directory),
+        "device": device_key(directory),
+        "bypass": src.mode,
+        "file_bytes": size,
+        "seconds_per_cell": seconds,
+        "repeat": repeat,
+        "page_cache_after": after,
+        "cells": cells,
+        "batches": batches,
+        "model": model.to_json(),
         "fit_error": {"median": float(np.median(errors)), "max": float(max(errors))},
     }
 
 
-def measure_reader(directory: Path, threads: Sequence[int], fraction: float, seconds: float, cost: CostModel,
-                   progress: bool = True) -> dict:
+def measure_reader(
+    directory: Path,
+    threads: Sequence[int],
+    fraction: float,
+    seconds: float,
+    cost: CostModel,
+    progress: bool = True,
+) -> dict:
     """The store reader on a real flash store, per thread count: random sets of ``fraction`` of a layer's
     neurons per call (what a sparse token reads) and whole layers (what naive reads), cold (page cache
     bypassed) and warm (the store in the page cache: what is left is the reader's CPU cost), next to the
@@ -236,10 +323,18 @@ def measure_reader(directory: Path, threads: Sequence[int], fraction: float, sec
     k = max(1, round(fraction * manifest.d_ffn))
     rng = np.random.default_rng(2)
     id_sets = [np.sort(rng.choice(manifest.d_ffn, k, replace=False)) for _ in range(64)]
-    dest = {p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype))
-            for r in manifest.layers[0].regions for p in r.parts}
+    dest = {
+        p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype))
+        for r in manifest.layers[0].regions
+        for p in r.parts
+    }
     rows = []
-    grid = [(pattern, warm, t) for pattern in ("random", "layer") for warm in (False, True) for t in threads]
+    grid = [
+        (pattern, warm, t)
+        for pattern in ("random", "layer")
+        for warm in (False, True)
+        for t in threads
+    ]
     for pattern, warm, t in tqdm(grid, desc="store reader", unit="cell", disable=not progress):
         drop_from_page_cache(store)
         with StoreReader(directory, manifest, threads=t, page_cache=warm) as reader:
@@ -256,36 +351,62 @@ def measure_reader(directory: Path, threads: Sequence[int], fraction: float, sec
                     reader.read_neurons(layer, id_sets[n % len(id_sets)], dest, np.arange(k))
                 n += 1
             stats = reader.stats.snapshot()
-        rows.append({"pattern": pattern, "warm": warm, "threads": t, "calls": stats.calls,
-                     "reads_per_call": stats.reads / stats.calls, "bytes_per_call": stats.bytes_read / stats.calls,
-                     "ms_per_call": 1e3 * stats.seconds / stats.calls,
-                     "model_ms_per_call": 1e3 * cost.read_seconds(stats.bytes_read, stats.reads, t) / stats.calls})
-    return {"directory": str(directory), "layout": manifest.layout, "record_bytes": manifest.neuron_bytes(),
-            "neurons_per_call": k, "rows": rows}
+        rows.append(
+            {
+                "pattern": pattern,
+                "warm": warm,
+                "threads": t,
+                "calls": stats.calls,
+                "reads_per_call": stats.reads / stats.calls,
+                "bytes_per_call": stats.bytes_read / stats.calls,
+                "ms_per_call": 1e3 * stats.seconds / stats.calls,
+                "model_ms_per_call": 1e3
+                * cost.read_seconds(stats.bytes_read, stats.reads, t)
+                / stats.calls,
+            }
+        )
+    return {
+        "directory": str(directory),
+        "layout": manifest.layout,
+        "record_bytes": manifest.neuron_bytes(),
+        "neurons_per_call": k,
+        "rows": rows,
+    }
 
 
 def format_reader(result: dict) -> str:
     """One line per (pattern, threads): cold and warm ms per call and the cost model's disk time."""
-    lines = [f"store reader on {result['directory']} ({result['layout']}, {result['record_bytes']} B per neuron): "
-             f"random = {result['neurons_per_call']} random neurons per call, layer = a whole layer per call",
-             f"{'pattern':>8} {'threads':>7} {'reads':>6} {'KB/read':>8} {'cold ms':>8} {'warm ms':>8} {'disk ms':>8}"]
+    lines = [
+        f"store reader on {result['directory']} ({result['layout']}, {result['record_bytes']} B per neuron): "
+        f"random = {result['neurons_per_call']} random neurons per call, layer = a whole layer per call",
+        f"{'pattern':>8} {'threads':>7} {'reads':>6} {'KB/read':>8} {'cold ms':>8} {'warm ms':>8} {'disk ms':>8}",
+    ]
     rows = {(r["pattern"], r["warm"], r["threads"]): r for r in result["rows"]}
     for (pattern, warm, t), cold in rows.items():
         if warm:
             continue
         hot = rows[(pattern, True, t)]
-        size = cold["bytes_per_call"] / cold["reads_per_call"] / 1e3 if cold["reads_per_call"] else 0.0
-        lines.append(f"{pattern:>8} {t:7d} {cold['reads_per_call']:6.1f} {size:8.1f} {cold['ms_per_call']:8.3f} "
-                     f"{hot['ms_per_call']:8.3f} {cold['model_ms_per_call']:8.3f}")
-    lines.append("cold: page cache bypassed (disk + reader); warm: store in the page cache (reader CPU cost alone); "
-                 "disk: the cost model's time for the same reads at that thread count")
+        size = (
+            cold["bytes_per_call"] / cold["reads_per_call"] / 1e3 if cold["reads_per_call"] else 0.0
+        )
+        lines.append(
+            f"{pattern:>8} {t:7d} {cold['reads_per_call']:6.1f} {size:8.1f} {cold['ms_per_call']:8.3f} "
+            f"{hot['ms_per_call']:8.3f} {cold['model_ms_per_call']:8.3f}"
+        )
+    lines.append(
+        "cold: page cache bypassed (disk + reader); warm: store in the page cache (reader CPU cost alone); "
+        "disk: the cost model's time for the same reads at that thread count"
+    )
     return "\n".join(lines)
 
 
 def _median_cell(samples: list[dict]) -> dict:
     """The sample with the median rate, with every sample's rate kept for the record."""
     ranked = sorted(samples, key=lambda c: c["bytes_per_s"])
-    return {**ranked[(len(ranked) - 1) // 2], "samples_bytes_per_s": [c["bytes_per_s"] for c in samples]}
+    return {
+        **ranked[(len(ranked) - 1) // 2],
+        "samples_bytes_per_s": [c["bytes_per_s"] for c in samples],
+    }
 
 
 def format_probe(probe: dict) -> str:
@@ -304,19 +425,29 @@ def format_probe(probe: dict) -> str:
     ]
     for c in chunks:
         row = [rate.get((c, t), 0.0) / 1e6 for t in threads]
-        lines.append(f"{_kib(c):>10} " + " ".join(f"{r:8.0f}" for r in row) + f" {model.best_threads(c):9d}")
-    lines.append("fitted cost model: read of s bytes = a + s / b (device time shared by the threads)")
+        lines.append(
+            f"{_kib(c):>10} " + " ".join(f"{r:8.0f}" for r in row) + f" {model.best_threads(c):9d}"
+        )
+    lines.append(
+        "fitted cost model: read of s bytes = a + s / b (device time shared by the threads)"
+    )
     lines.append(f"{'threads':>10} {'a (us)':>8} {'b (GB/s)':>9}")
     for t, a, b in zip(model.threads, model.per_read_s, model.bandwidth):
         lines.append(f"{t:10d} {a * 1e6:8.1f} {b / 1e9:9.2f}")
     err = probe["fit_error"]
-    lines.append(f"fit error: median {100 * err['median']:.0f}%, max {100 * err['max']:.0f}% of the measured throughput")
+    lines.append(
+        f"fit error: median {100 * err['median']:.0f}%, max {100 * err['max']:.0f}% of the measured throughput"
+    )
     batches = probe.get("batches")
     if batches:
-        lines.append(f"store reader, batches of {batches['batch']} random {_kib(batches['record'])} records per call "
-                     f"(one layer's sparse load), ms per batch:")
-        lines.append(" ".join(f"{t} thr {ms:.2f}" for t, ms in batches["ms_per_batch"].items())
-                     + f"  -> the runtime reads with {batches['best_threads']} threads")
+        lines.append(
+            f"store reader, batches of {batches['batch']} random {_kib(batches['record'])} records per call "
+            f"(one layer's sparse load), ms per batch:"
+        )
+        lines.append(
+            " ".join(f"{t} thr {ms:.2f}" for t, ms in batches["ms_per_batch"].items())
+            + f"  -> the runtime reads with {batches['best_threads']} threads"
+        )
     return "\n".join(lines)
 
 
@@ -334,38 +465,90 @@ def save_probe(probe: dict, file: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .default_model import cache_root
 
-    p = argparse.ArgumentParser(prog="python -m mlx_flash.probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path", type=Path, default=None,
-                   help="directory on the disk to probe (default: the mlx_flash cache, where the default model lives)")
-    p.add_argument("--size", default="1GB", help="probe file size (default: 1GB); larger than the disk's cache")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.probe",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--path",
+        type=Path,
+        default=None,
+        help="directory on the disk to probe (default: the mlx_flash cache, where the default model lives)",
+    )
+    p.add_argument(
+        "--size", default="1GB", help="probe file size (default: 1GB); larger than the disk's cache"
+    )
     p.add_argument("--json", type=Path, help="also write the probe to this file")
-    p.add_argument("--chunk-sizes", nargs="+", help="read sizes (default: 4KiB to 1MiB in powers of two)")
-    p.add_argument("--threads", nargs="+", type=int, default=list(DEFAULT_THREADS), help="thread counts")
+    p.add_argument(
+        "--chunk-sizes", nargs="+", help="read sizes (default: 4KiB to 1MiB in powers of two)"
+    )
+    p.add_argument(
+        "--threads", nargs="+", type=int, default=list(DEFAULT_THREADS), help="thread counts"
+    )
     p.add_argument("--seconds", type=float, default=0.5, help="time per (read size, threads) cell")
-    p.add_argument("--repeat", type=int, default=1, help="measure the grid this many times; keep each cell's median")
-    p.add_argument("--batch", type=int, default=32,
-                   help="random records per store-reader call when timing thread counts (0: skip)")
-    p.add_argument("--bypass", default="auto", choices=["auto", "dontcache", "direct", "nocache"],
-                   help="how to bypass the page cache (auto: F_NOCACHE on macOS, RWF_DONTCACHE, else O_DIRECT)")
-    p.add_argument("--store", type=Path, help="also time the store reader on this flash model directory")
-    p.add_argument("--fraction", type=float, default=0.03, help="--store: share of a layer's neurons per random call")
-    p.add_argument("--no-save", action="store_true", help="do not store the result where the runtime finds it")
-    p.add_argument("--plot", type=Path, help="write a PNG of throughput against read size and threads")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the grid this many times; keep each cell's median",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=32,
+        help="random records per store-reader call when timing thread counts (0: skip)",
+    )
+    p.add_argument(
+        "--bypass",
+        default="auto",
+        choices=["auto", "dontcache", "direct", "nocache"],
+        help="how to bypass the page cache (auto: F_NOCACHE on macOS, RWF_DONTCACHE, else O_DIRECT)",
+    )
+    p.add_argument(
+        "--store", type=Path, help="also time the store reader on this flash model directory"
+    )
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.03,
+        help="--store: share of a layer's neurons per random call",
+    )
+    p.add_argument(
+        "--no-save", action="store_true", help="do not store the result where the runtime finds it"
+    )
+    p.add_argument(
+        "--plot", type=Path, help="write a PNG of throughput against read size and threads"
+    )
     args = p.parse_args(argv)
     directory = args.path or cache_root()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        chunks = [parse_size(c) for c in args.chunk_sizes] if args.chunk_sizes else list(DEFAULT_CHUNKS)
-        probe = run_probe(directory, parse_size(args.size), chunks, args.threads, args.seconds, args.bypass,
-                          args.repeat, args.batch)
+        chunks = (
+            [parse_size(c) for c in args.chunk_sizes] if args.chunk_sizes else list(DEFAULT_CHUNKS)
+        )
+        probe = run_probe(
+            directory,
+            parse_size(args.size),
+            chunks,
+            args.threads,
+            args.seconds,
+            args.bypass,
+            args.repeat,
+            args.batch,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_probe(probe))
     if args.store:
-        probe["store_reader"] = measure_reader(args.store, args.threads, args.fraction, args.seconds,
-                                               CostModel.from_json(probe["model"]))
+        probe["store_reader"] = measure_reader(
+            args.store,
+            args.threads,
+            args.fraction,
+            args.seconds,
+            CostModel.from_json(probe["model"]),
+        )
         print(format_reader(probe["store_reader"]))
     if not args.no_save:
         save_probe(probe, probe_path(directory))

@@ -23,7 +23,9 @@ def _layer_parts(reader: StoreReader, manifest: Manifest, layer: int) -> dict[st
     dest = {}
     for region in manifest.layers[layer].regions:
         for p in region.parts:
-            dest[p.name] = np.zeros((manifest.d_ffn, p.length), np.uint32 if p.dtype == "uint32" else np.float32)
+            dest[p.name] = np.zeros(
+                (manifest.d_ffn, p.length), np.uint32 if p.dtype == "uint32" else np.float32
+            )
     ids = np.arange(manifest.d_ffn)
     reader.read_neurons(layer, ids, dest, ids)
     return {k: mx.array(v) for k, v in dest.items()}
@@ -33,7 +35,13 @@ def _rows(parts: dict[str, mx.array], name: str, manifest: Manifest) -> mx.array
     q = manifest.quantization
     if q is None:
         return parts[name]
-    return mx.dequantize(parts[name], parts[f"{name}.scales"], parts[f"{name}.biases"], group_size=q.group_size, bits=q.bits)
+    return mx.dequantize(
+        parts[name],
+        parts[f"{name}.scales"],
+        parts[f"{name}.biases"],
+        group_size=q.group_size,
+        bits=q.bits,
+    )
 
 
 def dense_ffn_weights(directory: str | Path) -> dict[str, mx.array]:
@@ -49,9 +57,13 @@ def dense_ffn_weights(directory: str | Path) -> dict[str, mx.array]:
             up = _rows(parts, "up", manifest)
             down = _rows(parts, "down", manifest).T
             if spec.fused_gate_up:
-                weights[f"{base}.{spec.fused_gate_up}.weight"] = mx.concatenate([_rows(parts, "gate", manifest), up])
+                weights[f"{base}.{spec.fused_gate_up}.weight"] = mx.concatenate(
+                    [_rows(parts, "gate", manifest), up]
+                )
                 if "up_bias" in parts:
-                    weights[f"{base}.{spec.fused_gate_up}.bias"] = mx.concatenate([parts["gate_bias"][:, 0], parts["up_bias"][:, 0]])
+                    weights[f"{base}.{spec.fused_gate_up}.bias"] = mx.concatenate(
+                        [parts["gate_bias"][:, 0], parts["up_bias"][:, 0]]
+                    )
             else:
                 weights[f"{base}.{spec.up}.weight"] = up
                 if spec.gate:
@@ -62,7 +74,9 @@ def dense_ffn_weights(directory: str | Path) -> dict[str, mx.array]:
                     weights[f"{base}.{spec.up}.bias"] = parts["up_bias"][:, 0]
             weights[f"{base}.{spec.down}.weight"] = down
             if "down_bias" in entry.blobs:
-                weights[f"{base}.{spec.down}.bias"] = mx.array(reader.read_blob(entry.index, "down_bias", np.float32))
+                weights[f"{base}.{spec.down}.bias"] = mx.array(
+                    reader.read_blob(entry.index, "down_bias", np.float32)
+                )
     return weights
 
 
@@ -72,11 +86,20 @@ def load_dense(directory: str | Path, dtype: mx.Dtype = mx.float32):
     ffn = dense_ffn_weights(directory)
     config = load_config(directory)
     model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
-    missing = {k for k in dict(tree_flatten(model.parameters())) if k.startswith(tuple(ffn_prefixes_of(ffn)))} - ffn.keys()
+    missing = {
+        k
+        for k in dict(tree_flatten(model.parameters()))
+        if k.startswith(tuple(ffn_prefixes_of(ffn)))
+    } - ffn.keys()
     if missing:
         raise ValueError(f"{directory}: store lacks FFN weights {sorted(missing)[:3]}")
     model.load_weights(list(ffn.items()), strict=False)
-    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+    model.update(
+        tree_map(
+            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
     mx.eval(model.parameters())
     return model, load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
 

@@ -97,7 +97,13 @@ class GateSelector:
     needs_input = True
     supplies_gate = True
 
-    def __init__(self, gates: list[dict[str, mx.array]], activation: str, quantization, thresholds: list[float]):
+    def __init__(
+        self,
+        gates: list[dict[str, mx.array]],
+        activation: str,
+        quantization,
+        thresholds: list[float],
+    ):
         self._gates, self._act, self._quant = gates, ACTIVATIONS[activation], quantization
         self.thresholds = thresholds
 
@@ -134,21 +140,41 @@ class PredictorSelector:
         return _union(p.logits(layer, x.astype(p.bias[layer].dtype)) > p.cut[layer])
 
 
-def read_gates(reader: StoreReader, manifest: Manifest, dtype: mx.Dtype) -> list[dict[str, mx.array]]:
+def read_gates(
+    reader: StoreReader, manifest: Manifest, dtype: mx.Dtype
+) -> list[dict[str, mx.array]]:
     """Every layer's gate parts from the store, in ``dtype`` (packed quantized words stay uint32)."""
     gates = []
     ids = np.arange(manifest.d_ffn)
     for layer in manifest.layers:
-        dest = {p.name: np.zeros((manifest.d_ffn, p.length), np.uint32 if p.dtype == "uint32" else np.float32)
-                for r in layer.regions for p in r.parts if p.name in GATE_PARTS}
+        dest = {
+            p.name: np.zeros(
+                (manifest.d_ffn, p.length), np.uint32 if p.dtype == "uint32" else np.float32
+            )
+            for r in layer.regions
+            for p in r.parts
+            if p.name in GATE_PARTS
+        }
         reader.read_neurons(layer.index, ids, dest, ids)
-        gates.append({k: mx.array(v) if v.dtype == np.uint32 else mx.array(v).astype(dtype) for k, v in dest.items()})
+        gates.append(
+            {
+                k: mx.array(v) if v.dtype == np.uint32 else mx.array(v).astype(dtype)
+                for k, v in dest.items()
+            }
+        )
     mx.eval(gates)
     return gates
 
 
-def resolve(name: str, manifest: Manifest, calibration: Calibration | None, predictor_sparsity: float | None,
-            has_predictor: bool, sparsity: float | None, gate_fits: bool = True) -> str:
+def resolve(
+    name: str,
+    manifest: Manifest,
+    calibration: Calibration | None,
+    predictor_sparsity: float | None,
+    has_predictor: bool,
+    sparsity: float | None,
+    gate_fits: bool = True,
+) -> str:
     """The concrete selector ``name`` stands for ("auto" picks; the others are checked). ``gate_fits``: whether
     the budget can hold the gate matrix; when it cannot, "auto" passes over the gate selector."""
     if name not in SELECTORS:
@@ -161,19 +187,31 @@ def resolve(name: str, manifest: Manifest, calibration: Calibration | None, pred
     recalibrate = "re-run python -m mlx_flash.convert.calibrate DIR"
     if name == "gate":
         if not manifest.gated:
-            raise FlashError("the gate selector needs a gated FFN (SwiGLU/GeGLU); this model has none")
+            raise FlashError(
+                "the gate selector needs a gated FFN (SwiGLU/GeGLU); this model has none"
+            )
         if calibration is None:
-            raise FlashError(f"the gate selector needs calibration thresholds; this model has none ({recalibrate})")
+            raise FlashError(
+                f"the gate selector needs calibration thresholds; this model has none ({recalibrate})"
+            )
     if name == "predictor" and not predictor_ok:
         if not has_predictor:
             raise FlashError(f"this model has no trained predictors ({recalibrate})")
-        raise FlashError(f"the predictors were trained for sparsity {predictor_sparsity}, not {sparsity} "
-                         f"({recalibrate} --sparsity {sparsity})")
+        raise FlashError(
+            f"the predictors were trained for sparsity {predictor_sparsity}, not {sparsity} "
+            f"({recalibrate} --sparsity {sparsity})"
+        )
     return name
 
 
-def make_selector(name: str, directory: Path, manifest: Manifest, reader: StoreReader, dtype: mx.Dtype,
-                  sparsity: float | None = None) -> Selector:
+def make_selector(
+    name: str,
+    directory: Path,
+    manifest: Manifest,
+    reader: StoreReader,
+    dtype: mx.Dtype,
+    sparsity: float | None = None,
+) -> Selector:
     """Build the selector ``name`` for a flash model directory; ``sparsity`` None means the conversion's."""
     calibration = read_calibration(directory, manifest)
     meta = manifest.extra.get("predictor") or {}
@@ -187,4 +225,6 @@ def make_selector(name: str, directory: Path, manifest: Manifest, reader: StoreR
     if sparsity is None:
         sparsity = calibration.sparsity
     thresholds = [calibration.threshold(i, sparsity, of="gate") for i in range(manifest.n_layers)]
-    return GateSelector(read_gates(reader, manifest, dtype), manifest.activation, manifest.quantization, thresholds)
+    return GateSelector(
+        read_gates(reader, manifest, dtype), manifest.activation, manifest.quantization, thresholds
+    )

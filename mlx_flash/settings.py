@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, help="tokens of history kept in the neuron buffer (k)")
     p.add_argument("--selector", help="neuron selector (dense, gate, predictor, auto)")
     p.add_argument("--threads", type=int, help="read threads")
-    p.add_argument("--page-cache", choices=["on", "off"], help="read through the OS page cache or bypass it")
+    p.add_argument(
+        "--page-cache", choices=["on", "off"], help="read through the OS page cache or bypass it"
+    )
     p.add_argument("--max-context", type=int, help="tokens of KV cache the budget reserves")
     p.add_argument("--pin-share", type=float, help="share of buffer rows pinned for the whole run")
     args = p.parse_args(argv)

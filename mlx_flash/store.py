@@ -105,11 +105,15 @@ class _RegionPlan:
 
     region: Region
     wanted: tuple[Part, ...]
-    segments: tuple[tuple[str | None, int], ...]  # per record, from ``lead`` to ``tail``; None = sink
+    segments: tuple[
+        tuple[str | None, int], ...
+    ]  # per record, from ``lead`` to ``tail``; None = sink
     lead: int  # start of the first wanted part within a record
     tail: int  # end of the last wanted part within a record
     max_records: int
-    scatter: int  # runs of at most this many records are scattered, longer ones staged (0: all staged)
+    scatter: (
+        int  # runs of at most this many records are scattered, longer ones staged (0: all staged)
+    )
 
     @property
     def between(self) -> int:
@@ -125,10 +129,14 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def _sorted_request(ids: np.ndarray, rows: np.ndarray, n_records: int) -> tuple[np.ndarray, np.ndarray]:
+def _sorted_request(
+    ids: np.ndarray, rows: np.ndarray, n_records: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Ids sorted ascending with their rows; rejects out-of-range, duplicate ids and duplicate rows."""
     if ids.ndim != 1 or ids.shape != rows.shape:
-        raise ValueError(f"ids and rows must be 1-D and of equal length (got {ids.shape} and {rows.shape})")
+        raise ValueError(
+            f"ids and rows must be 1-D and of equal length (got {ids.shape} and {rows.shape})"
+        )
     order = np.argsort(ids, kind="stable")
     sids, srows = ids[order], rows[order]
     if sids[0] < 0 or sids[-1] >= n_records:
@@ -194,11 +202,19 @@ class StoreReader:
         self.max_run_bytes = max_run_bytes
         self.stats = ReadStats()
         self.path = check_store_file(directory, manifest)
-        self._parts = {id(r): _sorted_parts(r, f"{self.path} layer {e.index}") for e in manifest.layers for r in e.regions}
+        self._parts = {
+            id(r): _sorted_parts(r, f"{self.path} layer {e.index}")
+            for e in manifest.layers
+            for r in e.regions
+        }
         strides = [r.record_stride for e in manifest.layers for r in e.regions]
         self._sink_size = max(strides, default=1)
-        self._staging_size = _round_up(max(max_run_bytes, self._sink_size) + 2 * DIRECT_ALIGN, mmap.PAGESIZE)
-        self._sink = memoryview(bytearray(self._sink_size))  # write-only scratch for padding, shared by threads
+        self._staging_size = _round_up(
+            max(max_run_bytes, self._sink_size) + 2 * DIRECT_ALIGN, mmap.PAGESIZE
+        )
+        self._sink = memoryview(
+            bytearray(self._sink_size)
+        )  # write-only scratch for padding, shared by threads
         self._local = threading.local()
         try:
             self._open(page_cache, bypass)
@@ -231,13 +247,20 @@ class StoreReader:
         if bypass in ("auto", "dontcache") and self._dontcache_supported():
             return "dontcache"
         if bypass == "dontcache":
-            raise StoreReadError(f"{self.path}: this OS has no uncached buffered reads (RWF_DONTCACHE, Linux 6.14+)")
+            raise StoreReadError(
+                f"{self.path}: this OS has no uncached buffered reads (RWF_DONTCACHE, Linux 6.14+)"
+            )
         try:
-            self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            self._direct_fd = os.open(
+                self.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
+            )
         except (OSError, AttributeError) as e:
             if bypass == "direct":
                 raise StoreReadError(f"{self.path}: cannot open with O_DIRECT ({e})") from e
-            warnings.warn(f"{self.path}: no way to bypass the page cache here ({e}); reading through it", stacklevel=3)
+            warnings.warn(
+                f"{self.path}: no way to bypass the page cache here ({e}); reading through it",
+                stacklevel=3,
+            )
             return "cached"
         return "direct"
 
@@ -252,7 +275,11 @@ class StoreReader:
         try:
             self._preadv(self._fd, [bytearray(1)], 0, RWF_DONTCACHE)
         except (OSError, AttributeError) as e:
-            if isinstance(e, AttributeError) or e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            if isinstance(e, AttributeError) or e.errno in (
+                errno.EOPNOTSUPP,
+                errno.EINVAL,
+                errno.ENOSYS,
+            ):
                 return False
             raise StoreReadError(f"{self.path}: probe read at offset 0 failed: {e}") from e
         return True
@@ -295,22 +322,32 @@ class StoreReader:
         t0 = time.perf_counter()
         count = ReadCount(0, 0)
         try:
-            count = self._read_neurons(layer, np.asarray(ids, dtype=np.int64), dest, np.asarray(rows, dtype=np.int64))
+            count = self._read_neurons(
+                layer, np.asarray(ids, dtype=np.int64), dest, np.asarray(rows, dtype=np.int64)
+            )
         finally:
             self.stats.add(count, time.perf_counter() - t0)
         return count
 
-    def read_range(self, layer: int, start: int, stop: int, dest: Mapping[str, np.ndarray], row0: int = 0) -> ReadCount:
+    def read_range(
+        self, layer: int, start: int, stop: int, dest: Mapping[str, np.ndarray], row0: int = 0
+    ) -> ReadCount:
         """Read neurons [start, stop) into rows [row0, row0 + stop - start): coalescing makes it sequential."""
-        return self.read_neurons(layer, np.arange(start, stop), dest, np.arange(row0, row0 + stop - start))
+        return self.read_neurons(
+            layer, np.arange(start, stop), dest, np.arange(row0, row0 + stop - start)
+        )
 
     def read_blob(self, layer: int, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
         """A per-layer blob (e.g. the down bias) as a copy; raw store dtype unless ``dtype`` is given."""
         entry = self._layer(layer)
         if name not in entry.blobs:
-            raise KeyError(f"{self.path}: layer {layer} has no blob {name!r} (has {sorted(entry.blobs)})")
+            raise KeyError(
+                f"{self.path}: layer {layer} has no blob {name!r} (has {sorted(entry.blobs)})"
+            )
         blob = entry.blobs[name]
-        raw = np.frombuffer(self._mm or b"", numpy_storage_dtype(blob.dtype), blob.length, blob.offset).copy()
+        raw = np.frombuffer(
+            self._mm or b"", numpy_storage_dtype(blob.dtype), blob.length, blob.offset
+        ).copy()
         if dtype is None:
             return raw
         out = np.empty(blob.length, dtype)
@@ -334,10 +371,14 @@ class StoreReader:
         if self._closed:
             raise StoreReadError(f"{self.path}: reader is closed")
         if not 0 <= layer < self.manifest.n_layers:
-            raise IndexError(f"{self.path}: layer {layer} out of range (store has {self.manifest.n_layers})")
+            raise IndexError(
+                f"{self.path}: layer {layer} out of range (store has {self.manifest.n_layers})"
+            )
         return self.manifest.layers[layer]
 
-    def _read_neurons(self, layer: int, ids: np.ndarray, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> ReadCount:
+    def _read_neurons(
+        self, layer: int, ids: np.ndarray, dest: Mapping[str, np.ndarray], rows: np.ndarray
+    ) -> ReadCount:
         entry = self._layer(layer)
         unknown = set(dest) - set(entry.part_names())
         if unknown:
@@ -352,7 +393,9 @@ class StoreReader:
                 jobs += self._jobs(layer, plan, sids, srows, dest)
         return self._execute(jobs)
 
-    def _plan(self, region: Region, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> _RegionPlan | None:
+    def _plan(
+        self, region: Region, dest: Mapping[str, np.ndarray], rows: np.ndarray
+    ) -> _RegionPlan | None:
         """Plan reads of one region, or None when no part of it is wanted (then it is not read)."""
         parts = self._parts[id(region)]
         wanted = tuple(p for p in parts if p.name in dest)
@@ -374,15 +417,29 @@ class StoreReader:
         return _RegionPlan(region, wanted, tuple(segments), lead, tail, cap, scatter_records)
 
     def _jobs(
-        self, layer: int, plan: _RegionPlan, sids: np.ndarray, srows: np.ndarray, dest: Mapping[str, np.ndarray]
+        self,
+        layer: int,
+        plan: _RegionPlan,
+        sids: np.ndarray,
+        srows: np.ndarray,
+        dest: Mapping[str, np.ndarray],
     ) -> list[Callable[[], int]]:
         """One job per run: a ready preadv (scatter) or a read-and-convert (staged)."""
         bounds = _run_bounds(sids, plan.max_records)
         offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
         if not any(b - a <= plan.scatter for a, b in bounds):
-            return [partial(self._staged_run, layer, plan, offsets[a], srows[a:b], dest) for a, b in bounds]
+            return [
+                partial(self._staged_run, layer, plan, offsets[a], srows[a:b], dest)
+                for a, b in bounds
+            ]
         records = self._record_iovecs(plan, dest, srows)
-        read, fd, padded, stride, span1 = self._read, self._read_fd, plan.between > 0, plan.region.record_stride, plan.span(1)
+        read, fd, padded, stride, span1 = (
+            self._read,
+            self._read_fd,
+            plan.between > 0,
+            plan.region.record_stride,
+            plan.span(1),
+        )
         jobs: list[Callable[[], int]] = []
         for a, b in bounds:
             if b - a > plan.scatter:
@@ -394,7 +451,9 @@ class StoreReader:
             jobs.append(partial(read, layer, fd, bufs, offsets[a], span1 + (b - a - 1) * stride))
         return jobs
 
-    def _record_iovecs(self, plan: _RegionPlan, dest: Mapping[str, np.ndarray], rows: np.ndarray) -> list[tuple[memoryview, ...]]:
+    def _record_iovecs(
+        self, plan: _RegionPlan, dest: Mapping[str, np.ndarray], rows: np.ndarray
+    ) -> list[tuple[memoryview, ...]]:
         """Per record of the call, the iovecs that receive it: its destination rows, sink slices between."""
         columns: list[Iterable[memoryview]] = []
         for name, n in plan.segments:
@@ -419,7 +478,9 @@ class StoreReader:
             for _ in range(min(self.threads, len(jobs))):
                 futures.append(self._pool.submit(self._drain, call))
             wait(futures)  # no worker may still write into dest when we return or raise
-        except BaseException:  # Ctrl-C (KeyboardInterrupt) here, even inside submit (its work item is queued)
+        except (
+            BaseException
+        ):  # Ctrl-C (KeyboardInterrupt) here, even inside submit (its work item is queued)
             call.stop()  # no run starts any more, and none in progress writes into dest after we raise
             raise
         counts = [f.result() for f in futures]
@@ -439,13 +500,26 @@ class StoreReader:
             reads += 1
         return ReadCount(nbytes, reads)
 
-    def _staged_run(self, layer: int, plan: _RegionPlan, offset: int, rows: np.ndarray, dest: Mapping[str, np.ndarray]) -> int:
+    def _staged_run(
+        self,
+        layer: int,
+        plan: _RegionPlan,
+        offset: int,
+        rows: np.ndarray,
+        dest: Mapping[str, np.ndarray],
+    ) -> int:
         """Read a run into the staging buffer, then convert each wanted part into its rows at once."""
         n, stride = len(rows), plan.region.record_stride
         buf, pos, nbytes = self._read_staged(layer, offset, plan.span(n))
         for p in plan.wanted:
             dt = numpy_storage_dtype(p.dtype)
-            src = np.ndarray((n, p.length), dt, buffer=buf, offset=pos + p.offset - plan.lead, strides=(stride, dt.itemsize))
+            src = np.ndarray(
+                (n, p.length),
+                dt,
+                buffer=buf,
+                offset=pos + p.offset - plan.lead,
+                strides=(stride, dt.itemsize),
+            )
             _convert_into(dest[p.name], rows, src, p.dtype)
         return nbytes
 
@@ -453,11 +527,21 @@ class StoreReader:
         """Read [offset, offset+nbytes) into this thread's staging buffer: (buffer, data position, bytes read)."""
         staging = self._staging()
         if self.cache_mode != "direct":
-            return staging, 0, self._read(layer, self._fd, [memoryview(staging)[:nbytes]], offset, nbytes)
+            return (
+                staging,
+                0,
+                self._read(layer, self._fd, [memoryview(staging)[:nbytes]], offset, nbytes),
+            )
         start = offset - offset % DIRECT_ALIGN
         length = _round_up(offset + nbytes, DIRECT_ALIGN) - start
-        expect = min(start + length, self.manifest.store_size) - start  # O_DIRECT stops at end of file
-        return staging, offset - start, self._read(layer, self._direct_fd, [memoryview(staging)[:length]], start, expect)
+        expect = (
+            min(start + length, self.manifest.store_size) - start
+        )  # O_DIRECT stops at end of file
+        return (
+            staging,
+            offset - start,
+            self._read(layer, self._direct_fd, [memoryview(staging)[:length]], start, expect),
+        )
 
     def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> int:
         """One preadv of ``expect`` bytes; an OSError or a short read becomes StoreReadError naming file, layer, offset."""
@@ -526,13 +610,21 @@ def _check_dest(part: Part, arr: np.ndarray, rows: np.ndarray) -> None:
     """Reject destinations that would silently receive the wrong shape or rows."""
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[1] != part.length:
         shape = getattr(arr, "shape", None)
-        raise ValueError(f"dest[{part.name!r}] must be a 2-D array [capacity, {part.length}] (got shape {shape})")
+        raise ValueError(
+            f"dest[{part.name!r}] must be a 2-D array [capacity, {part.length}] (got shape {shape})"
+        )
     if not arr.flags.writeable:
         raise ValueError(f"dest[{part.name!r}] is read-only")
     if rows.min() < 0 or rows.max() >= arr.shape[0]:
-        raise ValueError(f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] (got {rows.min()}..{rows.max()})")
+        raise ValueError(
+            f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] (got {rows.min()}..{rows.max()})"
+        )
 
 
 def _scatterable(part: Part, arr: np.ndarray) -> bool:
     """preadv can fill rows directly: same dtype and byte order, C-contiguous (rows are byte slices of it)."""
-    return arr.dtype == numpy_storage_dtype(part.dtype) and arr.dtype.isnative and arr.flags.c_contiguous
+    return (
+        arr.dtype == numpy_storage_dtype(part.dtype)
+        and arr.dtype.isnative
+        and arr.flags.c_contiguous
+    )

@@ -6,7 +6,17 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-COUNTERS = ("requested", "hits", "loaded", "dropped", "computed", "bytes_read", "reads", "io_s", "compute_s")
+COUNTERS = (
+    "requested",
+    "hits",
+    "loaded",
+    "dropped",
+    "computed",
+    "bytes_read",
+    "reads",
+    "io_s",
+    "compute_s",
+)
 
 
 @dataclass
@@ -59,7 +69,11 @@ class Telemetry:
         """Means per token over the passes of ``phase`` (fractions are of all FFN neurons of all layers)."""
         chosen = [p for p in self.passes if p.phase == phase]
         tokens = sum(p.tokens for p in chosen)
-        total = {f.name: sum(getattr(p, f.name) for p in chosen) for f in fields(TokenStats) if f.name not in ("phase", "tokens")}
+        total = {
+            f.name: sum(getattr(p, f.name) for p in chosen)
+            for f in fields(TokenStats)
+            if f.name not in ("phase", "tokens")
+        }
         neurons = max(1, tokens) * self.n_layers * self.d_ffn
         per = max(1, tokens)
         return {

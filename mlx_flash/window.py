@@ -61,7 +61,9 @@ class SlidingWindow:
         self.t = -1  # index of the current token
         self.stats = WindowStats()
         self.totals = WindowStats()
-        self._last = np.zeros(n_neurons, dtype=np.int64)  # token a member was last active (members only)
+        self._last = np.zeros(
+            n_neurons, dtype=np.int64
+        )  # token a member was last active (members only)
         self._members = np.zeros(0, dtype=np.int64)
         self._res = np.zeros(n_neurons, dtype=bool)  # scratch masks, all False between calls
         self._keep = np.zeros(n_neurons, dtype=bool)

@@ -42,15 +42,35 @@ def stories(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(stories):
-    return bench.run_bench(stories, ffn_share=0.5, prompt="Once upon a time", tokens=8, selector=sparse_selector(),
-                           window=4, pin_share=0.5, reference=True, progress=False)
+    return bench.run_bench(
+        stories,
+        ffn_share=0.5,
+        prompt="Once upon a time",
+        tokens=8,
+        selector=sparse_selector(),
+        window=4,
+        pin_share=0.5,
+        reference=True,
+        progress=False,
+    )
 
 
 def test_report_structure(report):
     rows = report["configs"]
-    assert [(r["index"], r["name"]) for r in rows] == [(1, "naive"), (2, "hybrid"), (3, "+selector"), (4, "+window"),
-                                                       (5, "+bundling")]
-    assert [r["layout"] for r in rows] == ["bundled", "bundled", "unbundled", "unbundled", "bundled"]
+    assert [(r["index"], r["name"]) for r in rows] == [
+        (1, "naive"),
+        (2, "hybrid"),
+        (3, "+selector"),
+        (4, "+window"),
+        (5, "+bundling"),
+    ]
+    assert [r["layout"] for r in rows] == [
+        "bundled",
+        "bundled",
+        "unbundled",
+        "unbundled",
+        "bundled",
+    ]
     assert [r["selector"] for r in rows] == ["DenseSelector"] * 2 + ["FixedSelector"] * 3
     assert [r["window"] for r in rows] == [0, 4, 0, 4, 4]
     assert rows[0]["pinned_rows"] == 0 and all(r["pinned_rows"] > 0 for r in rows[1:])
@@ -61,18 +81,25 @@ def test_report_structure(report):
         assert r["ffn_bytes_per_token"] > 0 and r["limit_ms_per_token"] > 0
     mem = report["memory"]
     assert mem["ffn_share"] == pytest.approx(0.5, abs=0.01)
-    assert mem["total"] == mem["trunk"] + mem["kv_cache"] + mem["temporaries"] + mem["selector"] + mem["buffers"]
+    assert (
+        mem["total"]
+        == mem["trunk"] + mem["kv_cache"] + mem["temporaries"] + mem["selector"] + mem["buffers"]
+    )
     assert report["physical_limit_ms"] == rows[-1]["limit_ms_per_token"]
     json.dumps(report)  # the --json output
     text = bench.format_report(report)
-    assert "naive" in text and "+bundling" in text and "physical limit" in text and "in memory" in text
+    assert (
+        "naive" in text and "+bundling" in text and "physical limit" in text and "in memory" in text
+    )
 
 
 def test_naive_reads_the_whole_ffn_and_exact_configs_match_plain_mlx_lm(report, stories):
     naive, hybrid = report["configs"][:2]
     ffn = read_manifest(stories).ffn_bytes()
     assert naive["ffn_bytes_per_token"] == ffn and naive["fraction_loaded"] == 1.0
-    assert hybrid["ffn_bytes_per_token"] == pytest.approx(ffn / 2, rel=0.02)  # the FFN cache share stays
+    assert hybrid["ffn_bytes_per_token"] == pytest.approx(
+        ffn / 2, rel=0.02
+    )  # the FFN cache share stays
     assert naive["mean_read_bytes"] > 16 * 1024  # large sequential reads, not neuron by neuron
     plain, pinned = report["references"]
     assert plain["tokens"] == pinned["tokens"] == naive["tokens"] == hybrid["tokens"]
@@ -92,8 +119,21 @@ def test_bytes_fall_from_naive_to_window_and_bundling_only_cuts_reads(report):
 
 def test_cli_writes_json_and_plot(stories, tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    argv = ["--model", str(stories), "--ffn-cache", "50%", "--tokens", "3", "--selector", "dense", "--configs", "1,5",
-            "--no-reference", "--json", str(out)]
+    argv = [
+        "--model",
+        str(stories),
+        "--ffn-cache",
+        "50%",
+        "--tokens",
+        "3",
+        "--selector",
+        "dense",
+        "--configs",
+        "1,5",
+        "--no-reference",
+        "--json",
+        str(out),
+    ]
     if _has_matplotlib():
         argv += ["--plot", str(png)]
     assert bench.main(argv) == 0
@@ -106,9 +146,20 @@ def test_cli_writes_json_and_plot(stories, tmp_path, capsys):
 
 def test_memory_budget_sets_the_share(stories, report):
     budget = report["memory"]["total"]  # what --ffn-cache 50% implies
-    result = bench.run_bench(stories, memory_budget=budget, prompt="Once upon a time", tokens=8, selector="dense",
-                             setups=(1,), reference=False, progress=False)
-    assert result["memory"]["ffn_share"] == pytest.approx(0.5, abs=0.01) and result["memory"]["total"] <= budget
+    result = bench.run_bench(
+        stories,
+        memory_budget=budget,
+        prompt="Once upon a time",
+        tokens=8,
+        selector="dense",
+        setups=(1,),
+        reference=False,
+        progress=False,
+    )
+    assert (
+        result["memory"]["ffn_share"] == pytest.approx(0.5, abs=0.01)
+        and result["memory"]["total"] <= budget
+    )
 
 
 def test_bench_rejects_both_or_neither_budget(stories):
@@ -143,7 +194,9 @@ def test_layout_sibling_is_cached_and_follows_the_source(stories, tmp_path):
 
 
 def test_window_zero_keeps_nothing_between_tokens(stories):
-    model, _ = mlx_flash.load(stories, "1GB", ffn_share=0.5, pin_share=0.0, window=0, selector=sparse_selector())
+    model, _ = mlx_flash.load(
+        stories, "1GB", ffn_share=0.5, pin_share=0.0, window=0, selector=sparse_selector()
+    )
     model(mx.array([[1, 2, 3]]))
     for _ in range(2):
         model(mx.array([[4]]))

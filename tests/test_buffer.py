@@ -25,7 +25,9 @@ def reference(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "gate": rng.standard_normal((N_NEURONS, 5)).astype(np.float32),
-        "down": (rng.standard_normal((N_NEURONS, 3)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16),
+        "down": (
+            rng.standard_normal((N_NEURONS, 3)).astype(np.float32).view(np.uint32) >> 16
+        ).astype(np.uint16),
         "gate.scales": rng.integers(0, 2**32, (N_NEURONS, 2), dtype=np.uint32),
         "up_bias": rng.standard_normal((N_NEURONS, 1)).astype(np.float32),
     }
@@ -65,7 +67,10 @@ def check(buf: NeuronBuffer, ref: dict[str, np.ndarray], expected: set[int]) -> 
     np.testing.assert_array_equal(buf.slots_of(neurons), np.arange(buf.n_used))
     all_ids = np.arange(N_NEURONS)
     np.testing.assert_array_equal(buf.resident(all_ids), [i in expected for i in all_ids])
-    for name, a in buf.arrays().items():  # read back through MLX: proves the numpy views share memory
+    for (
+        name,
+        a,
+    ) in buf.arrays().items():  # read back through MLX: proves the numpy views share memory
         assert a.shape == (buf.n_used, PARTS[name][0]) and a.dtype == PARTS[name][1]
         np.testing.assert_array_equal(as_stored(name, a), ref[name][neurons])
 
@@ -154,7 +159,9 @@ def test_fence_evaluates_pending_outputs_before_rows_change():
     out = lazy_sum(buf)
     buf.fence(out)
     buf.append([30])  # appends also wait: a pending computation may have used a longer slice
-    np.testing.assert_allclose(np.array(out), (ref["gate"][buf.neurons[:-1]] * 2).sum(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(out), (ref["gate"][buf.neurons[:-1]] * 2).sum(axis=0), rtol=1e-6
+    )
 
 
 def test_without_fence_a_lazy_output_sees_the_new_rows():

@@ -104,11 +104,16 @@ def _in_thread(fn, *args):
 
 def test_two_models_in_one_process_interleaved_token_by_token(flash):
     """Two architectures, plus the same directory loaded twice with other budgets, stepped in lockstep."""
-    alone = {"llama": _alone(flash["llama"]), "qwen2": _alone(flash["qwen2"]),
-             "llama-full": _alone(flash["llama"], ffn_share=1.0)}
-    models = {"llama": mlx_flash.load(flash["llama"], "1GB", **_options())[0],
-              "qwen2": mlx_flash.load(flash["qwen2"], "1GB", **_options())[0],
-              "llama-full": mlx_flash.load(flash["llama"], "1GB", **_options(ffn_share=1.0))[0]}
+    alone = {
+        "llama": _alone(flash["llama"]),
+        "qwen2": _alone(flash["qwen2"]),
+        "llama-full": _alone(flash["llama"], ffn_share=1.0),
+    }
+    models = {
+        "llama": mlx_flash.load(flash["llama"], "1GB", **_options())[0],
+        "qwen2": mlx_flash.load(flash["qwen2"], "1GB", **_options())[0],
+        "llama-full": mlx_flash.load(flash["llama"], "1GB", **_options(ffn_share=1.0))[0],
+    }
     got = {name: ([], []) for name in models}
     for steps in zip(*(_steps(m) for m in models.values())):
         for name, ((token, lp), _) in zip(models, steps):
@@ -167,7 +172,9 @@ def test_overlapping_use_of_one_model_is_refused_clearly(flash):
         return np.arange(0, d_ffn, 2)
 
     options = _options(selector=FixedSelector(choose), window=1)
-    expected = _alone(flash["llama"], selector=FixedSelector(lambda layer, x: np.arange(0, d_ffn, 2)), window=1)
+    expected = _alone(
+        flash["llama"], selector=FixedSelector(lambda layer, x: np.arange(0, d_ffn, 2)), window=1
+    )
     model, _ = mlx_flash.load(flash["llama"], "1GB", **options)
     box = {}
 

@@ -58,7 +58,9 @@ def test_round_trip_float32_is_exact(arch, tmp_path):
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
 def test_round_trip_half_precision_and_layouts(dtype, layout, tmp_path):
     src, source = save_tiny_model("phi", tmp_path / "src", dtype=dtype)  # biases and GELU
-    out = convert(src, tmp_path / "flash", layout=layout, align=4096 if layout == "unbundled" else 0, **QUIET)
+    out = convert(
+        src, tmp_path / "flash", layout=layout, align=4096 if layout == "unbundled" else 0, **QUIET
+    )
     manifest = read_manifest(out)
     assert manifest.dtype == {mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
     assert len(manifest.layers[0].regions) == (1 if layout == "bundled" else 2)
@@ -75,11 +77,15 @@ def test_bundled_record_holds_the_whole_neuron(tmp_path):
     region = manifest.layers[1].regions[0]
     assert [p.name for p in region.parts] == ["gate", "up", "down"]
     raw = np.fromfile(out / manifest.store_file, dtype=np.uint8)
-    record = raw[region.offset + 5 * region.record_stride:][: region.record_size].view(np.float32)
+    record = raw[region.offset + 5 * region.record_stride :][: region.record_size].view(np.float32)
     d = manifest.d_model
     np.testing.assert_array_equal(record[:d], _np(source["model.layers.1.mlp.gate_proj.weight"])[5])
-    np.testing.assert_array_equal(record[d:2 * d], _np(source["model.layers.1.mlp.up_proj.weight"])[5])
-    np.testing.assert_array_equal(record[2 * d:], _np(source["model.layers.1.mlp.down_proj.weight"])[:, 5])
+    np.testing.assert_array_equal(
+        record[d : 2 * d], _np(source["model.layers.1.mlp.up_proj.weight"])[5]
+    )
+    np.testing.assert_array_equal(
+        record[2 * d :], _np(source["model.layers.1.mlp.down_proj.weight"])[:, 5]
+    )
     assert not list(out.glob("ffn*.safetensors")) and (out / "ffn_store.bin").is_file()
 
 
@@ -92,7 +98,9 @@ def test_quantized_store_matches_mlx_quantization(bits, tmp_path):
     assert manifest.neuron_bytes() == 3 * (64 * bits // 8 + 2 * (64 // 32) * 4)
     for name, value in dense_ffn_weights(out).items():
         w = source[name] if "down_proj" not in name else source[name].T
-        expected = mx.dequantize(*mx.quantize(w, group_size=32, bits=bits), group_size=32, bits=bits)
+        expected = mx.dequantize(
+            *mx.quantize(w, group_size=32, bits=bits), group_size=32, bits=bits
+        )
         expected = expected if "down_proj" not in name else expected.T
         np.testing.assert_allclose(_np(value), _np(expected), atol=1e-6, err_msg=name)
         step = (_np(source[name]).max() - _np(source[name]).min()) / (2**bits - 1)
@@ -115,8 +123,12 @@ def test_quantized_source_stays_quantized(tmp_path):
     with StoreReader(out, manifest, threads=1) as reader:
         parts = _layer_parts(reader, manifest, 0)
     # gate/up rows are the source's packed words, untouched; down was re-quantized along d_model
-    np.testing.assert_array_equal(np.array(parts["gate"]), np.array(params["model.layers.0.mlp.gate_proj.weight"]))
-    np.testing.assert_array_equal(np.array(parts["up"]), np.array(params["model.layers.0.mlp.up_proj.weight"]))
+    np.testing.assert_array_equal(
+        np.array(parts["gate"]), np.array(params["model.layers.0.mlp.gate_proj.weight"])
+    )
+    np.testing.assert_array_equal(
+        np.array(parts["up"]), np.array(params["model.layers.0.mlp.up_proj.weight"])
+    )
     assert parts["gate"].dtype == mx.uint32 and parts["down"].shape == parts["up"].shape
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
 
@@ -176,7 +188,11 @@ def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
     src, _ = save_tiny_model("llama", tmp_path / "src")
     import shutil as shutil_module
 
-    monkeypatch.setattr(shutil_module, "disk_usage", lambda _: shutil_module._ntuple_diskusage(1 << 30, 1 << 30, 1000))
+    monkeypatch.setattr(
+        shutil_module,
+        "disk_usage",
+        lambda _: shutil_module._ntuple_diskusage(1 << 30, 1 << 30, 1000),
+    )
     with pytest.raises(FlashError, match="not enough free disk"):
         convert(src, tmp_path / "flash", **QUIET)
     assert not (tmp_path / "flash").exists()
@@ -185,8 +201,12 @@ def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
 def test_cli_converts_and_verifies(tmp_path):
     src, _ = save_tiny_model("nemotron", tmp_path / "src")
     out = tmp_path / "flash"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mlx_flash.convert", *a], capture_output=True, text=True,  # noqa: E731
-                                    env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "mlx_flash.convert", *a],
+        capture_output=True,
+        text=True,  # noqa: E731
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
     done = run(str(src), str(out), "--dtype", "float16")
     assert done.returncode == 0, done.stderr
     assert read_manifest(out).dtype == "float16"
@@ -194,7 +214,9 @@ def test_cli_converts_and_verifies(tmp_path):
     again = run(str(src), str(out))
     assert again.returncode == 1 and "--force" in again.stderr and "Traceback" not in again.stderr
     missing = run(str(tmp_path / "nope"), str(tmp_path / "o2"))
-    assert missing.returncode == 1 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 1 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    )
 
 
 MEMBUDGET = Path(__file__).resolve().parents[2] / "shared" / "tools" / "membudget"
@@ -209,19 +231,50 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
             pytest.fail("membudget needs root and ../shared/tools/membudget")
         pytest.skip("membudget needs root and ../shared/tools/membudget")
     out = tmp_path / "flash"
-    done = subprocess.run([sys.executable, str(MEMBUDGET), "300M", "--", sys.executable, "-m", "mlx_flash.convert",
-                           str(smollm2_gguf), str(out), "--dtype", "float32", "--no-calibration"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(MEMBUDGET),
+            "300M",
+            "--",
+            sys.executable,
+            "-m",
+            "mlx_flash.convert",
+            str(smollm2_gguf),
+            str(out),
+            "--dtype",
+            "float32",
+            "--no-calibration",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "exit 0" in done.stderr
-    weights = sum(f.stat().st_size for f in out.glob("model*.safetensors")) + (out / "ffn_store.bin").stat().st_size
+    weights = (
+        sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+        + (out / "ffn_store.bin").stat().st_size
+    )
     assert weights > 530e6  # the model really is bigger than the budget
     assert verify(out, progress=False) == []
     # calibration runs the dense model (trunk in DRAM, FFN streamed layer by layer) and trains the
     # predictors under the budget the runtime itself needs (tests/test_reliability.py: 457 MiB)
-    done = subprocess.run([sys.executable, str(MEMBUDGET), "457M", "--", sys.executable, "-m",
-                           "mlx_flash.convert.calibrate", str(out), "--max-tokens", "4096"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(MEMBUDGET),
+            "457M",
+            "--",
+            sys.executable,
+            "-m",
+            "mlx_flash.convert.calibrate",
+            str(out),
+            "--max-tokens",
+            "4096",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "exit 0" in done.stderr, done.stderr[-2000:]
     meta = read_manifest(out).extra
     assert meta["calibration"]["tokens"] == 4096 and len(meta["predictor"]["recall"]) == 30

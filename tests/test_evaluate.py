@@ -57,7 +57,7 @@ def test_evaluate_reports_what_the_runtime_computes(relu2, text):
     for window in text_windows(tokenizer, text, 24, 2):
         cache = make_prompt_cache(model)
         for t in range(23):
-            logits = model(mx.array(window[t:t + 1])[None], cache=cache)[0, -1]
+            logits = model(mx.array(window[t : t + 1])[None], cache=cache)[0, -1]
             losses.append(nn.losses.cross_entropy(logits, mx.array(window[t + 1])).item())
     summary = model.flash.telemetry.summary()
     assert result["perplexity"] == pytest.approx(math.exp(np.mean(losses)), rel=1e-6)
@@ -65,14 +65,36 @@ def test_evaluate_reports_what_the_runtime_computes(relu2, text):
         assert result[key] == pytest.approx(summary[key], rel=1e-9)
     assert result["selector"] == "predictor" and result["sparsity"] is None
     assert result["fraction_loaded"] < result["fraction_used"] < result["fraction_computed"] < 1
-    assert 0.5 < result["recall"] <= 1 and result["fraction_truly_active"] < result["fraction_predicted"]
-    assert abs(result["perplexity_change"]) < 0.05  # natural zeros, a good predictor: close to dense
+    assert (
+        0.5 < result["recall"] <= 1
+        and result["fraction_truly_active"] < result["fraction_predicted"]
+    )
+    assert (
+        abs(result["perplexity_change"]) < 0.05
+    )  # natural zeros, a good predictor: close to dense
 
 
 def test_cli_writes_json(relu2, text, tmp_path, capsys):
     out = tmp_path / "result.json"
-    assert main(["--model", str(relu2), "--data", str(text), "--selector", "predictor", "--seq-len", "16",
-                 "--max-windows", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(relu2),
+                "--data",
+                str(text),
+                "--selector",
+                "predictor",
+                "--seq-len",
+                "16",
+                "--max-windows",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert len(result["per_layer"]["recall"]) == 8 and result["window"] == 4
     assert "perplexity" in capsys.readouterr().out
@@ -91,9 +113,13 @@ def test_relu2_meets_the_papers_bounds_on_wikitext_test(tmp_path):
     perplexity within 2% of dense, and with k=4 at most a third of the used neurons loaded per token.
     Measured (16 windows of 256): recall 0.976, predicted 0.196 vs active 0.135, -0.03%, loaded/used 0.155."""
     out = convert(RELU2_DIR, tmp_path / "flash", calibration="builtin", **QUIET)
-    result = evaluate(out, WIKITEXT, selector="predictor", window=4, seq_len=256, max_windows=4, progress=False)
+    result = evaluate(
+        out, WIKITEXT, selector="predictor", window=4, seq_len=256, max_windows=4, progress=False
+    )
     assert result["recall"] >= 0.95
     assert result["fraction_predicted"] <= 2 * result["fraction_truly_active"]
     assert abs(result["perplexity_change"]) <= 0.02
     assert result["loaded_per_used"] <= 1 / 3
-    assert 0.6 < 1 - result["fraction_truly_active"] < 0.95  # natural sparsity: most neurons are exact zeros
+    assert (
+        0.6 < 1 - result["fraction_truly_active"] < 0.95
+    )  # natural sparsity: most neurons are exact zeros

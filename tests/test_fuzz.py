@@ -28,8 +28,13 @@ from mlx_flash.manifest import MANIFEST_FILE, check_trunk_file, parse_manifest, 
 from mlx_flash.store import StoreReader
 from tiny_models import save_tiny_model
 
-FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=300,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 QUIET = {"progress": False, "log": lambda *_: None}
 
 
@@ -42,20 +47,55 @@ def flash(tmp_path_factory) -> Path:
 
 
 _scalar = st.one_of(
-    st.none(), st.booleans(), st.text(max_size=12),
-    st.integers(-3, 3), st.integers(-(2**70), 2**70), st.sampled_from([0, 1, 63, 64, 128, 4096, 2**31, 2**63]),
+    st.none(),
+    st.booleans(),
+    st.text(max_size=12),
+    st.integers(-3, 3),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, 63, 64, 128, 4096, 2**31, 2**63]),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["mlx_flash", "float32", "float16", "bfloat16", "uint32", "bundled", "unbundled", "phi",
-                     "llama", "gate", "up", "down", "sha256", "md5", "no-such-hash", "ffn_store.bin", "../ffn_store.bin", ""]),
+    st.sampled_from(
+        [
+            "mlx_flash",
+            "float32",
+            "float16",
+            "bfloat16",
+            "uint32",
+            "bundled",
+            "unbundled",
+            "phi",
+            "llama",
+            "gate",
+            "up",
+            "down",
+            "sha256",
+            "md5",
+            "no-such-hash",
+            "ffn_store.bin",
+            "../ffn_store.bin",
+            "",
+        ]
+    ),
 )
-_json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                     max_leaves=12)
+_json = st.recursive(
+    _scalar,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
     """Every key path into a decoded JSON document (the root excluded)."""
     out = []
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
     for key, value in items:
         out.append(prefix + (key,))
         out += _paths(value, prefix + (key,))
@@ -71,7 +111,11 @@ def _mutate(doc: Any, path: tuple, action: str, value: Any) -> Any:
         del parent[path[-1]]
     elif action == "replace":
         parent[path[-1]] = value
-    elif action == "nudge" and isinstance(parent[path[-1]], int) and not isinstance(parent[path[-1]], bool):
+    elif (
+        action == "nudge"
+        and isinstance(parent[path[-1]], int)
+        and not isinstance(parent[path[-1]], bool)
+    ):
         parent[path[-1]] += value if isinstance(value, int) and not isinstance(value, bool) else 1
     return doc
 
@@ -83,8 +127,13 @@ def _use_like_the_runtime(directory: Path) -> None:
     with StoreReader(directory, manifest, threads=2) as reader:
         for layer in manifest.layers:
             ids = np.arange(0, manifest.d_ffn, max(1, manifest.d_ffn // 7))[:8]
-            dest = {p.name: np.zeros((ids.size, p.length), np.uint32 if p.dtype == "uint32" else np.float32)
-                    for r in layer.regions for p in r.parts}
+            dest = {
+                p.name: np.zeros(
+                    (ids.size, p.length), np.uint32 if p.dtype == "uint32" else np.float32
+                )
+                for r in layer.regions
+                for p in r.parts
+            }
             reader.read_neurons(layer.index, ids, dest, np.arange(ids.size))
             for name in layer.blobs:
                 reader.read_blob(layer.index, name, np.float32)
@@ -114,8 +163,17 @@ def test_manifest_with_a_field_replaced_or_removed_fails_cleanly(flash, tmp_path
     original = json.loads((flash / MANIFEST_FILE).read_text())
     paths = _paths(original)
     top = [p for p in paths if len(p) == 1]  # as likely as the many per-layer fields
-    edits = data.draw(st.lists(st.tuples(st.sampled_from(top) | st.sampled_from(paths), st.sampled_from(["replace", "delete", "nudge"]),
-                                         _scalar | _json), min_size=1, max_size=3))
+    edits = data.draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(top) | st.sampled_from(paths),
+                st.sampled_from(["replace", "delete", "nudge"]),
+                _scalar | _json,
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
     doc = original
     for path, action, value in edits:
         try:
@@ -132,7 +190,9 @@ def test_manifest_with_a_field_replaced_or_removed_fails_cleanly(flash, tmp_path
 @given(data=st.data())
 def test_manifest_with_damaged_bytes_fails_cleanly(flash, tmp_path_factory, data):
     raw = bytearray((flash / MANIFEST_FILE).read_bytes())
-    edits = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=6))
+    edits = data.draw(
+        st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=6)
+    )
     for position, value in edits:
         raw[position] = value
     cut = data.draw(st.none() | st.integers(0, len(raw)))
@@ -148,9 +208,16 @@ def test_trunk_header_damage_is_caught_by_the_header_check(flash, tmp_path_facto
     check loads in MLX (so the loader never sees MLX's own errors for these)."""
     raw = bytearray((flash / "model.safetensors").read_bytes())
     header_end = 8 + int.from_bytes(raw[:8], "little")
-    edits = data.draw(st.lists(st.tuples(st.integers(0, header_end - 1),
-                                         st.sampled_from([0x00, 0x20, 0x22, 0x2C, 0x30, 0x39, 0x5B, 0x7B, 0xFF]) | st.integers(0, 255)),
-                               max_size=4))
+    edits = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, header_end - 1),
+                st.sampled_from([0x00, 0x20, 0x22, 0x2C, 0x30, 0x39, 0x5B, 0x7B, 0xFF])
+                | st.integers(0, 255),
+            ),
+            max_size=4,
+        )
+    )
     for position, value in edits:
         raw[position] = value
     cut = data.draw(st.none() | st.integers(0, len(raw)))
@@ -199,12 +266,20 @@ def _drop_part(doc: dict, layer: int, name: str) -> None:
 GEOMETRY = {
     "no layers": lambda doc: doc.update(layers=[]),
     "layer 1 lacks a part": lambda doc: _drop_part(doc, 1, "up_bias"),
-    "no down part anywhere": lambda doc: [_drop_part(doc, i, "down") for i in range(len(doc["layers"]))],
-    "a part shorter than d_model": lambda doc: _each_part(doc, "down", lambda p: p.update(length=p["length"] - 1)),
-    "a part the runtime does not know": lambda doc: _each_part(doc, "up_bias", lambda p: p.update(name="up_scale")),
+    "no down part anywhere": lambda doc: [
+        _drop_part(doc, i, "down") for i in range(len(doc["layers"]))
+    ],
+    "a part shorter than d_model": lambda doc: _each_part(
+        doc, "down", lambda p: p.update(length=p["length"] - 1)
+    ),
+    "a part the runtime does not know": lambda doc: _each_part(
+        doc, "up_bias", lambda p: p.update(name="up_scale")
+    ),
     "a gated manifest without gate rows": lambda doc: doc.update(gated=True),
     "an activation the runtime does not know": lambda doc: doc.update(activation="swish"),
-    "down bias of the wrong length": lambda doc: [layer["blobs"]["down_bias"].update(length=7) for layer in doc["layers"]],
+    "down bias of the wrong length": lambda doc: [
+        layer["blobs"]["down_bias"].update(length=7) for layer in doc["layers"]
+    ],
 }
 
 

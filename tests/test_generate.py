@@ -16,22 +16,57 @@ import pytest
 
 STORIES_START = ", there was a little girl named Lily. She loved to play outside in the park."
 STATS_KEYS = {
-    "model", "prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory_bytes",
-    "process_peak_rss_bytes", "memory_budget", "flash_bytes_per_token", "reads_per_token", "io_ms_per_token",
-    "compute_ms_per_token", "buffer_hit_rate", "fraction_used", "fraction_loaded", "fraction_computed",
-    "selector", "window", "threads", "page_cache", "per_token",
+    "model",
+    "prompt_tokens",
+    "prompt_tps",
+    "generation_tokens",
+    "generation_tps",
+    "peak_memory_bytes",
+    "process_peak_rss_bytes",
+    "memory_budget",
+    "flash_bytes_per_token",
+    "reads_per_token",
+    "io_ms_per_token",
+    "compute_ms_per_token",
+    "buffer_hit_rate",
+    "fraction_used",
+    "fraction_loaded",
+    "fraction_computed",
+    "selector",
+    "window",
+    "threads",
+    "page_cache",
+    "per_token",
 }
 
 
-def run(*args: str, stdin: str | None = None, module: str = "mlx_flash.generate") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *module.split(), *args], capture_output=True, text=True,
-                          input=stdin, timeout=300)
+def run(
+    *args: str, stdin: str | None = None, module: str = "mlx_flash.generate"
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *module.split(), *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+    )
 
 
 def test_stories_streams_the_reference_story_with_stats(stories_flash, tmp_path):
     stats_file = tmp_path / "stats.json"
-    done = run("--model", str(stories_flash), "--prompt", "Once upon a time", "--max-tokens", "40",
-               "--ffn-cache", "0.34", "--stats-json", str(stats_file), "--stats-per-token")
+    done = run(
+        "--model",
+        str(stories_flash),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "40",
+        "--ffn-cache",
+        "0.34",
+        "--stats-json",
+        str(stats_file),
+        "--stats-per-token",
+    )
     assert done.returncode == 0, done.stderr
     assert STORIES_START in done.stdout
     assert "Generation: 40 tokens" in done.stdout and "MB/token" in done.stdout
@@ -48,17 +83,29 @@ def test_stories_streams_the_reference_story_with_stats(stories_flash, tmp_path)
 
 
 def test_quiet_output_and_prompt_from_stdin(stories_flash):
-    done = run("--model", str(stories_flash), "--prompt", "-", "--max-tokens", "12", "--verbose", "False",
-               stdin="Once upon a time")
+    done = run(
+        "--model",
+        str(stories_flash),
+        "--prompt",
+        "-",
+        "--max-tokens",
+        "12",
+        "--verbose",
+        "False",
+        stdin="Once upon a time",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(", there was a little girl") and "Generation:" not in done.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--selector", "bogus"], "unknown selector"),
-    (["--memory-budget", "1KB"], "too small"),
-    (["--memory-budget", "lots"], "cannot read size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--selector", "bogus"], "unknown selector"),
+        (["--memory-budget", "1KB"], "too small"),
+        (["--memory-budget", "lots"], "cannot read size"),
+    ],
+)
 def test_bad_arguments_give_one_clear_line(stories_flash, args, message):
     done = run("--model", str(stories_flash), "--max-tokens", "2", *args)
     assert done.returncode == 1
@@ -71,7 +118,11 @@ def test_missing_and_non_flash_models_are_refused(tmp_path):
     assert missing.returncode == 1 and "nowhere: no such file" in missing.stderr
     (tmp_path / "empty").mkdir()
     empty = run("--model", str(tmp_path / "empty"))
-    assert empty.returncode == 1 and "not a flash model directory" in empty.stderr and "Traceback" not in empty.stderr
+    assert (
+        empty.returncode == 1
+        and "not a flash model directory" in empty.stderr
+        and "Traceback" not in empty.stderr
+    )
     debug = run("--model", str(tmp_path / "empty"), "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
@@ -83,7 +134,9 @@ def _mlx_lm_text(output: str) -> str:
 def test_mlx_lm_generate_matches_mlx_flash_generate(stories_flash):
     prompt = ["--prompt", "Once upon a time", "--max-tokens", "30", "--ignore-chat-template"]
     ours = run("--model", str(stories_flash), "--verbose", "False", *prompt)
-    stock = run("--model", str(stories_flash), "--trust-remote-code", *prompt, module="mlx_lm generate")
+    stock = run(
+        "--model", str(stories_flash), "--trust-remote-code", *prompt, module="mlx_lm generate"
+    )
     assert ours.returncode == 0 and stock.returncode == 0, stock.stderr
     assert _mlx_lm_text(stock.stdout) == ours.stdout.strip()
     refused = run("--model", str(stories_flash), *prompt, module="mlx_lm generate")
@@ -91,8 +144,16 @@ def test_mlx_lm_generate_matches_mlx_flash_generate(stories_flash):
 
 
 def test_smollm2_chat_answers_paris(smollm2_flash):
-    done = run("--model", str(smollm2_flash), "--prompt", "What is the capital of France?", "--max-tokens", "12",
-               "--ffn-cache", "0.5")
+    done = run(
+        "--model",
+        str(smollm2_flash),
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "12",
+        "--ffn-cache",
+        "0.5",
+    )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout.split("==========")[1]
 
@@ -105,9 +166,24 @@ def _free_port() -> int:
 
 def test_mlx_lm_server_serves_two_concurrent_requests(stories_flash):
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(stories_flash),
-                               "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(stories_flash),
+            "--trust-remote-code",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -120,8 +196,11 @@ def test_mlx_lm_server_serves_two_concurrent_requests(stories_flash):
 
         def complete(prompt: str) -> str:
             body = json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0.0}).encode()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                             {"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                body,
+                {"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(request, timeout=120) as r:
                 return json.loads(r.read())["choices"][0]["text"]
 

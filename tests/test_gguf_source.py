@@ -100,10 +100,13 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int]):
     import sentencepiece
 
     pieces = b"".join(
-        _field(1, _field(1, t) + _field(2, float(s)) + _field(3, int(k))) for t, s, k in zip(tokens, scores, types)
+        _field(1, _field(1, t) + _field(2, float(s)) + _field(3, int(k)))
+        for t, s, k in zip(tokens, scores, types)
     )
     trainer = _field(3, 2) + _field(35, 1)  # model_type = BPE, byte_fallback
-    normalizer = _field(1, "identity") + _field(3, 1) + _field(4, 0)  # add_dummy_prefix, keep extra spaces
+    normalizer = (
+        _field(1, "identity") + _field(3, 1) + _field(4, 0)
+    )  # add_dummy_prefix, keep extra spaces
     proto = pieces + _field(2, trainer) + _field(3, normalizer)
     return sentencepiece.SentencePieceProcessor(model_proto=proto)
 
@@ -113,7 +116,9 @@ def test_stories260k_tokenizer_matches_sentencepiece(stories):
     from tokenizers import Tokenizer
 
     reader = gguf.GGUFReader(STORIES)
-    vocab = (reader.fields[f"tokenizer.ggml.{f}"].contents() for f in ("tokens", "scores", "token_type"))
+    vocab = (
+        reader.fields[f"tokenizer.ggml.{f}"].contents() for f in ("tokens", "scores", "token_type")
+    )
     reference = sentencepiece_bpe(*vocab)
     ours = Tokenizer.from_file(str(stories[1] / "tokenizer.json"))
     shakespeare = (SHARED / "data" / "tinyshakespeare.txt").read_text().splitlines()[:400]
@@ -133,15 +138,21 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     source, tokenizer_dir = smollm2
     assert source.description.endswith("(llama, Q4_1)")
     assert source.config["tie_word_embeddings"] and "lm_head.weight" not in source.tensors
-    assert source.tensors["model.layers.0.mlp.up_proj.weight"]().dtype == mx.float32  # Q4_1 dequantized
+    assert (
+        source.tensors["model.layers.0.mlp.up_proj.weight"]().dtype == mx.float32
+    )  # Q4_1 dequantized
     tokenizer = load_tokenizer(tokenizer_dir)
-    first = next(stream_generate(load_model(source), tokenizer, "The capital of France is", max_tokens=1))
+    first = next(
+        stream_generate(load_model(source), tokenizer, "The capital of France is", max_tokens=1)
+    )
     assert tokenizer.convert_ids_to_tokens(first.token) == "ĠParis"
 
 
 def test_smollm2_tokenizer_round_trips_and_keeps_chat_tokens(smollm2):
     tokenizer = load_tokenizer(smollm2[1])
-    assert tokenizer.encode("The capital") == tokenizer.encode("The") + tokenizer.encode(" capital")  # no BOS
+    assert tokenizer.encode("The capital") == tokenizer.encode("The") + tokenizer.encode(
+        " capital"
+    )  # no BOS
     for text in ROUND_TRIP_TEXTS:
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert tokenizer.encode("<|im_start|>user") == [1] + tokenizer.encode("user")
@@ -151,11 +162,19 @@ def test_smollm2_tokenizer_round_trips_and_keeps_chat_tokens(smollm2):
 
 # --- every supported architecture, through a GGUF written the way llama.cpp's converter writes it ---
 
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
-              "gemma3": "gemma3_text"}
+GGUF_ARCHS = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
 
 
-def write_like_llama_cpp(path: Path, arch: str, model, config: dict, types: dict[str, int] | None = None) -> None:
+def write_like_llama_cpp(
+    path: Path, arch: str, model, config: dict, types: dict[str, int] | None = None
+) -> None:
     """A GGUF of ``model`` with llama.cpp's names, Q/K interleave (llama) and +1 norms (Gemma)."""
     from mlx_lm.gguf import permute_weights
 
@@ -178,7 +197,9 @@ def write_like_llama_cpp(path: Path, arch: str, model, config: dict, types: dict
         if arch == "llama" and ".q_proj." in name:
             array = np.array(permute_weights(value, config["num_attention_heads"]))
         if arch == "llama" and ".k_proj." in name:
-            array = np.array(permute_weights(value, config["num_attention_heads"], config["num_key_value_heads"]))
+            array = np.array(
+                permute_weights(value, config["num_attention_heads"], config["num_key_value_heads"])
+            )
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1
         gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -207,7 +228,9 @@ def test_each_architecture_reads_back_the_model_it_was_written_from(arch, tmp_pa
     original = dict(tree_flatten(model.parameters()))
     assert source.tensors.keys() == original.keys()
     for name, load in source.tensors.items():
-        assert mx.allclose(load(), original[name], rtol=0, atol=1e-6).item(), name  # Gemma norms: +1 -1
+        assert mx.allclose(load(), original[name], rtol=0, atol=1e-6).item(), (
+            name
+        )  # Gemma norms: +1 -1
     tokens = mx.array([[1, 5, 9, 200, 3, 7]])
     assert mx.allclose(load_model(source)(tokens), model(tokens), atol=1e-4)
     with pytest.raises(UnsupportedModelError, match="no tokenizer"):
@@ -217,15 +240,22 @@ def test_each_architecture_reads_back_the_model_it_was_written_from(arch, tmp_pa
 def test_f16_stays_float16_and_quantized_tensors_dequantize_to_float32(tmp_path):
     model, config = build_model("llama")
     F16, Q8_0 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0
-    types = {"model.layers.0.mlp.down_proj.weight": F16, "model.layers.0.self_attn.q_proj.weight": Q8_0}
+    types = {
+        "model.layers.0.mlp.down_proj.weight": F16,
+        "model.layers.0.self_attn.q_proj.weight": Q8_0,
+    }
     write_like_llama_cpp(tmp_path / "m.gguf", "llama", model, config, types)
     source = open_gguf(tmp_path / "m.gguf")
     original = dict(tree_flatten(model.parameters()))
     down, q = (source.tensors[name]() for name in types)
     assert down.dtype == mx.float16
-    assert mx.array_equal(down, original["model.layers.0.mlp.down_proj.weight"].astype(mx.float16)).item()
+    assert mx.array_equal(
+        down, original["model.layers.0.mlp.down_proj.weight"].astype(mx.float16)
+    ).item()
     assert q.dtype == mx.float32
-    assert mx.allclose(q, original["model.layers.0.self_attn.q_proj.weight"], atol=0.01).item()  # Q8_0 error
+    assert mx.allclose(
+        q, original["model.layers.0.self_attn.q_proj.weight"], atol=0.01
+    ).item()  # Q8_0 error
     assert source.description.endswith("(llama, F32)")
 
 
@@ -233,8 +263,11 @@ def test_f16_stays_float16_and_quantized_tensors_dequantize_to_float32(tmp_path)
 
 
 def test_non_gguf_files_raise_format_errors_naming_the_file(tmp_path):
-    cases = {"text.gguf": b"this is not a gguf file at all", "empty.gguf": b"",
-             "truncated.gguf": STORIES.read_bytes()[:5000]}
+    cases = {
+        "text.gguf": b"this is not a gguf file at all",
+        "empty.gguf": b"",
+        "truncated.gguf": STORIES.read_bytes()[:5000],
+    }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(FlashFormatError, match=name):
@@ -251,30 +284,43 @@ def test_unknown_architecture_is_unsupported_and_lists_supported_ones(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedModelError, match="'mamba'.*" + ", ".join(SUPPORTED_ARCHITECTURES)):
+    with pytest.raises(
+        UnsupportedModelError, match="'mamba'.*" + ", ".join(SUPPORTED_ARCHITECTURES)
+    ):
         open_gguf(tmp_path / "mamba.gguf")
 
 
 def _structure_offsets() -> list[int]:
     """Where stories260K's key/value entries and tensor infos start: mutations there hit lengths and types."""
     reader = gguf.GGUFReader(STORIES)
-    return sorted({f.offset for f in reader.fields.values()} | {t.field.offset for t in reader.tensors})
+    return sorted(
+        {f.offset for f in reader.fields.values()} | {t.field.offset for t in reader.tensors}
+    )
 
 
 _HEADER = gguf.GGUFReader(STORIES).data_offset
 _position = st.one_of(
     st.integers(0, _HEADER - 1),
-    st.builds(lambda start, delta: min(start + delta, _HEADER - 1), st.sampled_from(_structure_offsets()),
-              st.integers(0, 47)),
+    st.builds(
+        lambda start, delta: min(start + delta, _HEADER - 1),
+        st.sampled_from(_structure_offsets()),
+        st.integers(0, 47),
+    ),
 )
 _flip = st.one_of(st.sampled_from([1 << bit for bit in range(8)]), st.integers(1, 255))  # XOR mask
 
 
 @settings(
-    max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
-@given(edits=st.lists(st.tuples(_position, _flip), min_size=1, max_size=6),
-       cut=st.one_of(st.none(), st.none(), st.none(), st.integers(0, _HEADER + 4096)))  # cut 1 time in 4
+@given(
+    edits=st.lists(st.tuples(_position, _flip), min_size=1, max_size=6),
+    cut=st.one_of(st.none(), st.none(), st.none(), st.integers(0, _HEADER + 4096)),
+)  # cut 1 time in 4
 def test_mutated_headers_raise_only_our_errors(edits, cut):
     data = bytearray(STORIES.read_bytes())
     for position, mask in edits:

@@ -51,7 +51,11 @@ def test_notebook_is_committed_clean_and_parametrized(name):
     first = code[0]
     assert "parameters" in first.get("metadata", {}).get("tags", [])
     source = "".join(first["source"])
-    for variable in ("MLX_FLASH_NOTEBOOK_MODEL", "MLX_FLASH_NOTEBOOK_OUT", "MLX_FLASH_NOTEBOOK_QUICK"):
+    for variable in (
+        "MLX_FLASH_NOTEBOOK_MODEL",
+        "MLX_FLASH_NOTEBOOK_OUT",
+        "MLX_FLASH_NOTEBOOK_QUICK",
+    ):
         assert variable in source
     assert nb["cells"][0]["cell_type"] == "markdown"  # it starts by saying what the reader will see
     for cell in code:  # plain Python a reader can copy (IPython magics aside)
@@ -66,10 +70,15 @@ def kernel(tmp_path_factory):
     root = tmp_path_factory.mktemp("jupyter")
     spec = root / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "mlx_flash tests", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "mlx_flash tests",
+                "language": "python",
+            }
+        )
+    )
     return root
 
 
@@ -78,7 +87,12 @@ def relu2_converted(tmp_path_factory) -> Path:
     """relu2-8m converted into a temporary directory of this module (not conftest's shared one: it gets calibrated)."""
     from mlx_flash.convert.converter import convert
 
-    return convert(RELU2_DIR, tmp_path_factory.mktemp("nb-relu2") / "flash", progress=False, log=lambda *_: None)
+    return convert(
+        RELU2_DIR,
+        tmp_path_factory.mktemp("nb-relu2") / "flash",
+        progress=False,
+        log=lambda *_: None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +121,9 @@ def disk_dir(tmp_path):
     shutil.rmtree(path)
 
 
-def run_notebook(name: str, kernel: Path, tmp_path: Path, monkeypatch, **env: str) -> tuple[dict, Path]:
+def run_notebook(
+    name: str, kernel: Path, tmp_path: Path, monkeypatch, **env: str
+) -> tuple[dict, Path]:
     """Execute examples/NAME.ipynb in a fresh kernel with the given MLX_FLASH_NOTEBOOK_* settings; returns the
     executed notebook and the folder its PNGs went to. A cell that raises fails the test with its traceback."""
     nbformat = _need("nbformat")
@@ -115,17 +131,24 @@ def run_notebook(name: str, kernel: Path, tmp_path: Path, monkeypatch, **env: st
     _need("matplotlib")
     figures = tmp_path / "figures"
     monkeypatch.setenv("JUPYTER_PATH", str(kernel))
-    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / "cache"))  # nothing lands in the user's cache
+    monkeypatch.setenv(
+        "MLX_FLASH_CACHE", str(tmp_path / "cache")
+    )  # nothing lands in the user's cache
     monkeypatch.setenv("MLX_FLASH_NOTEBOOK_OUT", str(figures))
     monkeypatch.setenv("MLX_FLASH_NOTEBOOK_QUICK", "1")
-    monkeypatch.delenv("MLX_FLASH_SMOLLM2_GGUF", raising=False)  # the default model must not be needed
+    monkeypatch.delenv(
+        "MLX_FLASH_SMOLLM2_GGUF", raising=False
+    )  # the default model must not be needed
     for key, value in env.items():
         monkeypatch.setenv(f"MLX_FLASH_NOTEBOOK_{key}", value)
     nb = nbformat.read(EXAMPLES / f"{name}.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=600,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     assert not errors, errors
     return nb, figures
 
@@ -134,14 +157,26 @@ def check_pngs(nb, figures: Path, names: list[str]) -> None:
     for name in names:
         data = (figures / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name
-    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    shown = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert len(shown) >= len(names)  # every saved figure is also shown in the notebook
 
 
 def test_quickstart(kernel, tmp_path, monkeypatch):
     """Convert stories260K (GGUF) into a temporary directory, load it with half the FFN, stream, plot telemetry."""
-    nb, figures = run_notebook("quickstart", kernel, tmp_path, monkeypatch, MODEL=str(STORIES_GGUF),
-                               WORK=str(tmp_path / "work"))
+    nb, figures = run_notebook(
+        "quickstart",
+        kernel,
+        tmp_path,
+        monkeypatch,
+        MODEL=str(STORIES_GGUF),
+        WORK=str(tmp_path / "work"),
+    )
     check_pngs(nb, figures, ["quickstart_telemetry"])
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "verify: OK" in text and "flash_bytes_per_token" in text
@@ -150,22 +185,38 @@ def test_quickstart(kernel, tmp_path, monkeypatch):
 
 def test_flash_probe(kernel, tmp_path, monkeypatch, relu2_converted, disk_dir):
     """A quick probe grid on the test's disk, and the store reader on relu2-8m."""
-    nb, figures = run_notebook("flash_probe", kernel, tmp_path, monkeypatch, MODEL=str(relu2_converted),
-                               PROBE_DIR=str(disk_dir))
+    nb, figures = run_notebook(
+        "flash_probe",
+        kernel,
+        tmp_path,
+        monkeypatch,
+        MODEL=str(relu2_converted),
+        PROBE_DIR=str(disk_dir),
+    )
     check_pngs(nb, figures, ["flash_probe_throughput", "flash_probe_grid", "flash_probe_reader"])
-    assert not any(p.name.startswith("mlx_flash-probe-") for p in disk_dir.iterdir())  # the probe file is gone
+    assert not any(
+        p.name.startswith("mlx_flash-probe-") for p in disk_dir.iterdir()
+    )  # the probe file is gone
 
 
 @pytest.mark.slow
 def test_memory_budget(kernel, tmp_path, monkeypatch, relu2_calibrated):
     """relu2-8m at shrinking budgets, dense and its trained predictor (slow: about 16 loads and generations)."""
-    nb, figures = run_notebook("memory_budget", kernel, tmp_path, monkeypatch, MODEL=str(relu2_calibrated))
+    nb, figures = run_notebook(
+        "memory_budget", kernel, tmp_path, monkeypatch, MODEL=str(relu2_calibrated)
+    )
     check_pngs(nb, figures, ["memory_budget"])
 
 
 @pytest.mark.slow
 def test_windowing_and_sparsity(kernel, tmp_path, monkeypatch, relu2_calibrated):
     """relu2-8m (natural sparsity) on WikiText-2: window sizes, then thresholds and the predictor (slow: ~9 evaluations)."""
-    nb, figures = run_notebook("windowing_and_sparsity", kernel, tmp_path, monkeypatch, MODEL=str(relu2_calibrated),
-                               DATA=str(WIKITEXT))
+    nb, figures = run_notebook(
+        "windowing_and_sparsity",
+        kernel,
+        tmp_path,
+        monkeypatch,
+        MODEL=str(relu2_calibrated),
+        DATA=str(WIKITEXT),
+    )
     check_pngs(nb, figures, ["windowing", "sparsity"])

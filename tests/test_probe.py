@@ -38,16 +38,28 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_probe_measures_every_cell_uncached(disk_dir):
-    result = probe.run_probe(disk_dir, 1 << 20, chunks=[4096, 65536], threads=[1, 2], seconds=0.05, progress=False)
-    assert [(c["chunk"], c["threads"]) for c in result["cells"]] == [(4096, 1), (4096, 2), (65536, 1), (65536, 2)]
-    assert all(c["bytes_per_s"] > 0 and c["reads"] > 0 and c["bytes"] == c["reads"] * c["chunk"] for c in result["cells"])
+    result = probe.run_probe(
+        disk_dir, 1 << 20, chunks=[4096, 65536], threads=[1, 2], seconds=0.05, progress=False
+    )
+    assert [(c["chunk"], c["threads"]) for c in result["cells"]] == [
+        (4096, 1),
+        (4096, 2),
+        (65536, 1),
+        (65536, 2),
+    ]
+    assert all(
+        c["bytes_per_s"] > 0 and c["reads"] > 0 and c["bytes"] == c["reads"] * c["chunk"]
+        for c in result["cells"]
+    )
     assert result["bypass"] in ("dontcache", "direct", "nocache")
     assert result["page_cache_after"] in (None, 0) or result["page_cache_after"] < 64 << 10
     assert list(disk_dir.iterdir()) == []  # the probe file is gone
     model = CostModel.from_json(result["model"])
     assert model.threads == (1, 2) and all(b > 0 for b in model.bandwidth)
     batches = result["batches"]  # the store reader timed on batches of random 4 KiB records
-    assert set(batches["ms_per_batch"]) == {"1", "2"} and all(ms > 0 for ms in batches["ms_per_batch"].values())
+    assert set(batches["ms_per_batch"]) == {"1", "2"} and all(
+        ms > 0 for ms in batches["ms_per_batch"].values()
+    )
     assert model.batch_threads == batches["best_threads"] == model.reader_threads(4096)
     text = probe.format_probe(result)
     assert "4 KiB" in text and "64 KiB" in text and "fitted cost model" in text
@@ -61,8 +73,22 @@ def test_probe_refuses_a_ram_disk(monkeypatch, disk_dir):
 
 def test_probe_cli_writes_json_and_saves_for_the_runtime(disk_dir, cache, tmp_path, capsys):
     out = tmp_path / "probe.json"
-    argv = ["--path", str(disk_dir), "--size", "1MiB", "--chunk-sizes", "4KiB", "16KiB", "--threads", "1", "2",
-            "--seconds", "0.02", "--json", str(out)]
+    argv = [
+        "--path",
+        str(disk_dir),
+        "--size",
+        "1MiB",
+        "--chunk-sizes",
+        "4KiB",
+        "16KiB",
+        "--threads",
+        "1",
+        "2",
+        "--seconds",
+        "0.02",
+        "--json",
+        str(out),
+    ]
     assert probe.main(argv) == 0
     assert "fitted cost model" in capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -76,14 +102,18 @@ def test_probe_plot(disk_dir, tmp_path):
     pytest.importorskip("matplotlib")
     from mlx_flash.plots import plot_probe
 
-    result = probe.run_probe(disk_dir, 1 << 20, chunks=[4096, 8192], threads=[1], seconds=0.02, progress=False)
+    result = probe.run_probe(
+        disk_dir, 1 << 20, chunks=[4096, 8192], threads=[1], seconds=0.02, progress=False
+    )
     plot_probe(result, tmp_path / "probe.png")
     assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fit_recovers_per_read_cost_and_bandwidth():
     truth = {1: (50e-6, 0.8e9), 8: (10e-6, 2.0e9), 32: (5e-6, 3.0e9)}
-    cells = [Cell(s, t, s / (a + s / b)) for t, (a, b) in truth.items() for s in (4096, 65536, 1 << 20)]
+    cells = [
+        Cell(s, t, s / (a + s / b)) for t, (a, b) in truth.items() for s in (4096, 65536, 1 << 20)
+    ]
     model = CostModel.fit(cells, "synthetic")
     for t, (a, b) in truth.items():
         i = model.threads.index(t)
@@ -92,8 +122,12 @@ def test_fit_recovers_per_read_cost_and_bandwidth():
     # between measured thread counts the rate lies between its neighbours; outside, it is clamped
     assert model.throughput(4096, 1) < model.throughput(4096, 4) < model.throughput(4096, 8)
     assert model.throughput(4096, 64) == model.throughput(4096, 32)
-    assert model.best_threads(4096) == 32 and model.best_throughput(1 << 20) == model.throughput(1 << 20, 32)
-    assert model.read_seconds(1 << 20, 16) == pytest.approx((1 << 20) / model.best_throughput(65536))
+    assert model.best_threads(4096) == 32 and model.best_throughput(1 << 20) == model.throughput(
+        1 << 20, 32
+    )
+    assert model.read_seconds(1 << 20, 16) == pytest.approx(
+        (1 << 20) / model.best_throughput(65536)
+    )
     assert CostModel.from_json(json.loads(json.dumps(model.to_json()))) == model
 
 
@@ -102,12 +136,18 @@ def test_long_runs_are_split_where_the_bandwidth_is_reached():
     for t in (1, 32):
         size = model.run_bytes(t)
         assert model.throughput(size, t) >= 0.9 * model.throughput(1 << 40, t)
-        assert size == 64 << 10 or model.throughput(size // 2, t) < 0.9 * model.throughput(1 << 40, t)
+        assert size == 64 << 10 or model.throughput(size // 2, t) < 0.9 * model.throughput(
+            1 << 40, t
+        )
     assert model.run_bytes(32) < model.run_bytes(1)  # more parallelism hides per-read cost sooner
 
 
 def test_fit_keeps_costs_non_negative_on_noisy_data():
-    cells = [Cell(4096, 1, 100e6), Cell(65536, 1, 90e6), Cell(1 << 20, 1, 95e6)]  # flat: bandwidth bound
+    cells = [
+        Cell(4096, 1, 100e6),
+        Cell(65536, 1, 90e6),
+        Cell(1 << 20, 1, 95e6),
+    ]  # flat: bandwidth bound
     model = CostModel.fit(cells, "noisy")
     assert model.per_read_s[0] >= 0 and model.bandwidth[0] > 0
     assert 50e6 < model.throughput(65536, 1) < 200e6
@@ -125,15 +165,21 @@ def test_runtime_takes_threads_from_the_probe(tmp_path, cache):
     model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5)
     assert model.flash.reader.threads == 32 and model.flash.cost.source.startswith("defaults")
     # a disk where 4 threads are as good as any number: the runtime uses 4
-    cells = [Cell(s, t, s / (20e-6 / min(t, 4) + s / 1e9)) for t in (1, 2, 4, 16) for s in (4096, 65536)]
+    cells = [
+        Cell(s, t, s / (20e-6 / min(t, 4) + s / 1e9)) for t in (1, 2, 4, 16) for s in (4096, 65536)
+    ]
     fitted = CostModel.fit(cells, "test probe")
-    probe.save_probe({"format": "mlx_flash-probe", "version": 1, "model": fitted.to_json()}, probe_path(flash))
+    probe.save_probe(
+        {"format": "mlx_flash-probe", "version": 1, "model": fitted.to_json()}, probe_path(flash)
+    )
     model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5)
     assert model.flash.reader.threads == 4
     assert model.flash.reader.max_run_bytes == fitted.run_bytes(4)
     # a probe that timed the reader's batches: its fastest thread count wins over the disk-only choice
     batched = CostModel.fit(cells, "test probe", batch_threads=2)
-    probe.save_probe({"format": "mlx_flash-probe", "version": 1, "model": batched.to_json()}, probe_path(flash))
+    probe.save_probe(
+        {"format": "mlx_flash-probe", "version": 1, "model": batched.to_json()}, probe_path(flash)
+    )
     model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5)
     assert model.flash.reader.threads == 2
     model(mx.array([[1, 2, 3]]))

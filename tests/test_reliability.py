@@ -31,7 +31,13 @@ from mlx_flash.adapters import spec_for
 from mlx_flash.convert.__main__ import main as convert_main
 from mlx_flash.convert.converter import FAIL_AT_ENV, convert
 from mlx_flash.convert.verify import verify
-from mlx_flash.errors import BudgetError, FlashError, FlashFormatError, StoreReadError, UnsupportedModelError
+from mlx_flash.errors import (
+    BudgetError,
+    FlashError,
+    FlashFormatError,
+    StoreReadError,
+    UnsupportedModelError,
+)
 from mlx_flash.manifest import MANIFEST_FILE, STORE_FILE, read_manifest
 from mlx_flash.rebuild import dense_ffn_weights
 from mlx_flash.selectors import FixedSelector
@@ -64,7 +70,10 @@ def _settle_threads(expected: int, timeout: float = 5.0) -> list[str]:
 
 
 def _subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +88,9 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 def warm(tiny) -> None:
     """Load and run a model once: MLX, mlx-lm and tokenizers open files and start threads on first use."""
     model, tokenizer = mlx_flash.load(tiny[1], "1GB", ffn_share=0.5, threads=4)
-    stream_generate_text = "".join(r.text for r in stream_generate(model, tokenizer, "warm", max_tokens=2))
+    stream_generate_text = "".join(
+        r.text for r in stream_generate(model, tokenizer, "warm", max_tokens=2)
+    )
     assert isinstance(stream_generate_text, str)
     model.flash.close()
 
@@ -122,7 +133,10 @@ def assert_buffers_hold_their_neurons(model, dense: dict[str, mx.array]) -> None
     for ffn in rt.layers:
         st = ffn._state
         prefix = rt.manifest.layers[st.index].prefix
-        truth = {"up": np.array(dense[f"{prefix}.{spec.up}.weight"]), "down": np.array(dense[f"{prefix}.{spec.down}.weight"]).T}
+        truth = {
+            "up": np.array(dense[f"{prefix}.{spec.up}.weight"]),
+            "down": np.array(dense[f"{prefix}.{spec.down}.weight"]).T,
+        }
         if spec.gate:
             truth["gate"] = np.array(dense[f"{prefix}.{spec.gate}.weight"])
         for buf in (st.pinned, st.buffer):
@@ -136,7 +150,9 @@ def assert_buffers_hold_their_neurons(model, dense: dict[str, mx.array]) -> None
             rows = buf.arrays()
             for name, weights in truth.items():
                 if name in rows:
-                    np.testing.assert_array_equal(np.array(rows[name]), weights[ids], err_msg=f"layer {st.index} {name}")
+                    np.testing.assert_array_equal(
+                        np.array(rows[name]), weights[ids], err_msg=f"layer {st.index} {name}"
+                    )
 
 
 # -- damaged flash directories ---------------------------------------------------------------------------
@@ -165,46 +181,149 @@ def _store_size(d: Path) -> int:
 
 # name -> (damage, file the message must name, words it must contain, error class, whether --verify sees it)
 DAMAGE = {
-    "missing manifest": (lambda d: (d / MANIFEST_FILE).unlink(), MANIFEST_FILE, "missing", FlashFormatError, True),
-    "unknown format version": (lambda d: _edit_json(d / MANIFEST_FILE, format_version=99), MANIFEST_FILE,
-                               "format version 99", FlashFormatError, True),
+    "missing manifest": (
+        lambda d: (d / MANIFEST_FILE).unlink(),
+        MANIFEST_FILE,
+        "missing",
+        FlashFormatError,
+        True,
+    ),
+    "unknown format version": (
+        lambda d: _edit_json(d / MANIFEST_FILE, format_version=99),
+        MANIFEST_FILE,
+        "format version 99",
+        FlashFormatError,
+        True,
+    ),
     "manifest does not match the store size": (
-        lambda d: _edit_json(d / MANIFEST_FILE, store_size=_store_size(d) + 4096), STORE_FILE, "manifest says",
-        FlashFormatError, True),
-    "truncated store": (lambda d: _truncate(d / STORE_FILE, 1000), STORE_FILE, "truncated", FlashFormatError, True),
-    "missing store": (lambda d: (d / STORE_FILE).unlink(), STORE_FILE, "missing", FlashFormatError, True),
-    "flipped byte in the manifest": (lambda d: _flip(d / MANIFEST_FILE, 10), MANIFEST_FILE, "not valid JSON",
-                                     FlashFormatError, True),
-    "flipped byte in the trunk header length": (lambda d: _flip(d / "model.safetensors", 3), "model.safetensors",
-                                                "not a safetensors file", FlashFormatError, True),
-    "flipped byte in the trunk header": (lambda d: _flip(d / "model.safetensors", 8), "model.safetensors",
-                                         "damaged safetensors header", FlashFormatError, True),
-    "truncated trunk": (lambda d: _truncate(d / "model.safetensors", 5000), "model.safetensors", "truncated",
-                        FlashFormatError, True),
-    "missing trunk": (lambda d: (d / "model.safetensors").unlink(), "", "no trunk weights", FlashFormatError, True),
-    "missing tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "", "no tokenizer (tokenizer.json",
-                          FlashFormatError, True),
-    "damaged tokenizer": (lambda d: (d / "tokenizer.json").write_text('{"model": '), "", "cannot load the tokenizer",
-                          FlashFormatError, False),
-    "missing config": (lambda d: (d / "config.json").unlink(), "config.json", "missing", FlashFormatError, True),
-    "damaged config": (lambda d: (d / "config.json").write_text("{llama"), "config.json", "not valid JSON",
-                       FlashFormatError, False),
+        lambda d: _edit_json(d / MANIFEST_FILE, store_size=_store_size(d) + 4096),
+        STORE_FILE,
+        "manifest says",
+        FlashFormatError,
+        True,
+    ),
+    "truncated store": (
+        lambda d: _truncate(d / STORE_FILE, 1000),
+        STORE_FILE,
+        "truncated",
+        FlashFormatError,
+        True,
+    ),
+    "missing store": (
+        lambda d: (d / STORE_FILE).unlink(),
+        STORE_FILE,
+        "missing",
+        FlashFormatError,
+        True,
+    ),
+    "flipped byte in the manifest": (
+        lambda d: _flip(d / MANIFEST_FILE, 10),
+        MANIFEST_FILE,
+        "not valid JSON",
+        FlashFormatError,
+        True,
+    ),
+    "flipped byte in the trunk header length": (
+        lambda d: _flip(d / "model.safetensors", 3),
+        "model.safetensors",
+        "not a safetensors file",
+        FlashFormatError,
+        True,
+    ),
+    "flipped byte in the trunk header": (
+        lambda d: _flip(d / "model.safetensors", 8),
+        "model.safetensors",
+        "damaged safetensors header",
+        FlashFormatError,
+        True,
+    ),
+    "truncated trunk": (
+        lambda d: _truncate(d / "model.safetensors", 5000),
+        "model.safetensors",
+        "truncated",
+        FlashFormatError,
+        True,
+    ),
+    "missing trunk": (
+        lambda d: (d / "model.safetensors").unlink(),
+        "",
+        "no trunk weights",
+        FlashFormatError,
+        True,
+    ),
+    "missing tokenizer": (
+        lambda d: (d / "tokenizer.json").unlink(),
+        "",
+        "no tokenizer (tokenizer.json",
+        FlashFormatError,
+        True,
+    ),
+    "damaged tokenizer": (
+        lambda d: (d / "tokenizer.json").write_text('{"model": '),
+        "",
+        "cannot load the tokenizer",
+        FlashFormatError,
+        False,
+    ),
+    "missing config": (
+        lambda d: (d / "config.json").unlink(),
+        "config.json",
+        "missing",
+        FlashFormatError,
+        True,
+    ),
+    "damaged config": (
+        lambda d: (d / "config.json").write_text("{llama"),
+        "config.json",
+        "not valid JSON",
+        FlashFormatError,
+        False,
+    ),
     "unsupported architecture": (
-        lambda d: (_edit_json(d / MANIFEST_FILE, model_type="mamba"), _edit_json(d / "config.json", model_type="mamba")),
-        MANIFEST_FILE, "'mamba' is not supported; supported: ", UnsupportedModelError, False),
-    "config names another architecture": (lambda d: _edit_json(d / "config.json", model_type="qwen2"), "config.json",
-                                          "does not match the manifest", FlashFormatError, False),
-    "trunk does not match config (vocabulary)": (lambda d: _edit_json(d / "config.json", vocab_size=300), "",
-                                                 "trunk weights do not match config.json", FlashFormatError, False),
-    "config FFN width is not the store's": (lambda d: _edit_json(d / "config.json", intermediate_size=256),
-                                            "config.json", "but the store", FlashFormatError, False),
-    "config layer count is not the store's": (lambda d: _edit_json(d / "config.json", num_hidden_layers=3),
-                                              "config.json", "layers but the store has 2", FlashFormatError, False),
+        lambda d: (
+            _edit_json(d / MANIFEST_FILE, model_type="mamba"),
+            _edit_json(d / "config.json", model_type="mamba"),
+        ),
+        MANIFEST_FILE,
+        "'mamba' is not supported; supported: ",
+        UnsupportedModelError,
+        False,
+    ),
+    "config names another architecture": (
+        lambda d: _edit_json(d / "config.json", model_type="qwen2"),
+        "config.json",
+        "does not match the manifest",
+        FlashFormatError,
+        False,
+    ),
+    "trunk does not match config (vocabulary)": (
+        lambda d: _edit_json(d / "config.json", vocab_size=300),
+        "",
+        "trunk weights do not match config.json",
+        FlashFormatError,
+        False,
+    ),
+    "config FFN width is not the store's": (
+        lambda d: _edit_json(d / "config.json", intermediate_size=256),
+        "config.json",
+        "but the store",
+        FlashFormatError,
+        False,
+    ),
+    "config layer count is not the store's": (
+        lambda d: _edit_json(d / "config.json", num_hidden_layers=3),
+        "config.json",
+        "layers but the store has 2",
+        FlashFormatError,
+        False,
+    ),
 }
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_directory_is_refused_with_the_file_and_the_problem(damage, tiny, warm, tmp_path, capsys):
+def test_damaged_directory_is_refused_with_the_file_and_the_problem(
+    damage, tiny, warm, tmp_path, capsys
+):
     mutate, file, words, error, verify_sees_it = DAMAGE[damage]
     directory = tmp_path / "flash"
     shutil.copytree(tiny[1], directory)
@@ -220,7 +339,9 @@ def test_damaged_directory_is_refused_with_the_file_and_the_problem(damage, tiny
     assert str(named) in message and words in message, message
     del info  # its traceback holds mlx-lm's lazily opened trunk files
     gc.collect()
-    assert _fds() == fds and len(_our_threads()) <= len(threads)  # a refused load keeps nothing open
+    assert _fds() == fds and len(_our_threads()) <= len(
+        threads
+    )  # a refused load keeps nothing open
 
     if verify_sees_it:  # the --verify CLI reports it too, as one line, without a traceback
         assert convert_main(["--verify", str(directory)]) == 1
@@ -281,7 +402,9 @@ def test_read_fault_while_generating(kind, threads, tiny):
     (every resident row is its neuron's); the next generation matches a model that never failed; no thread
     or descriptor is left behind."""
     flash = tiny[1]
-    options = dict(ffn_share=0.5, pin_share=0.25, window=1, threads=threads, selector=_every_third(128))
+    options = dict(
+        ffn_share=0.5, pin_share=0.25, window=1, threads=threads, selector=_every_third(128)
+    )
     prompt = [3, 17, 42, 99, 7, 120]
     clean, _ = mlx_flash.load(flash, "1GB", **options)
     expected_tokens, expected_logprobs = _greedy(clean, prompt, 8)
@@ -294,13 +417,17 @@ def test_read_fault_while_generating(kind, threads, tiny):
     _greedy(model, prompt, 2)  # warm-up: pool threads, MLX's own threads
     gc.collect()
     fds = _fds()
-    faults = _Faults(model.flash.reader, kind, after=5)  # fails inside the decode of the first tokens
+    faults = _Faults(
+        model.flash.reader, kind, after=5
+    )  # fails inside the decode of the first tokens
     expected_error = KeyboardInterrupt if kind == "interrupt" else StoreReadError
     with pytest.raises(expected_error) as info:
         _greedy(model, prompt, 8)
     if kind != "interrupt":
         message = str(info.value)
-        assert str(flash / STORE_FILE) in message and re.search(r"layer \d+ at offset \d+", message), message
+        assert str(flash / STORE_FILE) in message and re.search(
+            r"layer \d+ at offset \d+", message
+        ), message
         assert ("Input/output error" if kind == "eio" else "short read") in message
     assert_buffers_hold_their_neurons(model, dense)
 
@@ -310,7 +437,9 @@ def test_read_fault_while_generating(kind, threads, tiny):
     np.testing.assert_allclose(logprobs, expected_logprobs, atol=1e-4)
     assert_buffers_hold_their_neurons(model, dense)
     gc.collect()
-    assert _fds() == fds and len(_our_threads()) <= len(base_threads) + (threads if threads > 1 else 0)
+    assert _fds() == fds and len(_our_threads()) <= len(base_threads) + (
+        threads if threads > 1 else 0
+    )
     model.flash.close()
     assert _fds() == base_fds and _settle_threads(len(base_threads)) == base_threads
 
@@ -319,7 +448,9 @@ def test_persistent_read_fault_fails_every_call_cleanly(tiny):
     """A disk that keeps failing gives StoreReadError on every call (never a confused buffer error) and no
     call corrupts the buffers; once it recovers, so does the model."""
     flash = tiny[1]
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.25, threads=4, selector=_every_third(128))
+    model, _ = mlx_flash.load(
+        flash, "1GB", ffn_share=0.5, pin_share=0.25, threads=4, selector=_every_third(128)
+    )
     faults = _Faults(model.flash.reader, "eio", after=3, times=10**9)
     for _ in range(3):
         with pytest.raises(StoreReadError):
@@ -360,7 +491,10 @@ def test_ctrl_c_during_parallel_reads_waits_for_reads_in_flight(tiny):
 
             reader._preadv = slow
             ids = np.arange(0, 128, 4)  # 32 one-record runs
-            dest = {p.name: np.zeros((ids.size, p.length), np.float32) for p in manifest.layers[0].regions[0].parts}
+            dest = {
+                p.name: np.zeros((ids.size, p.length), np.float32)
+                for p in manifest.layers[0].regions[0].parts
+            }
             with pytest.raises(KeyboardInterrupt):
                 reader.read_neurons(0, ids, dest, np.arange(ids.size))
             assert in_flight[0] == 0  # nobody writes into dest any more
@@ -368,7 +502,9 @@ def test_ctrl_c_during_parallel_reads_waits_for_reads_in_flight(tiny):
             reader._preadv = original
             reader.read_neurons(0, ids, dest, np.arange(ids.size))
             dense = dense_ffn_weights(flash)
-            np.testing.assert_array_equal(dest["up"], np.array(dense["model.layers.0.mlp.up_proj.weight"])[ids])
+            np.testing.assert_array_equal(
+                dest["up"], np.array(dense["model.layers.0.mlp.up_proj.weight"])[ids]
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -379,7 +515,9 @@ def test_dropped_models_release_their_files_and_threads(tiny):
     flash = tiny[1]
 
     def use_once() -> int:
-        model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, threads=4, selector=_every_third(128))
+        model, _ = mlx_flash.load(
+            flash, "1GB", ffn_share=0.5, threads=4, selector=_every_third(128)
+        )
         _greedy(model, [5, 6, 7], 3)
         return len(_our_threads())
 
@@ -440,8 +578,13 @@ def test_ctrl_c_during_generation_stops_promptly_and_cleanly(catch, relu2, tmp_p
     using the model, which then computes what a fresh one does."""
     script = tmp_path / "driver.py"
     script.write_text(CTRL_C_DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(relu2), "catch" if catch else "raise"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(relu2), "catch" if catch else "raise"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
     try:
         tokens = 0
         for line in proc.stdout:
@@ -462,7 +605,12 @@ def test_ctrl_c_during_generation_stops_promptly_and_cleanly(catch, relu2, tmp_p
     finally:
         proc.kill()
     assert err.count("Traceback") <= (0 if catch else 1), err
-    for flood in ("Exception in thread", "Exception ignored", "terminate called", "Fatal Python error"):
+    for flood in (
+        "Exception in thread",
+        "Exception ignored",
+        "terminate called",
+        "Fatal Python error",
+    ):
         assert flood not in err, err
     if catch:
         assert proc.returncode == 0, err
@@ -479,12 +627,19 @@ def test_ctrl_c_during_generation_stops_promptly_and_cleanly(catch, relu2, tmp_p
 
 
 def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 def _convert_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_flash.convert", *args], capture_output=True, text=True,
-                          env={**_subprocess_env(), **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_flash.convert", *args],
+        capture_output=True,
+        text=True,
+        env={**_subprocess_env(), **(env or {})},
+        timeout=300,
+    )
 
 
 def test_cli_conversion_stopped_mid_way_leaves_the_previous_output_untouched(tiny, tmp_path):
@@ -515,7 +670,9 @@ KILL_DRIVER = textwrap.dedent(
 )
 
 
-def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_time(tiny, tmp_path):
+def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_time(
+    tiny, tmp_path
+):
     """SIGKILL (no cleanup can run) mid-way through a --force conversion: the previous OUT is intact; the
     staging directory the dead process left is removed by the next conversion."""
     src = tiny[0]
@@ -525,11 +682,19 @@ def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_
     work.mkdir()
     out = convert(src, work / "flash", **QUIET)
     before = _tree(out)
-    done = subprocess.run([sys.executable, str(script), str(src), str(out), "--force"], capture_output=True, text=True,
-                          env=_subprocess_env(), timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), str(src), str(out), "--force"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert _tree(out) == before and verify(out, progress=False) == []
-    assert sorted(p.name.split("-")[0] for p in work.iterdir()) == [".flash.partial", "flash"]  # what a kill leaves
+    assert sorted(p.name.split("-")[0] for p in work.iterdir()) == [
+        ".flash.partial",
+        "flash",
+    ]  # what a kill leaves
     convert(src, out, force=True, **QUIET)
     assert sorted(p.name for p in work.iterdir()) == ["flash"]
 
@@ -554,7 +719,11 @@ def test_budget_too_small_is_refused_before_anything_large_is_allocated(model, r
     the 14.7 MB trunk, not the gate selector's rows, which it reads before the final plan); the minimum loads."""
     relu2 = model.startswith("relu2")
     directory = request.getfixturevalue("relu2" if relu2 else "stories_calibrated")
-    options = {"max_context": 256} if relu2 else {"max_context": 256, "prefill_step_size": 64, "selector": "gate"}
+    options = (
+        {"max_context": 256}
+        if relu2
+        else {"max_context": 256, "prefill_step_size": 64, "selector": "gate"}
+    )
     probe, _ = mlx_flash.load(directory, "1GB", **options)
     p = probe.flash.plan
     assert relu2 or p.selector > 128 << 10
@@ -581,7 +750,13 @@ def _generate_measuring(model, prompt: list[int], n: int, prefill_step_size: int
     """Greedy tokens from ``prompt`` (no EOS stop), sampling MLX's counters after every token."""
     cache = make_prompt_cache(model)
     held, cached, beyond_kv = [], [], []
-    steps = generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache, prefill_step_size=prefill_step_size)
+    steps = generate_step(
+        mx.array(prompt),
+        model,
+        max_tokens=n,
+        prompt_cache=cache,
+        prefill_step_size=prefill_step_size,
+    )
     for _ in steps:
         held.append(mx.get_active_memory() + mx.get_cache_memory())
         cached.append(mx.get_cache_memory())
@@ -606,7 +781,9 @@ def test_mlx_memory_stays_within_the_plan_over_500_tokens(stories):
     peak = mx.get_peak_memory() - base
     assert peak <= plan.used, (peak, plan.describe())
     assert run["held"] - base <= plan.total, (run["held"], plan.describe())
-    assert run["cached"] <= plan.total - plan.used  # MLX's buffer cache only gets the budget's slack
+    assert (
+        run["cached"] <= plan.total - plan.used
+    )  # MLX's buffer cache only gets the budget's slack
     growth = run["beyond_kv"][-1] - run["beyond_kv"][1]
     assert growth <= 16 << 10, growth
 
@@ -637,8 +814,10 @@ def test_mlx_memory_stays_within_the_plan_over_500_tokens_relu2(relu2):
     prompt = [1] + [(7 * i) % 8000 + 3 for i in range(259)]
     run = _generate_measuring(model, prompt, 500, prefill_step_size=256)
     peak = mx.get_peak_memory() - base
-    print(f"relu2-8m, 500 tokens: MLX peak {peak / 2**20:.1f} MiB, plan used {plan.used / 2**20:.1f} MiB, "
-          f"active+cache max {(run['held'] - base) / 2**20:.1f} MiB, budget {plan.total / 2**20:.1f} MiB")
+    print(
+        f"relu2-8m, 500 tokens: MLX peak {peak / 2**20:.1f} MiB, plan used {plan.used / 2**20:.1f} MiB, "
+        f"active+cache max {(run['held'] - base) / 2**20:.1f} MiB, budget {plan.total / 2**20:.1f} MiB"
+    )
     assert peak <= plan.used and run["held"] - base <= plan.total
     assert run["beyond_kv"][-1] - run["beyond_kv"][1] <= 64 << 10
 
@@ -668,8 +847,13 @@ MEMBUDGET_DENSE = textwrap.dedent(
 
 def _membudget(limit: str, script: Path, *args: str) -> tuple[int, dict | None, int]:
     """(exit status, the script's JSON report or None, the cgroup's peak bytes) of a run under ``limit``."""
-    done = subprocess.run([str(MEMBUDGET), limit, "--", sys.executable, str(script), *args], capture_output=True,
-                          text=True, env=_subprocess_env(), timeout=900)
+    done = subprocess.run(
+        [str(MEMBUDGET), limit, "--", sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=900,
+    )
     peak = re.search(r"membudget: limit \d+ MiB, peak (\d+) MiB", done.stderr)
     assert peak, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -677,8 +861,10 @@ def _membudget(limit: str, script: Path, *args: str) -> tuple[int, dict | None, 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MEMBUDGET.exists() and hasattr(os, "geteuid") and os.geteuid() == 0),
-                    reason="needs ../shared/tools/membudget and root (memory cgroups)")
+@pytest.mark.skipif(
+    not (MEMBUDGET.exists() and hasattr(os, "geteuid") and os.geteuid() == 0),
+    reason="needs ../shared/tools/membudget and root (memory cgroups)",
+)
 def test_smollm2_runs_in_457_mib_where_plain_mlx_lm_is_killed(smollm2_gguf, tmp_path):
     """SmolLM2-135M in float32 (513 MiB of weights) inside a 457 MiB memory cgroup that also counts the page
     cache: the flash model (MLX budget 300 MiB) generates 32 tokens, the text plain mlx-lm generates on the
@@ -686,17 +872,24 @@ def test_smollm2_runs_in_457_mib_where_plain_mlx_lm_is_killed(smollm2_gguf, tmp_
     flash = convert(smollm2_gguf, tmp_path / "smollm2-f32", dtype="float32", **QUIET)
     (tmp_path / "flash.py").write_text(MEMBUDGET_FLASH)
     (tmp_path / "dense.py").write_text(MEMBUDGET_DENSE)
-    dense = subprocess.run([sys.executable, str(tmp_path / "dense.py"), str(flash)], capture_output=True, text=True,
-                           env=_subprocess_env(), timeout=900)
+    dense = subprocess.run(
+        [sys.executable, str(tmp_path / "dense.py"), str(flash)],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=900,
+    )
     assert dense.returncode == 0, dense.stderr
     expected = json.loads(dense.stdout.splitlines()[-1])
     rc, flash_run, flash_peak = _membudget("457M", tmp_path / "flash.py", str(flash), "300MiB")
     assert rc == 0 and flash_run is not None, rc
     rc_dense, dense_run, dense_peak = _membudget("457M", tmp_path / "dense.py", str(flash))
-    print(f"membudget 457 MiB: flash exit 0, cgroup peak {flash_peak / 2**20:.0f} MiB, MLX peak "
-          f"{flash_run['mlx_peak'] / 2**20:.1f} MiB (plan {flash_run['plan_used'] / 2**20:.1f} MiB), max RSS "
-          f"{flash_run['maxrss'] / 2**20:.0f} MiB; dense: exit {rc_dense}, cgroup peak {dense_peak / 2**20:.0f} MiB; "
-          f"dense unconstrained: MLX peak {expected['mlx_peak'] / 2**20:.1f} MiB, max RSS {expected['maxrss'] / 2**20:.0f} MiB")
+    print(
+        f"membudget 457 MiB: flash exit 0, cgroup peak {flash_peak / 2**20:.0f} MiB, MLX peak "
+        f"{flash_run['mlx_peak'] / 2**20:.1f} MiB (plan {flash_run['plan_used'] / 2**20:.1f} MiB), max RSS "
+        f"{flash_run['maxrss'] / 2**20:.0f} MiB; dense: exit {rc_dense}, cgroup peak {dense_peak / 2**20:.0f} MiB; "
+        f"dense unconstrained: MLX peak {expected['mlx_peak'] / 2**20:.1f} MiB, max RSS {expected['maxrss'] / 2**20:.0f} MiB"
+    )
     assert flash_run["text"] == expected["text"]
     assert flash_run["mlx_peak"] <= flash_run["plan_used"]
     assert rc_dense == 128 + signal.SIGKILL and dense_run is None

@@ -96,13 +96,21 @@ def test_injected_selection_computes_the_window(tiny):
             calls.append(1)
         return choices[(len(calls) - 1) % 3]
 
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=1.0, pin_share=0.0, selector=FixedSelector(choose), window=2)
+    model, _ = mlx_flash.load(
+        flash, "1GB", ffn_share=1.0, pin_share=0.0, selector=FixedSelector(choose), window=2
+    )
     # full buffer: all rows go through the window (nothing pinned) only if the plan leaves a window
-    assert model.flash.plan.window_rows == 0  # everything pinned: selection cannot change the result
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.9, pin_share=0.0, selector=FixedSelector(choose), window=2)
+    assert (
+        model.flash.plan.window_rows == 0
+    )  # everything pinned: selection cannot change the result
+    model, _ = mlx_flash.load(
+        flash, "1GB", ffn_share=0.9, pin_share=0.0, selector=FixedSelector(choose), window=2
+    )
     ffn = model.layers[0].mlp
     x = mx.random.normal((1, 1, 64))
-    for step, expected_rows in enumerate([choices[0], np.union1d(choices[0], choices[1]), np.union1d(choices[1], choices[2])]):
+    for step, expected_rows in enumerate(
+        [choices[0], np.union1d(choices[0], choices[1]), np.union1d(choices[1], choices[2])]
+    ):
         y = ffn(x)
         buf = ffn._state.buffer
         assert sorted(buf.neurons.tolist()) == expected_rows.tolist()
@@ -131,8 +139,12 @@ def test_prompt_cache_reuse_across_calls(tiny):
     texts = []
     for m in (reference, model):
         cache = make_prompt_cache(m)
-        first = "".join(r.text for r in mlx_lm.stream_generate(m, tok, "one", max_tokens=4, prompt_cache=cache))
-        second = "".join(r.text for r in mlx_lm.stream_generate(m, tok, " two", max_tokens=4, prompt_cache=cache))
+        first = "".join(
+            r.text for r in mlx_lm.stream_generate(m, tok, "one", max_tokens=4, prompt_cache=cache)
+        )
+        second = "".join(
+            r.text for r in mlx_lm.stream_generate(m, tok, " two", max_tokens=4, prompt_cache=cache)
+        )
         texts.append((first, second))
     assert texts[0] == texts[1]
 

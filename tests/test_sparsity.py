@@ -52,11 +52,16 @@ def relu2_calibrated(tmp_path_factory):
 
 # -- selectors on hand-made activations ---------------------------------------------------------------
 
+
 def test_gate_selector_selects_the_union_of_exact_gates_above_threshold():
-    gate = mx.array(np.eye(4, 3, dtype=np.float32) * np.array([1.0, 2.0, 3.0]))  # neuron i reads x[i]; neuron 3 reads nothing
+    gate = mx.array(
+        np.eye(4, 3, dtype=np.float32) * np.array([1.0, 2.0, 3.0])
+    )  # neuron i reads x[i]; neuron 3 reads nothing
     sel = GateSelector([{"gate": gate}], "relu", None, thresholds=[1.5])
     x = mx.array([[1.0, 1.0, -5.0], [0.0, 0.0, 0.6]])  # relu(gate): [1, 2, 0, 0] and [0, 0, 1.8, 0]
-    np.testing.assert_allclose(np.array(sel.activations(0, x)), [[1, 2, 0, 0], [0, 0, 1.8, 0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(sel.activations(0, x)), [[1, 2, 0, 0], [0, 0, 1.8, 0]], rtol=1e-6
+    )
     assert sel(0, x).tolist() == [1, 2]
     assert sel(0, x[:1]).tolist() == [1]
     assert sel.nbytes == 4 * 3 * 4 and sel.supplies_gate
@@ -95,6 +100,7 @@ def test_thresholds_come_from_the_quantiles():
 
 # -- predictor training ------------------------------------------------------------------------------------
 
+
 def _synthetic(n: int, up: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.random.default_rng(seed).normal(size=(n, up.shape[1])).astype(np.float32)
     return x, (x @ up.T) > 2.0  # a third to two fifths of the neurons active per token
@@ -103,7 +109,9 @@ def _synthetic(n: int, up: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
 @pytest.mark.parametrize("start", ["principal", "random"])
 def test_predictor_training_reaches_high_recall_on_a_synthetic_problem(start):
     rng = np.random.default_rng(0)
-    if start == "principal":  # a full-rank ReLU layer: the principal start finds its dominant directions
+    if (
+        start == "principal"
+    ):  # a full-rank ReLU layer: the principal start finds its dominant directions
         up = (rng.normal(size=(256, 48)) * np.geomspace(2, 0.02, 48)).astype(np.float32)
     else:  # a truly low-rank problem, from scratch
         up = (rng.normal(size=(256, 8)) @ rng.normal(size=(8, 48)) / 2).astype(np.float32)
@@ -122,15 +130,20 @@ def test_auto_ranks_grow_for_the_last_layers(relu2_calibrated):
 
 # -- calibration in the converter ----------------------------------------------------------------------
 
+
 def test_relu2_calibration_records_natural_sparsity(relu2_calibrated):
     manifest = read_manifest(relu2_calibrated)
     calibration = read_calibration(relu2_calibrated, manifest)
     assert calibration.sparsity is None and calibration.tokens == 2048
     assert calibration.frequency.shape == (8, 1024)
-    assert np.all(calibration.zero_fraction > 0.6)  # the model's natural sparsity: 70-92% exact zeros
+    assert np.all(
+        calibration.zero_fraction > 0.6
+    )  # the model's natural sparsity: 70-92% exact zeros
     assert np.all(np.diff(calibration.magnitude, axis=1) >= 0)
     active = calibration.frequency.mean(1)
-    np.testing.assert_allclose(active, 1 - calibration.zero_fraction, atol=0.05)  # active means h != 0 here
+    np.testing.assert_allclose(
+        active, 1 - calibration.zero_fraction, atol=0.05
+    )  # active means h != 0 here
     meta = manifest.extra["predictor"]
     assert min(meta["recall"]) >= 0.9 and len(meta["precision"]) == 8
     assert read_predictors(relu2_calibrated, manifest).ranks == meta["ranks"]
@@ -149,23 +162,47 @@ def test_convert_cli_calibration_flags(tmp_path, tiny_text):
     src, _ = save_tiny_model("nemotron", tmp_path / "src")
     assert convert_main([str(src), str(tmp_path / "none"), "--no-calibration"]) == 0
     assert "calibration" not in read_manifest(tmp_path / "none").extra
-    assert convert_main([str(src), str(tmp_path / "cal"), "--calibration", str(tiny_text), "--sparsity", "0.6",
-                         "--predictor-rank", "8"]) == 0
+    assert (
+        convert_main(
+            [
+                str(src),
+                str(tmp_path / "cal"),
+                "--calibration",
+                str(tiny_text),
+                "--sparsity",
+                "0.6",
+                "--predictor-rank",
+                "8",
+            ]
+        )
+        == 0
+    )
     extra = read_manifest(tmp_path / "cal").extra
     assert extra["calibration"]["sparsity"] == 0.6 and extra["predictor"]["ranks"] == [8, 8]
-    assert json.loads((tmp_path / "cal" / "flash_manifest.json").read_text())["extra"]["calibration"]["text"] == "sample.txt"
+    assert (
+        json.loads((tmp_path / "cal" / "flash_manifest.json").read_text())["extra"]["calibration"][
+            "text"
+        ]
+        == "sample.txt"
+    )
 
 
 # -- the runtime -------------------------------------------------------------------------------------------
+
 
 def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrated, tmp_path):
     src, _ = save_tiny_model("llama", tmp_path / "src")
     plain = convert(src, tmp_path / "plain", **QUIET)
     assert mlx_flash.load(plain, "1GB")[0].flash.selector.name == "dense"
     assert mlx_flash.load(relu2_calibrated, "1GB")[0].flash.selector.name == "predictor"
-    assert mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "gate"  # gated: the exact gate wins
+    assert (
+        mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "gate"
+    )  # gated: the exact gate wins
     assert mlx_flash.load(llama_calibrated, "1GB", sparsity=0.7)[0].flash.selector.name == "gate"
-    assert mlx_flash.load(llama_calibrated, "1GB", selector="predictor")[0].flash.selector.name == "predictor"
+    assert (
+        mlx_flash.load(llama_calibrated, "1GB", selector="predictor")[0].flash.selector.name
+        == "predictor"
+    )
     # predictors were trained for 0.5: another target is refused
     with pytest.raises(FlashError, match="trained for sparsity 0.5"):
         mlx_flash.load(llama_calibrated, "1GB", selector="predictor", sparsity=0.7)
@@ -190,7 +227,10 @@ def _smallest_budget(directory, selector: str) -> int:
 
 def test_auto_passes_over_the_gate_when_its_rows_do_not_fit(llama_calibrated):
     """A model bigger than memory cannot keep a third of its FFN in DRAM: auto streams with the predictor."""
-    gate, predictor = _smallest_budget(llama_calibrated, "gate"), _smallest_budget(llama_calibrated, "predictor")
+    gate, predictor = (
+        _smallest_budget(llama_calibrated, "gate"),
+        _smallest_budget(llama_calibrated, "predictor"),
+    )
     assert predictor < gate
     between = (predictor + gate) // 2
     with pytest.raises(BudgetError):
@@ -212,7 +252,9 @@ def test_budget_counts_the_selector_and_gate_buffers_drop_the_gate(llama_calibra
     manifest = read_manifest(llama_calibrated)
     gate = mlx_flash.load(llama_calibrated, "1GB", selector="gate", ffn_share=0.5)[0].flash
     dense = mlx_flash.load(llama_calibrated, "1GB", selector="dense", ffn_share=0.5)[0].flash
-    predictor = mlx_flash.load(llama_calibrated, "1GB", selector="predictor", ffn_share=0.5)[0].flash
+    predictor = mlx_flash.load(llama_calibrated, "1GB", selector="predictor", ffn_share=0.5)[
+        0
+    ].flash
     assert gate.plan.selector == manifest.n_layers * manifest.d_ffn * manifest.d_model * 4
     assert gate.plan.neuron_bytes == 2 * dense.plan.neuron_bytes // 3  # up + down, no gate row
     assert dense.plan.selector == 0
@@ -220,33 +262,59 @@ def test_budget_counts_the_selector_and_gate_buffers_drop_the_gate(llama_calibra
 
 
 @pytest.mark.parametrize("compute_rows", ["selected", "resident"])
-def test_gate_selector_ffn_uses_the_exact_gate_on_the_rows_it_computes(llama_calibrated, compute_rows):
-    model, _ = mlx_flash.load(llama_calibrated, "1GB", selector="gate", ffn_share=0.9, pin_share=0.0, window=2,
-                              compute_rows=compute_rows)
+def test_gate_selector_ffn_uses_the_exact_gate_on_the_rows_it_computes(
+    llama_calibrated, compute_rows
+):
+    model, _ = mlx_flash.load(
+        llama_calibrated,
+        "1GB",
+        selector="gate",
+        ffn_share=0.9,
+        pin_share=0.0,
+        window=2,
+        compute_rows=compute_rows,
+    )
     weights = dense_ffn_weights(llama_calibrated)
     gate_w = weights["model.layers.0.mlp.gate_proj.weight"]
-    rows = {"gate": gate_w, "up": weights["model.layers.0.mlp.up_proj.weight"],
-            "down": weights["model.layers.0.mlp.down_proj.weight"].T}
+    rows = {
+        "gate": gate_w,
+        "up": weights["model.layers.0.mlp.up_proj.weight"],
+        "down": weights["model.layers.0.mlp.down_proj.weight"].T,
+    }
     ffn, selector = model.layers[0].mlp, model.flash.selector
     mx.random.seed(3)
     history = []
     for _ in range(3):
-        x = 0.2 * mx.random.normal((1, 1, 64))  # the scale of this model's FFN inputs: about half the neurons pass
+        x = 0.2 * mx.random.normal(
+            (1, 1, 64)
+        )  # the scale of this model's FFN inputs: about half the neurons pass
         selected = selector(0, x.reshape(1, 64))
         history.append(selected)
-        expected = selected if compute_rows == "selected" else np.union1d(history[-1], history[-2] if len(history) > 1 else [])
+        expected = (
+            selected
+            if compute_rows == "selected"
+            else np.union1d(history[-1], history[-2] if len(history) > 1 else [])
+        )
         take = mx.array(expected.astype(np.int64))
-        manual = ffn_rows(x.reshape(1, 64), {k: v[take] for k, v in rows.items()}, "silu", True, None)
+        manual = ffn_rows(
+            x.reshape(1, 64), {k: v[take] for k, v in rows.items()}, "silu", True, None
+        )
         np.testing.assert_allclose(np.array(ffn(x)).reshape(1, 64), np.array(manual), atol=1e-5)
-        assert 0 < expected.size <= ffn._state.buffer.capacity  # the window's union fits: no streaming
+        assert (
+            0 < expected.size <= ffn._state.buffer.capacity
+        )  # the window's union fits: no streaming
 
 
 def test_relu2_predictor_decodes_like_dense(relu2_calibrated):
     """Natural zeros + a good predictor: greedy text equals the dense runtime's, at a fraction of the loads."""
     texts, used = {}, {}
     for selector in ("dense", "predictor"):
-        model, tok = mlx_flash.load(relu2_calibrated, "1GB", selector=selector, ffn_share=0.9, pin_share=0.0)
-        texts[selector] = mlx_lm.generate(model, tok, "It is a truth universally acknowledged", max_tokens=12)
+        model, tok = mlx_flash.load(
+            relu2_calibrated, "1GB", selector=selector, ffn_share=0.9, pin_share=0.0
+        )
+        texts[selector] = mlx_lm.generate(
+            model, tok, "It is a truth universally acknowledged", max_tokens=12
+        )
         used[selector] = model.flash.telemetry.summary()["fraction_used"]
     assert texts["predictor"] == texts["dense"]
     assert used["predictor"] < 0.4 * used["dense"]

@@ -68,13 +68,19 @@ def build_store(
         pos = _round_up(pos, align)
         start, regions, values = pos, [], {}
         for group in groups:
-            parts = tuple(Part(n, j * (part_bytes + part_gap), d_model, dtype) for j, n in enumerate(group))
+            parts = tuple(
+                Part(n, j * (part_bytes + part_gap), d_model, dtype) for j, n in enumerate(group)
+            )
             size = parts[-1].offset + part_bytes
             stride = _round_up(size, align)
-            records = np.frombuffer(rng.bytes(stride * d_ffn), np.uint8).reshape(d_ffn, stride).copy()
+            records = (
+                np.frombuffer(rng.bytes(stride * d_ffn), np.uint8).reshape(d_ffn, stride).copy()
+            )
             for p in parts:
                 raw, values[p.name] = _encode(rng.standard_normal((d_ffn, d_model)), dtype)
-                records[:, p.offset : p.offset + part_bytes] = raw.view(np.uint8).reshape(d_ffn, part_bytes)
+                records[:, p.offset : p.offset + part_bytes] = raw.view(np.uint8).reshape(
+                    d_ffn, part_bytes
+                )
             regions.append(Region(pos, stride, size, d_ffn, parts))
             chunks.append((pos, records))
             pos += stride * d_ffn
@@ -82,24 +88,50 @@ def build_store(
         chunks.append((pos, bias_raw.view(np.uint8)))
         blobs = {"down_bias": Blob(pos, d_model, dtype)}
         pos += bias_raw.nbytes
-        layers.append(LayerEntry(li, f"model.layers.{li}.mlp", start, pos - start, "", tuple(regions), blobs))
+        layers.append(
+            LayerEntry(li, f"model.layers.{li}.mlp", start, pos - start, "", tuple(regions), blobs)
+        )
         truth.append(values)
-    data = bytearray(rng.bytes(pos + 123))  # trailing garbage: the store may hold more than the layers
+    data = bytearray(
+        rng.bytes(pos + 123)
+    )  # trailing garbage: the store may hold more than the layers
     for off, raw in chunks:
         data[off : off + raw.nbytes] = raw.tobytes()
     layers = [
-        LayerEntry(e.index, e.prefix, e.offset, e.nbytes, hashlib.sha256(data[e.offset : e.offset + e.nbytes]).hexdigest(), e.regions, e.blobs)
+        LayerEntry(
+            e.index,
+            e.prefix,
+            e.offset,
+            e.nbytes,
+            hashlib.sha256(data[e.offset : e.offset + e.nbytes]).hexdigest(),
+            e.regions,
+            e.blobs,
+        )
         for e in layers
     ]
     with open(directory / STORE_FILE, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())  # dirty pages cannot be dropped from the page cache
-    Manifest("llama", d_model, d_ffn, True, "silu", layout, dtype, align, STORE_FILE, len(data), tuple(layers)).save(directory)
+    Manifest(
+        "llama",
+        d_model,
+        d_ffn,
+        True,
+        "silu",
+        layout,
+        dtype,
+        align,
+        STORE_FILE,
+        len(data),
+        tuple(layers),
+    ).save(directory)
     return read_manifest(directory), truth
 
 
-def make_dest(manifest: Manifest, capacity: int, dtype=np.float32, names=PARTS) -> dict[str, np.ndarray]:
+def make_dest(
+    manifest: Manifest, capacity: int, dtype=np.float32, names=PARTS
+) -> dict[str, np.ndarray]:
     return {n: np.full((capacity, manifest.d_model), np.nan, dtype) for n in names}
 
 
@@ -123,8 +155,13 @@ def bundled(tmp_path):
 @pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize(
     "geometry",
-    [dict(layout="bundled"), dict(layout="unbundled"), dict(layout="bundled", align=4096), dict(layout="unbundled", align=512, part_gap=0),
-     dict(layout="bundled", part_gap=12)],
+    [
+        dict(layout="bundled"),
+        dict(layout="unbundled"),
+        dict(layout="bundled", align=4096),
+        dict(layout="unbundled", align=512, part_gap=0),
+        dict(layout="bundled", part_gap=12),
+    ],
 )
 def test_random_ids_land_in_their_rows(tmp_path, geometry, threads):
     manifest, truth = build_store(tmp_path, **geometry)
@@ -144,10 +181,15 @@ def test_scatter_reads_straight_into_destination_rows(bundled):
     seen = []
     with StoreReader(directory, manifest, threads=1) as reader:
         original = reader._preadv
-        reader._preadv = lambda fd, bufs, off, flags: (seen.append(list(bufs)), original(fd, bufs, off, flags))[1]
+        reader._preadv = lambda fd, bufs, off, flags: (
+            seen.append(list(bufs)),
+            original(fd, bufs, off, flags),
+        )[1]
         reader.read_neurons(0, [3, 4], dest, [9, 2])
     (bufs,) = seen
-    assert np.shares_memory(np.asarray(bufs[0]), dest["gate"][9]) and np.shares_memory(np.asarray(bufs[-1]), dest["down"][2])
+    assert np.shares_memory(np.asarray(bufs[0]), dest["gate"][9]) and np.shares_memory(
+        np.asarray(bufs[-1]), dest["down"][2]
+    )
     check_rows(dest, truth[0], [3, 4], [9, 2], 16)
 
 
@@ -202,7 +244,9 @@ def test_middle_part_skipped_goes_to_sink(tmp_path):
 def test_coalescing_one_read_per_run_per_region(tmp_path, layout, regions):
     manifest, _ = build_store(tmp_path, layout=layout)
     with StoreReader(tmp_path, manifest, threads=4) as reader:
-        assert reader.read_neurons(0, range(10), make_dest(manifest, 10), range(10)).reads == regions
+        assert (
+            reader.read_neurons(0, range(10), make_dest(manifest, 10), range(10)).reads == regions
+        )
         ids = [21, 3, 4, 5, 1, 9, 20, 63]  # runs: [1] [3..5] [9] [20, 21] [63]
         assert reader.read_neurons(0, ids, make_dest(manifest, 10), range(8)).reads == 5 * regions
 
@@ -220,18 +264,27 @@ def test_runs_are_capped_by_max_run_bytes(bundled):
 def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch):
     import mlx_flash.store as store
 
-    monkeypatch.setattr(store, "IOV_MAX", 16)  # 3 parts + 1 padding sink per record -> at most 4 records scattered
+    monkeypatch.setattr(
+        store, "IOV_MAX", 16
+    )  # 3 parts + 1 padding sink per record -> at most 4 records scattered
     manifest, truth = build_store(tmp_path, align=128)
     ids = [0, 1, 2, 3, 10, 11, 12, 13, 14]  # a run of 4 (scattered) and a run of 5 (staged)
     iovecs = []
     with StoreReader(tmp_path, manifest, threads=1) as reader:
         original = reader._preadv
-        reader._preadv = lambda fd, bufs, off, flags: (iovecs.append(len(bufs)), original(fd, bufs, off, flags))[1]
+        reader._preadv = lambda fd, bufs, off, flags: (
+            iovecs.append(len(bufs)),
+            original(fd, bufs, off, flags),
+        )[1]
         dest = make_dest(manifest, 64)
         assert reader.read_neurons(1, ids, dest, range(9)).reads == 2
         check_rows(dest, truth[1], ids, range(9), 64)
         assert reader.read_range(1, 0, 64, dest).reads == 1  # one long run: one staged read
-    assert iovecs == [15, 1, 1]  # 4 records x (3 parts + sink) - the last sink; staged reads take one buffer
+    assert iovecs == [
+        15,
+        1,
+        1,
+    ]  # 4 records x (3 parts + sink) - the last sink; staged reads take one buffer
     check_rows(dest, truth[1], np.arange(64), np.arange(64), 64)
 
 
@@ -240,9 +293,17 @@ def test_thread_counts_and_bypass_modes_agree(tmp_path, layout):
     manifest, truth = build_store(tmp_path, layout=layout, align=4096)
     ids, rows = random_request(np.random.default_rng(3), manifest.d_ffn, 64, 50)
     results = {}
-    for threads, page_cache, bypass in [(1, True, "auto"), (8, True, "auto"), (8, False, "auto"), (8, False, "direct"), (1, False, "direct")]:
+    for threads, page_cache, bypass in [
+        (1, True, "auto"),
+        (8, True, "auto"),
+        (8, False, "auto"),
+        (8, False, "direct"),
+        (1, False, "direct"),
+    ]:
         try:
-            reader = StoreReader(tmp_path, manifest, threads=threads, page_cache=page_cache, bypass=bypass)
+            reader = StoreReader(
+                tmp_path, manifest, threads=threads, page_cache=page_cache, bypass=bypass
+            )
         except StoreReadError as e:  # e.g. O_DIRECT on tmpfs
             pytest.skip(str(e))
         with reader:
@@ -259,7 +320,9 @@ def test_thread_counts_and_bypass_modes_agree(tmp_path, layout):
 def test_direct_io_reads_unaligned_records(tmp_path):
     manifest, truth = build_store(tmp_path, d_model=24, d_ffn=300, part_gap=4)  # 296-byte records
     try:
-        reader = StoreReader(tmp_path, manifest, threads=4, page_cache=False, bypass="direct", max_run_bytes=5000)
+        reader = StoreReader(
+            tmp_path, manifest, threads=4, page_cache=False, bypass="direct", max_run_bytes=5000
+        )
     except StoreReadError as e:
         pytest.skip(str(e))
     ids, rows = random_request(np.random.default_rng(4), 300, 300, 200)
@@ -271,14 +334,21 @@ def test_direct_io_reads_unaligned_records(tmp_path):
 
 
 def _cached_bytes(path: Path) -> int:
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout.split()[0])
 
 
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
 @pytest.mark.parametrize("bypass", ["auto", "direct"])
 def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
-    manifest, _ = build_store(tmp_path, d_model=512, d_ffn=1024, n_layers=2)  # 6 KiB records, 12 MiB
+    manifest, _ = build_store(
+        tmp_path, d_model=512, d_ffn=1024, n_layers=2
+    )  # 6 KiB records, 12 MiB
     store = tmp_path / STORE_FILE
     fd = os.open(store, os.O_RDONLY)
     try:
@@ -286,7 +356,9 @@ def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             assert _cached_bytes(store) == 0
             try:
-                reader = StoreReader(tmp_path, manifest, threads=8, page_cache=page_cache, bypass=bypass)
+                reader = StoreReader(
+                    tmp_path, manifest, threads=8, page_cache=page_cache, bypass=bypass
+                )
             except StoreReadError as e:
                 pytest.skip(str(e))
             with reader:
@@ -296,7 +368,9 @@ def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
                 for layer in range(2):
                     reader.read_range(layer, 0, 1024, dest)
                     for _ in range(5):  # scattered reads are where readahead used to fill the cache
-                        reader.read_neurons(layer, rng.choice(1024, 200, replace=False), dest, range(200))
+                        reader.read_neurons(
+                            layer, rng.choice(1024, 200, replace=False), dest, range(200)
+                        )
             cached, size = _cached_bytes(store), manifest.store_size
             if page_cache:
                 assert cached > 0.9 * size  # the check can see cached pages
@@ -327,7 +401,11 @@ def test_faults_raise_store_read_error_and_reader_recovers(bundled, fault, threa
         with pytest.raises(StoreReadError) as info:
             reader.read_neurons(1, ids, make_dest(manifest, 8), range(8))
         message = str(info.value)
-        assert str(directory / STORE_FILE) in message and "layer 1" in message and f"offset {bad_offset}" in message
+        assert (
+            str(directory / STORE_FILE) in message
+            and "layer 1" in message
+            and f"offset {bad_offset}" in message
+        )
         assert ("Input/output error" if fault == "eio" else "short read") in message
         reader._preadv = original
         dest = make_dest(manifest, 8)
@@ -344,7 +422,9 @@ def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
     directory, manifest, _ = bundled
     threads_before, fds_before = threading.active_count(), _open_fds()
     reader = StoreReader(directory, manifest, threads=8, page_cache=False)
-    reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))  # starts pool threads
+    reader.read_neurons(
+        0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6)
+    )  # starts pool threads
     assert threading.active_count() > threads_before
     reader.close()
     reader.close()
@@ -358,13 +438,24 @@ def test_layer_digest_matches_hashlib_and_manifest(tmp_path):
     data = (tmp_path / STORE_FILE).read_bytes()
     for page_cache, bypass in [(True, "auto"), (False, "direct")]:
         try:
-            reader = StoreReader(tmp_path, manifest, threads=2, page_cache=page_cache, bypass=bypass, max_run_bytes=10000)
+            reader = StoreReader(
+                tmp_path,
+                manifest,
+                threads=2,
+                page_cache=page_cache,
+                bypass=bypass,
+                max_run_bytes=10000,
+            )
         except StoreReadError as e:
             pytest.skip(str(e))
         with reader:
             for e in manifest.layers:
                 digest = reader.layer_digest(e.index)
-                assert digest == hashlib.sha256(data[e.offset : e.offset + e.nbytes]).hexdigest() == e.checksum
+                assert (
+                    digest
+                    == hashlib.sha256(data[e.offset : e.offset + e.nbytes]).hexdigest()
+                    == e.checksum
+                )
 
 
 def test_read_blob(tmp_path):
@@ -372,7 +463,9 @@ def test_read_blob(tmp_path):
     with StoreReader(tmp_path, manifest, threads=1) as reader:
         raw = reader.read_blob(1, "down_bias")
         assert raw.dtype == np.uint16
-        np.testing.assert_array_equal(reader.read_blob(1, "down_bias", np.float32), truth[1]["down_bias"])
+        np.testing.assert_array_equal(
+            reader.read_blob(1, "down_bias", np.float32), truth[1]["down_bias"]
+        )
         with pytest.raises(KeyError, match="up_bias"):
             reader.read_blob(1, "up_bias")
 
@@ -384,7 +477,11 @@ def test_stats_count_reads_and_reset(bundled):
         b = reader.read_neurons(1, [7, 9], make_dest(manifest, 4), range(2))
         snap = reader.stats.snapshot()
         stride = manifest.layers[0].regions[0].record_stride
-        assert (snap.reads, snap.bytes_read, snap.calls) == (a.reads + b.reads, 6 * stride, 2) == (4, 6 * stride, 2)
+        assert (
+            (snap.reads, snap.bytes_read, snap.calls)
+            == (a.reads + b.reads, 6 * stride, 2)
+            == (4, 6 * stride, 2)
+        )
         assert snap.seconds > 0 and snap.mean_read_bytes == 6 * stride / 4
         assert reader.stats.reset() == snap
         assert reader.stats.snapshot() == ReadStats()

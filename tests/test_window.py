@@ -18,7 +18,9 @@ def follow(window: SlidingWindow, tokens, capacity: int):
     """Drive the window like FlashFFN: drop, then load what fits. Yields (active, to_load, to_drop, resident)."""
     resident: set[int] = set()
     for active in tokens:
-        to_load, to_drop = window.step(np.array(sorted(active), dtype=np.int64), np.array(sorted(resident), dtype=np.int64))
+        to_load, to_drop = window.step(
+            np.array(sorted(active), dtype=np.int64), np.array(sorted(resident), dtype=np.int64)
+        )
         yield active, to_load.tolist(), to_drop.tolist(), set(resident)
         resident -= set(to_drop.tolist())
         resident |= set(to_load.tolist()[: max(0, capacity - len(resident))])
@@ -38,10 +40,18 @@ def test_without_capacity_pressure_keeps_union_of_last_k_tokens(tokens, k):
         assert set(window.members.tolist()) == union
         s = window.stats
         assert (s.requested, s.hits, s.loaded, s.dropped, s.evicted, s.overflow) == (
-            len(active), len(active & resident), len(active - resident), len(to_drop), 0, 0)
+            len(active),
+            len(active & resident),
+            len(active - resident),
+            len(to_drop),
+            0,
+            0,
+        )
 
 
-def reference_step(members: dict[int, int], t: int, k: int, capacity: int, active: set[int], resident: set[int]):
+def reference_step(
+    members: dict[int, int], t: int, k: int, capacity: int, active: set[int], resident: set[int]
+):
     """Brute force: keep resident members seen in the last k tokens, add the active ones, evict LRU (then id)."""
     members = {i: last for i, last in members.items() if i in resident and last > t - k}
     members.update({i: t for i in active})

@@ -14,9 +14,19 @@ from mlx_lm.utils import _get_classes, save_config, save_model
 D, FFN, LAYERS, VOCAB = 64, 128, 2, 256
 
 _COMMON = dict(
-    hidden_size=D, num_hidden_layers=LAYERS, intermediate_size=FFN, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, norm_eps=1e-5, layer_norm_eps=1e-5,
-    vocab_size=VOCAB, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+    hidden_size=D,
+    num_hidden_layers=LAYERS,
+    intermediate_size=FFN,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    norm_eps=1e-5,
+    layer_norm_eps=1e-5,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
 )
 
 CONFIGS: dict[str, dict] = {
@@ -26,16 +36,40 @@ CONFIGS: dict[str, dict] = {
     "qwen3": dict(_COMMON, model_type="qwen3"),
     "olmo2": dict(_COMMON, model_type="olmo2"),
     "gemma": dict(_COMMON, model_type="gemma"),
-    "gemma2": dict(_COMMON, model_type="gemma2", query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
-                   final_logit_softcapping=30.0),
-    "gemma3_text": dict(_COMMON, model_type="gemma3_text", query_pre_attn_scalar=16, sliding_window=32,
-                        sliding_window_pattern=2),
+    "gemma2": dict(
+        _COMMON,
+        model_type="gemma2",
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    ),
+    "gemma3_text": dict(
+        _COMMON,
+        model_type="gemma3_text",
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        sliding_window_pattern=2,
+    ),
     "phi3": dict(_COMMON, model_type="phi3", num_key_value_heads=4),
     "phi": dict(_COMMON, model_type="phi", num_key_value_heads=4, partial_rotary_factor=0.5),
-    "gpt2": dict(model_type="gpt2", n_ctx=128, n_embd=D, n_head=4, n_layer=LAYERS, n_positions=128,
-                 layer_norm_epsilon=1e-5, vocab_size=VOCAB),
-    "gpt_neox": dict(_COMMON, model_type="gpt_neox", num_key_value_heads=4, rotary_emb_base=10000,
-                     rotary_pct=0.25, use_parallel_residual=True),
+    "gpt2": dict(
+        model_type="gpt2",
+        n_ctx=128,
+        n_embd=D,
+        n_head=4,
+        n_layer=LAYERS,
+        n_positions=128,
+        layer_norm_epsilon=1e-5,
+        vocab_size=VOCAB,
+    ),
+    "gpt_neox": dict(
+        _COMMON,
+        model_type="gpt_neox",
+        num_key_value_heads=4,
+        rotary_emb_base=10000,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+    ),
     "starcoder2": dict(_COMMON, model_type="starcoder2", norm_epsilon=1e-5),
     "nemotron": dict(_COMMON, model_type="nemotron", hidden_act="relu2", partial_rotary_factor=0.5),
     "internlm2": dict(_COMMON, model_type="internlm2", bias=False),
@@ -48,18 +82,24 @@ def build_model(arch: str, seed: int = 0):
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.random.seed(seed)
-    model.update(tree_map(lambda p: mx.random.normal(p.shape, dtype=mx.float32) * 0.2, model.parameters()))
+    model.update(
+        tree_map(lambda p: mx.random.normal(p.shape, dtype=mx.float32) * 0.2, model.parameters())
+    )
     mx.eval(model.parameters())
     return model, config
 
 
-def save_tiny_model(arch: str, path: Path, dtype: mx.Dtype = mx.float32, seed: int = 0) -> tuple[Path, dict]:
+def save_tiny_model(
+    arch: str, path: Path, dtype: mx.Dtype = mx.float32, seed: int = 0
+) -> tuple[Path, dict]:
     """Write a tiny random model as an mlx-lm directory; returns (path, its weights)."""
     model, config = build_model(arch, seed)
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
     path.mkdir(parents=True, exist_ok=True)
     save_model(path, model)
-    config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
+    config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[
+        dtype
+    ]
     save_config(config, path / "config.json")
     write_tiny_tokenizer(path)
     return path, dict(tree_flatten(model.parameters()))

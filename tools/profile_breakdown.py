@@ -25,7 +25,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
-BUCKETS = ("FFN I/O", "FFN compute (MLX)", "FFN Python/numpy", "trunk compute (MLX)", "other Python")
+BUCKETS = (
+    "FFN I/O",
+    "FFN compute (MLX)",
+    "FFN Python/numpy",
+    "trunk compute (MLX)",
+    "other Python",
+)
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):(?P<line>\d+)\)$")
 # without native frames, MLX's work shows as the Python line that waits for it
 EVALUATING = ("mx.eval(", "mx.async_eval(", "np.array(", ".item()", ".tolist()")
@@ -59,7 +65,7 @@ def bucket(frames: list[str], roots: list[Path]) -> str:
         return "trunk compute (MLX)" if _in_mlx(frames, roots) else "other Python"
     if "mx.eval(xf)" in _source(frames[ffn[-1]], roots):
         return "trunk compute (MLX)"  # MLX is lazy: the layer's attention runs where FlashFFN evaluates its input
-    return "FFN compute (MLX)" if _in_mlx(frames[ffn[-1]:], roots) else "FFN Python/numpy"
+    return "FFN compute (MLX)" if _in_mlx(frames[ffn[-1] :], roots) else "FFN Python/numpy"
 
 
 def breakdown(raw: Path, roots: list[Path], marker: str = "generate_step") -> Counter:
@@ -77,14 +83,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("raw", type=Path, help="py-spy record --format raw output")
     p.add_argument("--tokens", type=int, help="tokens generated: also print ms per token")
-    p.add_argument("--rate", type=float, default=100, help="py-spy sampling rate (-r), for ms per token")
+    p.add_argument(
+        "--rate", type=float, default=100, help="py-spy sampling rate (-r), for ms per token"
+    )
     args = p.parse_args(argv)
     import mlx_lm
 
     roots = [Path(__file__).resolve().parents[1], Path(mlx_lm.__file__).parents[1]]
     counts = breakdown(args.raw, roots)
     total = sum(counts.values())
-    print(f"{'bucket':<22}{'samples':>9}{'share':>8}" + (f"{'ms/token':>10}" if args.tokens else ""))
+    print(
+        f"{'bucket':<22}{'samples':>9}{'share':>8}" + (f"{'ms/token':>10}" if args.tokens else "")
+    )
     for name in BUCKETS:
         n = counts.get(name, 0)
         ms = f"{1e3 * n / args.rate / args.tokens:10.2f}" if args.tokens else ""
