@@ -7,7 +7,7 @@ from the store when the forward pass reaches it and dropped after. The FFN input
 kept on disk (scratch memory maps), then each layer in turn is read once more to compute its
 activations, record statistics and train its predictor.
 
-Recorded (see ``mlx_flash.calibration``): per neuron the share of tokens on which it is active at the
+Recorded (see ``mlx_flash.runtime.calibration``): per neuron the share of tokens on which it is active at the
 conversion's target sparsity (pinning and placement use it), per layer quantiles of |h| and of
 |act(gate)| (thresholds for any sparsity at run time), the share of exact zeros (natural sparsity),
 and the predictors with their recall and precision on held-back calibration tokens.
@@ -20,39 +20,37 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
 from mlx_lm.utils import load_model, load_tokenizer
 from tqdm import tqdm
 
-from mlx_flash.adapters import ACTIVATIONS, set_ffn, spec_for
-from mlx_flash.calibration import (
+from mlx_flash.cli import add_debug_arg, run_cli
+from mlx_flash.runtime.adapters import ACTIVATIONS, set_ffn, spec_for
+from mlx_flash.runtime.calibration import (
     LEVELS,
     Calibration,
     Predictors,
     default_sparsity,
     save_calibration,
 )
-from mlx_flash.cli import run_cli
-from mlx_flash.errors import FlashError
-from mlx_flash.evaluate import encode_text
-from mlx_flash.flash_ffn import ffn_hidden, ffn_rows, project_in
-from mlx_flash.manifest import Manifest, read_manifest
-from mlx_flash.rebuild import _layer_parts, _rows as _dense_rows
-from mlx_flash.store import StoreReader
+from mlx_flash.runtime.errors import FlashError, OptionError
+from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
+from mlx_flash.runtime.loader import cast_parameters
+from mlx_flash.runtime.manifest import Manifest, read_manifest
+from mlx_flash.runtime.store import StoreReader
+from mlx_flash.textdata import text_windows
 
 from .predictor import auto_ranks, choose_cut, score_predictor, train_predictor
 
 SEQ_LEN = 256  # tokens per calibration window (each starts a fresh context)
 MAX_TOKENS = 16384  # enough for stable quantiles and a few hundred positives per neuron
-HELD_OUT = (
-    0.2  # share of windows kept back: half to calibrate the predictors' cut, half to measure them
-)
+HELD_OUT = 0.2  # share of windows kept back: half sets the predictors' cut, half measures them
 NATURAL_MARGIN = 1.3  # natural zeros: predict 1.3x the active share (see convert/predictor.py)
 BATCH_TOKENS = 1024  # tokens per forward pass (each pass reads every layer's FFN once)
 QUANTILE_TOKENS = 4096  # tokens whose activations give the quantiles
@@ -63,17 +61,6 @@ def builtin_text_path() -> Path:
     import mlx_flash
 
     return Path(mlx_flash.__file__).parent / "data" / "calibration.txt"
-
-
-def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int) -> np.ndarray:
-    """[windows, seq_len] token ids from the start of ``text``; refuses text too short for two windows."""
-    ids = encode_text(tokenizer, text, max_tokens)
-    n = ids.size // seq_len
-    if n < 2:
-        raise FlashError(
-            f"calibration text is too short: {ids.size} tokens, need at least {2 * seq_len}"
-        )
-    return ids[: n * seq_len].reshape(n, seq_len)
 
 
 class _Captured(Exception):
@@ -94,8 +81,8 @@ class _CaptureFFN(nn.Module):
         if self._layer == m.n_layers - 1:
             self._store(xf)
             raise _Captured
-        parts = _layer_parts(reader, m, self._layer)
-        out = ffn_rows(xf, parts, m.activation, m.gated, m.quantization)
+        parts = {k: mx.array(v) for k, v in reader.read_layer(self._layer).items()}
+        out = partial_output(xf, parts, m.activation, m.gated, m.quantization)
         if "down_bias" in m.layers[self._layer].blobs:
             out = out + mx.array(reader.read_blob(self._layer, "down_bias", np.float32))
         out = out.astype(x.dtype).reshape(x.shape)
@@ -113,12 +100,7 @@ def collect_ffn_inputs(
 ) -> list[np.ndarray]:
     """Run the dense model over ``windows``; per layer, the FFN inputs [tokens, d_model] as memory maps."""
     model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
-    model.update(
-        tree_map(
-            lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
+    cast_parameters(model, mx.float32)
     tokens = windows.size
     inputs = [
         np.lib.format.open_memmap(
@@ -156,7 +138,7 @@ def layer_activations(
         if manifest.gated
         else None
     )
-    h = ffn_hidden(xm, parts, manifest.activation, manifest.gated, manifest.quantization, g)
+    h = hidden(xm, parts, manifest.activation, manifest.gated, manifest.quantization, g)
     return mx.abs(h), (None if g is None else mx.abs(g))
 
 
@@ -182,20 +164,46 @@ def _layer_predictor(
     x: np.ndarray,
     active: np.ndarray,
     rank: int,
-    n_train: int,
-    n_cut: int,
-    margin: float,
+    tokens: _Tokens,
+    sparsity: float | None,
 ) -> tuple[tuple, float, dict[str, float]]:
-    """Train on tokens [0, n_train), set the cut on [n_train, n_cut), measure on the rest."""
-    up = None if manifest.gated else np.array(_dense_rows(parts, "up", manifest))
+    """Train on the training tokens, set the cut on the next ones, measure on the rest."""
+    train, cut_end = tokens.train, tokens.cut
+    margin = NATURAL_MARGIN if sparsity is None else 1.0
+    up = None if manifest.gated else np.array(dense_rows(parts, "up", manifest.quantization))
     up_bias = None if up is None or "up_bias" not in parts else np.array(parts["up_bias"][:, 0])
-    weights = train_predictor(x[:n_train], active[:n_train], rank, up=up, up_bias=up_bias)
-    cut = choose_cut(weights, x[n_train:n_cut], active[n_train:n_cut], margin)
-    return weights, cut, score_predictor(weights, cut, x[n_cut:], active[n_cut:])
+    weights = train_predictor(x[:train], active[:train], rank, up=up, up_bias=up_bias)
+    cut = choose_cut(weights, x[train:cut_end], active[train:cut_end], margin)
+    return weights, cut, score_predictor(weights, cut, x[cut_end:], active[cut_end:])
 
 
 def _quantiles(values: np.ndarray) -> np.ndarray:
     return np.quantile(values.reshape(-1), LEVELS).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """The calibration tokens, in windows, and how they are used: [0, train) fit everything,
+    [train, cut) set the predictors' cut, [cut, end) measure the predictors."""
+
+    windows: np.ndarray
+    train: int
+    cut: int
+
+    @classmethod
+    def split(cls, windows: np.ndarray) -> _Tokens:
+        held = max(2, int(round(len(windows) * HELD_OUT)))
+        if len(windows) - held < 1:
+            raise FlashError(
+                f"calibration text is too short: {windows.size} tokens, need at least "
+                f"{(held + 1) * windows.shape[1]}"
+            )
+        train = (len(windows) - held) * windows.shape[1]
+        return cls(windows, train, train + held // 2 * windows.shape[1])
+
+    @property
+    def held_out(self) -> int:
+        return self.windows.size - self.train
 
 
 def calibrate(
@@ -212,9 +220,10 @@ def calibrate(
 ) -> Manifest:
     """Calibrate the flash model directory in place; returns its updated manifest.
 
-    ``text``: a text file (default: the built-in English sample). ``sparsity``: the conversion's target
-    (default: natural zeros for ReLU-family FFNs, else 0.5), the threshold the predictors learn.
-    ``ranks``: predictor rank for every layer (an int or one per layer; default: ``auto_ranks``).
+    ``text``: a text file (default: the built-in English sample). ``sparsity``: the conversion's
+    target (default: natural zeros for ReLU-family FFNs, else 0.5), the threshold the predictors
+    learn. ``ranks``: predictor rank for every layer (an int or one per layer; default:
+    ``auto_ranks``).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -223,92 +232,100 @@ def calibrate(
         raise FlashError(f"{path}: calibration text not found")
     if sparsity is None:
         sparsity = default_sparsity(manifest)
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise FlashError(f"--sparsity must be in [0, 1), got {sparsity}")
+    elif not 0.0 <= sparsity < 1.0:
+        raise OptionError(f"--sparsity must be in [0, 1), got {sparsity}")
+    rank_list = _rank_list(manifest, ranks) if predictors else None
     tokenizer = load_tokenizer(directory)
-    windows = token_windows(
-        tokenizer, path.read_text(encoding="utf-8", errors="replace"), seq_len, max_tokens
-    )
-    n_held = max(2, int(round(len(windows) * HELD_OUT)))
-    n_train = (len(windows) - n_held) * seq_len
-    n_cut = n_train + n_held // 2 * seq_len  # tokens [n_train, n_cut) set the cut, the rest measure
-    if len(windows) - n_held < 1:
-        raise FlashError(
-            f"calibration text is too short: {windows.size} tokens, need at least {3 * seq_len}"
-        )
-    rank_list = (
-        auto_ranks(manifest)
-        if ranks is None
-        else ([ranks] * manifest.n_layers if isinstance(ranks, int) else list(ranks))
-    )
-    if len(rank_list) != manifest.n_layers:
-        raise FlashError(
-            f"--predictor-rank needs one rank or {manifest.n_layers}, got {len(rank_list)}"
-        )
+    tokens = _Tokens.split(text_windows(tokenizer, path, seq_len, max_tokens // seq_len, 2))
+    target = "natural (exact zeros)" if sparsity is None else f"{sparsity:g}"
     log(
-        f"Calibrating on {windows.size} tokens of {path.name} ({n_held * seq_len} held back), target sparsity "
-        + ("natural (exact zeros)" if sparsity is None else f"{sparsity:g}")
+        f"Calibrating on {tokens.windows.size} tokens of {path.name} ({tokens.held_out} held "
+        f"back), target sparsity {target}"
     )
-
     scratch = Path(tempfile.mkdtemp(prefix=".calibration-", dir=directory))
     try:
-        inputs = collect_ffn_inputs(directory, manifest, windows, scratch, progress)
-        frequency = np.zeros((manifest.n_layers, manifest.d_ffn), np.float32)
-        magnitude = np.zeros((manifest.n_layers, len(LEVELS)), np.float32)
-        gate_q = np.zeros_like(magnitude) if manifest.gated else None
-        zeros = np.zeros(manifest.n_layers, np.float32)
-        weights, cuts, quality = [], [], []
-        margin = NATURAL_MARGIN if sparsity is None else 1.0
-        sample = np.linspace(0, n_train - 1, min(n_train, QUANTILE_TOKENS)).astype(np.int64)
-        with StoreReader(directory, manifest, threads=4) as reader:
-            bar = tqdm(
-                range(manifest.n_layers),
-                desc="activations + predictors",
-                unit="layer",
-                disable=not progress,
-            )
-            for i in bar:
-                parts = _layer_parts(reader, manifest, i)
-                h, g = (
-                    None if a is None else np.array(a)
-                    for a in layer_activations(parts, manifest, inputs[i][sample])
-                )
-                magnitude[i] = _quantiles(h)
-                if g is not None:
-                    gate_q[i] = _quantiles(g)
-                zeros[i] = float((h == 0).mean())
-                del h, g
-                threshold = (
-                    0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i]))
-                )
-                active = active_mask(parts, manifest, inputs[i], threshold)
-                frequency[i] = active[:n_train].mean(0)
-                if predictors:
-                    x = np.asarray(inputs[i])
-                    p, cut, q = _layer_predictor(
-                        parts, manifest, x, active, rank_list[i], n_train, n_cut, margin
-                    )
-                    weights.append(p)
-                    cuts.append(cut)
-                    quality.append(q)  # noqa: E702
-                    bar.set_postfix(recall=f"{q['recall']:.3f}", predicted=f"{q['predicted']:.3f}")
+        inputs = collect_ffn_inputs(directory, manifest, tokens.windows, scratch, progress)
+        calibration, trained = _measure(
+            directory, manifest, inputs, tokens, sparsity, rank_list, progress
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-    calibration = Calibration(frequency, magnitude, gate_q, zeros, sparsity, int(windows.size))
     info = {
-        "calibration": {"text": path.name, "held_out_tokens": n_held * seq_len, "seq_len": seq_len},
-        "predictor": {"cut": cuts, "margin": margin},
+        "calibration": {"text": path.name, "held_out_tokens": tokens.held_out, "seq_len": seq_len}
     }
     stored = None
-    if predictors:
-        stored = Predictors(*(list(w) for w in zip(*weights)), cuts)
-        info["predictor"].update({k: [q[k] for q in quality] for k in quality[0]})
+    if trained:
+        weights, cuts, quality = trained
+        stored = Predictors(*(list(w) for w in zip(*weights, strict=True)), cuts)
         params = sum(r * (manifest.d_model + manifest.d_ffn) + manifest.d_ffn for r in stored.ranks)
-        info["predictor"]["share_of_parameters"] = params / model_parameters(directory, manifest)
+        info["predictor"] = {
+            "cut": cuts,
+            "margin": NATURAL_MARGIN if sparsity is None else 1.0,
+            **{k: [q[k] for q in quality] for k in quality[0]},
+            "share_of_parameters": params / model_parameters(directory, manifest),
+        }
     manifest = save_calibration(directory, manifest, calibration, stored, info)
-    _report(directory, manifest, log)
+    _report(manifest, log)
     return manifest
+
+
+def _rank_list(manifest: Manifest, ranks: list[int] | int | None) -> list[int]:
+    if ranks is None:
+        return auto_ranks(manifest)
+    rank_list = [ranks] * manifest.n_layers if isinstance(ranks, int) else list(ranks)
+    if len(rank_list) != manifest.n_layers:
+        raise OptionError(
+            f"--predictor-rank needs one rank or {manifest.n_layers}, got {len(rank_list)}"
+        )
+    return rank_list
+
+
+def _measure(
+    directory: Path,
+    manifest: Manifest,
+    inputs: list[np.ndarray],
+    tokens: _Tokens,
+    sparsity: float | None,
+    ranks: list[int] | None,
+    progress: bool,
+):
+    """Per layer: activation statistics, and (with ``ranks``) a trained predictor with its cut and
+    held-back quality. Each layer's FFN is read once."""
+    n, levels = manifest.n_layers, len(LEVELS)
+    frequency = np.zeros((n, manifest.d_ffn), np.float32)
+    magnitude = np.zeros((n, levels), np.float32)
+    gate_q = np.zeros((n, levels), np.float32) if manifest.gated else None
+    zeros = np.zeros(n, np.float32)
+    trained: list[tuple] = []
+    sample = np.linspace(0, tokens.train - 1, min(tokens.train, QUANTILE_TOKENS)).astype(np.int64)
+    with StoreReader(directory, manifest, threads=4) as reader:
+        bar = tqdm(range(n), desc="activations + predictors", unit="layer", disable=not progress)
+        for i in bar:
+            parts = {k: mx.array(v) for k, v in reader.read_layer(i).items()}
+            h, g = (
+                None if a is None else np.array(a)
+                for a in layer_activations(parts, manifest, inputs[i][sample])
+            )
+            magnitude[i], zeros[i] = _quantiles(h), float((h == 0).mean())
+            if g is not None:
+                gate_q[i] = _quantiles(g)
+            del h, g
+            threshold = (
+                0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i]))
+            )
+            active = active_mask(parts, manifest, inputs[i], threshold)
+            frequency[i] = active[: tokens.train].mean(0)
+            if ranks is not None:
+                x = np.asarray(inputs[i])
+                trained.append(
+                    _layer_predictor(parts, manifest, x, active, ranks[i], tokens, sparsity)
+                )
+                quality = trained[-1][2]
+                bar.set_postfix(recall=f"{quality['recall']:.3f}")
+    calibration = Calibration(
+        frequency, magnitude, gate_q, zeros, sparsity, int(tokens.windows.size)
+    )
+    return calibration, (tuple(list(t) for t in zip(*trained, strict=True)) if trained else None)
 
 
 def model_parameters(directory: Path, manifest: Manifest) -> int:
@@ -325,7 +342,7 @@ def model_parameters(directory: Path, manifest: Manifest) -> int:
     return total
 
 
-def _report(directory: Path, manifest: Manifest, log: Callable[[str], None]) -> None:
+def _report(manifest: Manifest, log: Callable[[str], None]) -> None:
     meta = manifest.extra.get("predictor")
     if not meta:
         return
@@ -355,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-predictor", action="store_true", help="statistics only")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="calibration tokens to use")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_debug_arg(p)
     return p
 
 

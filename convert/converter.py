@@ -8,27 +8,42 @@ that is renamed at the very end, so an interrupted conversion leaves OUT as it w
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, save_config
+from mlx_lm.utils import save_config
 from tqdm import tqdm
 
-from mlx_flash.adapters import FFNSpec, ffn_prefixes, spec_for
 from mlx_flash.integration import write_entry_point
-from mlx_flash.errors import FlashError, FlashFormatError, UnsupportedModelError
-from mlx_flash.manifest import DTYPES, STORE_FILE, Manifest, Quantization, numpy_storage_dtype
-from mlx_flash.sizes import format_size
+from mlx_flash.runtime.adapters import FFNSpec, build_model, ffn_prefixes, spec_for
+from mlx_flash.runtime.errors import (
+    FlashError,
+    FlashFormatError,
+    OptionError,
+    UnsupportedModelError,
+)
+from mlx_flash.runtime.files import publish, staging_dir
+from mlx_flash.runtime.manifest import (
+    DTYPES,
+    MX_DTYPES,
+    STORE_FILE,
+    LayerEntry,
+    Manifest,
+    Quantization,
+    trunk_files,
+)
+from mlx_flash.runtime.sizes import format_size
 
 from .source import SourceModel
 from .writer import REGION_ALIGN, PartSpec, StoreWriter, drop_written, plan_regions
 
-MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FAIL_AT_ENV = "MLX_FLASH_CONVERT_FAIL_AT"  # test hook: "layer:N", "trunk" or "finalize"
 BUILTIN_CALIBRATION = "builtin"  # calibration= value for the packaged sample text
 
@@ -250,34 +265,109 @@ def _check_free_disk(out: Path, needed: int) -> None:
         )
 
 
-def _staging_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if (
-            pid.isdigit()
-            and not Path(f"/proc/{pid}").exists()
-            and os.name == "posix"
-            and Path("/proc").exists()
-        ):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+@dataclass
+class _Plan:
+    """What the converter decided from the source's config before writing anything."""
+
+    config: dict
+    spec: FFNSpec
+    prefixes: list[str]  # every layer's FFN module name, e.g. model.layers.3.mlp
+    trunk: dict[str, tuple[int, ...]]  # expected trunk parameters and their shapes
+    d_model: int
+    d_ffn: int
+    dtype: str
+    quant: Quantization | None
+    has_bias: tuple[bool, bool]  # gate, up
+
+    @property
+    def source_quant(self) -> dict | None:
+        return self.config.get("quantization")
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished directory into place; with --force the old OUT is removed only after."""
-    if out.exists():
-        if not force:
-            raise FlashError(f"{out}: exists and is not empty; pass --force to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def _plan(source: SourceModel, dtype: str | None, quant: Quantization | None, log) -> _Plan:
+    """Shapes from mlx-lm's own (lazy) model; the store's dtype and quantization: as asked, else the
+    source's (a quantized source stays quantized unless a dtype is asked for)."""
+    config = {k: v for k, v in source.config.items() if k != "model_file"}
+    spec = spec_for(config["model_type"])
+    model = build_model(config)  # parameters stay lazy: shapes only
+    prefixes = ffn_prefixes(model, spec)
+    params = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    d_ffn, d_model = params[f"{prefixes[0]}.{spec.fused_gate_up or spec.up}.weight"]
+    d_ffn //= 2 if spec.fused_gate_up else 1
+    source_quant = config.get("quantization")
+    if quant is None and source_quant:
+        if dtype is None:
+            quant = Quantization(source_quant["bits"], source_quant["group_size"])
+        else:
+            log(
+                f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} as asked"
+            )
+    if dtype is None:
+        declared = config.get("torch_dtype") or config.get("dtype")
+        dtype = declared if declared in MX_DTYPES else ("float16" if source_quant else "float32")
+    if quant and d_model % quant.group_size:
+        raise UnsupportedModelError(
+            f"d_model={d_model} is not a multiple of the quantization group size {quant.group_size}"
+        )
+    has_bias = (
+        bool(spec.gate) and f"{prefixes[0]}.{spec.gate}.bias" in params,
+        f"{prefixes[0]}.{spec.up}.bias" in params,
+    )
+    inside = tuple(p + "." for p in prefixes)
+    trunk = {k: v for k, v in params.items() if not k.startswith(inside)}
+    return _Plan(config, spec, prefixes, trunk, d_model, d_ffn, dtype, quant, has_bias)
+
+
+def _size_estimate(plan: _Plan, layout: str, align: int) -> int:
+    """Bytes the output will take on disk."""
+    specs = _part_specs(plan.d_model, plan.spec.gated, plan.has_bias, plan.dtype, plan.quant)
+    layer = sum(r.nbytes for r in plan_regions(specs, layout, align, 0, plan.d_ffn))
+    store = (layer + REGION_ALIGN + plan.d_model * 4) * len(plan.prefixes)
+    elements = sum(math.prod(shape) for shape in plan.trunk.values())
+    return store + elements * DTYPES[plan.dtype]
+
+
+def _write_store(
+    tmp: Path, source: SourceModel, plan: _Plan, layout: str, align: int, progress: bool
+) -> list[LayerEntry]:
+    """Every layer's FFN into the store, one layer in memory at a time."""
+    reader = _LayerReader(source, plan.spec)
+    entries = []
+    with open(tmp / STORE_FILE, "wb") as f:
+        writer = StoreWriter(f, layout, align)
+        bar = tqdm(plan.prefixes, desc="FFN layers", unit="layer", disable=not progress)
+        for i, prefix in enumerate(bar):
+            vectors, dtypes, blobs = reader.layer(prefix, plan.dtype, plan.quant)
+            entries.append(writer.write_layer(i, prefix, vectors, blobs, dtypes))
+            del vectors, blobs
+            _maybe_stop(f"layer:{i}")
+        f.flush()
+        os.fsync(f.fileno())
+    return entries
+
+
+def _write_trunk(tmp: Path, source: SourceModel, plan: _Plan) -> None:
+    """Every tensor outside the FFN, in the store's dtype (packed quantized words as they are)."""
+    inside = tuple(p + "." for p in plan.prefixes)
+    names = []
+    for name in source.tensors:
+        if name.startswith(inside):
+            raise FlashFormatError(f"{source.description}: unexpected FFN tensor {name}")
+        packed_part = plan.source_quant and f"{name.rsplit('.', 1)[0]}.weight" in plan.trunk
+        if name in plan.trunk or packed_part:
+            names.append(name)
+    missing = sorted(set(plan.trunk) - set(names))
+    if missing:
+        raise FlashFormatError(
+            f"{source.description}: missing trunk tensors: {', '.join(missing[:5])}"
+        )
+    dtype = MX_DTYPES[plan.dtype]
+
+    def load(name: str) -> mx.array:
+        a = source.tensors.pop(name)()
+        return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+
+    _save_trunk(tmp, names, load)
 
 
 def convert(
@@ -291,152 +381,80 @@ def convert(
     layout: str = "bundled",
     align: int = 0,
     force: bool = False,
-    calibration: str | Path | None = None,
+    calibration: str | Path | None = BUILTIN_CALIBRATION,
     sparsity: float | None = None,
     predictor_rank: int | None = None,
+    settings: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Convert SRC (model dir, hub repo id or .gguf) into the flash model directory OUT.
 
-    ``calibration``: a text file, or "builtin" for the packaged English sample, to measure activations
-    on and train the predictors with (``convert/calibrate.py``); None skips it (the model then runs
-    dense, or with selectors given explicitly). ``sparsity``/``predictor_rank``: see ``calibrate``.
+    ``calibration``: a text file, or "builtin" (the default) for the packaged English sample, to
+    measure activations on and train the predictors with (``calibrate.py``); None skips it (the
+    model then runs dense unless a selector is given). ``sparsity``/``predictor_rank``: see
+    ``calibrate``. ``settings``: options stored with the model (``mlx_flash.settings``).
     """
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FlashError(f"{out}: exists and is not empty; pass --force to replace it")
-    if layout not in ("bundled", "unbundled"):
-        raise FlashError(f"unknown layout {layout!r} (bundled or unbundled)")
-    if dtype is not None and dtype not in MX_DTYPES:
-        raise FlashError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
-    if align < 0 or (align and align & (align - 1)):
-        raise FlashError(f"--align must be 0 or a power of two, not {align}")
-
+    _check_arguments(out, force, layout, dtype, align)
     source = open_source(src)
-    config = dict(source.config)
-    config.pop("model_file", None)
-    model_type = config["model_type"]
-    spec = spec_for(model_type)
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))  # parameters stay lazy: shapes only
-    prefixes = ffn_prefixes(model, spec)
-    params = dict(tree_flatten(model.parameters()))
-    ffn_names = {k for k in params if any(k.startswith(p + ".") for p in prefixes)}
-    up_shape = params[f"{prefixes[0]}.{spec.fused_gate_up or spec.up}.weight"].shape
-    d_ffn = up_shape[0] // (2 if spec.fused_gate_up else 1)
-    d_model = up_shape[1]
-    source_quant = config.get("quantization")
-    dtype_given = dtype is not None
-    if dtype is None:
-        declared = config.get("torch_dtype") or config.get("dtype")
-        dtype = declared if declared in MX_DTYPES else ("float16" if source_quant else "float32")
-    if quantize:
-        quant = Quantization(q_bits, q_group_size)
-    elif source_quant and not dtype_given:
-        quant = Quantization(source_quant["bits"], source_quant["group_size"])  # keep it quantized
-    else:
-        quant = None
-        if source_quant:
-            log(
-                f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} as --dtype asks"
-            )
-    if quant and d_model % quant.group_size:
-        raise UnsupportedModelError(
-            f"d_model={d_model} is not a multiple of the quantization group size {quant.group_size}"
-        )
-
-    has_bias = (
-        f"{prefixes[0]}.{spec.gate}.bias" in params if spec.gate else False,
-        f"{prefixes[0]}.{spec.up}.bias" in params,
-    )
-    regions = plan_regions(
-        _part_specs(d_model, spec.gated, has_bias, dtype, quant), layout, align, 0, d_ffn
-    )
-    store_estimate = (sum(r.nbytes for r in regions) + REGION_ALIGN + d_model * 4) * len(prefixes)
-    trunk_estimate = sum(v.size for k, v in params.items() if k not in ffn_names) * DTYPES[dtype]
-    _check_free_disk(out, store_estimate + trunk_estimate)
-
+    plan = _plan(source, dtype, Quantization(q_bits, q_group_size) if quantize else None, log)
+    _check_free_disk(out, _size_estimate(plan, layout, align))
+    quant = f" {plan.quant.bits}-bit (group {plan.quant.group_size})" if plan.quant else ""
     log(f"Converting {source.description} -> {out}")
     log(
-        f"  {model_type}: {len(prefixes)} layers, d_model {d_model}, d_ffn {d_ffn}, store {dtype}"
-        + (f" {quant.bits}-bit (group {quant.group_size})" if quant else "")
-        + f", {layout}"
+        f"  {plan.config['model_type']}: {len(plan.prefixes)} layers, d_model {plan.d_model}, "
+        f"d_ffn {plan.d_ffn}, store {plan.dtype}{quant}, {layout}"
     )
-    tmp = _staging_dir(out)
+    tmp = staging_dir(out)
     try:
-        reader = _LayerReader(source, spec)
-        entries = []
-        with open(tmp / STORE_FILE, "wb") as f:
-            writer = StoreWriter(f, layout, align)
-            for i, prefix in enumerate(
-                tqdm(prefixes, desc="FFN layers", unit="layer", disable=not progress)
-            ):
-                vectors, dtypes, blobs = reader.layer(prefix, dtype, quant)
-                entries.append(writer.write_layer(i, prefix, vectors, blobs, dtypes))
-                del vectors, blobs
-                _maybe_stop(f"layer:{i}")
-            f.flush()
-            os.fsync(f.fileno())
+        entries = _write_store(tmp, source, plan, layout, align, progress)
         _maybe_stop("trunk")
-        expected = {k for k in params if k not in ffn_names}
-        trunk_names = []
-        for name in source.tensors:
-            if name.startswith(tuple(p + "." for p in prefixes)):
-                raise FlashFormatError(f"{source.description}: unexpected FFN tensor {name}")
-            if name in expected or (
-                source_quant and f"{name.rsplit('.', 1)[0]}.weight" in expected
-            ):
-                trunk_names.append(name)
-        missing = sorted(expected - set(trunk_names))
-        if missing:
-            raise FlashFormatError(
-                f"{source.description}: missing trunk tensors: {', '.join(missing[:5])}"
-            )
-
-        def load_trunk_tensor(name: str) -> mx.array:
-            a = source.tensors.pop(name)()
-            return a.astype(MX_DTYPES[dtype]) if mx.issubdtype(a.dtype, mx.floating) else a
-
-        _save_trunk(tmp, trunk_names, load_trunk_tensor)
-        if source_quant:
-            config["quantization"] = source_quant
-        save_config(write_entry_point(tmp, config), tmp / "config.json")
+        _write_trunk(tmp, source, plan)
+        save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
         source.write_tokenizer(tmp)
         manifest = Manifest(
-            model_type=model_type,
-            d_model=d_model,
-            d_ffn=d_ffn,
-            gated=spec.gated,
-            activation=spec.activation,
+            model_type=plan.config["model_type"],
+            d_model=plan.d_model,
+            d_ffn=plan.d_ffn,
+            gated=plan.spec.gated,
+            activation=plan.spec.activation,
             layout=layout,
-            dtype=dtype,
+            dtype=plan.dtype,
             align=align,
             store_file=STORE_FILE,
             store_size=(tmp / STORE_FILE).stat().st_size,
             layers=tuple(entries),
-            quantization=quant,
+            quantization=plan.quant,
             source=source.description,
         )
         manifest.save(tmp)
         if calibration is not None:
             from .calibrate import calibrate
 
+            text = None if calibration == BUILTIN_CALIBRATION else calibration
             calibrate(
-                tmp,
-                None if calibration == BUILTIN_CALIBRATION else calibration,
-                sparsity=sparsity,
-                ranks=predictor_rank,
-                progress=progress,
-                log=log,
+                tmp, text, sparsity=sparsity, ranks=predictor_rank, progress=progress, log=log
             )
         _maybe_stop("finalize")
-        _publish(tmp, out, force)
+        publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    trunk = sum(f.stat().st_size for f in trunk_files(out))
     log(
         f"  store {format_size(manifest.store_size)} ({manifest.neuron_bytes()} B per neuron), "
-        f"trunk {format_size(sum(f.stat().st_size for f in out.glob('model*.safetensors')))}"
+        f"trunk {format_size(trunk)}"
     )
     return out
+
+
+def _check_arguments(out: Path, force: bool, layout: str, dtype: str | None, align: int) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FlashError(f"{out}: exists and is not empty; pass --force to replace it")
+    if layout not in ("bundled", "unbundled"):
+        raise OptionError(f"unknown layout {layout!r} (bundled or unbundled)")
+    if dtype is not None and dtype not in MX_DTYPES:
+        raise OptionError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
+    if align < 0 or (align and align & (align - 1)):
+        raise OptionError(f"--align must be 0 or a power of two, not {align}")

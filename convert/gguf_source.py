@@ -33,7 +33,6 @@ from gguf import (
     get_tensor_name_map,
 )
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
 from tokenizers import (
     AddedToken,
     Regex,
@@ -45,7 +44,8 @@ from tokenizers import (
     processors,
 )
 
-from mlx_flash.errors import FlashFormatError, UnsupportedModelError
+from mlx_flash.runtime.adapters import build_model
+from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 
 from .source import SourceModel
 
@@ -374,8 +374,7 @@ def _match_tensors(
 def _model_shapes(path: Path, config: dict) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of the mlx-lm model for ``config`` (lazy arrays: nothing is computed)."""
     try:
-        model_class, args_class = _get_classes(config)
-        model = model_class(args_class.from_dict(config))
+        model = build_model(config)
     except (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError) as e:
         raise FlashFormatError(
             f"{path}: mlx-lm cannot build a model from this metadata: {e}"

@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.utils import _get_classes, load_config
+from mlx_lm.utils import load_config
 
-from mlx_flash.adapters import spec_for
-from mlx_flash.errors import FlashFormatError, UnsupportedModelError
+from mlx_flash.runtime.adapters import model_classes, spec_for
+from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 
 from .source import SourceModel
 
@@ -66,7 +66,7 @@ def open_hf_directory(path: Path) -> SourceModel:
     try:
         config = load_config(path)
     except json.JSONDecodeError as e:
-        raise FlashFormatError(f"{config_file}: not valid JSON ({e})") from None
+        raise FlashFormatError(f"{config_file}: not valid JSON ({e})") from e
     if "model_type" not in config:
         raise FlashFormatError(f"{config_file}: has no model_type")
     spec_for(config["model_type"])  # unsupported architectures fail before any weight is touched
@@ -74,15 +74,15 @@ def open_hf_directory(path: Path) -> SourceModel:
     if not files:
         raise FlashFormatError(f"{path}: no model*.safetensors weight files")
     try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as e:
-        raise UnsupportedModelError(f"{config_file}: {e}") from None
+        model_class, args_class = model_classes(config)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{config_file}: {e}") from e
     weights: dict[str, mx.array] = {}
     for f in files:
         try:
             weights.update(mx.load(f))
         except (RuntimeError, ValueError) as e:
-            raise FlashFormatError(f"{f}: cannot read safetensors ({e})") from None
+            raise FlashFormatError(f"{f}: cannot read safetensors ({e})") from e
     if hasattr(model_class, "sanitize"):
         # sanitize is an instance method; the model's own parameters stay lazy and are never evaluated.
         weights = model_class(args_class.from_dict(config)).sanitize(weights)

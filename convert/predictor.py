@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from mlx_flash.manifest import Manifest
+from mlx_flash.runtime.manifest import Manifest
 
 EPOCHS = 4
 BATCH = 1024

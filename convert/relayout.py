@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from tqdm import tqdm
 
-from mlx_flash.manifest import MANIFEST_FILE, Manifest, numpy_storage_dtype, read_manifest
-from mlx_flash.store import StoreReader
+from mlx_flash.runtime.errors import OptionError
+from mlx_flash.runtime.files import publish, staging_dir
+from mlx_flash.runtime.manifest import MANIFEST_FILE, Manifest, read_manifest
+from mlx_flash.runtime.store import StoreReader
 
-from .converter import _publish, _staging_dir
 from .writer import StoreWriter
 
 
@@ -45,9 +45,9 @@ def relayout(
     src, out = Path(src), Path(out).absolute()
     manifest = read_manifest(src)
     if layout not in ("bundled", "unbundled"):
-        raise ValueError(f"unknown layout {layout!r} (bundled or unbundled)")
+        raise OptionError(f"unknown layout {layout!r} (bundled or unbundled)")
     log(f"Re-laying out {src} ({manifest.layout}) -> {out} ({layout})")
-    tmp = _staging_dir(out)
+    tmp = staging_dir(out)
     try:
         for item in src.iterdir():
             if item.name in (manifest.store_file, MANIFEST_FILE) or item.name.startswith("."):
@@ -62,22 +62,14 @@ def relayout(
             open(tmp / manifest.store_file, "wb") as f,
         ):
             writer = StoreWriter(f, layout, manifest.align)
-            ids = np.arange(manifest.d_ffn)
             for entry in tqdm(manifest.layers, desc="layers", unit="layer", disable=not progress):
-                parts = [p for r in entry.regions for p in r.parts]
-                vectors = {
-                    p.name: np.empty((manifest.d_ffn, p.length), numpy_storage_dtype(p.dtype))
-                    for p in parts
-                }
-                reader.read_neurons(entry.index, ids, vectors, ids)
+                vectors = reader.read_layer(entry.index, floats=None)
                 blobs = {
-                    name: (reader.read_blob(entry.index, name), b.dtype)
-                    for name, b in entry.blobs.items()
+                    n: (reader.read_blob(entry.index, n), b.dtype) for n, b in entry.blobs.items()
                 }
+                dtypes = {p.name: p.dtype for p in entry.parts()}
                 entries.append(
-                    writer.write_layer(
-                        entry.index, entry.prefix, vectors, blobs, {p.name: p.dtype for p in parts}
-                    )
+                    writer.write_layer(entry.index, entry.prefix, vectors, blobs, dtypes)
                 )
             f.flush()
             os.fsync(f.fileno())
@@ -87,7 +79,7 @@ def relayout(
             layers=tuple(entries),
             store_size=(tmp / manifest.store_file).stat().st_size,
         ).save(tmp)
-        _publish(tmp, out, force)
+        publish(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mlx_flash.manifest import Blob, LayerEntry, Part, Region
+from mlx_flash.runtime.manifest import Blob, LayerEntry, Part, Region
 
 REGION_ALIGN = 4096  # regions start on page boundaries, so O_DIRECT reads of whole regions work
 CHUNK_BYTES = 8 << 20

@@ -12,14 +12,23 @@ if (
 ):
     __path__.append(str(_Path(__file__).parent.parent))  # noqa: F821 - a package's own __path__
 
-from . import rebuild  # noqa: E402
-from .errors import BudgetError, FlashError, FlashFormatError, StoreReadError, UnsupportedModelError  # noqa: E402
-from .loader import load  # noqa: E402
+from .runtime.errors import (  # noqa: E402
+    BudgetError,
+    FlashError,
+    FlashFormatError,
+    OptionError,
+    StoreReadError,
+    UnsupportedModelError,
+)
+from .runtime.loader import load  # noqa: E402
+from .runtime.options import FlashOptions  # noqa: E402
 
 __all__ = [
     "load",
+    "FlashOptions",
     "FlashError",
     "FlashFormatError",
+    "OptionError",
     "BudgetError",
     "StoreReadError",
     "UnsupportedModelError",

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +27,16 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from .costmodel import CostModel, cost_model_for
-from .loader import load
-from .manifest import read_manifest
-from .pagecache import cached_bytes, drop_from_page_cache, file_system_type
-from .selectors import Selector
-from .sizes import format_size, parse_size
+from .cli import add_debug_arg, add_flash_args, load_options, run_cli
+from .runtime.costmodel import CostModel, cost_model_for
+from .runtime.errors import FlashError, OptionError
+from .runtime.files import cache_root, write_json
+from .runtime.loader import load
+from .runtime.manifest import read_manifest
+from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type
+from .runtime.sizes import format_size, parse_size
+
+TOOL = "bench"
 
 DEFAULT_PROMPT = (
     "The old lighthouse stood at the edge of the cliff, and every night the keeper climbed its "
@@ -137,49 +139,13 @@ METRICS = (
 )
 
 
-def parse_share(text: str) -> float:
-    """ "50%" or "0.5" -> 0.5."""
-    text = str(text).strip()
-    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if not 0 < value <= 1:
-        raise ValueError(f"--ffn-cache must be in (0, 1] or (0%, 100%] (got {text!r})")
-    return value
-
-
-def _selector_name(selector: str | Selector) -> str:
-    return selector if isinstance(selector, str) else type(selector).__name__
-
-
 def run_setup(
-    setup: Setup,
-    directory: Path,
-    prompt: list[int],
-    *,
-    tokens: int,
-    ffn_share: float,
-    selector: str | Selector,
-    window: int,
-    pin_share: float,
-    threads: int | None,
-    max_context: int,
-    cost: CostModel,
-    load_options: dict | None = None,
+    setup: Setup, directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
 ) -> dict:
     """Load ``directory`` as ``setup`` says, generate ``tokens`` greedy tokens cold from disk; its metrics."""
     store = directory / read_manifest(directory).store_file
     drop_from_page_cache(store)
-    model, tokenizer = load(
-        directory,
-        UNLIMITED,
-        ffn_share=ffn_share,
-        pin_share=pin_share if setup.pins else 0.0,
-        window=window if setup.keeps_window else 0,
-        selector=selector if setup.sparse else "dense",
-        threads=threads,
-        page_cache=False,
-        max_context=max_context,
-        **(load_options or {}),
-    )
+    model, tokenizer = load(directory, **setup_options(setup, options))
     rt = model.flash
     try:
         gc.collect()
@@ -196,7 +162,7 @@ def run_setup(
             "name": setup.name,
             "what": setup.what,
             "layout": rt.manifest.layout,
-            "selector": type(rt.selector).__name__,
+            "selector": rt.selector.name,
             "window": rt.window,
             "pinned_rows": rt.plan.pinned_rows,
             "window_rows": rt.plan.window_rows,
@@ -239,7 +205,22 @@ def run_setup(
     return result
 
 
-def _references(directory: Path, prompt: list[int], common: dict) -> list[dict]:
+def setup_options(setup: Setup, options: dict) -> dict:
+    """``mlx_flash.load`` keywords for ``setup``: the asked options with what the setup leaves out
+    turned off, the FFN cache share fixed, the store read uncached."""
+    return {
+        **options,
+        "memory_budget": UNLIMITED,
+        "page_cache": False,
+        "pin_share": options.get("pin_share", 0.5) if setup.pins else 0.0,
+        "window": options.get("window", 4) if setup.keeps_window else 0,
+        "selector": options.get("selector", "auto") if setup.sparse else "dense",
+    }
+
+
+def _references(
+    directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
+) -> list[dict]:
     """Two bounds on tokens/s with no reads: plain mlx-lm with the whole model in memory (same weights), and
     the flash runtime with the whole FFN pinned (what its per-layer work costs without I/O)."""
     from .rebuild import load_dense
@@ -248,7 +229,7 @@ def _references(directory: Path, prompt: list[int], common: dict) -> list[dict]:
     gc.collect()
     mx.reset_peak_memory()
     ids, last = [], None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=common["tokens"]):
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
         ids.append(last.token)
     plain = {
         "name": "mlx-lm, model in memory",
@@ -259,7 +240,7 @@ def _references(directory: Path, prompt: list[int], common: dict) -> list[dict]:
     }
     del model
     gc.collect()
-    pinned = run_setup(IN_MEMORY, directory, prompt, **common, ffn_share=1.0)
+    pinned = run_setup(IN_MEMORY, directory, prompt, tokens, {**options, "ffn_cache": 1.0}, cost)
     return [
         plain,
         {
@@ -312,29 +293,24 @@ def _median_rows(rounds: list[list[dict]]) -> list[dict]:
 def run_bench(
     model_dir: str | Path,
     *,
-    ffn_share: float | None = None,
-    memory_budget: str | int | None = None,
     prompt: str = DEFAULT_PROMPT,
     tokens: int = 64,
-    selector: str | Selector = "auto",
-    window: int = 4,
-    pin_share: float = 0.5,
-    threads: int | None = None,
     repeat: int = 1,
     setups: tuple[int, ...] = (1, 2, 3, 4, 5),
     unbundled: Path | None = None,
     reference: bool = True,
-    max_context: int | None = None,
-    load_options: dict | None = None,
     progress: bool = True,
+    **options,
 ) -> dict:
-    """Run the ablation; the report as JSON-ready data (see ``format_report``)."""
+    """Run the ablation; the report as JSON-ready data (see ``format_report``).
+
+    ``options``: ``mlx_flash.load``'s, with exactly one of ``ffn_cache`` (the share of each FFN in
+    memory) and ``memory_budget`` (the share it leaves, for the full configuration)."""
     from .convert.relayout import layout_sibling
-    from .default_model import cache_root
 
     model_dir = Path(model_dir).absolute()
-    if (ffn_share is None) == (memory_budget is None):
-        raise ValueError("give exactly one of --ffn-cache and --memory-budget")
+    if ("ffn_cache" in options) == ("memory_budget" in options):
+        raise OptionError("give exactly one of --ffn-cache and --memory-budget")
     manifest = read_manifest(model_dir)
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     dirs = {manifest.layout: model_dir}
@@ -350,35 +326,14 @@ def run_bench(
         )
     tokenizer = load_tokenizer(model_dir)
     prompt_ids = tokenizer.encode(prompt)
-    max_context = max_context or len(prompt_ids) + tokens + 1
+    options = {"max_context": len(prompt_ids) + tokens + 1, **options}
     cost = cost_model_for(model_dir)
-    common = dict(
-        tokens=tokens,
-        selector=selector,
-        window=window,
-        pin_share=pin_share,
-        threads=threads,
-        max_context=max_context,
-        cost=cost,
-        load_options=load_options,
-    )
-
-    # Warm-up (and, with --memory-budget, the FFN share the chosen selector leaves): the full technique stack.
-    if ffn_share is None:
-        model, _ = load(
-            model_dir,
-            memory_budget,
-            selector=selector,
-            pin_share=pin_share,
-            window=window,
-            max_context=max_context,
-            threads=threads,
-            **(load_options or {}),
-        )
-        ffn_share = model.flash.plan.ffn_share
+    if "memory_budget" in options:  # the FFN share the budget leaves with the chosen selector
+        model, _ = load(model_dir, **options)
+        options["ffn_cache"] = model.flash.plan.ffn_share
         model.flash.close()
-        del model
-    run_setup(SETUPS[-1], model_dir, prompt_ids, **{**common, "tokens": 2}, ffn_share=ffn_share)
+        del model, options["memory_budget"]
+    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options, cost)  # warm-up: the full stack
 
     rounds = []
     bar = tqdm(total=repeat * len(chosen), desc="bench", unit="run", disable=not progress)
@@ -386,13 +341,13 @@ def run_bench(
         results = []
         for s in chosen:
             bar.set_postfix_str(s.name)
-            results.append(run_setup(s, dirs[s.layout], prompt_ids, **common, ffn_share=ffn_share))
+            results.append(run_setup(s, dirs[s.layout], prompt_ids, tokens, options, cost))
             bar.update()
         rounds.append(results)
     bar.close()
     rows = _median_rows(rounds)
     plan = rows[-1]["memory_plan"]
-    refs = _references(model_dir, prompt_ids, common) if reference else []
+    refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
     for ref in refs:
         same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"])]
         ref["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
@@ -418,14 +373,13 @@ def run_bench(
             "prompt": prompt,
             "prompt_tokens": len(prompt_ids),
             "tokens": tokens,
-            "selector": _selector_name(selector),
-            "window": window,
-            "pin_share": pin_share,
+            "selector": rows[-1]["selector"],
+            "window": rows[-1]["window"],
+            "pin_share": options.get("pin_share", 0.5),
             "threads": rows[0]["threads"],
             "repeat": repeat,
-            "max_context": max_context,
-            "memory_budget": memory_budget,
-            "load_options": load_options or {},
+            "max_context": options["max_context"],
+            "options": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))},
         },
         "memory": {
             "ffn_share": plan["ffn_share"],
@@ -508,26 +462,16 @@ def _rerun_in_cgroup(args: argparse.Namespace, argv: list[str]) -> int:
     """Run this same command again inside a memory cgroup of the implied memory + the process's own."""
     tool = _membudget_tool()
     if sys.platform != "linux" or tool is None or os.geteuid() != 0:
-        raise ValueError(
+        raise FlashError(
             "--membudget needs Linux, root and the membudget tool (set MLX_FLASH_MEMBUDGET)"
         )
     if args.membudget != "auto":
         limit = parse_size(args.membudget)
     else:
-        share = parse_share(args.ffn_cache) if args.ffn_cache else None
-        context = (
-            args.max_context
-            or len(load_tokenizer(Path(args.model)).encode(args.prompt)) + args.tokens + 1
-        )
+        options = load_options(args, TOOL)
+        context = len(load_tokenizer(Path(args.model)).encode(args.prompt)) + args.tokens + 1
         model, _ = load(
-            args.model,
-            args.memory_budget or UNLIMITED,
-            ffn_share=share,
-            pin_share=args.pin_share,
-            window=args.window,
-            selector=args.selector,
-            max_context=context,
-            **_load_options(args),
+            args.model, **{"max_context": context, "memory_budget": UNLIMITED, **options}
         )
         limit = model.flash.plan.used + PROCESS_SLACK
         model.flash.close()
@@ -559,38 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="flash model directory (the other layout is made and cached)"
     )
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument(
-        "--memory-budget", help='memory for the whole model, e.g. "300MB": sets the FFN cache share'
-    )
-    budget.add_argument(
-        "--ffn-cache", metavar="SHARE", help='share of each FFN kept in memory, e.g. "50%%" or 0.5'
-    )
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate per configuration")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (raw, no chat template)")
-    p.add_argument(
-        "--selector",
-        default="auto",
-        help="selector of configurations 3-5 (predictor, gate, auto, ...)",
-    )
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        help="target fraction of FFN neurons skipped (threshold selectors)",
-    )
-    p.add_argument("--window", type=int, default=4, help="k of configurations 2, 4 and 5")
-    p.add_argument(
-        "--pin-share",
-        type=float,
-        default=0.5,
-        help="share of the FFN cache pinned (configurations 2-5)",
-    )
-    p.add_argument("--threads", type=int, help="read threads (default: the probe's best, else 32)")
-    p.add_argument(
-        "--max-context",
-        type=int,
-        help="KV cache tokens the memory reserves (default: prompt + tokens)",
-    )
     p.add_argument("--configs", default="1,2,3,4,5", help="which configurations to run, e.g. 1,5")
     p.add_argument(
         "--repeat",
@@ -617,12 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="re-run inside a memory cgroup (Linux, root) of SIZE (default: the implied memory + 1 GiB)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_flash_args(p, TOOL)
+    add_debug_arg(p)
     return p
-
-
-def _load_options(args: argparse.Namespace) -> dict:
-    return {"sparsity": args.sparsity} if args.sparsity is not None else {}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -630,24 +541,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return _rerun_in_cgroup(args, argv)
     report = run_bench(
         args.model,
-        ffn_share=parse_share(args.ffn_cache) if args.ffn_cache else None,
-        memory_budget=args.memory_budget,
         prompt=args.prompt,
         tokens=args.tokens,
-        selector=args.selector,
-        window=args.window,
-        pin_share=args.pin_share,
-        threads=args.threads,
         repeat=args.repeat,
         setups=tuple(int(c) for c in args.configs.split(",")),
         unbundled=args.unbundled,
         reference=not args.no_reference,
-        max_context=args.max_context,
-        load_options=_load_options(args),
+        **load_options(args, TOOL),
     )
     print(format_report(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.plot:
         from .plots import plot_ablation
@@ -658,8 +562,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_cli
-
     argv = sys.argv[1:] if argv is None else argv
     return run_cli(lambda args: run(args, argv), build_parser(), argv)
 

@@ -1,4 +1,6 @@
-"""``python -m mlx_flash.chat``: an interactive chat like ``mlx_lm.chat``, reusing the prompt cache across turns."""
+"""``python -m mlx_flash.chat``: an interactive chat like ``mlx_lm.chat``, reusing the prompt cache
+across turns. Its flags are mlx_lm.chat's own, mlx_lm.generate's sampling flags chat lacks, and the
+flash options."""
 
 from __future__ import annotations
 
@@ -6,48 +8,55 @@ import argparse
 import sys
 
 import mlx.core as mx
+from mlx_lm.chat import setup_arg_parser
+from mlx_lm.generate import setup_arg_parser as generate_arg_parser
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
-from .cli import add_flash_args, load_options, resolve_model, run_cli
-from .loader import load
+from .cli import (
+    add_debug_arg,
+    add_flash_args,
+    load_options,
+    make_args_sampler,
+    refuse,
+    resolve_model,
+    run_cli,
+)
+from .runtime.loader import load
+
+TOOL = "chat"
+UNSUPPORTED = ("adapter_path", "pipeline")  # mlx_lm.chat flags this tool does not honour yet
+SAMPLING = ("min_p", "top_k", "min_tokens_to_keep")  # mlx_lm.generate's, missing from mlx_lm.chat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mlx_flash.chat", description="Chat with a flash-streamed model."
-    )
-    p.add_argument(
-        "--model",
-        help="flash model directory (or a model to convert first; default: SmolLM2-135M-Instruct)",
-    )
-    p.add_argument("--max-tokens", "-m", type=int, default=256, help="maximum tokens per answer")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p")
-    p.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    p.add_argument("--system-prompt", default=None, help="system prompt")
-    p.add_argument(
-        "--max-kv-size", type=int, default=4096, help="tokens of conversation the KV cache holds"
-    )
-    add_flash_args(p)
+    p = setup_arg_parser()
+    p.prog, p.usage = "python -m mlx_flash.chat", "%(prog)s [-h] [options]"
+    p.description = "Chat with a model whose FFN streams from flash."
+    p.set_defaults(model=None)
+    for action in generate_arg_parser()._actions:
+        if action.dest in SAMPLING:
+            p._add_action(action)
+    add_flash_args(p, TOOL)
+    add_debug_arg(p)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    refuse(parser, args, UNSUPPORTED)
     if args.seed is not None:
         mx.random.seed(args.seed)
     path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    model, tokenizer = load(
-        path,
-        args.memory_budget,
-        max_context=args.max_kv_size,
-        **load_options(args, is_default_model=args.model is None),
-    )
-    cache = make_prompt_cache(model, args.max_kv_size)
-    sampler = make_sampler(args.temp, args.top_p)
+    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    model, tokenizer = load(path, tokenizer_config=tokenizer_config, **load_options(args, TOOL))
+    options = model.flash.options
+
+    def new_cache():
+        return make_prompt_cache(model, options.max_kv_size)
+
+    cache, first = new_cache(), True
+    sampler = make_args_sampler(args, tokenizer)
     print(f"[{path.name}] type a message; 'q' quits, 'r' resets the conversation.", file=sys.stderr)
-    first = True
     while True:
         try:
             query = input(">> ")
@@ -56,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         if query == "q":
             break
         if query == "r":
-            cache, first = make_prompt_cache(model, args.max_kv_size), True
+            cache, first = new_cache(), True
             continue
         messages = (
             [{"role": "system", "content": args.system_prompt}]
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             sampler=sampler,
             prompt_cache=cache,
+            prefill_step_size=options.prefill_step_size,
         ):
             print(response.text, end="", flush=True)
         print()
@@ -81,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, build_parser(), argv)
+    parser = build_parser()
+    return run_cli(lambda args: run(args, parser), parser, argv)
 
 
 if __name__ == "__main__":

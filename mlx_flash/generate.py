@@ -1,4 +1,5 @@
-"""``python -m mlx_flash.generate``: mlx_lm.generate for models bigger than memory, with flash telemetry."""
+"""``python -m mlx_flash.generate``: mlx_lm.generate for models bigger than memory, with flash
+telemetry. Its flags are mlx_lm.generate's own (from mlx-lm's parser) plus the flash options."""
 
 from __future__ import annotations
 
@@ -9,83 +10,76 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.generate import setup_arg_parser, stream_generate
+from mlx_lm.utils import load_tokenizer
 
-from .cli import add_flash_args, load_options, resolve_model, run_cli
-from .loader import load
-from .sizes import format_size
+from .cli import (
+    add_debug_arg,
+    add_flash_args,
+    load_options,
+    make_args_sampler,
+    refuse,
+    resolve_model,
+    run_cli,
+)
+from .runtime.files import write_json
+from .runtime.loader import load
+from .runtime.sizes import format_size
 
+TOOL = "generate"
 DEFAULT_PROMPT = "Tell me a short story about a lighthouse keeper."
+# mlx_lm.generate flags this tool does not honour yet: refused when given, never ignored
+UNSUPPORTED = (
+    "adapter_path",
+    "image",
+    "prompt_cache_file",
+    "quantize_activations",
+    "use_default_chat_template",
+    "kv_bits",
+    "draft_model",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mlx_flash.generate",
-        description="Generate text with a model whose FFN streams from flash (mlx_lm.generate flags, plus flash flags).",
-    )
-    p.add_argument(
-        "--model",
-        help="flash model directory, or a model directory / hub repo / .gguf file to convert "
-        "first (default: SmolLM2-135M-Instruct, fetched and converted on first use)",
-    )
-    p.add_argument(
-        "--prompt", "-p", default=DEFAULT_PROMPT, help="message to the model ('-' reads stdin)"
-    )
-    p.add_argument(
-        "--max-tokens", "-m", type=int, default=100, help="maximum number of tokens to generate"
-    )
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="sampling top-p")
-    p.add_argument("--min-p", type=float, default=0.0, help="sampling min-p")
-    p.add_argument("--top-k", type=int, default=0, help="sampling top-k")
-    p.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    p.add_argument("--system-prompt", default=None, help="system prompt for the chat template")
-    p.add_argument(
-        "--ignore-chat-template",
-        action="store_true",
-        help="use the raw prompt without the chat template",
-    )
-    p.add_argument(
-        "--verbose",
-        type=lambda s: s.lower() not in ("false", "f", "0", "no"),
-        default=True,
-        help="print the streamed text and the summary (False: print only the generated text)",
-    )
-    p.add_argument(
-        "--max-kv-size",
-        type=int,
-        default=None,
-        help="tokens of KV cache the memory budget reserves (default: prompt + max tokens)",
-    )
-    p.add_argument(
-        "--prefill-step-size", type=int, default=512, help="prompt tokens per prefill step"
-    )
-    p.add_argument(
-        "--stats-json",
-        metavar="FILE",
-        help="write the summary as JSON (keys documented in the README)",
-    )
-    p.add_argument(
-        "--stats-per-token",
-        action="store_true",
-        help="also report every generated token's flash stats",
-    )
-    add_flash_args(p)
+    p = setup_arg_parser()
+    p.prog, p.usage = "python -m mlx_flash.generate", "%(prog)s [-h] [options]"
+    p.description = "Generate text with a model whose FFN streams from flash."
+    p.set_defaults(model=None, prompt=DEFAULT_PROMPT, max_tokens=100)
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = (
+                "flash model directory, or a model directory / hub repo / .gguf file to convert "
+                "first (default: SmolLM2-135M-Instruct, fetched and converted on first use)"
+            )
+    p.add_argument("--stats-json", metavar="FILE", help="write the summary as JSON (README keys)")
+    p.add_argument("--stats-per-token", action="store_true", help="also report every token's stats")
+    add_flash_args(p, TOOL)
+    add_debug_arg(p)
     return p
 
 
-def build_prompt(
-    tokenizer, prompt: str, system_prompt: str | None, ignore_chat_template: bool
-) -> list[int]:
-    """Token ids of the prompt, through the chat template when the model has one (as mlx_lm.generate does)."""
-    prompt = sys.stdin.read() if prompt == "-" else prompt.replace("\\n", "\n").replace("\\t", "\t")
-    use_template = not ignore_chat_template and tokenizer.has_chat_template
-    if not use_template:
+def build_prompt(tokenizer, args: argparse.Namespace) -> list[int]:
+    """Token ids of the prompt, through the chat template when the model has one (as
+    mlx_lm.generate does)."""
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
         return tokenizer.encode(prompt)
-    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    messages = (
+        [] if args.system_prompt is None else [{"role": "system", "content": args.system_prompt}]
+    )
     messages.append({"role": "user", "content": prompt})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefill = args.prefill_response is not None
+    if prefill:
+        messages.append({"role": "assistant", "content": args.prefill_response})
+    template_kwargs = json.loads(args.chat_template_config) if args.chat_template_config else {}
+    text = tokenizer.apply_chat_template(
+        messages,
+        tokenize=False,
+        continue_final_message=prefill,
+        add_generation_prompt=not prefill,
+        **template_kwargs,
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -102,15 +96,8 @@ def collect_stats(model, response, model_path: Path, per_token: bool) -> dict:
         "peak_memory_bytes": mx.get_peak_memory(),
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "memory_budget": rt.plan.as_dict(),
-        "flash_bytes_per_token": summary["flash_bytes_per_token"],
-        "reads_per_token": summary["reads_per_token"],
-        "io_ms_per_token": summary["io_ms_per_token"],
-        "compute_ms_per_token": summary["compute_ms_per_token"],
-        "buffer_hit_rate": summary["buffer_hit_rate"],
-        "fraction_used": summary["fraction_used"],
-        "fraction_loaded": summary["fraction_loaded"],
-        "fraction_computed": summary["fraction_computed"],
-        "selector": type(rt.selector).__name__,
+        **{k: v for k, v in summary.items() if k != "tokens"},
+        "selector": rt.selector.name,
         "window": rt.window,
         "threads": rt.reader.threads,
         "page_cache": rt.reader.cache_mode,
@@ -119,95 +106,98 @@ def collect_stats(model, response, model_path: Path, per_token: bool) -> dict:
         neurons = rt.manifest.n_layers * rt.manifest.d_ffn
         stats["per_token"] = [
             {
-                "bytes_read": p.bytes_read,
-                "reads": p.reads,
-                "io_ms": 1e3 * p.io_s,
-                "compute_ms": 1e3 * p.compute_s,
-                "fraction_used": p.requested / neurons / p.tokens,
-                "fraction_loaded": p.loaded / neurons / p.tokens,
+                "bytes_read": t.read.bytes,
+                "reads": t.read.reads,
+                "io_ms": 1e3 * t.read.seconds,
+                "compute_ms": 1e3 * t.compute_s,
+                "fraction_used": t.requested / neurons / p.tokens,
+                "fraction_loaded": t.loaded / neurons / p.tokens,
             }
             for p in rt.telemetry.passes
             if p.phase == "decode"
+            for t in (p.total,)
         ]
     return stats
 
 
 def print_summary(stats: dict) -> None:
-    plan = stats["memory_budget"]
+    plan, size = stats["memory_budget"], format_size
     print("=" * 10)
     print(f"Prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.3f} tokens-per-sec")
     print(
-        f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.3f} tokens-per-sec"
+        f"Generation: {stats['generation_tokens']} tokens, "
+        f"{stats['generation_tps']:.3f} tokens-per-sec"
     )
     print(
-        f"Peak memory: {format_size(stats['peak_memory_bytes'])} (MLX); process peak {format_size(stats['process_peak_rss_bytes'])}"
+        f"Peak memory: {size(stats['peak_memory_bytes'])} (MLX); "
+        f"process peak {size(stats['process_peak_rss_bytes'])}"
     )
     print(
-        f"Memory budget {format_size(plan['total'])}, planned {format_size(plan['used'])}: trunk {format_size(plan['trunk'])}, buffers "
-        f"{format_size(plan['buffers'])} ({100 * plan['ffn_share']:.0f}% of each FFN), KV cache {format_size(plan['kv_cache'])}"
+        f"Memory budget {size(plan['total'])}, planned {size(plan['used'])}: trunk "
+        f"{size(plan['trunk'])}, buffers {size(plan['buffers'])} ({100 * plan['ffn_share']:.0f}% "
+        f"of each FFN), KV cache {size(plan['kv_cache'])}"
     )
     print(
-        f"Flash: {stats['flash_bytes_per_token'] / 1e6:.3f} MB/token in {stats['reads_per_token']:.1f} reads, "
-        f"I/O {stats['io_ms_per_token']:.2f} ms/token, compute {stats['compute_ms_per_token']:.2f} ms/token"
+        f"Flash: {stats['flash_bytes_per_token'] / 1e6:.3f} MB/token in "
+        f"{stats['reads_per_token']:.1f} reads, I/O {stats['io_ms_per_token']:.2f} ms/token, "
+        f"compute {stats['compute_ms_per_token']:.2f} ms/token"
     )
     print(
-        f"Buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; FFN neurons per token: used "
-        f"{100 * stats['fraction_used']:.1f}%, loaded {100 * stats['fraction_loaded']:.1f}%"
+        f"Selector {stats['selector']}; buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; "
+        f"FFN neurons per token: used {100 * stats['fraction_used']:.1f}%, loaded "
+        f"{100 * stats['fraction_loaded']:.1f}%"
     )
     for i, t in enumerate(stats.get("per_token", [])):
         print(
-            f"  token {i:4d}: {t['bytes_read'] / 1e6:8.3f} MB in {t['reads']:5d} reads, I/O {t['io_ms']:7.2f} ms, "
-            f"compute {t['compute_ms']:7.2f} ms, used {100 * t['fraction_used']:5.1f}%, loaded {100 * t['fraction_loaded']:5.1f}%"
+            f"  token {i:4d}: {t['bytes_read'] / 1e6:8.3f} MB in {t['reads']:5d} reads, I/O "
+            f"{t['io_ms']:7.2f} ms, compute {t['compute_ms']:7.2f} ms, used "
+            f"{100 * t['fraction_used']:5.1f}%, loaded {100 * t['fraction_loaded']:5.1f}%"
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    log = print if args.verbose else (lambda *_: None)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    refuse(parser, args, UNSUPPORTED)
     if args.seed is not None:
         mx.random.seed(args.seed)
     model_path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    from mlx_lm.utils import load_tokenizer
-
-    prompt = build_prompt(
-        load_tokenizer(model_path), args.prompt, args.system_prompt, args.ignore_chat_template
-    )
-    options = load_options(args, is_default_model=args.model is None)
-    max_context = args.max_kv_size or len(prompt) + args.max_tokens
-    model, tokenizer = load(
-        model_path,
-        args.memory_budget,
-        max_context=max_context,
-        prefill_step_size=args.prefill_step_size,
-        **options,
-    )
-    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
-    log("=" * 10)
+    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    prompt = build_prompt(load_tokenizer(model_path, tokenizer_config), args)
+    # plan the KV cache for this prompt and answer unless told otherwise
+    options = {"max_context": len(prompt) + args.max_tokens, **load_options(args, TOOL)}
+    model, tokenizer = load(model_path, tokenizer_config=tokenizer_config, **options)
+    for token in args.extra_eos_token:
+        tokenizer.add_eos_token(token)
+    sampler = make_args_sampler(args, tokenizer)
     response, text = None, []
+    if args.verbose:
+        print("=" * 10)
     for response in stream_generate(
         model,
         tokenizer,
         prompt,
         max_tokens=args.max_tokens,
         sampler=sampler,
-        prefill_step_size=args.prefill_step_size,
+        max_kv_size=model.flash.options.max_kv_size,
+        prefill_step_size=model.flash.options.prefill_step_size,
     ):
         text.append(response.text)
         if args.verbose:
             print(response.text, end="", flush=True)
     if not args.verbose:
         print("".join(text))
-        return 0
-    print()
-    stats = collect_stats(model, response, model_path, args.stats_per_token)
-    print_summary(stats)
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats, indent=1))
+    else:
+        print()
+        stats = collect_stats(model, response, model_path, args.stats_per_token)
+        print_summary(stats)
+        if args.stats_json:
+            write_json(args.stats_json, stats)
     model.flash.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run, build_parser(), argv)
+    parser = build_parser()
+    return run_cli(lambda args: run(args, parser), parser, argv)
 
 
 if __name__ == "__main__":

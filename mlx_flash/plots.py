@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .costmodel import CostModel
+from .runtime.costmodel import CostModel
+from .runtime.errors import FlashError
 
 
 def _pyplot():
@@ -16,10 +17,10 @@ def _pyplot():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit(
+    except ImportError as e:
+        raise FlashError(
             "--plot needs matplotlib: pip install 'mlx-lm-flash[examples]' (or pip install matplotlib)"
-        ) from None
+        ) from e
     return plt
 
 

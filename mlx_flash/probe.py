@@ -2,7 +2,7 @@
 cache bypassed (the paper's figure 2b), and fit the cost model the runtime uses.
 
 Why: the runtime picks its read threads and read sizes, and ``mlx_flash.bench`` its physical limit, from this
-measurement (``mlx_flash.costmodel``); without one they use DESIGN.md §5's numbers. Reads are random,
+measurement (``mlx_flash.runtime.costmodel``); without one they use DESIGN.md §5's numbers. Reads are random,
 chunk-aligned and never repeat within a cell, from a fresh file of random bytes that is dropped from the page
 cache first; the file must be on the disk you will stream models from, not on tmpfs. Then the store reader
 itself reads batches of random records from that file, per thread count: on a machine with few cores the
@@ -17,7 +17,6 @@ reader cost.
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import platform
@@ -33,8 +32,11 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .costmodel import PROBE_FORMAT, PROBE_VERSION, Cell, CostModel, device_key, probe_path
-from .manifest import (
+from .cli import add_debug_arg, run_cli
+from .runtime.costmodel import PROBE_FORMAT, PROBE_VERSION, Cell, CostModel, device_key, probe_path
+from .runtime.errors import OptionError
+from .runtime.files import cache_root, write_json
+from .runtime.manifest import (
     STORE_FILE,
     LayerEntry,
     Manifest,
@@ -43,49 +45,13 @@ from .manifest import (
     numpy_storage_dtype,
     read_manifest,
 )
-from .pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
-from .sizes import format_size, parse_size
-from .store import DIRECT_ALIGN, MAX_THREADS, RWF_DONTCACHE, StoreReader
+from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
+from .runtime.sizes import format_size, parse_size
+from .runtime.store import MAX_THREADS, StoreReader
+from .runtime.uncached import DIRECT_ALIGN, UncachedFile
 
 DEFAULT_CHUNKS = tuple(4096 << i for i in range(9))  # 4 KiB .. 1 MiB
 DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
-
-
-class Uncached:
-    """A read-only descriptor whose reads bypass the page cache, and how (``mode``)."""
-
-    def __init__(self, path: Path, bypass: str = "auto"):
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.flags = 0
-        try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-            self.mode = self._bypass(path, bypass)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def _bypass(self, path: Path, bypass: str) -> str:
-        if bypass == "nocache" or (bypass == "auto" and sys.platform == "darwin"):
-            import fcntl
-
-            fcntl.fcntl(self.fd, getattr(fcntl, "F_NOCACHE", 48), 1)
-            return "nocache"
-        if bypass in ("auto", "dontcache"):
-            try:
-                os.preadv(self.fd, [bytearray(1)], 0, RWF_DONTCACHE)
-                self.flags = RWF_DONTCACHE
-                return "dontcache"
-            except OSError:
-                if bypass == "dontcache":
-                    raise
-        direct_fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        os.close(self.fd)
-        self.fd = direct_fd
-        return "direct"
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def make_probe_file(directory: Path, size: int) -> Path:
@@ -166,7 +132,7 @@ def measure_batches(
 
 
 def measure_cell(
-    src: Uncached,
+    src: UncachedFile,
     file_size: int,
     chunk: int,
     threads: int,
@@ -191,7 +157,7 @@ def measure_cell(
             for off in offsets[i::threads]:
                 if time.perf_counter() > deadline:
                     break
-                if os.preadv(src.fd, bufs, off, src.flags) != chunk:
+                if os.preadv(src.read_fd, bufs, off, src.flags) != chunk:
                     raise OSError(f"short read at offset {off}")
                 n += 1
         except BaseException as e:  # reported by the caller; the barrier must not hang the others
@@ -241,24 +207,26 @@ def run_probe(
     reads batches of ``batch`` random 4 KiB records per call (``measure_batches``; 0 skips it).
     """
     if on_ram_disk(directory):
-        raise ValueError(
+        raise OptionError(
             f"{directory} is on {file_system_type(directory)} (RAM): probe a directory on disk"
         )
     chunks, threads = sorted(set(chunks)), sorted(set(threads))
     if not all(1 <= t <= MAX_THREADS for t in threads):
-        raise ValueError(f"threads must be in 1..{MAX_THREADS}")
+        raise OptionError(f"threads must be in 1..{MAX_THREADS}")
     if size < max(chunks) * max(threads):
-        raise ValueError(
+        raise OptionError(
             f"--size {format_size(size)} is too small for {max(threads)} threads of "
             f"{format_size(max(chunks))} reads"
         )
     path = make_probe_file(directory, size)
     rng = np.random.default_rng(1)
     try:
-        src = Uncached(path, bypass)
+        src = UncachedFile(path, bypass=bypass)
         try:
             if src.mode == "direct" and any(c % DIRECT_ALIGN for c in chunks):
-                raise ValueError(f"O_DIRECT needs chunk sizes that are multiples of {DIRECT_ALIGN}")
+                raise OptionError(
+                    f"O_DIRECT needs chunk sizes that are multiples of {DIRECT_ALIGN}"
+                )
             grid = [(c, t) for c in chunks for t in threads]
             samples: dict[tuple[int, int], list[dict]] = {}
             for c, t in tqdm(grid * repeat, desc="probe", unit="cell", disable=not progress):
@@ -341,7 +309,7 @@ def measure_reader(
             if warm:
                 for layer in range(manifest.n_layers):
                     reader.read_range(layer, 0, manifest.d_ffn, dest)
-                reader.stats.reset()
+                reader.reset_totals()
             t0, n = time.perf_counter(), 0
             while time.perf_counter() - t0 < seconds:
                 layer = n % manifest.n_layers
@@ -350,7 +318,7 @@ def measure_reader(
                 else:
                     reader.read_neurons(layer, id_sets[n % len(id_sets)], dest, np.arange(k))
                 n += 1
-            stats = reader.stats.snapshot()
+            stats = reader.totals
         rows.append(
             {
                 "pattern": pattern,
@@ -358,10 +326,10 @@ def measure_reader(
                 "threads": t,
                 "calls": stats.calls,
                 "reads_per_call": stats.reads / stats.calls,
-                "bytes_per_call": stats.bytes_read / stats.calls,
+                "bytes_per_call": stats.bytes / stats.calls,
                 "ms_per_call": 1e3 * stats.seconds / stats.calls,
                 "model_ms_per_call": 1e3
-                * cost.read_seconds(stats.bytes_read, stats.reads, t)
+                * cost.read_seconds(stats.bytes, stats.reads, t)
                 / stats.calls,
             }
         )
@@ -455,16 +423,7 @@ def _kib(n: int) -> str:
     return f"{n // 1024} KiB" if n < 1 << 20 else f"{n // (1 << 20)} MiB"
 
 
-def save_probe(probe: dict, file: Path) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(probe, indent=1) + "\n")
-    os.replace(tmp, file)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .default_model import cache_root
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_flash.probe",
         description=__doc__.split("\n\n")[0],
@@ -520,26 +479,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--plot", type=Path, help="write a PNG of throughput against read size and threads"
     )
-    args = p.parse_args(argv)
+    add_debug_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     directory = args.path or cache_root()
     directory.mkdir(parents=True, exist_ok=True)
-    try:
-        chunks = (
-            [parse_size(c) for c in args.chunk_sizes] if args.chunk_sizes else list(DEFAULT_CHUNKS)
-        )
-        probe = run_probe(
-            directory,
-            parse_size(args.size),
-            chunks,
-            args.threads,
-            args.seconds,
-            args.bypass,
-            args.repeat,
-            args.batch,
-        )
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    chunks = [parse_size(c) for c in args.chunk_sizes] if args.chunk_sizes else list(DEFAULT_CHUNKS)
+    probe = run_probe(
+        directory,
+        parse_size(args.size),
+        chunks,
+        args.threads,
+        args.seconds,
+        args.bypass,
+        args.repeat,
+        args.batch,
+    )
     print(format_probe(probe))
     if args.store:
         probe["store_reader"] = measure_reader(
@@ -551,10 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_reader(probe["store_reader"]))
     if not args.no_save:
-        save_probe(probe, probe_path(directory))
+        probe_path(directory).parent.mkdir(parents=True, exist_ok=True)
+        write_json(probe_path(directory), probe)
         print(f"saved for the runtime: {probe_path(directory)}")
     if args.json:
-        save_probe(probe, args.json)
+        write_json(args.json, probe)
         print(f"wrote {args.json}")
     if args.plot:
         from .plots import plot_probe
@@ -562,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         plot_probe(probe, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Rebuild the dense FFN weights (mlx-lm names and shapes) from a flash store.
 
-Used to check a conversion end to end (trunk + store through plain mlx-lm must reproduce the source)
-and to compare the streaming runtime with plain mlx-lm on the very same weights.
+Used to check a conversion end to end (trunk + store through plain mlx-lm must reproduce the
+source) and to compare the streaming runtime with plain mlx-lm on the very same weights.
 """
 
 from __future__ import annotations
@@ -10,99 +10,64 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
-from .adapters import spec_for
-from .manifest import Manifest, read_manifest
-from .store import StoreReader
-
-
-def _layer_parts(reader: StoreReader, manifest: Manifest, layer: int) -> dict[str, mx.array]:
-    """Every part of every neuron of ``layer`` as MLX arrays [d_ffn, length] (float parts as float32)."""
-    dest = {}
-    for region in manifest.layers[layer].regions:
-        for p in region.parts:
-            dest[p.name] = np.zeros(
-                (manifest.d_ffn, p.length), np.uint32 if p.dtype == "uint32" else np.float32
-            )
-    ids = np.arange(manifest.d_ffn)
-    reader.read_neurons(layer, ids, dest, ids)
-    return {k: mx.array(v) for k, v in dest.items()}
-
-
-def _rows(parts: dict[str, mx.array], name: str, manifest: Manifest) -> mx.array:
-    q = manifest.quantization
-    if q is None:
-        return parts[name]
-    return mx.dequantize(
-        parts[name],
-        parts[f"{name}.scales"],
-        parts[f"{name}.biases"],
-        group_size=q.group_size,
-        bits=q.bits,
-    )
+from .runtime.adapters import spec_for
+from .runtime.errors import FlashFormatError
+from .runtime.ffn import dense_rows
+from .runtime.loader import cast_parameters
+from .runtime.manifest import read_manifest
+from .runtime.store import StoreReader
 
 
 def dense_ffn_weights(directory: str | Path) -> dict[str, mx.array]:
-    """FFN weights of every layer as the mlx-lm model names them (float32, dequantized if quantized)."""
+    """FFN weights of every layer as the mlx-lm model names them (float32, dequantized)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    spec = spec_for(manifest.model_type)
+    spec, quant = spec_for(manifest.model_type), manifest.quantization
     weights: dict[str, mx.array] = {}
     with StoreReader(directory, manifest, threads=4) as reader:
         for entry in manifest.layers:
-            parts = _layer_parts(reader, manifest, entry.index)
+            parts = {k: mx.array(v) for k, v in reader.read_layer(entry.index).items()}
             base = entry.prefix
-            up = _rows(parts, "up", manifest)
-            down = _rows(parts, "down", manifest).T
+            rows = {
+                name: dense_rows(parts, name, quant) for name in ("gate", "up") if name in parts
+            }
+            biases = {name: parts[f"{name}_bias"][:, 0] for name in rows if f"{name}_bias" in parts}
             if spec.fused_gate_up:
                 weights[f"{base}.{spec.fused_gate_up}.weight"] = mx.concatenate(
-                    [_rows(parts, "gate", manifest), up]
+                    [rows["gate"], rows["up"]]
                 )
-                if "up_bias" in parts:
+                if biases:
                     weights[f"{base}.{spec.fused_gate_up}.bias"] = mx.concatenate(
-                        [parts["gate_bias"][:, 0], parts["up_bias"][:, 0]]
+                        [biases["gate"], biases["up"]]
                     )
             else:
-                weights[f"{base}.{spec.up}.weight"] = up
-                if spec.gate:
-                    weights[f"{base}.{spec.gate}.weight"] = _rows(parts, "gate", manifest)
-                if "gate_bias" in parts:
-                    weights[f"{base}.{spec.gate}.bias"] = parts["gate_bias"][:, 0]
-                if "up_bias" in parts:
-                    weights[f"{base}.{spec.up}.bias"] = parts["up_bias"][:, 0]
-            weights[f"{base}.{spec.down}.weight"] = down
+                for name, linear in (("gate", spec.gate), ("up", spec.up)):
+                    if name in rows:
+                        weights[f"{base}.{linear}.weight"] = rows[name]
+                    if name in biases:
+                        weights[f"{base}.{linear}.bias"] = biases[name]
+            weights[f"{base}.{spec.down}.weight"] = dense_rows(parts, "down", quant).T
             if "down_bias" in entry.blobs:
-                weights[f"{base}.{spec.down}.bias"] = mx.array(
-                    reader.read_blob(entry.index, "down_bias", np.float32)
-                )
+                bias = reader.read_blob(entry.index, "down_bias", np.float32)
+                weights[f"{base}.{spec.down}.bias"] = mx.array(bias)
     return weights
 
 
 def load_dense(directory: str | Path, dtype: mx.Dtype = mx.float32):
-    """The whole model as a plain mlx-lm model (trunk + rebuilt FFN) in ``dtype``, with its tokenizer."""
+    """The whole model as a plain mlx-lm model (trunk + rebuilt FFN) in ``dtype``, and its
+    tokenizer."""
     directory = Path(directory)
     ffn = dense_ffn_weights(directory)
     config = load_config(directory)
     model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
-    missing = {
-        k
-        for k in dict(tree_flatten(model.parameters()))
-        if k.startswith(tuple(ffn_prefixes_of(ffn)))
-    } - ffn.keys()
+    prefixes = tuple({name.rsplit(".", 2)[0] + "." for name in ffn})
+    expected = {k for k, _ in tree_flatten(model.parameters()) if k.startswith(prefixes)}
+    missing = expected - ffn.keys()
     if missing:
-        raise ValueError(f"{directory}: store lacks FFN weights {sorted(missing)[:3]}")
+        raise FlashFormatError(f"{directory}: store lacks FFN weights {sorted(missing)[:3]}")
     model.load_weights(list(ffn.items()), strict=False)
-    model.update(
-        tree_map(
-            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters(),
-        )
-    )
-    mx.eval(model.parameters())
+    cast_parameters(model, dtype)
     return model, load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
-
-
-def ffn_prefixes_of(ffn: dict[str, mx.array]) -> set[str]:
-    return {name.rsplit(".", 2)[0] + "." for name in ffn}

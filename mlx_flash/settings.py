@@ -1,5 +1,6 @@
-"""``python -m mlx_flash.settings DIR [--memory-budget 2GB] [--window 4] ...``: show or edit the run-time
-settings stored in a flash model directory (what stock mlx-lm tools use when they load it)."""
+"""``python -m mlx_flash.settings DIR [--memory-budget 2GB] [--window 4] ...``: show or edit the
+options stored in a flash model directory. ``mlx_flash.load`` and every command take them as
+defaults, and stock mlx-lm tools (which cannot pass them) use them as they are."""
 
 from __future__ import annotations
 
@@ -7,41 +8,36 @@ import argparse
 import json
 import sys
 
-from .errors import FlashError
-from .integration import read_settings, write_settings
-from .manifest import read_manifest
-from .sizes import parse_size
+from .cli import add_debug_arg, add_flash_args, load_options, run_cli
+from .runtime.manifest import read_manifest
+from .runtime.options import FlashOptions, read_settings, write_settings
+
+TOOL = "settings"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_flash.settings", description=__doc__)
+    p.add_argument("directory", help="flash model directory")
+    p.add_argument("--reset", action="store_true", help="forget every stored option first")
+    add_flash_args(p, TOOL)
+    add_debug_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    read_manifest(args.directory)  # a clear error if this is not a flash model directory
+    stored = {} if args.reset else read_settings(args.directory)
+    changes = load_options(args, TOOL)
+    if changes or args.reset:
+        stored.update(changes)
+        write_settings(args.directory, stored)
+    effective = FlashOptions.build(stored)
+    print(json.dumps({k: getattr(effective, k) for k in vars(effective)}, indent=1, default=str))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_flash.settings", description=__doc__)
-    p.add_argument("directory", help="flash model directory")
-    p.add_argument("--memory-budget", help='e.g. "2GB" or "40%%" of RAM')
-    p.add_argument("--window", type=int, help="tokens of history kept in the neuron buffer (k)")
-    p.add_argument("--selector", help="neuron selector (dense, gate, predictor, auto)")
-    p.add_argument("--threads", type=int, help="read threads")
-    p.add_argument(
-        "--page-cache", choices=["on", "off"], help="read through the OS page cache or bypass it"
-    )
-    p.add_argument("--max-context", type=int, help="tokens of KV cache the budget reserves")
-    p.add_argument("--pin-share", type=float, help="share of buffer rows pinned for the whole run")
-    args = p.parse_args(argv)
-    try:
-        read_manifest(args.directory)
-        settings = read_settings(args.directory)
-        changes = {k: v for k, v in vars(args).items() if k != "directory" and v is not None}
-        if "memory_budget" in changes:
-            parse_size(changes["memory_budget"])
-        if "page_cache" in changes:
-            changes["page_cache"] = changes["page_cache"] == "on"
-        if changes:
-            settings.update(changes)
-            write_settings(args.directory, settings)
-        print(json.dumps(settings, indent=1))
-        return 0
-    except (FlashError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(run, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flash.buffer import BufferFullError, NeuronBuffer
+from mlx_flash.runtime.buffer import BufferFullError, NeuronBuffer
+from mlx_flash.runtime.store import ReadCount
 
 N_NEURONS = 40
 CAPACITY = 16
@@ -41,12 +42,13 @@ class FakeLoader:
         self.calls = 0
         self.fail = False
 
-    def __call__(self, ids: np.ndarray, dest: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    def __call__(self, ids: np.ndarray, dest: dict[str, np.ndarray], rows: np.ndarray) -> ReadCount:
         self.calls += 1
         for name, matrix in self.ref.items():
             dest[name][rows] = matrix[ids]
             if self.fail:
                 raise OSError("disk on fire")
+        return ReadCount(records=ids.size, bytes=7 * ids.size, reads=1, calls=1)
 
 
 def as_stored(name: str, a: mx.array) -> np.ndarray:
@@ -109,8 +111,8 @@ def test_random_delete_append_sequences_stay_consistent(sequence):
             loader.fail = False
             assert loader.calls == calls + 1
         else:
-            added = buf.append(ids)
-            assert set(added.tolist()) == missing
+            read = buf.append(ids)
+            assert (read.records, read.bytes) == (len(missing), 7 * len(missing))
             assert loader.calls == calls + (1 if missing else 0)
             expected |= missing
         check(buf, ref, expected)
@@ -177,6 +179,6 @@ def test_without_fence_a_lazy_output_sees_the_new_rows():
 
 def test_zero_capacity_buffer():
     buf, loader, _ = make(capacity=0)
-    assert buf.nbytes == 0 and buf.append([]).size == 0 and loader.calls == 0
+    assert buf.nbytes == 0 and buf.append([]) == ReadCount() and loader.calls == 0
     with pytest.raises(BufferFullError):
         buf.append([1])

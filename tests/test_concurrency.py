@@ -24,29 +24,21 @@ import pytest
 from mlx_lm.generate import generate_step
 
 import mlx_flash
-from mlx_flash.convert.converter import convert
-from mlx_flash.errors import FlashError
-from mlx_flash.selectors import FixedSelector
-from tiny_models import save_tiny_model
+from mlx_flash.runtime.errors import FlashError
+from mlx_flash.runtime.selectors import FixedSelector
 
-QUIET = {"progress": False, "log": lambda *_: None}
 PROMPT = [3, 17, 42, 99, 7, 120, 5]
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def flash(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("concurrency")
-    out = {}
-    for arch in ("llama", "qwen2"):
-        src, _ = save_tiny_model(arch, root / arch, seed=1)
-        out[arch] = convert(src, root / f"{arch}-flash", **QUIET)
-    return out
+def flash(tiny_flash) -> dict[str, Path]:
+    return {arch: tiny_flash(arch)[1] for arch in ("llama", "qwen2")}
 
 
 def _options(**extra) -> dict:
     """Partial buffers (pinned + window), a multi-threaded store reader: the state threads could trip on."""
-    return {"ffn_share": 0.5, "pin_share": 0.25, "threads": 4, **extra}
+    return {"ffn_cache": 0.5, "pin_share": 0.25, "threads": 4, **extra}
 
 
 def _steps(model, prompt=PROMPT, n=STEPS):
@@ -107,12 +99,12 @@ def test_two_models_in_one_process_interleaved_token_by_token(flash):
     alone = {
         "llama": _alone(flash["llama"]),
         "qwen2": _alone(flash["qwen2"]),
-        "llama-full": _alone(flash["llama"], ffn_share=1.0),
+        "llama-full": _alone(flash["llama"], ffn_cache=1.0),
     }
     models = {
         "llama": mlx_flash.load(flash["llama"], "1GB", **_options())[0],
         "qwen2": mlx_flash.load(flash["qwen2"], "1GB", **_options())[0],
-        "llama-full": mlx_flash.load(flash["llama"], "1GB", **_options(ffn_share=1.0))[0],
+        "llama-full": mlx_flash.load(flash["llama"], "1GB", **_options(ffn_cache=1.0))[0],
     }
     got = {name: ([], []) for name in models}
     for steps in zip(*(_steps(m) for m in models.values())):

@@ -14,15 +14,14 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 
-from mlx_flash.adapters import ARCHITECTURES
-from mlx_flash.convert.converter import FAIL_AT_ENV, convert
+from conftest import MEMBUDGET, convert_quietly
+from mlx_flash.convert.converter import FAIL_AT_ENV
 from mlx_flash.convert.verify import verify
-from mlx_flash.errors import FlashError, UnsupportedModelError
-from mlx_flash.manifest import MANIFEST_FILE, read_manifest
 from mlx_flash.rebuild import dense_ffn_weights
+from mlx_flash.runtime.adapters import ARCHITECTURES
+from mlx_flash.runtime.errors import FlashError, UnsupportedModelError
+from mlx_flash.runtime.manifest import MANIFEST_FILE, read_manifest
 from tiny_models import CONFIGS, build_model, save_tiny_model
-
-QUIET = {"progress": False, "log": lambda *_: None}
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -43,7 +42,7 @@ def test_every_architecture_is_tested():
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_round_trip_float32_is_exact(arch, tmp_path):
     src, source = save_tiny_model(arch, tmp_path / "src")
-    out = convert(src, tmp_path / "flash", **QUIET)
+    out = convert_quietly(src, tmp_path / "flash")
     ffn = dense_ffn_weights(out)
     trunk = _trunk(out)
     assert set(ffn) | set(trunk) == set(source) and not set(ffn) & set(trunk)
@@ -58,8 +57,8 @@ def test_round_trip_float32_is_exact(arch, tmp_path):
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
 def test_round_trip_half_precision_and_layouts(dtype, layout, tmp_path):
     src, source = save_tiny_model("phi", tmp_path / "src", dtype=dtype)  # biases and GELU
-    out = convert(
-        src, tmp_path / "flash", layout=layout, align=4096 if layout == "unbundled" else 0, **QUIET
+    out = convert_quietly(
+        src, tmp_path / "flash", layout=layout, align=4096 if layout == "unbundled" else 0
     )
     manifest = read_manifest(out)
     assert manifest.dtype == {mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
@@ -72,7 +71,7 @@ def test_round_trip_half_precision_and_layouts(dtype, layout, tmp_path):
 
 def test_bundled_record_holds_the_whole_neuron(tmp_path):
     src, source = save_tiny_model("llama", tmp_path / "src")
-    out = convert(src, tmp_path / "flash", **QUIET)
+    out = convert_quietly(src, tmp_path / "flash")
     manifest = read_manifest(out)
     region = manifest.layers[1].regions[0]
     assert [p.name for p in region.parts] == ["gate", "up", "down"]
@@ -92,7 +91,7 @@ def test_bundled_record_holds_the_whole_neuron(tmp_path):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_store_matches_mlx_quantization(bits, tmp_path):
     src, source = save_tiny_model("qwen3", tmp_path / "src")
-    out = convert(src, tmp_path / "flash", quantize=True, q_bits=bits, q_group_size=32, **QUIET)
+    out = convert_quietly(src, tmp_path / "flash", quantize=True, q_bits=bits, q_group_size=32)
     manifest = read_manifest(out)
     assert manifest.quantization.bits == bits
     assert manifest.neuron_bytes() == 3 * (64 * bits // 8 + 2 * (64 // 32) * 4)
@@ -113,15 +112,14 @@ def test_quantized_source_stays_quantized(tmp_path):
     src = tmp_path / "src"
     save_model(src, model)
     save_config(config, src / "config.json")
-    out = convert(src, tmp_path / "flash", **QUIET)
+    out = convert_quietly(src, tmp_path / "flash")
     manifest = read_manifest(out)
     assert manifest.quantization.bits == 4 and manifest.quantization.group_size == 64
     params = dict(tree_flatten(model.parameters()))
-    from mlx_flash.rebuild import _layer_parts
-    from mlx_flash.store import StoreReader
+    from mlx_flash.runtime.store import StoreReader
 
     with StoreReader(out, manifest, threads=1) as reader:
-        parts = _layer_parts(reader, manifest, 0)
+        parts = {k: mx.array(v) for k, v in reader.read_layer(0).items()}
     # gate/up rows are the source's packed words, untouched; down was re-quantized along d_model
     np.testing.assert_array_equal(
         np.array(parts["gate"]), np.array(params["model.layers.0.mlp.gate_proj.weight"])
@@ -139,9 +137,9 @@ def test_refuses_existing_output_and_force_replaces(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(FlashError, match="--force"):
-        convert(src, out, **QUIET)
+        convert_quietly(src, out)
     assert (out / "precious.txt").read_text() == "keep me"
-    convert(src, out, force=True, **QUIET)
+    convert_quietly(src, out, force=True)
     assert (out / MANIFEST_FILE).is_file() and not (out / "precious.txt").exists()
 
 
@@ -151,21 +149,21 @@ def test_interrupted_conversion_leaves_nothing_behind(step, tmp_path, monkeypatc
     out = tmp_path / "flash"
     monkeypatch.setenv(FAIL_AT_ENV, step)
     with pytest.raises(KeyboardInterrupt):
-        convert(src, out, **QUIET)
+        convert_quietly(src, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     monkeypatch.delenv(FAIL_AT_ENV)
-    convert(src, out, **QUIET)
+    convert_quietly(src, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setenv(FAIL_AT_ENV, step)
     with pytest.raises(KeyboardInterrupt):
-        convert(src, out, force=True, **QUIET)
+        convert_quietly(src, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flash", "src"]
 
 
 def test_verify_names_the_damaged_layer(tmp_path):
     src, _ = save_tiny_model("llama", tmp_path / "src")
-    out = convert(src, tmp_path / "flash", **QUIET)
+    out = convert_quietly(src, tmp_path / "flash")
     manifest = read_manifest(out)
     store = out / manifest.store_file
     data = bytearray(store.read_bytes())
@@ -181,7 +179,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     config["model_type"] = "mamba"
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
-        convert(src, tmp_path / "flash", **QUIET)
+        convert_quietly(src, tmp_path / "flash")
 
 
 def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
@@ -194,7 +192,7 @@ def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
         lambda _: shutil_module._ntuple_diskusage(1 << 30, 1 << 30, 1000),
     )
     with pytest.raises(FlashError, match="not enough free disk"):
-        convert(src, tmp_path / "flash", **QUIET)
+        convert_quietly(src, tmp_path / "flash")
     assert not (tmp_path / "flash").exists()
 
 
@@ -219,7 +217,6 @@ def test_cli_converts_and_verifies(tmp_path):
     )
 
 
-MEMBUDGET = Path(__file__).resolve().parents[2] / "shared" / "tools" / "membudget"
 
 
 @pytest.mark.slow
@@ -282,5 +279,5 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
 
 def test_output_parents_are_created(tmp_path):
     src, _ = save_tiny_model("llama", tmp_path / "src")
-    out = convert(src, tmp_path / "new" / "deeper" / "flash", **QUIET)
+    out = convert_quietly(src, tmp_path / "new" / "deeper" / "flash")
     assert (out / MANIFEST_FILE).is_file()

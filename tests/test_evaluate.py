@@ -13,12 +13,10 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash
-from mlx_flash.convert.calibrate import calibrate
-from mlx_flash.convert.converter import convert
-from mlx_flash.evaluate import evaluate, main, text_windows
-from conftest import RELU2_DIR, WIKITEXT
+from conftest import RELU2_DIR, WIKITEXT, convert_quietly
+from mlx_flash.evaluate import evaluate, main
+from mlx_flash.textdata import text_windows
 
-QUIET = {"progress": False, "log": lambda *_: None}
 SHORT = {"seq_len": 24, "max_windows": 2, "progress": False}
 
 
@@ -29,16 +27,8 @@ def text(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def relu2(tmp_path_factory):
-    """relu2-8m converted and calibrated on 2,048 tokens (predictors included)."""
-    out = convert(RELU2_DIR, tmp_path_factory.mktemp("relu2") / "flash", **QUIET)
-    calibrate(out, max_tokens=2048, seq_len=128, **QUIET)
-    return out
-
-
-def test_dense_perplexity_equals_plain_mlx_lm(relu2, text):
-    result = evaluate(relu2, text, selector="dense", **SHORT)
+def test_dense_perplexity_equals_plain_mlx_lm(relu2_calibrated, text):
+    result = evaluate(relu2_calibrated, text, selector="dense", **SHORT)
     reference, tokenizer = mlx_lm.load(str(RELU2_DIR))
     windows = mx.array(text_windows(tokenizer, text, 24, 2))
     losses = nn.losses.cross_entropy(reference(windows[:, :-1]), windows[:, 1:], reduction="none")
@@ -49,10 +39,10 @@ def test_dense_perplexity_equals_plain_mlx_lm(relu2, text):
     assert result["tokens"] == 2 * 23
 
 
-def test_evaluate_reports_what_the_runtime_computes(relu2, text):
-    options = dict(selector="predictor", window=2, ffn_share=0.95, pin_share=0.0)
-    result = evaluate(relu2, text, **options, **SHORT)
-    model, tokenizer = mlx_flash.load(relu2, "4GB", **options)
+def test_evaluate_reports_what_the_runtime_computes(relu2_calibrated, text):
+    options = dict(selector="predictor", window=2, ffn_cache=0.95, pin_share=0.0)
+    result = evaluate(relu2_calibrated, text, **options, **SHORT)
+    model, tokenizer = mlx_flash.load(relu2_calibrated, **options)
     losses = []
     for window in text_windows(tokenizer, text, 24, 2):
         cache = make_prompt_cache(model)
@@ -74,13 +64,13 @@ def test_evaluate_reports_what_the_runtime_computes(relu2, text):
     )  # natural zeros, a good predictor: close to dense
 
 
-def test_cli_writes_json(relu2, text, tmp_path, capsys):
+def test_cli_writes_json(relu2_calibrated, text, tmp_path, capsys):
     out = tmp_path / "result.json"
     assert (
         main(
             [
                 "--model",
-                str(relu2),
+                str(relu2_calibrated),
                 "--data",
                 str(text),
                 "--selector",
@@ -100,9 +90,8 @@ def test_cli_writes_json(relu2, text, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
-def test_cli_reports_a_missing_predictor(tmp_path, text, capsys):
-    plain = convert(RELU2_DIR, tmp_path / "plain", **QUIET)
-    assert main(["--model", str(plain), "--data", str(text), "--selector", "predictor"]) == 1
+def test_cli_reports_a_missing_predictor(relu2_flash, text, capsys):
+    assert main(["--model", str(relu2_flash), "--data", str(text), "--selector", "predictor"]) == 1
     assert "no trained predictors" in capsys.readouterr().err
 
 
@@ -112,7 +101,7 @@ def test_relu2_meets_the_papers_bounds_on_wikitext_test(tmp_path):
     was not trained on (WikiText-2 *test*): recall >= 0.95, predicted at most 2x the truly active share,
     perplexity within 2% of dense, and with k=4 at most a third of the used neurons loaded per token.
     Measured (16 windows of 256): recall 0.976, predicted 0.196 vs active 0.135, -0.03%, loaded/used 0.155."""
-    out = convert(RELU2_DIR, tmp_path / "flash", calibration="builtin", **QUIET)
+    out = convert_quietly(RELU2_DIR, tmp_path / "flash", calibration="builtin")
     result = evaluate(
         out, WIKITEXT, selector="predictor", window=4, seq_len=256, max_windows=4, progress=False
     )

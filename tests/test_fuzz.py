@@ -22,11 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_flash.convert.converter import convert
-from mlx_flash.errors import FlashError, FlashFormatError
-from mlx_flash.manifest import MANIFEST_FILE, check_trunk_file, parse_manifest, read_manifest
-from mlx_flash.store import StoreReader
-from tiny_models import save_tiny_model
+from mlx_flash.runtime.errors import FlashError, FlashFormatError
+from mlx_flash.runtime.manifest import (
+    MANIFEST_FILE,
+    check_trunk_file,
+    parse_manifest,
+    read_manifest,
+)
+from mlx_flash.runtime.store import StoreReader
 
 FUZZ = settings(
     derandomize=True,
@@ -35,15 +38,13 @@ FUZZ = settings(
     max_examples=300,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-QUIET = {"progress": False, "log": lambda *_: None}
 
 
 @pytest.fixture(scope="module")
-def flash(tmp_path_factory) -> Path:
-    """A real flash directory (tiny phi: non-gated, with biases and a down-bias blob) to mutate."""
-    root = tmp_path_factory.mktemp("fuzz")
-    src, _ = save_tiny_model("phi", root / "src")
-    return convert(src, root / "flash", **QUIET)
+def flash(tiny_flash) -> Path:
+    """A real flash directory (tiny phi: non-gated, with biases and a down-bias blob), copied before
+    being damaged."""
+    return tiny_flash("phi")[1]
 
 
 _scalar = st.one_of(

@@ -19,7 +19,7 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 
 from mlx_flash.convert.gguf_source import SUPPORTED_ARCHITECTURES, open_gguf
 from mlx_flash.convert.source import SourceModel
-from mlx_flash.errors import FlashFormatError, UnsupportedModelError
+from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 from tiny_models import CONFIGS, build_model
 
 SHARED = Path(os.environ.get("MLX_FLASH_SHARED", Path(__file__).resolve().parents[2] / "shared"))

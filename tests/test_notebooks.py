@@ -13,14 +13,12 @@ import ast
 import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import RELU2_DIR, STORIES_GGUF, WIKITEXT
+from conftest import STORIES_GGUF, WIKITEXT
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = ("quickstart", "memory_budget", "windowing_and_sparsity", "flash_probe")
@@ -82,45 +80,6 @@ def kernel(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def relu2_converted(tmp_path_factory) -> Path:
-    """relu2-8m converted into a temporary directory of this module (not conftest's shared one: it gets calibrated)."""
-    from mlx_flash.convert.converter import convert
-
-    return convert(
-        RELU2_DIR,
-        tmp_path_factory.mktemp("nb-relu2") / "flash",
-        progress=False,
-        log=lambda *_: None,
-    )
-
-
-@pytest.fixture(scope="module")
-def relu2_calibrated(relu2_converted) -> Path:
-    """The same, calibrated on a short text if the conversion did not (the selectors need its statistics and
-    predictors)."""
-    from mlx_flash.calibration import read_calibration
-    from mlx_flash.convert.calibrate import calibrate
-    from mlx_flash.manifest import read_manifest
-
-    if read_calibration(relu2_converted, read_manifest(relu2_converted)) is None:
-        calibrate(relu2_converted, max_tokens=2048, progress=False, log=lambda *_: None)
-    return relu2_converted
-
-
-@pytest.fixture
-def disk_dir(tmp_path):
-    """A directory on disk for the probe: tmp_path unless it is on tmpfs, then one inside the checkout."""
-    from mlx_flash.pagecache import on_ram_disk
-
-    if not on_ram_disk(tmp_path):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="probe-", dir=Path(__file__).parent))
-    yield path
-    shutil.rmtree(path)
-
-
 def run_notebook(
     name: str, kernel: Path, tmp_path: Path, monkeypatch, **env: str
 ) -> tuple[dict, Path]:
@@ -131,14 +90,10 @@ def run_notebook(
     _need("matplotlib")
     figures = tmp_path / "figures"
     monkeypatch.setenv("JUPYTER_PATH", str(kernel))
-    monkeypatch.setenv(
-        "MLX_FLASH_CACHE", str(tmp_path / "cache")
-    )  # nothing lands in the user's cache
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / "cache"))  # not the user's cache
     monkeypatch.setenv("MLX_FLASH_NOTEBOOK_OUT", str(figures))
     monkeypatch.setenv("MLX_FLASH_NOTEBOOK_QUICK", "1")
-    monkeypatch.delenv(
-        "MLX_FLASH_SMOLLM2_GGUF", raising=False
-    )  # the default model must not be needed
+    monkeypatch.delenv("MLX_FLASH_SMOLLM2_GGUF", raising=False)  # the default model is not needed
     for key, value in env.items():
         monkeypatch.setenv(f"MLX_FLASH_NOTEBOOK_{key}", value)
     nb = nbformat.read(EXAMPLES / f"{name}.ipynb", as_version=4)
@@ -183,14 +138,14 @@ def test_quickstart(kernel, tmp_path, monkeypatch):
     assert (tmp_path / "work" / "stories260K-float32" / "flash_manifest.json").is_file()
 
 
-def test_flash_probe(kernel, tmp_path, monkeypatch, relu2_converted, disk_dir):
+def test_flash_probe(kernel, tmp_path, monkeypatch, relu2_flash, disk_dir):
     """A quick probe grid on the test's disk, and the store reader on relu2-8m."""
     nb, figures = run_notebook(
         "flash_probe",
         kernel,
         tmp_path,
         monkeypatch,
-        MODEL=str(relu2_converted),
+        MODEL=str(relu2_flash),
         PROBE_DIR=str(disk_dir),
     )
     check_pngs(nb, figures, ["flash_probe_throughput", "flash_probe_grid", "flash_probe_reader"])

@@ -4,31 +4,13 @@ and the runtime takes its thread count from a saved probe (defaults without one)
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
 import mlx_flash
 from mlx_flash import probe
-from mlx_flash.convert.converter import convert
-from mlx_flash.costmodel import Cell, CostModel, cost_model_for, load_probe, probe_path
-from mlx_flash.pagecache import on_ram_disk
-
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
-
-
-@pytest.fixture
-def disk_dir(tmp_path):
-    """A directory on disk: tmp_path unless /tmp is tmpfs, then one inside the checkout."""
-    if not on_ram_disk(tmp_path):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="probe-", dir=Path(__file__).parent))
-    yield path
-    shutil.rmtree(path)
+from mlx_flash.runtime.costmodel import Cell, CostModel, cost_model_for, load_probe, probe_path
+from mlx_flash.runtime.files import write_json
 
 
 @pytest.fixture
@@ -160,29 +142,28 @@ def test_defaults_match_design_numbers():
     assert model.best_threads(4096) == 32
 
 
-def test_runtime_takes_threads_from_the_probe(tmp_path, cache):
-    flash = convert(STORIES, tmp_path / "stories", progress=False, log=lambda *_: None)
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5)
+def _save_probe(model: CostModel, flash) -> None:
+    probe_path(flash).parent.mkdir(parents=True, exist_ok=True)
+    write_json(probe_path(flash), {"format": "mlx_flash-probe", "version": 1, "model": model.to_json()})
+
+
+def test_runtime_takes_threads_from_the_probe(stories_flash, cache):
+    flash = stories_flash
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5)
     assert model.flash.reader.threads == 32 and model.flash.cost.source.startswith("defaults")
     # a disk where 4 threads are as good as any number: the runtime uses 4
     cells = [
         Cell(s, t, s / (20e-6 / min(t, 4) + s / 1e9)) for t in (1, 2, 4, 16) for s in (4096, 65536)
     ]
     fitted = CostModel.fit(cells, "test probe")
-    probe.save_probe(
-        {"format": "mlx_flash-probe", "version": 1, "model": fitted.to_json()}, probe_path(flash)
-    )
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5)
+    _save_probe(fitted, flash)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5)
     assert model.flash.reader.threads == 4
     assert model.flash.reader.max_run_bytes == fitted.run_bytes(4)
     # a probe that timed the reader's batches: its fastest thread count wins over the disk-only choice
     batched = CostModel.fit(cells, "test probe", batch_threads=2)
-    probe.save_probe(
-        {"format": "mlx_flash-probe", "version": 1, "model": batched.to_json()}, probe_path(flash)
-    )
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5)
+    _save_probe(batched, flash)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5)
     assert model.flash.reader.threads == 2
-    model(mx.array([[1, 2, 3]]))
-    assert model.flash.io_estimate_ms("prefill") > 0
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, threads=2)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, threads=2)
     assert model.flash.reader.threads == 2

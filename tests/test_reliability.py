@@ -27,28 +27,23 @@ from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash
-from mlx_flash.adapters import spec_for
+from conftest import MEMBUDGET, convert_quietly
 from mlx_flash.convert.__main__ import main as convert_main
-from mlx_flash.convert.converter import FAIL_AT_ENV, convert
+from mlx_flash.convert.converter import FAIL_AT_ENV
 from mlx_flash.convert.verify import verify
-from mlx_flash.errors import (
+from mlx_flash.rebuild import dense_ffn_weights
+from mlx_flash.runtime.adapters import spec_for
+from mlx_flash.runtime.errors import (
     BudgetError,
     FlashError,
     FlashFormatError,
     StoreReadError,
     UnsupportedModelError,
 )
-from mlx_flash.manifest import MANIFEST_FILE, STORE_FILE, read_manifest
-from mlx_flash.rebuild import dense_ffn_weights
-from mlx_flash.selectors import FixedSelector
-from mlx_flash.store import StoreReader
-from tiny_models import save_tiny_model
+from mlx_flash.runtime.manifest import MANIFEST_FILE, STORE_FILE, read_manifest
+from mlx_flash.runtime.selectors import FixedSelector
+from mlx_flash.runtime.store import StoreReader
 
-SHARED = Path(os.environ.get("MLX_FLASH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-STORIES = SHARED / "models" / "stories260K.gguf"
-RELU2 = SHARED / "models" / "relu2-8m"
-MEMBUDGET = SHARED / "tools" / "membudget"
-QUIET = {"progress": False, "log": lambda *_: None}
 HAS_PROC = os.path.isdir("/proc/self/fd")
 TESTS = Path(__file__).resolve().parent
 
@@ -77,17 +72,15 @@ def _subprocess_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
+def tiny(tiny_flash) -> tuple[Path, Path]:
     """(source dir, flash dir) of a tiny random llama: 2 layers, d_model 64, d_ffn 128."""
-    root = tmp_path_factory.mktemp("tiny")
-    src, _ = save_tiny_model("llama", root / "src")
-    return src, convert(src, root / "flash", **QUIET)
+    return tiny_flash("llama")
 
 
 @pytest.fixture(scope="module")
 def warm(tiny) -> None:
     """Load and run a model once: MLX, mlx-lm and tokenizers open files and start threads on first use."""
-    model, tokenizer = mlx_flash.load(tiny[1], "1GB", ffn_share=0.5, threads=4)
+    model, tokenizer = mlx_flash.load(tiny[1], "1GB", ffn_cache=0.5, threads=4)
     stream_generate_text = "".join(
         r.text for r in stream_generate(model, tokenizer, "warm", max_tokens=2)
     )
@@ -96,15 +89,13 @@ def warm(tiny) -> None:
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory) -> Path:
-    """stories260K (real TinyStories llama: 5 layers, d_model 64, d_ffn 172) as a flash directory."""
-    return convert(STORIES, tmp_path_factory.mktemp("stories") / "flash", **QUIET)
+def stories(stories_flash) -> Path:
+    return stories_flash
 
 
 @pytest.fixture(scope="module")
-def relu2(tmp_path_factory) -> Path:
-    """relu2-8m (real nemotron: 8 layers, d_model 256, d_ffn 1024) as a flash directory."""
-    return convert(RELU2, tmp_path_factory.mktemp("relu2") / "flash", **QUIET)
+def relu2(relu2_flash) -> Path:
+    return relu2_flash
 
 
 def _every_third(d_ffn: int) -> FixedSelector:
@@ -130,28 +121,28 @@ def assert_buffers_hold_their_neurons(model, dense: dict[str, mx.array]) -> None
     """Every buffer's maps agree with each other and each resident row holds exactly its neuron's weights."""
     rt = model.flash
     spec = spec_for(rt.manifest.model_type)
-    for ffn in rt.layers:
-        st = ffn._state
-        prefix = rt.manifest.layers[st.index].prefix
+    d_ffn = rt.manifest.d_ffn
+    for index, ffn in enumerate(rt.layers):
+        prefix = rt.manifest.layers[index].prefix
         truth = {
             "up": np.array(dense[f"{prefix}.{spec.up}.weight"]),
             "down": np.array(dense[f"{prefix}.{spec.down}.weight"]).T,
         }
         if spec.gate:
             truth["gate"] = np.array(dense[f"{prefix}.{spec.gate}.weight"])
-        for buf in (st.pinned, st.buffer):
+        for buf in (ffn.pinned, ffn.buffer):
             if buf is None:
                 continue
             ids = buf.neurons
             assert 0 <= buf.n_used <= buf.capacity
-            assert np.unique(ids).size == ids.size and ((ids >= 0) & (ids < st.d_ffn)).all()
+            assert np.unique(ids).size == ids.size and ((ids >= 0) & (ids < d_ffn)).all()
             assert (buf.slots_of(ids) == np.arange(ids.size)).all()
-            assert int((buf.slots_of(np.arange(st.d_ffn)) >= 0).sum()) == buf.n_used
+            assert int((buf.slots_of(np.arange(d_ffn)) >= 0).sum()) == buf.n_used
             rows = buf.arrays()
             for name, weights in truth.items():
                 if name in rows:
                     np.testing.assert_array_equal(
-                        np.array(rows[name]), weights[ids], err_msg=f"layer {st.index} {name}"
+                        np.array(rows[name]), weights[ids], err_msg=f"layer {index} {name}"
                     )
 
 
@@ -356,7 +347,7 @@ def test_flipped_byte_in_the_store_is_found_by_verify_not_at_load(tiny, tmp_path
     manifest = read_manifest(directory)
     _flip(directory / STORE_FILE, manifest.layers[1].offset + 100)
     model, _ = mlx_flash.load(directory, "1GB")
-    assert model.flash.reader.stats.snapshot().bytes_read == 0  # loading read no FFN record
+    assert model.flash.reader.totals.bytes == 0  # loading read no FFN record
     model.flash.close()
     assert convert_main(["--verify", str(directory)]) == 1
     err = capsys.readouterr().err
@@ -403,7 +394,7 @@ def test_read_fault_while_generating(kind, threads, tiny):
     or descriptor is left behind."""
     flash = tiny[1]
     options = dict(
-        ffn_share=0.5, pin_share=0.25, window=1, threads=threads, selector=_every_third(128)
+        ffn_cache=0.5, pin_share=0.25, window=1, threads=threads, selector=_every_third(128)
     )
     prompt = [3, 17, 42, 99, 7, 120]
     clean, _ = mlx_flash.load(flash, "1GB", **options)
@@ -449,7 +440,7 @@ def test_persistent_read_fault_fails_every_call_cleanly(tiny):
     call corrupts the buffers; once it recovers, so does the model."""
     flash = tiny[1]
     model, _ = mlx_flash.load(
-        flash, "1GB", ffn_share=0.5, pin_share=0.25, threads=4, selector=_every_third(128)
+        flash, "1GB", ffn_cache=0.5, pin_share=0.25, threads=4, selector=_every_third(128)
     )
     faults = _Faults(model.flash.reader, "eio", after=3, times=10**9)
     for _ in range(3):
@@ -516,7 +507,7 @@ def test_dropped_models_release_their_files_and_threads(tiny):
 
     def use_once() -> int:
         model, _ = mlx_flash.load(
-            flash, "1GB", ffn_share=0.5, threads=4, selector=_every_third(128)
+            flash, "1GB", ffn_cache=0.5, threads=4, selector=_every_third(128)
         )
         _greedy(model, [5, 6, 7], 3)
         return len(_our_threads())
@@ -542,11 +533,11 @@ CTRL_C_DRIVER = textwrap.dedent(
     import mlx_flash
     from mlx_lm.generate import generate_step
     from mlx_flash.rebuild import dense_ffn_weights
-    from mlx_flash.selectors import FixedSelector
+    from mlx_flash.runtime.selectors import FixedSelector
     from test_reliability import assert_buffers_hold_their_neurons
 
     flash, catch = sys.argv[1], sys.argv[2] == "catch"
-    options = dict(ffn_share=0.5, pin_share=0.25, window=1, threads=8,
+    options = dict(ffn_cache=0.5, pin_share=0.25, window=1, threads=8,
                    selector=FixedSelector(lambda layer, x: np.arange(int(mx.argmax(x[-1]).item()) % 3, 1024, 3)))
     prompt = mx.array([1, 300, 301, 302, 303])
 
@@ -647,7 +638,7 @@ def test_cli_conversion_stopped_mid_way_leaves_the_previous_output_untouched(tin
     (every step, and a fresh OUT, in-process: test_convert.py): exit 130, one line and no traceback, OUT
     byte for byte as before, no staging directory left."""
     src = tiny[0]
-    out = convert(src, tmp_path / "flash", **QUIET)
+    out = convert_quietly(src, tmp_path / "flash")
     before = _tree(out)
     done = _convert_cli(str(src), str(out), "--force", env={FAIL_AT_ENV: "layer:0"})
     assert done.returncode == 130, done.stderr
@@ -680,7 +671,7 @@ def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_
     script.write_text(KILL_DRIVER)
     work = tmp_path / "work"
     work.mkdir()
-    out = convert(src, work / "flash", **QUIET)
+    out = convert_quietly(src, work / "flash")
     before = _tree(out)
     done = subprocess.run(
         [sys.executable, str(script), str(src), str(out), "--force"],
@@ -695,22 +686,11 @@ def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_
         ".flash.partial",
         "flash",
     ]  # what a kill leaves
-    convert(src, out, force=True, **QUIET)
+    convert_quietly(src, out, force=True)
     assert sorted(p.name for p in work.iterdir()) == ["flash"]
 
 
 # -- memory safety ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stories_calibrated(stories, tmp_path_factory) -> Path:
-    """stories260K with calibration thresholds, so ``selector="gate"`` keeps its gate rows in DRAM."""
-    from mlx_flash.convert.calibrate import calibrate
-
-    directory = tmp_path_factory.mktemp("calibrated") / "flash"
-    shutil.copytree(stories, directory)
-    calibrate(directory, predictors=False, max_tokens=1024, seq_len=128, **QUIET)
-    return directory
 
 
 @pytest.mark.parametrize("model", ["relu2-8m, dense selector", "stories260K, gate selector"])
@@ -869,7 +849,7 @@ def test_smollm2_runs_in_457_mib_where_plain_mlx_lm_is_killed(smollm2_gguf, tmp_
     """SmolLM2-135M in float32 (513 MiB of weights) inside a 457 MiB memory cgroup that also counts the page
     cache: the flash model (MLX budget 300 MiB) generates 32 tokens, the text plain mlx-lm generates on the
     same weights; plain mlx-lm on those weights, rebuilt dense, is killed for memory."""
-    flash = convert(smollm2_gguf, tmp_path / "smollm2-f32", dtype="float32", **QUIET)
+    flash = convert_quietly(smollm2_gguf, tmp_path / "smollm2-f32", dtype="float32")
     (tmp_path / "flash.py").write_text(MEMBUDGET_FLASH)
     (tmp_path / "dense.py").write_text(MEMBUDGET_DENSE)
     dense = subprocess.run(

@@ -10,25 +10,14 @@ from mlx_lm.generate import batch_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_flash
-from mlx_flash.errors import BudgetError
-from mlx_flash.flash_ffn import ffn_rows
-from mlx_flash.convert.converter import convert
-from mlx_flash.selectors import FixedSelector
+from conftest import convert_quietly
+from mlx_flash.rebuild import dense_ffn_weights, load_dense
+from mlx_flash.runtime.errors import BudgetError
+from mlx_flash.runtime.ffn import partial_output
+from mlx_flash.runtime.selectors import FixedSelector
 from tiny_models import CONFIGS, save_tiny_model
 
-QUIET = {"progress": False, "log": lambda *_: None}
 PROMPT = [[3, 17, 42, 99, 7, 120, 5, 64]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """arch -> (source dir, flash dir), converted once per module."""
-    root = tmp_path_factory.mktemp("tiny")
-    made = {}
-    for arch in CONFIGS:
-        src, _ = save_tiny_model(arch, root / arch)
-        made[arch] = (src, convert(src, root / f"{arch}-flash", **QUIET))
-    return made
 
 
 def _logits(model, steps: int = 4) -> np.ndarray:
@@ -44,50 +33,50 @@ def _logits(model, steps: int = 4) -> np.ndarray:
 
 @pytest.mark.parametrize("share", [1.0, 1 / 3])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_dense_selector_matches_mlx_lm(arch, share, tiny):
-    src, flash = tiny[arch]
+def test_dense_selector_matches_mlx_lm(arch, share, tiny_flash):
+    src, flash = tiny_flash(arch)
     reference, _ = mlx_lm.load(str(src))
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=share, pin_share=0.0)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=share, pin_share=0.0)
     plan = model.flash.plan
     assert (plan.window_rows == 0) == (share == 1.0)
     np.testing.assert_allclose(_logits(model), _logits(reference), atol=1e-4, rtol=0)
     decode = [p for p in model.flash.telemetry.passes if p.phase == "decode"]
     if share < 1:  # a third of the FFN in the buffer: every token deletes and appends
-        assert all(p.loaded > 0 and p.dropped > 0 for p in decode)
+        assert all(p.total.loaded > 0 and p.total.dropped > 0 for p in decode)
     else:
-        assert all(p.loaded == 0 for p in decode)
+        assert all(p.total.loaded == 0 for p in decode)
 
 
-def test_no_record_is_read_at_load(tiny):
-    model, _ = mlx_flash.load(tiny["llama"][1], "1GB", ffn_share=0.5)
-    assert model.flash.reader.stats.snapshot().bytes_read == 0
+def test_no_record_is_read_at_load(tiny_flash):
+    model, _ = mlx_flash.load(tiny_flash("llama")[1], "1GB", ffn_cache=0.5)
+    assert model.flash.reader.totals.bytes == 0
     model(mx.array(PROMPT))
-    assert model.flash.reader.stats.snapshot().bytes_read > 0
+    assert model.flash.reader.totals.bytes > 0
 
 
-def test_greedy_generation_matches_mlx_lm(tiny):
-    src, flash = tiny["qwen2"]
+def test_greedy_generation_matches_mlx_lm(tiny_flash):
+    src, flash = tiny_flash("qwen2")
     reference, tok = mlx_lm.load(str(src))
-    model, flash_tok = mlx_flash.load(flash, "1GB", ffn_share=0.4, pin_share=0.5)
+    model, flash_tok = mlx_flash.load(flash, "1GB", ffn_cache=0.4, pin_share=0.5)
     expected = mlx_lm.generate(reference, tok, "hello world", max_tokens=12)
     assert mlx_lm.generate(model, flash_tok, "hello world", max_tokens=12) == expected
     summary = model.flash.telemetry.summary()
     assert summary["tokens"] >= 12 and summary["flash_bytes_per_token"] > 0
 
 
-def test_batched_generation_matches_mlx_lm(tiny):
-    src, flash = tiny["llama"]
+def test_batched_generation_matches_mlx_lm(tiny_flash):
+    src, flash = tiny_flash("llama")
     reference, tok = mlx_lm.load(str(src))
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.0)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, pin_share=0.0)
     prompts = [tok.encode("abc"), tok.encode("a longer prompt here")]
     expected = batch_generate(reference, tok, prompts, max_tokens=6).texts
     assert batch_generate(model, tok, prompts, max_tokens=6).texts == expected
     assert any(p.tokens == 2 and p.phase == "decode" for p in model.flash.telemetry.passes)
 
 
-def test_injected_selection_computes_the_window(tiny):
+def test_injected_selection_computes_the_window(tiny_flash):
     """With window k, the FFN multiplies exactly the union of the last k selections."""
-    _, flash = tiny["llama"]
+    _, flash = tiny_flash("llama")
     choices = [np.arange(0, 40), np.arange(20, 60), np.arange(100, 110)]
     calls = []
 
@@ -97,14 +86,14 @@ def test_injected_selection_computes_the_window(tiny):
         return choices[(len(calls) - 1) % 3]
 
     model, _ = mlx_flash.load(
-        flash, "1GB", ffn_share=1.0, pin_share=0.0, selector=FixedSelector(choose), window=2
+        flash, "1GB", ffn_cache=1.0, pin_share=0.0, selector=FixedSelector(choose), window=2
     )
     # full buffer: all rows go through the window (nothing pinned) only if the plan leaves a window
     assert (
         model.flash.plan.window_rows == 0
     )  # everything pinned: selection cannot change the result
     model, _ = mlx_flash.load(
-        flash, "1GB", ffn_share=0.9, pin_share=0.0, selector=FixedSelector(choose), window=2
+        flash, "1GB", ffn_cache=0.9, pin_share=0.0, selector=FixedSelector(choose), window=2
     )
     ffn = model.layers[0].mlp
     x = mx.random.normal((1, 1, 64))
@@ -112,30 +101,30 @@ def test_injected_selection_computes_the_window(tiny):
         [choices[0], np.union1d(choices[0], choices[1]), np.union1d(choices[1], choices[2])]
     ):
         y = ffn(x)
-        buf = ffn._state.buffer
+        buf = ffn.buffer
         assert sorted(buf.neurons.tolist()) == expected_rows.tolist()
-        weights = mlx_flash.rebuild.dense_ffn_weights(flash)
+        weights = dense_ffn_weights(flash)
         rows = {
             "gate": weights["model.layers.0.mlp.gate_proj.weight"][mx.array(expected_rows)],
             "up": weights["model.layers.0.mlp.up_proj.weight"][mx.array(expected_rows)],
             "down": weights["model.layers.0.mlp.down_proj.weight"].T[mx.array(expected_rows)],
         }
-        manual = ffn_rows(x.reshape(1, 64), rows, "silu", True, None).reshape(1, 1, 64)
+        manual = partial_output(x.reshape(1, 64), rows, "silu", True, None).reshape(1, 1, 64)
         np.testing.assert_allclose(np.array(y), np.array(manual), atol=1e-5)
     stats = model.flash.telemetry.passes
-    assert [p.loaded for p in stats] == [40, 20, 10]  # only neurons not already buffered are read
-    assert [p.dropped for p in stats] == [0, 0, 20]  # 0..19 left the 2-token window
+    assert [p.total.loaded for p in stats] == [40, 20, 10]  # only neurons not buffered are read
+    assert [p.total.dropped for p in stats] == [0, 0, 20]  # 0..19 left the 2-token window
 
 
-def test_budget_below_trunk_is_refused_with_the_need(tiny):
+def test_budget_below_trunk_is_refused_with_the_need(tiny_flash):
     with pytest.raises(BudgetError, match="needs at least"):
-        mlx_flash.load(tiny["llama"][1], "100KB")
+        mlx_flash.load(tiny_flash("llama")[1], "100KB")
 
 
-def test_prompt_cache_reuse_across_calls(tiny):
-    src, flash = tiny["gemma"]
+def test_prompt_cache_reuse_across_calls(tiny_flash):
+    src, flash = tiny_flash("gemma")
     reference, tok = mlx_lm.load(str(src))
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.25)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, pin_share=0.25)
     texts = []
     for m in (reference, model):
         cache = make_prompt_cache(m)
@@ -152,9 +141,9 @@ def test_prompt_cache_reuse_across_calls(tiny):
 def test_float16_store_matches_mlx_lm_within_tolerance(tmp_path):
     """float16 weights computed in float16: same logits as mlx-lm's float16 model within 2e-2."""
     src, _ = save_tiny_model("qwen3", tmp_path / "src", dtype=mx.float16)
-    flash = convert(src, tmp_path / "flash", **QUIET)
+    flash = convert_quietly(src, tmp_path / "flash")
     reference, _ = mlx_lm.load(str(src))
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=1 / 3, pin_share=0.0, compute_dtype="float16")
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=1 / 3, pin_share=0.0, compute_dtype="float16")
     assert model.flash.compute_dtype == mx.float16
     np.testing.assert_allclose(_logits(model), _logits(reference), atol=2e-2, rtol=0)
 
@@ -162,9 +151,9 @@ def test_float16_store_matches_mlx_lm_within_tolerance(tmp_path):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_store_runs_quantized_and_matches_its_dequantized_weights(bits, tmp_path):
     src, _ = save_tiny_model("llama", tmp_path / "src")
-    flash = convert(src, tmp_path / "flash", quantize=True, q_bits=bits, q_group_size=32, **QUIET)
-    dense, _ = mlx_flash.rebuild.load_dense(flash)
-    model, _ = mlx_flash.load(flash, "1GB", ffn_share=0.5, pin_share=0.5)
-    buffers = model.flash.layers[0]._state.buffer.arrays()
+    flash = convert_quietly(src, tmp_path / "flash", quantize=True, q_bits=bits, q_group_size=32)
+    dense, _ = load_dense(flash)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, pin_share=0.5)
+    buffers = model.flash.layers[0].buffer.arrays()
     assert buffers["gate"].dtype == mx.uint32  # kept packed, multiplied with mx.quantized_matmul
     np.testing.assert_allclose(_logits(model), _logits(dense), atol=1e-4, rtol=0)

@@ -10,20 +10,23 @@ import numpy as np
 import pytest
 
 import mlx_flash
-from mlx_flash.calibration import LEVELS, Calibration, Predictors, read_calibration, read_predictors
+from conftest import convert_quietly
 from mlx_flash.convert.__main__ import main as convert_main
-from mlx_flash.convert.calibrate import builtin_text_path, calibrate
-from mlx_flash.convert.converter import convert
+from mlx_flash.convert.calibrate import builtin_text_path
 from mlx_flash.convert.predictor import auto_ranks, choose_cut, score_predictor, train_predictor
-from mlx_flash.errors import BudgetError, FlashError
-from mlx_flash.flash_ffn import ffn_rows
-from mlx_flash.manifest import read_manifest
 from mlx_flash.rebuild import dense_ffn_weights
-from mlx_flash.selectors import DenseSelector, GateSelector, PredictorSelector
-from conftest import RELU2_DIR
+from mlx_flash.runtime.calibration import (
+    LEVELS,
+    Calibration,
+    Predictors,
+    read_calibration,
+    read_predictors,
+)
+from mlx_flash.runtime.errors import BudgetError, FlashError
+from mlx_flash.runtime.ffn import partial_output
+from mlx_flash.runtime.manifest import read_manifest
+from mlx_flash.runtime.selectors import DenseSelector, GateSelector, PredictorSelector
 from tiny_models import save_tiny_model
-
-QUIET = {"progress": False, "log": lambda *_: None}
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +42,7 @@ def llama_calibrated(tmp_path_factory, tiny_text):
     """A tiny gated (SwiGLU) model converted with calibration at sparsity 0.5 and predictors of rank 16."""
     root = tmp_path_factory.mktemp("llama")
     src, _ = save_tiny_model("llama", root / "src")
-    return convert(src, root / "flash", calibration=tiny_text, predictor_rank=16, **QUIET)
-
-
-@pytest.fixture(scope="module")
-def relu2_calibrated(tmp_path_factory):
-    """relu2-8m (squared ReLU) converted and calibrated on 2,048 tokens of the built-in sample."""
-    out = convert(RELU2_DIR, tmp_path_factory.mktemp("relu2") / "flash", **QUIET)
-    calibrate(out, max_tokens=2048, seq_len=128, **QUIET)
-    return out
+    return convert_quietly(src, root / "flash", calibration=tiny_text, predictor_rank=16)
 
 
 # -- selectors on hand-made activations ---------------------------------------------------------------
@@ -59,20 +54,20 @@ def test_gate_selector_selects_the_union_of_exact_gates_above_threshold():
     )  # neuron i reads x[i]; neuron 3 reads nothing
     sel = GateSelector([{"gate": gate}], "relu", None, thresholds=[1.5])
     x = mx.array([[1.0, 1.0, -5.0], [0.0, 0.0, 0.6]])  # relu(gate): [1, 2, 0, 0] and [0, 0, 1.8, 0]
-    np.testing.assert_allclose(
-        np.array(sel.activations(0, x)), [[1, 2, 0, 0], [0, 0, 1.8, 0]], rtol=1e-6
-    )
-    assert sel(0, x).tolist() == [1, 2]
-    assert sel(0, x[:1]).tolist() == [1]
-    assert sel.nbytes == 4 * 3 * 4 and sel.supplies_gate
+    selection = sel(0, x)
+    np.testing.assert_allclose(np.array(selection.gate), [[1, 2, 0, 0], [0, 0, 1.8, 0]], rtol=1e-6)
+    assert selection.ids.tolist() == [1, 2]
+    assert sel(0, x[:1]).ids.tolist() == [1]
+    assert sel.nbytes == 4 * 3 * 4 and sel.exact_gate
 
 
 def test_gate_selector_thresholds_magnitude_for_signed_activations():
     gate = mx.array(np.eye(3, dtype=np.float32))
     sel = GateSelector([{"gate": gate}], "silu", None, thresholds=[0.2])
     x = mx.array([[-0.5, -20.0, 1.0]])  # silu: -0.19, -4e-8, 0.73
-    assert sel(0, x).tolist() == [2]
-    assert GateSelector([{"gate": gate}], "silu", None, thresholds=[0.15])(0, x).tolist() == [0, 2]
+    assert sel(0, x).ids.tolist() == [2]
+    lower = GateSelector([{"gate": gate}], "silu", None, thresholds=[0.15])
+    assert lower(0, x).ids.tolist() == [0, 2]
 
 
 def test_predictor_selector_applies_each_layers_cut():
@@ -82,10 +77,10 @@ def test_predictor_selector_applies_each_layers_cut():
     predictors = Predictors([w_in, w_in], [w_out, w_out], [bias, bias], cut=[0.5, -10.0])
     sel = PredictorSelector(predictors)
     x = mx.array([[1.0, 0.2]])  # logits [1, 0.2, 0.8]
-    assert sel(0, x).tolist() == [0, 2]
-    assert sel(1, x).tolist() == [0, 1, 2]
-    assert sel(0, mx.array([[1.0, 0.2], [0.0, 3.0]])).tolist() == [0, 1, 2]  # union over tokens
-    assert DenseSelector(5)(0, x).tolist() == list(range(5))
+    assert sel(0, x).ids.tolist() == [0, 2]
+    assert sel(1, x).ids.tolist() == [0, 1, 2]
+    assert sel(0, mx.array([[1.0, 0.2], [0.0, 3.0]])).ids.tolist() == [0, 1, 2]  # union over tokens
+    assert DenseSelector(5)(0, x).ids.tolist() == list(range(5))
 
 
 def test_thresholds_come_from_the_quantiles():
@@ -192,7 +187,7 @@ def test_convert_cli_calibration_flags(tmp_path, tiny_text):
 
 def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrated, tmp_path):
     src, _ = save_tiny_model("llama", tmp_path / "src")
-    plain = convert(src, tmp_path / "plain", **QUIET)
+    plain = convert_quietly(src, tmp_path / "plain")
     assert mlx_flash.load(plain, "1GB")[0].flash.selector.name == "dense"
     assert mlx_flash.load(relu2_calibrated, "1GB")[0].flash.selector.name == "predictor"
     assert (
@@ -240,19 +235,19 @@ def test_auto_passes_over_the_gate_when_its_rows_do_not_fit(llama_calibrated):
 
 
 def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
-    model, _ = mlx_flash.load(relu2_calibrated, "1GB", ffn_share=0.5, pin_share=0.5)
+    model, _ = mlx_flash.load(relu2_calibrated, "1GB", ffn_cache=0.5, pin_share=0.5)
     frequency = read_calibration(relu2_calibrated, read_manifest(relu2_calibrated)).frequency
     for i, layer in enumerate(model.flash.layers):
-        pinned = layer._state.pinned_ids
+        pinned = layer.pinned_ids
         assert pinned.size == model.flash.plan.pinned_rows
         assert frequency[i][pinned].min() >= np.sort(frequency[i])[-pinned.size]
 
 
 def test_budget_counts_the_selector_and_gate_buffers_drop_the_gate(llama_calibrated):
     manifest = read_manifest(llama_calibrated)
-    gate = mlx_flash.load(llama_calibrated, "1GB", selector="gate", ffn_share=0.5)[0].flash
-    dense = mlx_flash.load(llama_calibrated, "1GB", selector="dense", ffn_share=0.5)[0].flash
-    predictor = mlx_flash.load(llama_calibrated, "1GB", selector="predictor", ffn_share=0.5)[
+    gate = mlx_flash.load(llama_calibrated, "1GB", selector="gate", ffn_cache=0.5)[0].flash
+    dense = mlx_flash.load(llama_calibrated, "1GB", selector="dense", ffn_cache=0.5)[0].flash
+    predictor = mlx_flash.load(llama_calibrated, "1GB", selector="predictor", ffn_cache=0.5)[
         0
     ].flash
     assert gate.plan.selector == manifest.n_layers * manifest.d_ffn * manifest.d_model * 4
@@ -269,7 +264,7 @@ def test_gate_selector_ffn_uses_the_exact_gate_on_the_rows_it_computes(
         llama_calibrated,
         "1GB",
         selector="gate",
-        ffn_share=0.9,
+        ffn_cache=0.9,
         pin_share=0.0,
         window=2,
         compute_rows=compute_rows,
@@ -285,10 +280,9 @@ def test_gate_selector_ffn_uses_the_exact_gate_on_the_rows_it_computes(
     mx.random.seed(3)
     history = []
     for _ in range(3):
-        x = 0.2 * mx.random.normal(
-            (1, 1, 64)
-        )  # the scale of this model's FFN inputs: about half the neurons pass
-        selected = selector(0, x.reshape(1, 64))
+        # the scale of this model's FFN inputs: about half the neurons pass
+        x = 0.2 * mx.random.normal((1, 1, 64))
+        selected = selector(0, x.reshape(1, 64)).ids
         history.append(selected)
         expected = (
             selected
@@ -296,13 +290,11 @@ def test_gate_selector_ffn_uses_the_exact_gate_on_the_rows_it_computes(
             else np.union1d(history[-1], history[-2] if len(history) > 1 else [])
         )
         take = mx.array(expected.astype(np.int64))
-        manual = ffn_rows(
+        manual = partial_output(
             x.reshape(1, 64), {k: v[take] for k, v in rows.items()}, "silu", True, None
         )
         np.testing.assert_allclose(np.array(ffn(x)).reshape(1, 64), np.array(manual), atol=1e-5)
-        assert (
-            0 < expected.size <= ffn._state.buffer.capacity
-        )  # the window's union fits: no streaming
+        assert 0 < expected.size <= ffn.buffer.capacity  # the window's union fits: no streaming
 
 
 def test_relu2_predictor_decodes_like_dense(relu2_calibrated):
@@ -310,7 +302,7 @@ def test_relu2_predictor_decodes_like_dense(relu2_calibrated):
     texts, used = {}, {}
     for selector in ("dense", "predictor"):
         model, tok = mlx_flash.load(
-            relu2_calibrated, "1GB", selector=selector, ffn_share=0.9, pin_share=0.0
+            relu2_calibrated, "1GB", selector=selector, ffn_cache=0.9, pin_share=0.0
         )
         texts[selector] = mlx_lm.generate(
             model, tok, "It is a truth universally acknowledged", max_tokens=12

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_flash.errors import StoreReadError
-from mlx_flash.manifest import (
+from mlx_flash.runtime.errors import StoreReadError
+from mlx_flash.runtime.manifest import (
     STORE_FILE,
     Blob,
     LayerEntry,
@@ -24,7 +24,7 @@ from mlx_flash.manifest import (
     numpy_storage_dtype,
     read_manifest,
 )
-from mlx_flash.store import ReadStats, StoreReader
+from mlx_flash.runtime.store import ReadCount, StoreReader
 
 PARTS = ("gate", "up", "down")
 
@@ -262,7 +262,7 @@ def test_runs_are_capped_by_max_run_bytes(bundled):
 
 
 def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch):
-    import mlx_flash.store as store
+    import mlx_flash.runtime.store as store
 
     monkeypatch.setattr(
         store, "IOV_MAX", 16
@@ -470,21 +470,18 @@ def test_read_blob(tmp_path):
             reader.read_blob(1, "up_bias")
 
 
-def test_stats_count_reads_and_reset(bundled):
+def test_totals_count_reads_and_reset(bundled):
     directory, manifest, _ = bundled
     with StoreReader(directory, manifest, threads=4) as reader:
         a = reader.read_neurons(0, [1, 2, 3, 10], make_dest(manifest, 4), range(4))
         b = reader.read_neurons(1, [7, 9], make_dest(manifest, 4), range(2))
-        snap = reader.stats.snapshot()
+        totals = reader.totals
         stride = manifest.layers[0].regions[0].record_stride
-        assert (
-            (snap.reads, snap.bytes_read, snap.calls)
-            == (a.reads + b.reads, 6 * stride, 2)
-            == (4, 6 * stride, 2)
-        )
-        assert snap.seconds > 0 and snap.mean_read_bytes == 6 * stride / 4
-        assert reader.stats.reset() == snap
-        assert reader.stats.snapshot() == ReadStats()
+        assert totals == a + b
+        assert (totals.records, totals.reads, totals.bytes, totals.calls) == (6, 4, 6 * stride, 2)
+        assert a.seconds > 0 and b.seconds > 0
+        assert reader.reset_totals() == totals
+        assert reader.totals == ReadCount()
 
 
 def test_rejects_bad_requests(bundled):
@@ -507,7 +504,8 @@ def test_rejects_bad_requests(bundled):
             reader.read_neurons(2, [1], dest, [0])
         with pytest.raises(ValueError, match="threads"):
             StoreReader(directory, manifest, threads=65)
-        assert reader.read_neurons(0, [], dest, []) == (0, 0)
+        empty = reader.read_neurons(0, [], dest, [])
+        assert (empty.records, empty.bytes, empty.reads) == (0, 0, 0)
 
 
 def test_reads_into_mlx_arrays_without_copy(bundled):

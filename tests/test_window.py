@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flash.window import SlidingWindow
+from mlx_flash.runtime.window import SlidingWindow
 
 N = 30
 
@@ -15,15 +15,19 @@ token_sets = st.lists(st.sets(st.integers(0, N - 1), max_size=12), min_size=1, m
 
 
 def follow(window: SlidingWindow, tokens, capacity: int):
-    """Drive the window like FlashFFN: drop, then load what fits. Yields (active, to_load, to_drop, resident)."""
+    """Drive the window like FlashFFN: drop, then load what fits.
+
+    Yields (active, to_load, to_drop, resident before, what the window keeps, the step)."""
     resident: set[int] = set()
     for active in tokens:
-        to_load, to_drop = window.step(
+        step = window.step(
             np.array(sorted(active), dtype=np.int64), np.array(sorted(resident), dtype=np.int64)
         )
-        yield active, to_load.tolist(), to_drop.tolist(), set(resident)
-        resident -= set(to_drop.tolist())
-        resident |= set(to_load.tolist()[: max(0, capacity - len(resident))])
+        to_load, to_drop = step.load.tolist(), step.drop.tolist()
+        kept = (resident - set(to_drop)) | set(to_load)
+        yield active, to_load, to_drop, set(resident), kept, step
+        resident -= set(to_drop)
+        resident |= set(to_load[: max(0, capacity - len(resident))])
         assert len(resident) <= capacity
 
 
@@ -32,21 +36,13 @@ def follow(window: SlidingWindow, tokens, capacity: int):
 def test_without_capacity_pressure_keeps_union_of_last_k_tokens(tokens, k):
     window = SlidingWindow(k, capacity=N, n_neurons=N)
     history: list[set[int]] = []
-    for active, to_load, to_drop, resident in follow(window, tokens, N):
+    for active, to_load, to_drop, resident, kept, step in follow(window, tokens, N):
         history.append(active)
         union = set().union(*history[-k:])
         assert to_load == sorted(active - resident)
         assert to_drop == sorted(resident - union)
-        assert set(window.members.tolist()) == union
-        s = window.stats
-        assert (s.requested, s.hits, s.loaded, s.dropped, s.evicted, s.overflow) == (
-            len(active),
-            len(active & resident),
-            len(active - resident),
-            len(to_drop),
-            0,
-            0,
-        )
+        assert kept == union
+        assert (step.hits, step.evicted) == (len(active & resident), 0)
 
 
 def reference_step(
@@ -66,29 +62,27 @@ def reference_step(
 def test_matches_reference_under_capacity(tokens, k, capacity):
     window = SlidingWindow(k, capacity, n_neurons=N)
     members: dict[int, int] = {}
-    for t, (active, to_load, to_drop, resident) in enumerate(follow(window, tokens, capacity)):
+    steps = follow(window, tokens, capacity)
+    for t, (active, to_load, to_drop, resident, kept, step) in enumerate(steps):
         last_before = dict(members)
         members, want_load, want_drop = reference_step(members, t, k, capacity, active, resident)
         assert (to_load, to_drop) == (want_load, want_drop)
-        kept = set(window.members.tolist())
         assert kept == set(members) and active <= kept
         assert len(kept) <= max(capacity, len(active))
-        assert window.stats.overflow == int(len(active) > capacity)
-        # LRU: nothing evicted (dropped while still inside the window) is more recent than a kept older member
+        # LRU: nothing evicted (dropped while still in the window) is more recent than a kept member
         evicted = [last_before[i] for i in to_drop if i in last_before and last_before[i] > t - k]
         kept_older = [members[i] for i in kept - active]
-        assert len(evicted) == window.stats.evicted
+        assert len(evicted) == step.evicted
         if evicted and kept_older:
             assert max(evicted) <= min(kept_older)
 
 
 def test_k1_keeps_only_the_current_token():
     w = SlidingWindow(1, capacity=10, n_neurons=N)
-    load, drop = w.step(np.array([1, 2, 3]), np.array([], dtype=np.int64))
-    assert load.tolist() == [1, 2, 3] and drop.tolist() == []
-    load, drop = w.step(np.array([3, 4]), np.array([1, 2, 3]))
-    assert load.tolist() == [4] and drop.tolist() == [1, 2]
-    assert (w.stats.hits, w.totals.requested, w.totals.loaded) == (1, 5, 4)
+    first = w.step(np.array([1, 2, 3]), np.array([], dtype=np.int64))
+    assert first.load.tolist() == [1, 2, 3] and first.drop.tolist() == [] and first.hits == 0
+    second = w.step(np.array([3, 4]), np.array([1, 2, 3]))
+    assert second.load.tolist() == [4] and second.drop.tolist() == [1, 2] and second.hits == 1
 
 
 def test_lru_evicts_the_least_recently_active_first():
@@ -96,19 +90,18 @@ def test_lru_evicts_the_least_recently_active_first():
     w.step(np.array([1]), np.array([], dtype=np.int64))
     w.step(np.array([2]), np.array([1]))
     w.step(np.array([1]), np.array([1, 2]))  # 1 is now more recent than 2
-    _, drop = w.step(np.array([7, 8]), np.array([1, 2]))
-    assert drop.tolist() == [2] and w.members.tolist() == [1, 7, 8] and w.stats.evicted == 1
+    step = w.step(np.array([7, 8]), np.array([1, 2]))
+    assert step.drop.tolist() == [2] and step.load.tolist() == [7, 8] and step.evicted == 1
 
 
-def test_overflow_keeps_every_active_neuron_and_flags_it():
+def test_overflow_keeps_every_active_neuron():
     w = SlidingWindow(k=3, capacity=2, n_neurons=N)
     w.step(np.array([0, 1]), np.array([], dtype=np.int64))
-    load, drop = w.step(np.array([5, 6, 7]), np.array([0, 1]))
+    load, drop, *_ = w.step(np.array([5, 6, 7]), np.array([0, 1]))
     assert load.tolist() == [5, 6, 7] and drop.tolist() == [0, 1]
-    assert w.stats.overflow == 1 and w.members.tolist() == [5, 6, 7]
-    # the caller could load only two of them: the third is forgotten, not counted against the capacity
-    load, drop = w.step(np.array([9]), np.array([5, 6]))
-    assert load.tolist() == [9] and drop.tolist() == [5] and w.members.tolist() == [6, 9]
+    # the caller could load only two of them: the third is forgotten, not counted against capacity
+    load, drop, *_ = w.step(np.array([9]), np.array([5, 6]))
+    assert load.tolist() == [9] and drop.tolist() == [5]
 
 
 def test_bad_arguments():

@@ -158,7 +158,7 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         return dict(mx.load(str(path)))
     except (RuntimeError, ValueError) as e:
-        raise FlashFormatError(f"{path}: cannot read ({e})") from None
+        raise FlashFormatError(f"{path}: cannot read ({e})") from e
 
 
 def read_calibration(directory: Path, manifest: Manifest) -> Calibration | None:
@@ -200,7 +200,7 @@ def read_predictors(directory: Path, manifest: Manifest) -> Predictors | None:
             [arrays[f"{i}.cut"].item() for i in layers],
         )
     except KeyError as e:
-        raise FlashFormatError(f"{path}: no predictor {e} (re-run the calibration)") from None
+        raise FlashFormatError(f"{path}: no predictor {e} (re-run the calibration)") from e
     if any(w.shape[0] != manifest.d_model for w in predictors.w_in) or any(
         b.shape != (manifest.d_ffn,) for b in predictors.bias
     ):

@@ -7,6 +7,10 @@ class FlashError(Exception):
     """Base class of every error mlx_flash reports to users."""
 
 
+class OptionError(FlashError, ValueError):
+    """An option or argument has a value mlx_flash cannot use (named in the message)."""
+
+
 class FlashFormatError(FlashError):
     """A flash model directory (or one of its files) is missing, damaged or of an unknown format."""
 

@@ -1,9 +1,11 @@
-"""Human memory sizes ("1.5GB", "512MiB", "40%") <-> bytes."""
+"""Human sizes and shares: "1.5GB", "512MiB", "40%" of RAM <-> bytes; "50%" or 0.5 -> 0.5."""
 
 from __future__ import annotations
 
 import os
 import re
+
+from .errors import OptionError
 
 _UNITS = {
     "": 1,
@@ -34,14 +36,14 @@ def parse_size(text: str | int | float, total: int | None = None) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*", str(text))
     if not m:
-        raise ValueError(f"cannot read size {text!r} (examples: 1.5GB, 512MiB, 40%)")
+        raise OptionError(f"cannot read size {text!r} (examples: 1.5GB, 512MiB, 40%)")
     value, unit = float(m.group(1)), m.group(2).lower()
     if unit == "%":
         if not 0 < value <= 100:
-            raise ValueError(f"percentage {text!r} must be in (0, 100]")
+            raise OptionError(f"percentage {text!r} must be in (0, 100]")
         return int(value / 100 * (total if total is not None else physical_memory()))
     if unit not in _UNITS:
-        raise ValueError(f"unknown size unit in {text!r} (use B, KB, MB, GB, KiB, MiB, GiB or %)")
+        raise OptionError(f"unknown size unit in {text!r} (use B, KB, MB, GB, KiB, MiB, GiB or %)")
     return int(value * _UNITS[unit])
 
 
@@ -51,3 +53,15 @@ def format_size(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def parse_share(text: str | float) -> float:
+    """A share in (0, 1] from 0.5, "0.5" or "50%"."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise OptionError(f"cannot read share {text!r} (examples: 0.5, 50%)") from None
+    if not 0 < value <= 1:
+        raise OptionError(f"share {text!r} must be in (0, 1] or (0%, 100%]")
+    return value

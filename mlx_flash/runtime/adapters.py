@@ -111,3 +111,21 @@ def ffn_prefixes(model: nn.Module, spec: FFNSpec) -> list[str]:
 def set_ffn(model: nn.Module, spec: FFNSpec, layer: int, module: nn.Module) -> None:
     """Replace the FFN module of one layer."""
     setattr(model.layers[layer], spec.ffn_attr, module)
+
+
+def model_classes(config: dict) -> tuple[type, type]:
+    """mlx-lm's (Model, ModelArgs) for ``config``: the one place that uses mlx-lm's private lookup."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"mlx-lm has no model type {config.get('model_type')!r} ({e})"
+        ) from e
+
+
+def build_model(config: dict) -> nn.Module:
+    """A fresh mlx-lm model for ``config``; its parameters stay lazy, so nothing is allocated."""
+    model_class, args_class = model_classes(config)
+    return model_class(args_class.from_dict(config))

@@ -18,15 +18,17 @@ valid only until the next ``delete``/``append``.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import FlashError
+from .store import ReadCount
 
-Loader = Callable[[np.ndarray, dict[str, np.ndarray], np.ndarray], None]
-"""``loader(ids, dest, rows)`` writes part p of neuron ``ids[j]`` into ``dest[p][rows[j]]``."""
+Loader = Callable[[np.ndarray, dict[str, np.ndarray], np.ndarray], ReadCount]
+"""``loader(ids, dest, rows)`` writes part p of neuron ``ids[j]`` into ``dest[p][rows[j]]`` and says
+what that read cost (the store reader's ``read_neurons`` bound to a layer)."""
 
 # numpy has no bfloat16: such parts are stored and written as raw uint16 and viewed as bfloat16 for MLX.
 _STORAGE = {mx.bfloat16: mx.uint16}
@@ -172,16 +174,17 @@ class NeuronBuffer:
         self._neuron_slot[moved] = holes
         self.n_used = n_new
 
-    def append(self, ids: np.ndarray) -> np.ndarray:
-        """Load the ids that are not resident yet into the rows after the used ones; return those ids.
+    def append(self, ids: np.ndarray) -> ReadCount:
+        """Load the ids that are not resident yet into the rows after the used ones; what it read.
 
         Calls the loader once (not at all when nothing is missing). Raises ``BufferFullError`` before
-        loading if they do not fit. If the loader raises, the buffer is unchanged and the error propagates.
+        loading if they do not fit. If the loader raises, the buffer is unchanged and the error
+        propagates.
         """
         ids = unique_ids(ids, self._scratch)
         new = ids[self._neuron_slot[ids] < 0]
         if new.size == 0:
-            return new
+            return ReadCount()
         if self.n_used + new.size > self.capacity:
             raise BufferFullError(
                 f"appending {new.size} neurons to {self.n_used} resident would exceed the capacity of "
@@ -189,11 +192,17 @@ class NeuronBuffer:
             )
         self._sync()
         rows = np.arange(self.n_used, self.n_used + new.size)
-        self._loader(new, self._rows, rows)
+        read = self._loader(new, self._rows, rows)
         self._slot_neuron[rows] = new
         self._neuron_slot[new] = rows
         self.n_used += new.size
-        return new
+        return read
+
+    def clear(self) -> int:
+        """Drop every resident neuron; how many there were."""
+        n = self.n_used
+        self.delete(self._slot_neuron[:n])
+        return n
 
     def _sync(self) -> None:
         """Wait for every registered computation that may read the rows about to change."""

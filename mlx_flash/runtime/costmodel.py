@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+
+from .files import cache_root
 
 PROBE_FORMAT = "mlx_flash-probe"
 PROBE_VERSION = 1
@@ -174,8 +176,6 @@ def device_key(path: str | Path) -> str:
 
 def probe_path(path: str | Path) -> Path:
     """Where the probe of the device holding ``path`` is cached."""
-    from .default_model import cache_root
-
     return cache_root() / "probe" / f"{device_key(path)}.json"
 
 

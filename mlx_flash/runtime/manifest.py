@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
+from .adapters import ACTIVATIONS
 from .errors import FlashFormatError
 
 FORMAT_NAME = "mlx_flash"
@@ -31,6 +33,13 @@ STORE_FILE = "ffn_store.bin"  # must not match mlx-lm's model*.safetensors
 TRUNK_FILE = "model.safetensors"
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
+MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def part_bytes(part: Part, itemsize: int) -> int:
+    """Bytes one neuron's ``part`` takes in memory when floats are held with ``itemsize`` bytes
+    (packed quantized words stay uint32)."""
+    return part.length * (4 if part.dtype == "uint32" else itemsize)
 
 
 def numpy_storage_dtype(dtype: str) -> np.dtype:
@@ -94,8 +103,12 @@ class LayerEntry:
     regions: tuple[Region, ...]
     blobs: dict[str, Blob] = field(default_factory=dict)
 
+    def parts(self) -> list[Part]:
+        """Every part of a neuron's record(s), over all regions."""
+        return [p for r in self.regions for p in r.parts]
+
     def part_names(self) -> list[str]:
-        return [p.name for r in self.regions for p in r.parts]
+        return [p.name for p in self.parts()]
 
 
 @dataclass(frozen=True)
@@ -221,57 +234,26 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     version = _require(data, "format_version", int, path, "")
     if version != FORMAT_VERSION:
         raise FlashFormatError(
-            f"{path}: format version {version} is not supported by this mlx_flash (it reads version "
-            f"{FORMAT_VERSION}); re-convert the model or upgrade mlx_flash"
+            f"{path}: format version {version} is not supported by this mlx_flash (it reads "
+            f"version {FORMAT_VERSION}); re-convert the model or upgrade mlx_flash"
         )
-    layers = []
-    for i, entry in enumerate(_require(data, "layers", list, path, "")):
-        where = f"layers[{i}]."
-        blobs = _require(entry, "blobs", dict, path, where)
-        layer = LayerEntry(
-            index=_require(entry, "index", int, path, where),
-            prefix=_require(entry, "prefix", str, path, where),
-            offset=_nonneg(_require(entry, "offset", int, path, where), path, where + "offset"),
-            nbytes=_nonneg(_require(entry, "nbytes", int, path, where), path, where + "nbytes"),
-            checksum=_require(entry, "checksum", str, path, where),
-            regions=tuple(
-                _parse_region(r, path, f"{where}regions[{j}].")
-                for j, r in enumerate(_require(entry, "regions", list, path, where))
-            ),
-            blobs={str(k): _parse_blob(v, path, f"{where}blobs.{k}.") for k, v in blobs.items()},
-        )
-        if layer.index != i:
-            raise FlashFormatError(f"{path}: layer entry {i} says it is layer {layer.index}")
-        if not layer.regions:
-            raise FlashFormatError(f"{path}: layer {i} has no regions")
-        layers.append(layer)
-    quant = data.get("quantization")
-    if quant is not None:
-        quant = Quantization(
-            bits=_require(quant, "bits", int, path, "quantization."),
-            group_size=_require(quant, "group_size", int, path, "quantization."),
-        )
-        if quant.bits not in (2, 3, 4, 5, 6, 8) or quant.group_size not in (32, 64, 128):
-            raise FlashFormatError(f"{path}: unsupported quantization {quant}")
-    dtype = _require(data, "dtype", str, path, "")
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise FlashFormatError(f"{path}: unknown store dtype {dtype!r}")
-    layout = _require(data, "layout", str, path, "")
-    if layout not in ("bundled", "unbundled"):
-        raise FlashFormatError(f"{path}: unknown layout {layout!r}")
+    layers = tuple(
+        _parse_layer(entry, i, path)
+        for i, entry in enumerate(_require(data, "layers", list, path, ""))
+    )
     manifest = Manifest(
         model_type=_require(data, "model_type", str, path, ""),
         d_model=_require(data, "d_model", int, path, ""),
         d_ffn=_require(data, "d_ffn", int, path, ""),
         gated=_require(data, "gated", bool, path, ""),
-        activation=_require(data, "activation", str, path, ""),
-        layout=layout,
-        dtype=dtype,
+        activation=_one_of(data, "activation", tuple(ACTIVATIONS), path),
+        layout=_one_of(data, "layout", ("bundled", "unbundled"), path),
+        dtype=_one_of(data, "dtype", ("float32", "float16", "bfloat16"), path),
         align=_nonneg(_require(data, "align", int, path, ""), path, "align"),
         store_file=_require(data, "store_file", str, path, ""),
         store_size=_nonneg(_require(data, "store_size", int, path, ""), path, "store_size"),
-        layers=tuple(layers),
-        quantization=quant,
+        layers=layers,
+        quantization=_parse_quantization(data.get("quantization"), path),
         checksum_algorithm=_require(data, "checksum_algorithm", str, path, ""),
         source=str(data.get("source", "")),
         extra=data.get("extra") if isinstance(data.get("extra"), dict) else {},
@@ -280,30 +262,77 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     if manifest.d_model <= 0 or manifest.d_ffn <= 0:
         raise FlashFormatError(f"{path}: d_model and d_ffn must be positive")
     if manifest.checksum_algorithm not in hashlib.algorithms_available:
-        raise FlashFormatError(
-            f"{path}: unknown checksum algorithm {manifest.checksum_algorithm!r}"
-        )
-    _check_ffn_parts(manifest, path)
+        algorithm = manifest.checksum_algorithm
+        raise FlashFormatError(f"{path}: unknown checksum algorithm {algorithm!r}")
     if "/" in manifest.store_file or manifest.store_file.startswith("."):
         raise FlashFormatError(f"{path}: store_file must be a plain file name")
+    _check_ffn_parts(manifest, path)
+    _check_geometry(manifest, path)
+    return manifest
+
+
+def _one_of(data: dict, key: str, allowed: tuple[str, ...], path: Path) -> str:
+    value = _require(data, key, str, path, "")
+    if value not in allowed:
+        raise FlashFormatError(f"{path}: unknown {key} {value!r} (known: {', '.join(allowed)})")
+    return value
+
+
+def _parse_layer(entry: Any, i: int, path: Path) -> LayerEntry:
+    where = f"layers[{i}]."
+    blobs = _require(entry, "blobs", dict, path, where)
+    regions = _require(entry, "regions", list, path, where)
+    layer = LayerEntry(
+        index=_require(entry, "index", int, path, where),
+        prefix=_require(entry, "prefix", str, path, where),
+        offset=_nonneg(_require(entry, "offset", int, path, where), path, where + "offset"),
+        nbytes=_nonneg(_require(entry, "nbytes", int, path, where), path, where + "nbytes"),
+        checksum=_require(entry, "checksum", str, path, where),
+        regions=tuple(
+            _parse_region(r, path, f"{where}regions[{j}].") for j, r in enumerate(regions)
+        ),
+        blobs={str(k): _parse_blob(v, path, f"{where}blobs.{k}.") for k, v in blobs.items()},
+    )
+    if layer.index != i:
+        raise FlashFormatError(f"{path}: layer entry {i} says it is layer {layer.index}")
+    if not layer.regions:
+        raise FlashFormatError(f"{path}: layer {i} has no regions")
+    return layer
+
+
+def _parse_quantization(quant: Any, path: Path) -> Quantization | None:
+    if quant is None:
+        return None
+    quant = Quantization(
+        bits=_require(quant, "bits", int, path, "quantization."),
+        group_size=_require(quant, "group_size", int, path, "quantization."),
+    )
+    if quant.bits not in (2, 3, 4, 5, 6, 8) or quant.group_size not in (32, 64, 128):
+        raise FlashFormatError(f"{path}: unsupported quantization {quant}")
+    return quant
+
+
+def _check_geometry(manifest: Manifest, path: Path) -> None:
+    """Every layer holds d_ffn records, and everything lies inside the store file."""
+    end = manifest.store_size
     for layer in manifest.layers:
         for r in layer.regions:
             if r.n_records != manifest.d_ffn:
                 raise FlashFormatError(
-                    f"{path}: layer {layer.index} has {r.n_records} records, expected d_ffn={manifest.d_ffn}"
+                    f"{path}: layer {layer.index} has {r.n_records} records, expected "
+                    f"d_ffn={manifest.d_ffn}"
                 )
-            if r.offset + r.nbytes > manifest.store_size:
+            if r.offset + r.nbytes > end:
                 raise FlashFormatError(
-                    f"{path}: layer {layer.index} runs past the end of the store ({manifest.store_size} bytes)"
+                    f"{path}: layer {layer.index} runs past the end of the store ({end} bytes)"
                 )
         for name, b in layer.blobs.items():
-            if b.offset + b.nbytes > manifest.store_size:
+            if b.offset + b.nbytes > end:
                 raise FlashFormatError(
                     f"{path}: layer {layer.index} blob {name!r} runs past the end of the store"
                 )
-        if layer.offset + layer.nbytes > manifest.store_size:
+        if layer.offset + layer.nbytes > end:
             raise FlashFormatError(f"{path}: layer {layer.index} runs past the end of the store")
-    return manifest
 
 
 def _part_shape(name: str, manifest: Manifest) -> tuple[int, str] | None:
@@ -372,7 +401,7 @@ def read_manifest(directory: str | Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FlashFormatError(f"{path}: not valid JSON ({e})") from None
+        raise FlashFormatError(f"{path}: not valid JSON ({e})") from e
     return parse_manifest(data, path)
 
 
@@ -387,6 +416,35 @@ def check_store_file(directory: str | Path, manifest: Manifest) -> Path:
             f"{store}: store is {size} bytes but the manifest says {manifest.store_size} (truncated or replaced?)"
         )
     return store
+
+
+def trunk_files(directory: str | Path) -> list[Path]:
+    """The trunk's safetensors files (mlx-lm's naming)."""
+    return sorted(Path(directory).glob("model*.safetensors"))
+
+
+def directory_problems(directory: str | Path, manifest: Manifest) -> list[str]:
+    """What is wrong with a flash model directory besides its manifest (the store's size, the config,
+    the trunk files' headers, the tokenizer), cheaply: nothing large is read. Empty when intact."""
+    directory = Path(directory)
+    problems = []
+    try:
+        check_store_file(directory, manifest)
+    except FlashFormatError as e:
+        problems.append(str(e))
+    if not (directory / "config.json").is_file():
+        problems.append(f"{directory / 'config.json'}: missing")
+    trunk = trunk_files(directory)
+    if not trunk:
+        problems.append(f"{directory}: no trunk weights (model*.safetensors)")
+    for path in trunk:
+        try:
+            check_trunk_file(path)
+        except FlashFormatError as e:
+            problems.append(str(e))
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        problems.append(f"{directory}: no tokenizer (tokenizer.json or tokenizer.model)")
+    return problems
 
 
 SAFETENSORS_DTYPES = {
@@ -428,7 +486,7 @@ def check_trunk_file(path: str | Path) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FlashFormatError(f"{path}: damaged safetensors header ({e})") from None
+        raise FlashFormatError(f"{path}: damaged safetensors header ({e})") from e
     if not isinstance(header, dict):
         raise FlashFormatError(f"{path}: damaged safetensors header (not a JSON object)")
     data = size - 8 - n

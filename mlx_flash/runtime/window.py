@@ -13,33 +13,22 @@ skipped. Pinned neurons live in their own buffer: leave them out of ``active_ids
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
 from .buffer import check_ids, unique_ids
 
 
-@dataclass
-class WindowStats:
-    """Counts for one step (or, in ``SlidingWindow.totals``, summed over all steps).
+class WindowStep(NamedTuple):
+    """One token's decision: ``load`` and ``drop`` (sorted, disjoint; drop first), how many of the
+    active neurons were already resident (``hits``), and how many members the capacity ``evicted``
+    before they left the window."""
 
-    ``requested``: active neurons; ``hits``: of those, already resident; ``loaded``: to load
-    (requested - hits); ``dropped``: to drop; ``evicted``: of those, dropped early because of the
-    capacity rather than because they left the window; ``overflow``: steps where the active set
-    alone was larger than the capacity.
-    """
-
-    requested: int = 0
-    hits: int = 0
-    loaded: int = 0
-    dropped: int = 0
-    evicted: int = 0
-    overflow: int = 0
-
-    def add(self, other: WindowStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+    load: np.ndarray
+    drop: np.ndarray
+    hits: int
+    evicted: int
 
 
 class SlidingWindow:
@@ -59,28 +48,19 @@ class SlidingWindow:
         self.capacity = capacity
         self.n_neurons = n_neurons
         self.t = -1  # index of the current token
-        self.stats = WindowStats()
-        self.totals = WindowStats()
-        self._last = np.zeros(
-            n_neurons, dtype=np.int64
-        )  # token a member was last active (members only)
+        self._last = np.zeros(n_neurons, dtype=np.int64)  # token a member was last active
         self._members = np.zeros(0, dtype=np.int64)
         self._res = np.zeros(n_neurons, dtype=bool)  # scratch masks, all False between calls
         self._keep = np.zeros(n_neurons, dtype=bool)
 
-    @property
-    def members(self) -> np.ndarray:
-        """Neurons the window keeps after the last step (sorted)."""
-        return self._members.copy()
+    def step(self, active_ids: np.ndarray, resident: np.ndarray) -> WindowStep:
+        """Record this token's active neurons and say what to load and drop.
 
-    def step(self, active_ids: np.ndarray, resident: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Record this token's active neurons; return ``(to_load, to_drop)`` (sorted, disjoint).
-
-        ``resident``: the ids resident in the buffer now (``NeuronBuffer.neurons``). ``to_load`` is
-        every active neuron not resident; ``to_drop`` every resident neuron that is no longer a member
-        (left the window or evicted). Drop before loading. If the active set alone exceeds the capacity
-        (``stats.overflow``), ``to_load`` does not fit after the drops: the caller must compute that
-        token in chunks; the window keeps (and next step forgets) whatever the caller left unloaded.
+        ``resident``: the ids resident in the buffer now (``NeuronBuffer.neurons``). ``load`` is
+        every active neuron not resident; ``drop`` every resident neuron that is no longer a member
+        (left the window or evicted). Drop before loading. If the active set alone exceeds the
+        capacity, ``load`` does not fit after the drops: the caller must compute that token in
+        chunks instead; the window keeps (and next step forgets) whatever the caller left unloaded.
         """
         active = unique_ids(active_ids, self._keep)
         resident = check_ids(resident, self.n_neurons)
@@ -107,13 +87,4 @@ class SlidingWindow:
         to_drop = np.flatnonzero(res)
         res[to_drop] = False
 
-        self.stats = WindowStats(
-            requested=active.size,
-            hits=int(hit.sum()),
-            loaded=to_load.size,
-            dropped=to_drop.size,
-            evicted=evicted,
-            overflow=int(active.size > self.capacity),
-        )
-        self.totals.add(self.stats)
-        return to_load, to_drop
+        return WindowStep(to_load, to_drop, int(hit.sum()), evicted)

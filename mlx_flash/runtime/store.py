@@ -1,7 +1,8 @@
 """Store reader: coalesced, parallel reads of neuron records from the flash store into neuron buffers.
 
-Why this shape (DESIGN.md §2, §5): flash is fast only for large reads with many in flight. So the ids of a
-call are sorted, adjacent ids are merged into one read per region run (capped at ``max_run_bytes``), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
+Why this shape: flash is fast only for large reads with many in flight (README, "Design"). So the
+ids of a call are sorted, adjacent ids are merged into one read per region run (capped at
+``max_run_bytes``), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
 
 Two ways a run lands in the destination:
 - *scatter*: when the store dtype of every wanted part equals the destination dtype and the destination
@@ -14,10 +15,8 @@ Two ways a run lands in the destination:
   buffer and copied or converted once into the destination (float16 -> float32, bfloat16 -> float32 by a
   16-bit shift, ...).
 
-With ``page_cache=False`` reads bypass the OS page cache: ``F_NOCACHE`` on macOS; on Linux uncached
-buffered reads (``RWF_DONTCACHE``, kernel 6.14+, no alignment rules), else ``O_DIRECT`` through the aligned
-staging buffer. Readahead is turned off (``POSIX_FADV_RANDOM``): reads are exact, and readahead would
-fill the page cache behind the bypass.
+With ``page_cache=False`` reads bypass the OS page cache (``mlx_flash.runtime.uncached``); with
+``O_DIRECT`` they go through the aligned staging buffer.
 
 Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing from
 ``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate ids or
@@ -27,76 +26,43 @@ two reads racing into one row would be a bug of the caller.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
-import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass
 from functools import partial
 from itertools import chain, repeat
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from .errors import FlashFormatError, StoreReadError
 from .manifest import LayerEntry, Manifest, Part, Region, check_store_file, numpy_storage_dtype
+from .uncached import DIRECT_ALIGN, UncachedFile
 
-RWF_DONTCACHE = 0x80  # linux/fs.h; Python has no constant for it yet
-DIRECT_ALIGN = 4096  # covers 512- and 4096-byte logical blocks
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_THREADS = 64
 SCATTER_MAX_RECORDS = 8
 
 
-class ReadCount(NamedTuple):
-    """What one call cost: bytes transferred by the OS and preadv calls issued."""
+@dataclass(frozen=True)
+class ReadCount:
+    """What reads cost: neuron records read, bytes the OS transferred (with O_DIRECT including the
+    alignment slack), ``preadv`` calls, wall seconds inside ``read_neurons``, and its calls.
+    Counts add up with ``+``."""
 
-    bytes: int
-    reads: int
-
-
-@dataclass
-class ReadStats:
-    """Thread-safe counters of neuron reads; ``snapshot()`` copies them, ``reset()`` returns them and zeroes.
-
-    ``bytes_read`` counts bytes the OS transferred (with O_DIRECT this includes the alignment slack), ``reads``
-    preadv calls, ``seconds`` wall time inside ``read_neurons``, ``calls`` its calls.
-    """
-
-    bytes_read: int = 0
+    records: int = 0
+    bytes: int = 0
     reads: int = 0
     seconds: float = 0.0
     calls: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, count: ReadCount, seconds: float) -> None:
-        with self._lock:
-            self.bytes_read += count.bytes
-            self.reads += count.reads
-            self.seconds += seconds
-            self.calls += 1
-
-    def snapshot(self) -> ReadStats:
-        with self._lock:
-            return ReadStats(self.bytes_read, self.reads, self.seconds, self.calls)
-
-    def reset(self) -> ReadStats:
-        with self._lock:
-            old = ReadStats(self.bytes_read, self.reads, self.seconds, self.calls)
-            self.bytes_read = self.reads = self.calls = 0
-            self.seconds = 0.0
-            return old
-
-    @property
-    def mean_read_bytes(self) -> float:
-        return self.bytes_read / self.reads if self.reads else 0.0
+    def __add__(self, other: ReadCount) -> ReadCount:
+        return ReadCount(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -192,15 +158,15 @@ class StoreReader:
             raise ValueError(f"threads must be in 1..{MAX_THREADS} (got {threads})")
         if max_run_bytes < 1:
             raise ValueError("max_run_bytes must be positive")
-        self._fd: int | None = None
-        self._direct_fd: int | None = None
+        self._file: UncachedFile | None = None
         self._mm: mmap.mmap | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self.manifest = manifest
         self.threads = threads
         self.max_run_bytes = max_run_bytes
-        self.stats = ReadStats()
+        self.totals = ReadCount()  # every read_neurons call so far (see reset_totals)
+        self._totals_lock = threading.Lock()
         self.path = check_store_file(directory, manifest)
         self._parts = {
             id(r): _sorted_parts(r, f"{self.path} layer {e.index}")
@@ -225,64 +191,12 @@ class StoreReader:
     # -- opening and closing -------------------------------------------------------------------------
 
     def _open(self, page_cache: bool, bypass: str) -> None:
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._file = UncachedFile(self.path, page_cache, bypass)
+        self.cache_mode = self._file.mode
         if self.manifest.store_size:
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-        if hasattr(os, "posix_fadvise"):
-            # Readahead would pull neighbouring records we did not ask for into the page cache (with
-            # RWF_DONTCACHE, random reads left over half the file cached); every read here is exact.
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-        self.cache_mode = "cached" if page_cache else self._bypass_mode(bypass)
-        self._flags = RWF_DONTCACHE if self.cache_mode == "dontcache" else 0
+            self._mm = mmap.mmap(self._file.fd, 0, access=mmap.ACCESS_READ)
         if self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-store")
-
-    def _bypass_mode(self, bypass: str) -> str:
-        """Set up page-cache bypass; "auto" prefers F_NOCACHE (macOS), then RWF_DONTCACHE, then O_DIRECT."""
-        if bypass not in ("auto", "nocache", "dontcache", "direct"):
-            raise ValueError(f"unknown bypass mode {bypass!r}")
-        if bypass == "nocache" or (bypass == "auto" and sys.platform == "darwin"):
-            self._set_nocache()
-            return "nocache"
-        if bypass in ("auto", "dontcache") and self._dontcache_supported():
-            return "dontcache"
-        if bypass == "dontcache":
-            raise StoreReadError(
-                f"{self.path}: this OS has no uncached buffered reads (RWF_DONTCACHE, Linux 6.14+)"
-            )
-        try:
-            self._direct_fd = os.open(
-                self.path, os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
-            )
-        except (OSError, AttributeError) as e:
-            if bypass == "direct":
-                raise StoreReadError(f"{self.path}: cannot open with O_DIRECT ({e})") from e
-            warnings.warn(
-                f"{self.path}: no way to bypass the page cache here ({e}); reading through it",
-                stacklevel=3,
-            )
-            return "cached"
-        return "direct"
-
-    def _set_nocache(self) -> None:
-        """macOS: F_NOCACHE turns off caching for this descriptor (no alignment rules)."""
-        import fcntl
-
-        fcntl.fcntl(self._fd, getattr(fcntl, "F_NOCACHE", 48), 1)
-
-    def _dontcache_supported(self) -> bool:
-        """Probe one uncached read; old kernels answer EOPNOTSUPP (or EINVAL for unknown flags)."""
-        try:
-            self._preadv(self._fd, [bytearray(1)], 0, RWF_DONTCACHE)
-        except (OSError, AttributeError) as e:
-            if isinstance(e, AttributeError) or e.errno in (
-                errno.EOPNOTSUPP,
-                errno.EINVAL,
-                errno.ENOSYS,
-            ):
-                return False
-            raise StoreReadError(f"{self.path}: probe read at offset 0 failed: {e}") from e
-        return True
 
     def close(self, *, join: bool = True) -> None:
         """Join the threads and close the files; safe to call twice (``join=False``: let idle threads exit)."""
@@ -293,9 +207,8 @@ class StoreReader:
             self._pool.shutdown(wait=join)
         if self._mm is not None:
             self._mm.close()
-        for fd in (self._direct_fd, self._fd):
-            if fd is not None:
-                os.close(fd)
+        if self._file is not None:
+            self._file.close()
 
     def __del__(self) -> None:
         # A reader dropped without close() (its model garbage-collected) must not keep its descriptors and
@@ -320,14 +233,43 @@ class StoreReader:
     ) -> ReadCount:
         """Read neurons ``ids`` of ``layer`` so that ``dest[p][rows[j]]`` gets part p of neuron ``ids[j]``."""
         t0 = time.perf_counter()
-        count = ReadCount(0, 0)
+        done = ReadCount()
         try:
-            count = self._read_neurons(
+            done = self._read_neurons(
                 layer, np.asarray(ids, dtype=np.int64), dest, np.asarray(rows, dtype=np.int64)
             )
         finally:
-            self.stats.add(count, time.perf_counter() - t0)
-        return count
+            seconds = time.perf_counter() - t0
+            done = ReadCount(np.size(ids), done.bytes, done.reads, seconds, 1)
+            with self._totals_lock:
+                self.totals += done
+        return done
+
+    def reset_totals(self) -> ReadCount:
+        """The totals so far; counting starts again from zero."""
+        with self._totals_lock:
+            totals, self.totals = self.totals, ReadCount()
+        return totals
+
+    def read_layer(
+        self, layer: int, parts: Sequence[str] | None = None, floats: type | None = np.float32
+    ) -> dict[str, np.ndarray]:
+        """Every neuron of ``layer``: each part (default all) as a [d_ffn, length] array; float parts
+        converted to ``floats`` (None: raw store values), packed quantized words as uint32."""
+        entry = self._layer(layer)
+
+        def dtype(p: Part) -> np.dtype:
+            raw = numpy_storage_dtype(p.dtype)
+            return raw if floats is None or p.dtype == "uint32" else np.dtype(floats)
+
+        dest = {
+            p.name: np.empty((self.manifest.d_ffn, p.length), dtype(p))
+            for p in entry.parts()
+            if parts is None or p.name in parts
+        }
+        ids = np.arange(self.manifest.d_ffn)
+        self.read_neurons(layer, ids, dest, ids)
+        return dest
 
     def read_range(
         self, layer: int, start: int, stop: int, dest: Mapping[str, np.ndarray], row0: int = 0
@@ -384,7 +326,7 @@ class StoreReader:
         if unknown:
             raise ValueError(f"dest names parts layer {layer} does not have: {sorted(unknown)}")
         if ids.size == 0:
-            return ReadCount(0, 0)
+            return ReadCount()
         sids, srows = _sorted_request(ids, rows, self.manifest.d_ffn)
         jobs: list[Callable[[], int]] = []
         for region in entry.regions:
@@ -435,7 +377,7 @@ class StoreReader:
         records = self._record_iovecs(plan, dest, srows)
         read, fd, padded, stride, span1 = (
             self._read,
-            self._read_fd,
+            self._file.read_fd,
             plan.between > 0,
             plan.region.record_stride,
             plan.span(1),
@@ -484,7 +426,7 @@ class StoreReader:
             call.stop()  # no run starts any more, and none in progress writes into dest after we raise
             raise
         counts = [f.result() for f in futures]
-        return ReadCount(sum(c.bytes for c in counts), sum(c.reads for c in counts))
+        return sum(counts, ReadCount())
 
     def _drain(self, call: _Call) -> ReadCount:
         """Worker loop: take jobs from the call until none is left or the call was stopped (a job failed)."""
@@ -498,7 +440,7 @@ class StoreReader:
             finally:
                 call.finished()
             reads += 1
-        return ReadCount(nbytes, reads)
+        return ReadCount(bytes=nbytes, reads=reads)
 
     def _staged_run(
         self,
@@ -530,7 +472,7 @@ class StoreReader:
             return (
                 staging,
                 0,
-                self._read(layer, self._fd, [memoryview(staging)[:nbytes]], offset, nbytes),
+                self._read(layer, self._file.fd, [memoryview(staging)[:nbytes]], offset, nbytes),
             )
         start = offset - offset % DIRECT_ALIGN
         length = _round_up(offset + nbytes, DIRECT_ALIGN) - start
@@ -540,13 +482,13 @@ class StoreReader:
         return (
             staging,
             offset - start,
-            self._read(layer, self._direct_fd, [memoryview(staging)[:length]], start, expect),
+            self._read(layer, self._file.read_fd, [memoryview(staging)[:length]], start, expect),
         )
 
     def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> int:
         """One preadv of ``expect`` bytes; an OSError or a short read becomes StoreReadError naming file, layer, offset."""
         try:
-            got = self._preadv(fd, bufs, offset, self._flags)
+            got = self._preadv(fd, bufs, offset, self._file.flags)
         except OSError as e:
             raise StoreReadError(
                 f"{self.path}: reading layer {layer} at offset {offset} ({expect} bytes) failed: {e.strerror or e}"
@@ -560,10 +502,6 @@ class StoreReader:
     def _preadv(self, fd: int, bufs: list, offset: int, flags: int) -> int:
         """The only place that touches the disk; tests replace it to inject faults."""
         return os.preadv(fd, bufs, offset, flags)
-
-    @property
-    def _read_fd(self) -> int:
-        return self._direct_fd if self._direct_fd is not None else self._fd
 
     def _staging(self) -> mmap.mmap:
         """Per-thread staging buffer; anonymous mmap memory is page aligned, as O_DIRECT needs."""

@@ -1,0 +1,239 @@
+"""The memory plan: split a budget between the trunk, the KV cache, temporaries, the selector and
+the neuron buffers.
+
+The budget bounds the bytes MLX holds for the model (not the Python process). Everything the model
+needs besides the FFN is fixed; what is left becomes per-layer neuron rows, split into pinned rows
+(resident for the whole run) and the sliding-window buffer. The model's facts are asked of the
+built mlx-lm model (its KV caches) and of the trunk files (their tensors), not guessed from config
+keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+from .errors import BudgetError
+from .manifest import SAFETENSORS_DTYPES, Manifest, check_trunk_file
+from .options import FlashOptions
+from .sizes import format_size, parse_size, physical_memory
+
+MIN_WINDOW_ROWS = 16  # below this, streaming chunks get too small to read efficiently
+DEFAULT_BUDGET_SHARE = 0.5  # of physical RAM, when the user names no budget
+FLOAT_TENSORS = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs to know of a model; bytes are as held in memory in the compute dtype."""
+
+    n_layers: int
+    d_model: int
+    d_ffn: int
+    vocab: int
+    heads: int
+    itemsize: int  # of the compute dtype
+    trunk: int  # trunk weights
+    kv_layers: tuple[
+        tuple[int, int | None], ...
+    ]  # per layer: bytes per token, tokens kept (None: all)
+
+    def kv_bytes(self, tokens: int) -> int:
+        """KV cache bytes once ``tokens`` tokens are cached (mlx-lm grows caches in steps)."""
+        held = -(-tokens // KVCache.step) * KVCache.step
+        return sum(per * (held if cap is None else min(held, cap)) for per, cap in self.kv_layers)
+
+
+def model_facts(
+    model,
+    config: dict,
+    manifest: Manifest,
+    trunk_files: Iterable[Path],
+    dtype: mx.Dtype,
+    options: FlashOptions,
+) -> ModelFacts:
+    """The facts of a freshly built (lazy, unevaluated) mlx-lm model computing in ``dtype``."""
+    return ModelFacts(
+        n_layers=len(model.layers),
+        d_model=manifest.d_model,
+        d_ffn=manifest.d_ffn,
+        vocab=config.get("vocab_size", 0),
+        heads=config.get("num_attention_heads") or config.get("n_head") or 1,
+        itemsize=dtype.size,
+        trunk=sum(trunk_bytes(path, dtype.size) for path in trunk_files),
+        kv_layers=kv_layers(model, dtype.size, options),
+    )
+
+
+def trunk_bytes(path: Path, itemsize: int) -> int:
+    """Bytes the tensors of one trunk file take in memory: floats cast to the compute dtype, packed
+    quantized words as stored."""
+    total = 0
+    for t in check_trunk_file(path).values():
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        total += n * (itemsize if t["dtype"] in FLOAT_TENSORS else SAFETENSORS_DTYPES[t["dtype"]])
+    return total
+
+
+def kv_layers(model, itemsize: int, options: FlashOptions) -> tuple[tuple[int, int | None], ...]:
+    """Per layer, KV bytes per token and the tokens its cache keeps, asked of the model's own caches.
+
+    One token is run through the model lazily: nothing is evaluated, only the caches' shapes are read.
+    A rotating cache (sliding-window layers, ``max_kv_size``) keeps its size plus one prefill step.
+    """
+    caches = make_prompt_cache(model, options.max_kv_size)
+    model(mx.zeros((1, 1), dtype=mx.int32), cache=caches)
+    out = []
+    for c in caches:
+        keys = getattr(c, "keys", None)
+        if keys is None:  # a fixed-size state (e.g. recurrent layers): counted whole
+            out.append((sum(a.size for a in c.state if isinstance(a, mx.array)) * itemsize, 1))
+            continue
+        per_token = (keys.size + c.values.size) * itemsize // keys.shape[-2]
+        rotating = isinstance(c, RotatingKVCache)
+        out.append((per_token, c.max_size + options.prefill_step_size if rotating else None))
+    return tuple(out)
+
+
+def prefill_temporaries(facts: ModelFacts, options: FlashOptions) -> int:
+    """Peak bytes of activations during a prefill step: hidden states, FFN rows, attention scores.
+
+    A prefill chunk late in the context attends to every earlier token: its scores (and the boolean
+    causal mask) span the whole context, not just the chunk. A growing KV cache copies one layer's
+    cache while it grows (layers are evaluated one after another).
+    """
+    step, itemsize = options.prefill_step_size, facts.itemsize
+    keys = max(context_tokens(options), step)
+    hidden = 12 * step * facts.d_model
+    ffn = 3 * step * facts.d_ffn
+    scores = facts.heads * step * keys
+    mask = -(-step * keys // itemsize)
+    growth = facts.kv_bytes(context_tokens(options)) // facts.n_layers
+    return (hidden + ffn + scores + mask + 2 * facts.vocab) * itemsize + growth
+
+
+def context_tokens(options: FlashOptions) -> int:
+    """Tokens the KV cache is planned for: the context, or less with a rotating cache."""
+    if options.max_kv_size is None:
+        return options.max_context
+    return min(options.max_context, options.max_kv_size + options.prefill_step_size)
+
+
+def budget_bytes(options: FlashOptions) -> int:
+    """The budget in bytes: as asked, else a share of physical RAM."""
+    if options.memory_budget is None:
+        return int(DEFAULT_BUDGET_SHARE * physical_memory())
+    return parse_size(options.memory_budget)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    total: int
+    trunk: int
+    kv_cache: int
+    temporaries: int
+    selector: int  # predictors / gate matrices kept in DRAM
+    neuron_bytes: int  # one neuron's rows in the buffers (compute dtype), per layer
+    n_layers: int
+    d_ffn: int
+    pinned_rows: int  # per layer
+    window_rows: int  # per layer
+
+    @property
+    def buffers(self) -> int:
+        return (self.pinned_rows + self.window_rows) * self.neuron_bytes * self.n_layers
+
+    @property
+    def used(self) -> int:
+        return self.trunk + self.kv_cache + self.temporaries + self.selector + self.buffers
+
+    @property
+    def ffn_share(self) -> float:
+        """Share of each layer's FFN rows that the buffers hold."""
+        return (self.pinned_rows + self.window_rows) / self.d_ffn
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "buffers": self.buffers,
+            "used": self.used,
+            "ffn_share": self.ffn_share,
+        }
+
+    def describe(self) -> str:
+        f = format_size
+        return (
+            f"budget {f(self.total)}: trunk {f(self.trunk)}, KV cache {f(self.kv_cache)}, buffers "
+            f"{f(self.buffers)} ({self.pinned_rows} pinned + {self.window_rows} window rows of "
+            f"{self.d_ffn} per layer, {100 * self.ffn_share:.0f}% of the FFN), selector "
+            f"{f(self.selector)}, temporaries {f(self.temporaries)}"
+        )
+
+
+def minimum_bytes(facts: ModelFacts, options: FlashOptions, selector: int, row_bytes: int) -> int:
+    """The smallest budget that runs the model with this selector and buffer row size."""
+    fixed = _fixed(facts, options, selector)
+    return sum(fixed.values()) + min(facts.d_ffn, MIN_WINDOW_ROWS) * row_bytes * facts.n_layers
+
+
+def _fixed(facts: ModelFacts, options: FlashOptions, selector: int) -> dict[str, int]:
+    return {
+        "trunk": facts.trunk,
+        "kv_cache": facts.kv_bytes(context_tokens(options)),
+        "temporaries": prefill_temporaries(facts, options),
+        "selector": selector,
+    }
+
+
+def plan_memory(
+    facts: ModelFacts, options: FlashOptions, selector: int, row_bytes: int
+) -> BudgetPlan:
+    """Rows per layer the budget allows; a budget below the minimum is refused with what is needed.
+
+    ``selector``: bytes the selector holds; ``row_bytes``: one neuron's rows in a layer's buffers.
+    ``options.ffn_cache`` fixes the buffers' share of each layer's FFN instead of filling the budget.
+    """
+    total = budget_bytes(options)
+    fixed = _fixed(facts, options, selector)
+    min_rows = min(facts.d_ffn, MIN_WINDOW_ROWS)
+    needed = minimum_bytes(facts, options, selector, row_bytes)
+    if total < needed:
+        labels = {
+            "trunk": "trunk",
+            "kv_cache": "KV cache",
+            "temporaries": "temporaries",
+            "selector": "selector",
+        }
+        parts = ", ".join(f"{labels[k]} {format_size(v)}" for k, v in fixed.items())
+        buffers = format_size(min_rows * row_bytes * facts.n_layers)
+        raise BudgetError(
+            f"memory budget {format_size(total)} is too small: this model needs at least "
+            f"{format_size(needed)} ({parts}, minimal neuron buffers {buffers})"
+        )
+    rows = (total - sum(fixed.values())) // (row_bytes * facts.n_layers)
+    if options.ffn_cache is not None:
+        rows = min(rows, max(min_rows, round(options.ffn_cache * facts.d_ffn)))
+    pinned, window = facts.d_ffn, 0
+    if rows < facts.d_ffn:
+        pinned = int(rows * options.pin_share)
+        window = rows - pinned
+        if window < min_rows:
+            window, pinned = min_rows, max(0, rows - min_rows)
+    return BudgetPlan(
+        total,
+        fixed["trunk"],
+        fixed["kv_cache"],
+        fixed["temporaries"],
+        selector,
+        row_bytes,
+        facts.n_layers,
+        facts.d_ffn,
+        pinned,
+        window,
+    )

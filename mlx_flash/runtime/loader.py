@@ -1,0 +1,384 @@
+"""``mlx_flash.load``: an mlx-lm model whose FFN modules stream from a flash model directory.
+
+The trunk loads through mlx-lm's own ``load_model`` (sanitize, quantization, strict checks). When
+mlx-lm builds the model, the memory plan is made from it and its FFN modules are swapped for
+``FlashFFN`` before any weight is evaluated; no FFN record is read until the first forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_config, load_model, load_tokenizer
+
+from . import selectors
+from .adapters import model_classes, set_ffn, spec_for
+from .budget import BudgetPlan, ModelFacts, budget_bytes, minimum_bytes, model_facts, plan_memory
+from .buffer import NeuronBuffer
+from .calibration import Calibration, read_calibration
+from .costmodel import CostModel, cost_model_for
+from .errors import FlashError, FlashFormatError, UnsupportedModelError
+from .flash_ffn import FlashFFN, LayerState, ThreadGuard
+from .manifest import (
+    MANIFEST_FILE,
+    MX_DTYPES,
+    Manifest,
+    directory_problems,
+    part_bytes,
+    read_manifest,
+    trunk_files,
+)
+from .options import FlashOptions, read_settings
+from .selectors import Selection, Selector
+from .store import StoreReader
+from .telemetry import Telemetry
+from .window import SlidingWindow
+
+
+@dataclass
+class FlashRuntime:
+    """What a loaded flash model carries besides its trunk (``model.flash``).
+
+    ``observe``: if set, called as ``observe(layer, x, selection)`` with every decode selection (the
+    FFN input it was made from and the ``Selection``); ``mlx_flash.evaluate`` measures recall with it.
+    """
+
+    directory: Path
+    manifest: Manifest
+    options: FlashOptions
+    calibration: Calibration | None
+    reader: StoreReader
+    plan: BudgetPlan
+    selector: Selector
+    telemetry: Telemetry
+    compute_dtype: mx.Dtype
+    cost: CostModel
+    layers: list[FlashFFN] = field(default_factory=list)
+    guard: ThreadGuard = field(default_factory=ThreadGuard, repr=False)
+    observe: Callable[[int, mx.array, Selection], None] | None = None
+
+    @property
+    def activation(self) -> str:
+        return self.manifest.activation
+
+    @property
+    def gated(self) -> bool:
+        return self.manifest.gated
+
+    @property
+    def quantization(self):
+        return self.manifest.quantization
+
+    @property
+    def window(self) -> int:
+        return self.options.window
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def check_directory(directory: Path) -> Manifest:
+    """The manifest of an intact flash model directory; else the first problem, naming its file."""
+    manifest = read_manifest(directory)
+    problems = directory_problems(directory, manifest)
+    if problems:
+        raise FlashFormatError(problems[0])
+    try:
+        spec_for(manifest.model_type)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{directory / MANIFEST_FILE}: {e}") from e
+    return manifest
+
+
+def prepare_runtime(
+    directory: Path, manifest: Manifest, config: dict, options: FlashOptions, model
+) -> FlashRuntime:
+    """Plan the memory from the freshly built ``model`` and preallocate every layer's buffers (no
+    record is read): the calibration is read once, the plan made once."""
+    if config.get("model_type") != manifest.model_type:
+        raise FlashFormatError(
+            f"{directory / 'config.json'}: model_type {config.get('model_type')!r} does not match "
+            f"the manifest's {manifest.model_type!r}"
+        )
+    dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
+    calibration = read_calibration(directory, manifest)
+    facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
+    name, selector_bytes, exact_gate = _choose_selector(options, manifest, calibration, facts)
+    skip = selectors.GATE_PARTS if exact_gate else ()
+    parts = _buffer_parts(manifest, dtype, skip)
+    plan = plan_memory(facts, options, selector_bytes, _row_bytes(manifest, dtype.size, skip))
+    cost = cost_model_for(directory)
+    threads = options.threads or cost.reader_threads(
+        min(r.record_size for r in manifest.layers[0].regions)
+    )
+    reader = StoreReader(
+        directory,
+        manifest,
+        threads=threads,
+        page_cache=options.page_cache,
+        max_run_bytes=cost.run_bytes(threads),
+    )
+    try:
+        selector = options.selector
+        if name is not None:
+            selector = selectors.build(
+                name, directory, manifest, calibration, reader, dtype, options.sparsity
+            )
+        telemetry = Telemetry(manifest.n_layers, manifest.d_ffn, enabled=options.telemetry)
+        runtime = FlashRuntime(
+            directory,
+            manifest,
+            options,
+            calibration,
+            reader,
+            plan,
+            selector,
+            telemetry,
+            dtype,
+            cost,
+        )
+        # a selector that reads no input takes every neuron: pinning hot ones saves nothing, and a
+        # contiguous pinned block leaves the rest to stream in large reads (the bench's hybrid)
+        hot = calibration if selector.needs_input else None
+        runtime.layers = [
+            _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
+            for i in range(manifest.n_layers)
+        ]
+    except BaseException:
+        reader.close()
+        raise
+    return runtime
+
+
+def _choose_selector(
+    options: FlashOptions, manifest: Manifest, calibration: Calibration | None, facts: ModelFacts
+) -> tuple[str | None, int, bool]:
+    """(name to build or None for a given Selector object, bytes it holds, whether it supplies
+    exact act(gate)). "auto" passes over the gate selector when the budget cannot hold the gate."""
+    if not isinstance(options.selector, str):
+        return None, options.selector.nbytes, options.selector.exact_gate
+    itemsize = facts.itemsize
+    gate_bytes = selectors.holds_bytes("gate", manifest, itemsize)
+    row_without_gate = _row_bytes(manifest, itemsize, skip=selectors.GATE_PARTS)
+    gate_fits = budget_bytes(options) >= minimum_bytes(facts, options, gate_bytes, row_without_gate)
+    name = selectors.choose(options.selector, manifest, calibration, options.sparsity, gate_fits)
+    return name, selectors.holds_bytes(name, manifest, itemsize), name == "gate"
+
+
+def install(model, runtime: FlashRuntime):
+    """Swap every FFN module of a freshly built mlx-lm model for the runtime's FlashFFN modules."""
+    manifest = runtime.manifest
+    if len(model.layers) != manifest.n_layers:
+        raise FlashFormatError(
+            f"{runtime.directory / 'config.json'}: {len(model.layers)} layers but the store has "
+            f"{manifest.n_layers}"
+        )
+    spec = spec_for(manifest.model_type)
+    for i, module in enumerate(runtime.layers):
+        _check_ffn_shape(model, spec, i, runtime)
+        set_ffn(model, spec, i, module)
+    model.flash = runtime
+    return model
+
+
+def flash_model_classes(directory: Path, options: FlashOptions, built: list | None = None):
+    """``get_model_classes`` for mlx-lm's ``load_model``: builds the model, plans its memory from it
+    and installs the flash FFN modules, before any weight is loaded. The directory is checked now.
+    The runtime is also appended to ``built``, so a caller can close it if loading fails later."""
+    manifest = check_directory(directory)
+
+    def get_model_classes(config: dict):
+        model_class, args_class = model_classes(config)
+
+        def build(args):
+            model = model_class(args)
+            runtime = prepare_runtime(directory, manifest, config, options, model)
+            if built is not None:
+                built.append(runtime)
+            return install(model, runtime)
+
+        return build, args_class
+
+    return get_model_classes
+
+
+def load(
+    path: str | Path,
+    memory_budget: str | int | None = None,
+    *,
+    tokenizer_config: dict | None = None,
+    **options,
+):
+    """Load a flash model directory; returns ``(model, tokenizer)`` usable with mlx_lm.generate.
+
+    Keywords are ``FlashOptions``' fields; the directory's ``flash_settings.json`` supplies what
+    they leave out. ``tokenizer_config`` goes to mlx-lm's tokenizer loader, as in ``mlx_lm.load``. ``model.flash`` is the ``FlashRuntime`` (telemetry, plan, store reader). A
+    damaged or mismatched directory raises a ``FlashError`` naming the file, before anything large
+    is allocated; a budget too small raises ``BudgetError`` with what the model needs.
+
+    Memory: ``model.flash.plan`` is what MLX may hold for the model. MLX's buffer cache is capped at
+    the plan's slack (``mx.set_cache_limit`` is process-wide and only ever lowered). Prefill in
+    chunks of at most ``prefill_step_size`` tokens (pass the same value to ``mlx_lm.generate``,
+    whose default is 2048) and stay within ``max_context`` tokens, or the KV cache and attention
+    scores outgrow the plan. The Python process itself (interpreter, imports, tokenizer: about
+    150 MB) comes on top.
+
+    Threads:
+    - any number of flash models may live in one process; different models may run at the same
+      time from different threads;
+    - one model is used by one thread at a time: threads may take turns (put a lock around
+      generation); a forward pass that overlaps another thread's pass of the same model raises
+      ``FlashError`` (buffers and windows are per model) and leaves the model usable;
+    - MLX streams are per thread (mlx-lm's generation stream is thread-local): each thread evaluates
+      its own work; pass arrays between threads only once evaluated;
+    - let worker threads that ran MLX end well before the interpreter exits: MLX 0.32 on Linux
+      aborts ("terminate called without an active exception") when a finished thread's compile
+      cache is torn down during interpreter shutdown;
+    - the store reader's own threads (``mlx_flash-store_N``) and its file are released by
+      ``model.flash.close()``, or when the model is garbage-collected. Ctrl-C (KeyboardInterrupt)
+      during generation stops within a read's time; the model stays consistent and usable (start a
+      new prompt cache: the interrupted one is partly updated).
+    """
+    directory = Path(path)
+    given = dict(options, **({} if memory_budget is None else {"memory_budget": memory_budget}))
+    opts = FlashOptions.build({**read_settings(directory), **given})
+    built: list[FlashRuntime] = []
+    try:
+        model, config = _load_trunk(directory, opts, built)
+        cast_parameters(model, model.flash.compute_dtype)
+        try:
+            tokenizer = load_tokenizer(
+                directory, tokenizer_config, eos_token_ids=config.get("eos_token_id")
+            )
+        except Exception as e:  # tokenizers/transformers raise many types for a damaged file
+            names = ", ".join(sorted(p.name for p in directory.glob("tokenizer*")))
+            raise FlashFormatError(
+                f"{directory}: cannot load the tokenizer ({names}): {type(e).__name__}: {e}"
+            ) from e
+        _bound_mlx_cache(model.flash.plan)
+    except BaseException:
+        for runtime in built:
+            runtime.close()
+        raise
+    return model, tokenizer
+
+
+def _load_trunk(directory: Path, options: FlashOptions, built: list) -> tuple[Any, dict]:
+    """mlx-lm's ``load_model`` with the flash FFN modules installed, and the config; the directory
+    is checked first, and errors name it."""
+    get_model_classes = flash_model_classes(directory, options, built)
+    config = _load_config(directory)
+    try:
+        model, _ = load_model(
+            directory,
+            lazy=True,
+            strict=True,
+            model_config={"model_file": None},
+            get_model_classes=get_model_classes,
+        )
+    except FlashError:
+        raise
+    except ValueError as e:  # mlx-lm's strict load: names or shapes do not match
+        raise FlashFormatError(f"{directory}: trunk weights do not match config.json ({e})") from e
+    except RuntimeError as e:  # MLX could not read a trunk file (its header was fine)
+        raise FlashFormatError(f"{directory}: cannot read the trunk weights ({e})") from e
+    return model, config
+
+
+def cast_parameters(model, dtype: mx.Dtype) -> None:
+    """Cast the float parameters to ``dtype`` and evaluate them one tensor at a time, so a stored
+    copy and its cast never live together for more than one tensor."""
+    model.set_dtype(dtype)
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
+
+
+def default_compute_dtype(manifest: Manifest) -> str:
+    """float32 on the CPU (float16 matmul is slow there); on a GPU the model's own dtype, except
+    that Gemma loses perplexity in float16 (its activations overflow) and computes in float32."""
+    if mx.default_device() == mx.cpu:
+        return "float32"
+    if manifest.dtype == "float16" and manifest.model_type.startswith("gemma"):
+        return "float32"
+    return manifest.dtype
+
+
+def _load_config(directory: Path) -> dict:
+    try:
+        config = load_config(directory)
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise FlashFormatError(f"{directory / 'config.json'}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise FlashFormatError(f"{directory / 'config.json'}: not a JSON object")
+    return config
+
+
+def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
+    """Each buffered part's (row width, MLX dtype): floats in the compute dtype, packed words as is."""
+    return {
+        p.name: (p.length, mx.uint32 if p.dtype == "uint32" else dtype)
+        for p in manifest.layers[0].parts()
+        if p.name not in skip
+    }
+
+
+def _row_bytes(manifest: Manifest, itemsize: int, skip: tuple[str, ...]) -> int:
+    """One neuron's bytes in a layer's buffers."""
+    return sum(part_bytes(p, itemsize) for p in manifest.layers[0].parts() if p.name not in skip)
+
+
+def _check_ffn_shape(model, spec, layer: int, runtime: FlashRuntime) -> None:
+    """config.json must describe the FFN the store holds (the trunk weights cannot tell: the FFN is
+    not in them)."""
+    ffn = getattr(model.layers[layer], spec.ffn_attr, None)
+    up = getattr(ffn, spec.fused_gate_up or spec.up, None)
+    weight = getattr(up, "weight", None)
+    if weight is None or weight.ndim != 2:
+        return
+    d_ffn = weight.shape[0] // (2 if spec.fused_gate_up else 1)
+    m = runtime.manifest
+    if (d_ffn, weight.shape[1]) != (m.d_ffn, m.d_model):
+        raise FlashFormatError(
+            f"{runtime.directory / 'config.json'}: layer {layer}'s FFN is {weight.shape[1]} -> "
+            f"{d_ffn} but the store ({m.store_file}) holds {m.d_model} -> {m.d_ffn}"
+        )
+
+
+def _bound_mlx_cache(plan: BudgetPlan) -> None:
+    """Cap MLX's buffer cache at the budget's slack, so freed buffers MLX keeps for reuse stay
+    inside the budget. The limit is process-wide: it is only ever lowered."""
+    slack = max(0, plan.total - plan.used)
+    previous = mx.set_cache_limit(slack)
+    if previous < slack:
+        mx.set_cache_limit(previous)
+
+
+def _pinned_ids(calibration: Calibration | None, layer: int, rows: int) -> np.ndarray:
+    """The neurons to pin: the most frequently active at calibration (sorted), else the first."""
+    if calibration is None:
+        return np.arange(rows, dtype=np.int64)
+    hottest = np.argsort(-calibration.frequency[layer], kind="stable")[:rows]
+    return np.sort(hottest).astype(np.int64)
+
+
+def _make_layer(runtime: FlashRuntime, index: int, parts: dict, pinned_ids: np.ndarray) -> FlashFFN:
+    """One layer's FlashFFN with its preallocated buffers (rows stay empty until the first token)."""
+    plan, manifest, reader = runtime.plan, runtime.manifest, runtime.reader
+    load_rows = partial(reader.read_neurons, index)
+    state = LayerState(index, manifest.d_ffn, None, pinned_ids, None, None, None)
+    if plan.pinned_rows:
+        state.pinned = NeuronBuffer(plan.pinned_rows, parts, load_rows, manifest.d_ffn)
+    if plan.window_rows:
+        state.buffer = NeuronBuffer(plan.window_rows, parts, load_rows, manifest.d_ffn)
+        state.window = SlidingWindow(max(1, runtime.window), plan.window_rows, manifest.d_ffn)
+    if "down_bias" in manifest.layers[index].blobs:
+        bias = reader.read_blob(index, "down_bias", np.float32)
+        state.down_bias = mx.array(bias).astype(runtime.compute_dtype)
+    return FlashFFN(runtime, state)

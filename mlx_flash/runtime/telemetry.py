@@ -1,0 +1,93 @@
+"""What the flash runtime did, per layer and per forward pass, summarised for users and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .store import ReadCount
+
+
+@dataclass
+class LayerStats:
+    """One layer's FFN in one forward pass (a decode step, or a prefill chunk)."""
+
+    requested: int = 0  # neurons the selector asked for (every neuron in a prefill)
+    hits: int = 0  # of those, already in DRAM (pinned or buffered)
+    dropped: int = 0  # neurons evicted from the buffer
+    computed: int = 0  # neuron rows multiplied
+    read: ReadCount = field(default_factory=ReadCount)  # what was read from flash
+    seconds: float = 0.0  # wall time of the call, reads included
+
+    @property
+    def loaded(self) -> int:
+        """Neurons read from flash."""
+        return self.read.records
+
+    @property
+    def compute_s(self) -> float:
+        """Time not spent inside reads: selection, bookkeeping and the FFN's matrix products."""
+        return max(0.0, self.seconds - self.read.seconds)
+
+    def __add__(self, other: LayerStats) -> LayerStats:
+        return LayerStats(
+            self.requested + other.requested,
+            self.hits + other.hits,
+            self.dropped + other.dropped,
+            self.computed + other.computed,
+            self.read + other.read,
+            self.seconds + other.seconds,
+        )
+
+
+@dataclass
+class Pass:
+    """One forward pass of the model: its phase, tokens, and every layer's stats."""
+
+    phase: str  # "prefill" or "decode"
+    tokens: int
+    layers: list[LayerStats]
+
+    @property
+    def total(self) -> LayerStats:
+        return sum(self.layers, LayerStats())
+
+
+@dataclass
+class Telemetry:
+    """One ``Pass`` per forward pass; layer 0 opens a new one (``begin``), each layer ``record``s."""
+
+    n_layers: int
+    d_ffn: int
+    enabled: bool = True
+    passes: list[Pass] = field(default_factory=list)
+
+    def begin(self, phase: str, tokens: int) -> None:
+        if self.enabled:
+            self.passes.append(Pass(phase, tokens, [LayerStats() for _ in range(self.n_layers)]))
+
+    def record(self, layer: int, stats: LayerStats) -> None:
+        if self.enabled and self.passes:
+            self.passes[-1].layers[layer] = stats
+
+    def reset(self) -> None:
+        self.passes.clear()
+
+    def summary(self, phase: str = "decode") -> dict[str, float]:
+        """Means per token over the passes of ``phase`` (fractions are of all FFN neurons of all
+        layers)."""
+        chosen = [p for p in self.passes if p.phase == phase]
+        tokens = sum(p.tokens for p in chosen)
+        total = sum((p.total for p in chosen), LayerStats())
+        per = max(1, tokens)
+        neurons = per * self.n_layers * self.d_ffn
+        return {
+            "tokens": tokens,
+            "flash_bytes_per_token": total.read.bytes / per,
+            "reads_per_token": total.read.reads / per,
+            "io_ms_per_token": 1e3 * total.read.seconds / per,
+            "compute_ms_per_token": 1e3 * total.compute_s / per,
+            "buffer_hit_rate": total.hits / total.requested if total.requested else 0.0,
+            "fraction_used": total.requested / neurons,
+            "fraction_loaded": total.loaded / neurons,
+            "fraction_computed": total.computed / neurons,
+        }
