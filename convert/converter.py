@@ -102,7 +102,7 @@ class _Matrix:
     def packed(self) -> bool:
         return self.scales is not None
 
-    def rows(self, start: int, stop: int) -> "_Matrix":
+    def rows(self, start: int, stop: int) -> _Matrix:
         take = lambda a: None if a is None else a[start:stop]  # noqa: E731
         return _Matrix(
             self.weight[start:stop],
@@ -216,7 +216,7 @@ def _part_specs(
                 PartSpec(f"{name}.scales", d_model // quant.group_size, dtype),
                 PartSpec(f"{name}.biases", d_model // quant.group_size, dtype),
             ]
-    for name, present in zip(("gate_bias", "up_bias"), has_bias):
+    for name, present in zip(("gate_bias", "up_bias"), has_bias, strict=True):
         if present:
             specs.append(PartSpec(name, 1, dtype))
     return specs

@@ -13,10 +13,11 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -637,14 +638,14 @@ def _add_special_tokens(tokenizer: Tokenizer, vocab: _Vocab) -> None:
     tokenizer.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
-            for t, kind in zip(vocab.tokens, vocab.types)
+            for t, kind in zip(vocab.tokens, vocab.types, strict=True)
             if kind in special
         ]
     )
     tokenizer.add_tokens(
         [
             AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(vocab.tokens, vocab.types)
+            for t, kind in zip(vocab.tokens, vocab.types, strict=True)
             if kind == TokenType.USER_DEFINED
         ]
     )

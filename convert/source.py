@@ -6,9 +6,9 @@ the writer can pull one layer's tensors at a time and never needs the whole mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 

@@ -280,7 +280,7 @@ def _median_rows(rounds: list[list[dict]]) -> list[dict]:
                     else float("nan")
                 )
             row[f"{key}_vs_naive"] = statistics.median(ratios)
-        same = [t == n for t, n in zip(first["tokens"], rounds[0][0]["tokens"])]
+        same = [t == n for t, n in zip(first["tokens"], rounds[0][0]["tokens"], strict=False)]
         row["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
         row["round_values"] = {
             key: [r[i][key] for r in rounds]
@@ -349,7 +349,7 @@ def run_bench(
     plan = rows[-1]["memory_plan"]
     refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
     for ref in refs:
-        same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"])]
+        same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"], strict=False)]
         ref["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
     return {
         "machine": {

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .runtime.errors import FlashError
 from .runtime.files import atomic_path, cache_root

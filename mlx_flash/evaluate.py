@@ -211,6 +211,7 @@ def _print(r: dict) -> None:
                 pl["recall"],
                 pl["precision"],
                 pl["fraction_loaded"],
+                strict=True,
             )
         ):
             print(f"{i:5d}  {a:.3f}  {u:.3f}  {rc:.3f}   {pr:.3f}     {ld:.3f}")

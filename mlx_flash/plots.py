@@ -66,9 +66,8 @@ def plot_ablation(report: dict, out: Path) -> None:
         values = [r[key] / (1e6 if key.endswith("bytes_per_token") else 1) for r in rows]
         bars = ax.bar(names, values, color="tab:blue")
         ax.set_ylim(0, 1.3 * max(values))  # room for the ratio labels and the legend
-        for bar, v, r in zip(
-            bars, values, rows
-        ):  # the table's ratios: taken within each round, then the median
+        # the table's ratios: taken within each round, then the median
+        for bar, v, r in zip(bars, values, rows, strict=True):
             ax.annotate(
                 f"{r[f'{key}_vs_naive']:.1f}x",
                 (bar.get_x() + bar.get_width() / 2, v),

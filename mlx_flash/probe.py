@@ -25,9 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -400,7 +400,7 @@ def format_probe(probe: dict) -> str:
         "fitted cost model: read of s bytes = a + s / b (device time shared by the threads)"
     )
     lines.append(f"{'threads':>10} {'a (us)':>8} {'b (GB/s)':>9}")
-    for t, a, b in zip(model.threads, model.per_read_s, model.bandwidth):
+    for t, a, b in zip(model.threads, model.per_read_s, model.bandwidth, strict=True):
         lines.append(f"{t:10d} {a * 1e6:8.1f} {b / 1e9:9.2f}")
     err = probe["fit_error"]
     lines.append(

@@ -99,7 +99,9 @@ def relu2_calibrated(relu2_flash, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_flash(tmp_path_factory, smollm2_gguf) -> Path:
     """SmolLM2-135M-Instruct converted as float32."""
-    return convert_quietly(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "flash", dtype="float32")
+    return convert_quietly(
+        smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "flash", dtype="float32"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def _options(**extra) -> dict:
 
 
 def _steps(model, prompt=PROMPT, n=STEPS):
-    return zip(generate_step(mx.array(prompt), model, max_tokens=n), range(n))
+    return zip(generate_step(mx.array(prompt), model, max_tokens=n), range(n), strict=False)
 
 
 def _greedy(model, prompt=PROMPT, n=STEPS) -> tuple[list[int], np.ndarray]:
@@ -107,8 +107,8 @@ def test_two_models_in_one_process_interleaved_token_by_token(flash):
         "llama-full": mlx_flash.load(flash["llama"], "1GB", **_options(ffn_cache=1.0))[0],
     }
     got = {name: ([], []) for name in models}
-    for steps in zip(*(_steps(m) for m in models.values())):
-        for name, ((token, lp), _) in zip(models, steps):
+    for steps in zip(*(_steps(m) for m in models.values()), strict=False):
+        for name, ((token, lp), _) in zip(models, steps, strict=True):
             got[name][0].append(int(token))
             got[name][1].append(np.array(lp))
     for name in models:

@@ -199,12 +199,15 @@ def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
 def test_cli_converts_and_verifies(tmp_path):
     src, _ = save_tiny_model("nemotron", tmp_path / "src")
     out = tmp_path / "flash"
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "mlx_flash.convert", *a],
-        capture_output=True,
-        text=True,  # noqa: E731
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-    )
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "mlx_flash.convert", *a],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        )
+
     done = run(str(src), str(out), "--dtype", "float16")
     assert done.returncode == 0, done.stderr
     assert read_manifest(out).dtype == "float16"
@@ -215,8 +218,6 @@ def test_cli_converts_and_verifies(tmp_path):
     assert (
         missing.returncode == 1 and "nope" in missing.stderr and "Traceback" not in missing.stderr
     )
-
-
 
 
 @pytest.mark.slow

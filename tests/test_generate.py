@@ -100,7 +100,11 @@ def test_quiet_output_and_prompt_from_stdin(stories_flash):
     "args, status, message",
     [  # argparse refuses values it can check (usage + one line, status 2); the rest is one line
         (["--selector", "bogus"], 2, "argument --selector: selector must be one of auto"),
-        (["--memory-budget", "lots"], 2, "argument --memory-budget: memory_budget cannot read size"),
+        (
+            ["--memory-budget", "lots"],
+            2,
+            "argument --memory-budget: memory_budget cannot read size",
+        ),
         (["--ffn-cache", "150%"], 2, "argument --ffn-cache: ffn_cache share '150%' must be in"),
         (["--kv-bits", "4"], 2, "--kv-bits is not supported by mlx_flash yet"),
         (["--memory-budget", "1KB"], 1, "error: memory budget 1.00 KB is too small"),

@@ -101,7 +101,7 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int]):
 
     pieces = b"".join(
         _field(1, _field(1, t) + _field(2, float(s)) + _field(3, int(k)))
-        for t, s, k in zip(tokens, scores, types)
+        for t, s, k in zip(tokens, scores, types, strict=True)
     )
     trainer = _field(3, 2) + _field(35, 1)  # model_type = BPE, byte_fallback
     normalizer = (

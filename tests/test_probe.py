@@ -144,7 +144,9 @@ def test_defaults_match_design_numbers():
 
 def _save_probe(model: CostModel, flash) -> None:
     probe_path(flash).parent.mkdir(parents=True, exist_ok=True)
-    write_json(probe_path(flash), {"format": "mlx_flash-probe", "version": 1, "model": model.to_json()})
+    write_json(
+        probe_path(flash), {"format": "mlx_flash-probe", "version": 1, "model": model.to_json()}
+    )
 
 
 def test_runtime_takes_threads_from_the_probe(stories_flash, cache):

@@ -111,7 +111,9 @@ def _every_third(d_ffn: int) -> FixedSelector:
 def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """``n`` greedy tokens after ``prompt`` (no EOS stop) and their log-probabilities."""
     tokens, logprobs = [], []
-    for (token, lp), _ in zip(generate_step(mx.array(prompt), model, max_tokens=n), range(n)):
+    for (token, lp), _ in zip(
+        generate_step(mx.array(prompt), model, max_tokens=n), range(n), strict=False
+    ):
         tokens.append(int(token))
         logprobs.append(np.array(lp))
     return tokens, np.stack(logprobs)

@@ -97,9 +97,11 @@ def test_injected_selection_computes_the_window(tiny_flash):
     )
     ffn = model.layers[0].mlp
     x = mx.random.normal((1, 1, 64))
-    for step, expected_rows in enumerate(
-        [choices[0], np.union1d(choices[0], choices[1]), np.union1d(choices[1], choices[2])]
-    ):
+    for expected_rows in [
+        choices[0],
+        np.union1d(choices[0], choices[1]),
+        np.union1d(choices[1], choices[2]),
+    ]:
         y = ffn(x)
         buf = ffn.buffer
         assert sorted(buf.neurons.tolist()) == expected_rows.tolist()

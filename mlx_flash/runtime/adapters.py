@@ -6,8 +6,8 @@ so supporting a new architecture means adding a row (and a round-trip test).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn

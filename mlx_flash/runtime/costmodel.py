@@ -46,16 +46,20 @@ def _fit_line(cells: Sequence[Cell]) -> tuple[float, float]:
     if len(cells) == 1:
         return 0.0, ys[0] / xs[0]
     sw = sum(ws)
-    sx = sum(w * x for w, x in zip(ws, xs)) / sw
-    sy = sum(w * y for w, y in zip(ws, ys)) / sw
-    sxx = sum(w * (x - sx) ** 2 for w, x in zip(ws, xs))
-    slope = sum(w * (x - sx) * (y - sy) for w, x, y in zip(ws, xs, ys)) / sxx if sxx else 0.0
+    sx = sum(w * x for w, x in zip(ws, xs, strict=True)) / sw
+    sy = sum(w * y for w, y in zip(ws, ys, strict=True)) / sw
+    sxx = sum(w * (x - sx) ** 2 for w, x in zip(ws, xs, strict=True))
+    slope = (
+        sum(w * (x - sx) * (y - sy) for w, x, y in zip(ws, xs, ys, strict=True)) / sxx
+        if sxx
+        else 0.0
+    )
     a = sy - slope * sx
     if slope <= 0:  # bandwidth never binds in the measured range: all cost is per read
         return sy, 1e-15
     if a < 0:  # no measurable per-read cost: pure bandwidth
-        return 0.0, sum(w * x * y for w, x, y in zip(ws, xs, ys)) / sum(
-            w * x * x for w, x in zip(ws, xs)
+        return 0.0, sum(w * x * y for w, x, y in zip(ws, xs, ys, strict=True)) / sum(
+            w * x * x for w, x in zip(ws, xs, strict=True)
         )
     return a, slope
 
@@ -116,7 +120,9 @@ class CostModel:
         """Fewest measured threads within ``tolerance`` of the best throughput (fewer threads, less CPU)."""
         rates = [self._at(i, max(1.0, read_bytes)) for i in range(len(self.threads))]
         best = max(rates)
-        return next(t for t, r in zip(self.threads, rates) if r >= (1 - tolerance) * best)
+        return next(
+            t for t, r in zip(self.threads, rates, strict=True) if r >= (1 - tolerance) * best
+        )
 
     def reader_threads(self, record_bytes: float) -> int:
         """Threads for the runtime's reader: the probe's fastest for batches of small reads when it timed them

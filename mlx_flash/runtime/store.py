@@ -118,7 +118,9 @@ def _run_bounds(sids: np.ndarray, cap: int) -> list[tuple[int, int]]:
     """[a, b) index ranges of runs of consecutive ids, each at most ``cap`` records long."""
     breaks = (np.flatnonzero(np.diff(sids) != 1) + 1).tolist()
     starts, stops = [0, *breaks], [*breaks, len(sids)]
-    return [(s, min(s + cap, e)) for a, e in zip(starts, stops) for s in range(a, e, cap)]
+    return [
+        (s, min(s + cap, e)) for a, e in zip(starts, stops, strict=True) for s in range(a, e, cap)
+    ]
 
 
 def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str) -> None:
@@ -131,7 +133,7 @@ def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str
 def _sorted_parts(region: Region, where: str) -> list[Part]:
     """The region's parts by offset; overlapping parts would make scatter reads ambiguous."""
     parts = sorted(region.parts, key=lambda p: p.offset)
-    for a, b in zip(parts, parts[1:]):
+    for a, b in zip(parts, parts[1:], strict=False):
         if a.offset + a.nbytes > b.offset:
             raise FlashFormatError(f"{where}: parts {a.name!r} and {b.name!r} overlap")
     return parts
@@ -406,7 +408,7 @@ class StoreReader:
                 columns.append([flat[r * n : r * n + n] for r in rows.tolist()])
         if plan.between:
             columns.append(repeat(self._sink[: plan.between]))
-        return list(zip(*columns))
+        return list(zip(*columns, strict=False))
 
     # -- execution -----------------------------------------------------------------------------------
 
