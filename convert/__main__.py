@@ -1,4 +1,5 @@
-"""``python -m mlx_flash.convert SRC OUT [options]`` and ``python -m mlx_flash.convert --verify DIR``."""
+"""``python -m mlx_flash.convert SRC OUT [options]`` and
+``python -m mlx_flash.convert --verify DIR``."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from mlx_flash.cli import run_cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_flash.convert",
-        description="Convert a model (Hugging Face / mlx-lm directory, hub repo id, or .gguf file) into a "
-        "flash model directory: trunk weights for DRAM plus a neuron-bundled FFN store for streaming.",
+        description="Convert a model (Hugging Face / mlx-lm directory, hub repo id, or .gguf file) "
+        "into a flash model directory: trunk weights for DRAM plus a neuron-bundled FFN store for "
+        "streaming.",
     )
     p.add_argument("src", nargs="?", help="source model: directory, hub repo id, or .gguf file")
     p.add_argument("out", nargs="?", help="output flash model directory")
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         choices=["bundled", "unbundled"],
         default="bundled",
-        help="bundled: one record per neuron (gate row, up row, down column); unbundled: one per matrix row",
+        help="bundled: one record per neuron (gate row, up row, down column); "
+        "unbundled: one per matrix row",
     )
     p.add_argument(
         "--align",
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         metavar="FILE",
         default="builtin",
-        help="text to measure FFN activations on and train the predictors with (default: a built-in English sample)",
+        help="text to measure FFN activations on and train the predictors with "
+        "(default: a built-in English sample)",
     )
     p.add_argument(
         "--no-calibration",
@@ -64,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity",
         type=float,
-        help="target share of FFN neurons skipped per token, which the predictors learn (default: exact zeros "
-        "for ReLU-family FFNs, else 0.5)",
+        help="target share of FFN neurons skipped per token, which the predictors learn "
+        "(default: exact zeros for ReLU-family FFNs, else 0.5)",
     )
     p.add_argument(
         "--predictor-rank",

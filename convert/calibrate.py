@@ -7,10 +7,10 @@ from the store when the forward pass reaches it and dropped after. The FFN input
 kept on disk (scratch memory maps), then each layer in turn is read once more to compute its
 activations, record statistics and train its predictor.
 
-Recorded (see ``mlx_flash.runtime.calibration``): per neuron the share of tokens on which it is active at the
-conversion's target sparsity (pinning and placement use it), per layer quantiles of |h| and of
-|act(gate)| (thresholds for any sparsity at run time), the share of exact zeros (natural sparsity),
-and the predictors with their recall and precision on held-back calibration tokens.
+Recorded (see ``mlx_flash.runtime.calibration``): per neuron the share of tokens on which it is
+active at the conversion's target sparsity (pinning and placement use it), per layer quantiles of
+|h| and of |act(gate)| (thresholds for any sparsity at run time), the share of exact zeros (natural
+sparsity), and the predictors with their recall and precision on held-back calibration tokens.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def builtin_text_path() -> Path:
 
 
 class _Captured(Exception):
-    """Raised by the last layer's capture: the rest of the forward pass (final norm, head) is not needed."""
+    """Raised by the last layer's capture: the rest of the pass (final norm, head) is not needed."""
 
 
 class _CaptureFFN(nn.Module):
@@ -98,7 +98,8 @@ class _CaptureFFN(nn.Module):
 def collect_ffn_inputs(
     directory: Path, manifest: Manifest, windows: np.ndarray, scratch: Path, progress: bool = True
 ) -> list[np.ndarray]:
-    """Run the dense model over ``windows``; per layer, the FFN inputs [tokens, d_model] as memory maps."""
+    """Run the dense model over ``windows``; per layer, the FFN inputs [tokens, d_model] as
+    memory maps."""
     model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
     cast_parameters(model, mx.float32)
     tokens = windows.size
@@ -149,7 +150,8 @@ def active_mask(
     threshold: float,
     chunk: int = 2048,
 ) -> np.ndarray:
-    """Which neurons are active (|h| > threshold) for each token of ``x``, computed a chunk of tokens at a time."""
+    """Which neurons are active (|h| > threshold) for each token of ``x``, computed a chunk of
+    tokens at a time."""
     return np.concatenate(
         [
             np.array(layer_activations(parts, manifest, x[a : a + chunk])[0] > threshold)
@@ -329,8 +331,8 @@ def _measure(
 
 
 def model_parameters(directory: Path, manifest: Manifest) -> int:
-    """Parameters of the whole model: the trunk's (from the safetensors headers; packed quantized words
-    count as the weights they hold) plus the FFN's (from its shape)."""
+    """Parameters of the whole model: the trunk's (from the safetensors headers; packed quantized
+    words count as the weights they hold) plus the FFN's (from its shape)."""
     bits = manifest.quantization.bits if manifest.quantization else 32
     total = manifest.n_layers * manifest.d_ffn * manifest.d_model * (3 if manifest.gated else 2)
     for path in directory.glob("model*.safetensors"):
@@ -347,16 +349,18 @@ def _report(manifest: Manifest, log: Callable[[str], None]) -> None:
     if not meta:
         return
     log(
-        f"  predictors: ranks {meta['ranks']}, {meta['bytes'] / 1e6:.2f} MB, {100 * meta['share_of_parameters']:.1f}% of the "
-        f"model's parameters; held-back recall {np.mean(meta['recall']):.3f}, precision {np.mean(meta['precision']):.3f}, "
-        f"predicted {np.mean(meta['predicted']):.3f} vs active {np.mean(meta['active']):.3f} of neurons"
+        f"  predictors: ranks {meta['ranks']}, {meta['bytes'] / 1e6:.2f} MB, "
+        f"{100 * meta['share_of_parameters']:.1f}% of the model's parameters; held-back recall "
+        f"{np.mean(meta['recall']):.3f}, precision {np.mean(meta['precision']):.3f}, predicted "
+        f"{np.mean(meta['predicted']):.3f} vs active {np.mean(meta['active']):.3f} of neurons"
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlx_flash.convert.calibrate",
-        description="Re-run the calibration (statistics + predictors) of a flash model directory in place.",
+        description="Re-run the calibration (statistics + predictors) of a flash model directory "
+        "in place.",
     )
     p.add_argument("directory")
     p.add_argument(

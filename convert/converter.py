@@ -75,7 +75,7 @@ def _dtype_name(a: mx.array) -> str:
 
 
 def _to_numpy(a: mx.array, dtype: str) -> np.ndarray:
-    """An MLX array as numpy in the storage representation of ``dtype`` (bfloat16 -> uint16 bits)."""
+    """An MLX array as numpy in the storage form of ``dtype`` (bfloat16 -> uint16 bits)."""
     if dtype == "uint32":
         return np.array(a.astype(mx.uint32))
     a = a.astype(MX_DTYPES[dtype])
@@ -152,7 +152,8 @@ class _LayerReader:
         q = source.config.get("quantization") or {}
         if q and q.get("mode", "affine") != "affine":
             raise UnsupportedModelError(
-                f"{source.description}: quantization mode {q.get('mode')!r} is not supported (affine only)"
+                f"{source.description}: quantization mode {q.get('mode')!r} is not supported "
+                "(affine only)"
             )
         self.bits, self.group_size = q.get("bits", 0), q.get("group_size", 0)
 
@@ -170,7 +171,8 @@ class _LayerReader:
         return _Matrix(weight, scales, biases, self.bits, self.group_size), bias
 
     def layer(self, prefix: str, dtype: str, quant: Quantization | None):
-        """(vectors, blobs) of one layer: vectors are [d_ffn, width] arrays with their storage dtype."""
+        """(vectors, blobs) of one layer: vectors are [d_ffn, width] arrays with their storage
+        dtype."""
         spec = self.spec
         parts: dict[str, tuple[mx.array, str]] = {}
         biases: dict[str, mx.array] = {}
@@ -226,7 +228,8 @@ TRUNK_SHARD_BYTES = 64 << 20  # small shards: only one shard of trunk tensors is
 
 
 def _save_trunk(out: Path, names: list[str], load: Callable[[str], mx.array]) -> None:
-    """Save the trunk as mlx-lm-style shards + index, loading each tensor just before its shard is written."""
+    """Save the trunk as mlx-lm-style shards + index, loading each tensor just before its shard
+    is written."""
     shards: list[dict[str, mx.array]] = [{}]
     written, weight_map, total = [], {}, 0
 
@@ -260,8 +263,8 @@ def _check_free_disk(out: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < needed * 1.05 + (64 << 20):
         raise FlashError(
-            f"{out.parent}: not enough free disk for the conversion: about {format_size(needed)} needed, "
-            f"{format_size(free)} free"
+            f"{out.parent}: not enough free disk for the conversion: about "
+            f"{format_size(needed)} needed, {format_size(free)} free"
         )
 
 
@@ -300,7 +303,8 @@ def _plan(source: SourceModel, dtype: str | None, quant: Quantization | None, lo
             quant = Quantization(source_quant["bits"], source_quant["group_size"])
         else:
             log(
-                f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} as asked"
+                f"  note: dequantizing the {source_quant['bits']}-bit source FFN to {dtype} "
+                "as asked"
             )
     if dtype is None:
         declared = config.get("torch_dtype") or config.get("dtype")

@@ -70,7 +70,8 @@ _ARCHS = {
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHS)
 
-# Layer counts of the 27B Gemmas, whose query scale llama.cpp derives from hidden/heads, not head_dim.
+# Layer counts of the 27B Gemmas, whose query scale llama.cpp derives from hidden/heads,
+# not head_dim.
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 # Errors gguf's reader raises on a malformed file (it has no exception type of its own).
@@ -197,14 +198,16 @@ class _Vocab:
 
 
 def open_gguf(path: Path) -> SourceModel:
-    """Open a GGUF file; raise FlashFormatError if it is damaged, UnsupportedModelError if we can't map it."""
+    """Open a GGUF file; raise FlashFormatError if it is damaged, UnsupportedModelError if we
+    can't map it."""
     path = Path(path)
     reader = _read(path)
     meta = _Metadata(reader, path)
     arch = meta.get_str(Keys.General.ARCHITECTURE)
     if arch not in _ARCHS:
         raise UnsupportedModelError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     meta.arch = arch
     tensors = {t.name: t for t in reader.tensors}
@@ -302,7 +305,8 @@ def _check_heads(meta: _Metadata, config: dict, rope_dims: int) -> None:
     )
     if heads % kv_heads or head_dim % 2 or not 0 < rope_dims <= head_dim:
         raise FlashFormatError(
-            f"{meta.path}: {heads} heads, {kv_heads} KV heads, head size {head_dim}, {rope_dims} rotary dims"
+            f"{meta.path}: {heads} heads, {kv_heads} KV heads, head size {head_dim}, "
+            f"{rope_dims} rotary dims"
         )
     if rope_dims != head_dim:
         raise UnsupportedModelError(
@@ -417,14 +421,16 @@ def _fixup(name: str, arch: _Arch, config: dict) -> Callable[[np.ndarray], np.nd
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of mlx_lm.gguf.permute_weights / llama.cpp's LlamaModel.permute (interleaved -> halves)."""
+    """Inverse of mlx_lm.gguf.permute_weights / llama.cpp's LlamaModel.permute
+    (interleaved -> halves)."""
     return (
         w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     )
 
 
 def _loader(tensor: ReaderTensor, fixup: Callable | None) -> Callable[[], mx.array]:
-    """Reads (from the mmap) and dequantizes this one tensor: F16 stays float16, the rest is float32."""
+    """Reads (from the mmap) and dequantizes this one tensor: F16 stays float16, the rest is
+    float32."""
 
     def load() -> mx.array:
         if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -486,7 +492,8 @@ def _read_vocab(meta: _Metadata, config: dict) -> _Vocab:
     pre = meta.get_str(tok.PRE, None)
     if model == "gpt2" and pre not in _BYTE_LEVEL_SPLITS:
         raise UnsupportedModelError(
-            f"{meta.path}: pre-tokenizer {pre!r} is not supported ({', '.join(map(str, _BYTE_LEVEL_SPLITS))})"
+            f"{meta.path}: pre-tokenizer {pre!r} is not supported "
+            f"({', '.join(map(str, _BYTE_LEVEL_SPLITS))})"
         )
     special = {}
     for name, key in (
@@ -509,7 +516,8 @@ def _read_vocab(meta: _Metadata, config: dict) -> _Vocab:
         types=types,
         merges=meta.get_list(tok.MERGES, {GGUFValueType.STRING}, []),
         special=special,
-        # llama.cpp's defaults: a SentencePiece vocabulary adds BOS and a prefix space unless told not to.
+        # llama.cpp's defaults: a SentencePiece vocabulary adds BOS and a prefix space
+        # unless told not to.
         add_bos=meta.get_bool(tok.ADD_BOS, model == "llama"),
         add_eos=meta.get_bool(tok.ADD_EOS, False),
         add_space_prefix=meta.get_bool(tok.ADD_PREFIX, model == "llama"),
@@ -538,13 +546,15 @@ def _write_tokenizer(path: Path, vocab: _Vocab | None, out_dir: Path) -> None:
 
 
 def _spm_tokenizer(vocab: _Vocab) -> Tokenizer:
-    """SentencePiece BPE as llama.cpp runs it: merge the pair whose result scores highest, bytes as <0xNN>."""
+    """SentencePiece BPE as llama.cpp runs it: merge the pair whose result scores highest, bytes
+    as <0xNN>."""
     tokens = vocab.tokens
     if vocab.arch.startswith("gemma"):
         # Gemma files store its whitespace tokens with real spaces; the BPE works on "▁".
         tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
     ids = {token: i for i, token in reversed(list(enumerate(tokens)))}
-    # Gemma's scores do not follow its merge order, its token order does (found by transformers' GGUF loader).
+    # Gemma's scores do not follow its merge order, its token order does (found by transformers'
+    # GGUF loader).
     rank = [-i for i in range(len(tokens))] if vocab.arch.startswith("gemma") else vocab.scores
     unk = vocab.special.get("unk")
     model = models.BPE(
@@ -555,8 +565,9 @@ def _spm_tokenizer(vocab: _Vocab) -> Tokenizer:
         byte_fallback=True,
     )
     tokenizer = Tokenizer(model)
-    # A normalizer, not Metaspace: Metaspace skips the prefix when the text already starts with a space,
-    # SentencePiece does not; and like llama.cpp it prefixes each piece of text after a special token.
+    # A normalizer, not Metaspace: Metaspace skips the prefix when the text already starts with a
+    # space, SentencePiece does not; and like llama.cpp it prefixes each piece of text after a
+    # special token.
     steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
     tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -585,7 +596,8 @@ def _spm_merges(
     return [(left, right) for *_, left, right in merges]
 
 
-# llama.cpp's `tokenizer.ggml.pre` -> how the text is split before byte-level BPE (None: GPT-2's regex).
+# llama.cpp's `tokenizer.ggml.pre` -> how the text is split before byte-level BPE (None:
+# GPT-2's regex).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -633,7 +645,8 @@ def _byte_level_tokenizer(vocab: _Vocab) -> Tokenizer:
 
 
 def _add_special_tokens(tokenizer: Tokenizer, vocab: _Vocab) -> None:
-    """Control tokens match whole and are special; user-defined ones match whole too (as llama.cpp does)."""
+    """Control tokens match whole and are special; user-defined ones match whole too (as
+    llama.cpp does)."""
     special = {int(TokenType.CONTROL), int(TokenType.UNKNOWN)}
     tokenizer.add_special_tokens(
         [

@@ -1,7 +1,7 @@
 """Read a Hugging Face / mlx-lm model directory (or a hub repo id) as a ``SourceModel``.
 
-Tensors are loaded lazily with ``mx.load`` and renamed by the model's own ``sanitize``, so a tensor's
-bytes are read only when the writer evaluates it.
+Tensors are loaded lazily with ``mx.load`` and renamed by the model's own ``sanitize``, so a
+tensor's bytes are read only when the writer evaluates it.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def open_hf_directory(path: Path) -> SourceModel:
         except (RuntimeError, ValueError) as e:
             raise FlashFormatError(f"{f}: cannot read safetensors ({e})") from e
     if hasattr(model_class, "sanitize"):
-        # sanitize is an instance method; the model's own parameters stay lazy and are never evaluated.
+        # sanitize is an instance method; the model's own parameters stay lazy and are
+        # never evaluated.
         weights = model_class(args_class.from_dict(config)).sanitize(weights)
 
     def write_tokenizer(out: Path) -> None:

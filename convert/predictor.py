@@ -1,4 +1,5 @@
-"""Train the paper's low-rank activation predictors: per layer ``x -> (x @ w_in) @ w_out + bias``, sigmoid.
+"""Train the paper's low-rank activation predictors: per layer
+``x -> (x @ w_in) @ w_out + bias``, sigmoid.
 
 Trained on one layer's FFN inputs and "active" labels from calibration with Adam and a binary
 cross-entropy whose positives are up-weighted by negatives/positives (active neurons are rare in
@@ -7,12 +8,13 @@ standardised while training and the scaling is folded back into the weights, so 
 two small matmuls, an add and a compare.
 
 Choices, measured on relu2-8m (calibrated on the built-in Austen sample, tested on WikiText-2):
-- Non-gated FFNs start from the rank-r principal directions of the up pre-activations ``x @ up.T``
-  (activity is a threshold on them); from a random start the predictor fits the calibration text
-  better but generalises worse (recall 0.92 vs 0.955 on WikiText at rank 64, layer 4). Gated FFNs start
-  at random: starting from the gate's directions did worse (SmolLM2 layer 15: recall 0.42 vs 0.65).
-- A hidden ReLU between the two matmuls did not help (relu2 layer 0: held-back recall 0.93 vs 0.99 at
-  rank 32; SmolLM2 layer 15: 0.64 vs 0.65 at rank 128).
+- Non-gated FFNs start from the rank-r principal directions of the up pre-activations
+  ``x @ up.T`` (activity is a threshold on them); from a random start the predictor fits the
+  calibration text better but generalises worse (recall 0.92 vs 0.955 on WikiText at rank 64,
+  layer 4). Gated FFNs start at random: starting from the gate's directions did worse (SmolLM2
+  layer 15: recall 0.42 vs 0.65).
+- A hidden ReLU between the two matmuls did not help (relu2 layer 0: held-back recall 0.93 vs 0.99
+  at rank 32; SmolLM2 layer 15: 0.64 vs 0.65 at rank 128).
 - The cut: a predictor fitted on one text is less sure on another (Austen held-back recall 0.996,
   WikiText 0.93 at probability 0.5), so the cut is calibrated per layer on held-back tokens to
   predict a fixed share: ``margin`` times the active share (the conversion picks 1.3 for natural
@@ -41,8 +43,9 @@ Weights = tuple[
 
 
 def auto_ranks(manifest: Manifest) -> list[int]:
-    """Rank per layer: about d_model/4 (a power of two in 32..128; the paper used 128 at d_model 4096),
-    4x that (at most d_model/2) for the last eighth of the layers, which the paper found hardest."""
+    """Rank per layer: about d_model/4 (a power of two in 32..128; the paper used 128 at
+    d_model 4096), 4x that (at most d_model/2) for the last eighth of the layers, which the
+    paper found hardest."""
     base = int(min(128, max(32, 2 ** round(np.log2(manifest.d_model / 4)))))
     last = max(1, manifest.n_layers // 8)
     hard = min(4 * base, max(base, manifest.d_model // 2))
@@ -60,8 +63,8 @@ class _LowRank(nn.Module):
 
 
 def _orthonormal(y: np.ndarray) -> np.ndarray:
-    """Orthonormal columns spanning ``y``'s, by Cholesky QR done twice (matmuls and a small Cholesky:
-    numpy's QR and eigh crawl when BLAS threads compete for the cores)."""
+    """Orthonormal columns spanning ``y``'s, by Cholesky QR done twice (matmuls and a small
+    Cholesky: numpy's QR and eigh crawl when BLAS threads compete for the cores)."""
     for _ in range(2):
         y = y @ np.linalg.inv(np.linalg.cholesky(y.T @ y)).T
     return y
@@ -70,8 +73,9 @@ def _orthonormal(y: np.ndarray) -> np.ndarray:
 def principal_directions(
     up: np.ndarray, cov: np.ndarray, rank: int, iterations: int = 8, seed: int = 0
 ) -> np.ndarray:
-    """An orthonormal basis [d_ffn, rank] of the top-``rank`` principal subspace of the pre-activations,
-    whose covariance is ``up @ cov @ up.T``, by subspace iteration (never forms the d_ffn x d_ffn matrix)."""
+    """An orthonormal basis [d_ffn, rank] of the top-``rank`` principal subspace of the
+    pre-activations, whose covariance is ``up @ cov @ up.T``, by subspace iteration (never forms the
+    d_ffn x d_ffn matrix)."""
     q = _orthonormal(np.random.default_rng(seed).normal(size=(up.shape[0], min(up.shape[0], rank))))
     for _ in range(iterations):
         q = _orthonormal(up @ (cov @ (up.T @ q)))
@@ -86,7 +90,8 @@ def _principal_start(
     up: np.ndarray,
     up_bias: np.ndarray | None,
 ) -> None:
-    """Set the predictor to the best rank-r approximation of the pre-activations ``x @ up.T (+ bias)``."""
+    """Set the predictor to the best rank-r approximation of the pre-activations
+    ``x @ up.T (+ bias)``."""
     up = up.astype(np.float64)
     v = principal_directions(up, cov, model.w_in.weight.shape[0])  # [d_ffn, rank]
     spread = np.sqrt(
@@ -109,8 +114,8 @@ def train_predictor(
     epochs: int = EPOCHS,
     seed: int = 0,
 ) -> Weights:
-    """Predict ``active`` [tokens, d_ffn] from ``x`` [tokens, d_model]; ``up`` [d_ffn, d_model] (non-gated
-    FFNs) starts it from the principal directions of the up pre-activations."""
+    """Predict ``active`` [tokens, d_ffn] from ``x`` [tokens, d_model]; ``up`` [d_ffn, d_model]
+    (non-gated FFNs) starts it from the principal directions of the up pre-activations."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     xs = mx.array((x - mean) / std)
     ys = mx.array(active.astype(np.uint8))  # a quarter of float32 labels; cast per batch
@@ -145,7 +150,8 @@ def train_predictor(
             idx = order[b : b + BATCH]
             step(xs[idx], ys[idx])
             mx.eval(state)
-    # fold the standardisation in: ((x - mean) / std) @ A @ B + c == x @ (A / std) @ B + (c - (mean / std) @ A @ B)
+    # fold the standardisation in:
+    # ((x - mean) / std) @ A @ B + c == x @ (A / std) @ B + (c - (mean / std) @ A @ B)
     a = model.w_in.weight.T / mx.array(std)[:, None]
     b = model.w_out.weight.T
     c = model.w_out.bias - (mx.array(mean) @ a) @ b
@@ -167,7 +173,8 @@ def choose_cut(weights: Weights, x: np.ndarray, active: np.ndarray, margin: floa
 def score_predictor(
     weights: Weights, cut: float, x: np.ndarray, active: np.ndarray
 ) -> dict[str, float]:
-    """Recall and precision of ``logit > cut`` against ``active``, and the predicted and active shares."""
+    """Recall and precision of ``logit > cut`` against ``active``, and the predicted and active
+    shares."""
     predicted = predictor_logits(weights, x) > cut
     hits = float((predicted & active).sum())
     return {

@@ -1,9 +1,11 @@
-"""Rewrite a flash model directory's store in the other layout (bundled <-> unbundled), nothing else changed.
+"""Rewrite a flash model directory's store in the other layout (bundled <-> unbundled), nothing
+else changed.
 
-Why: the bench compares the same neurons read as one record per neuron (bundled) and as separate gate, up
-and down records (unbundled). Re-laying out the converted store copies its bytes exactly (same dtype, same
-quantization, same neuron order, same predictors and settings), which converting again from the source
-could not promise. Other files are hard-linked where the file system allows it.
+Why: the bench compares the same neurons read as one record per neuron (bundled) and as separate
+gate, up and down records (unbundled). Re-laying out the converted store copies its bytes exactly
+(same dtype, same quantization, same neuron order, same predictors and settings), which
+converting again from the source could not promise. Other files are hard-linked where the file
+system allows it.
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ def layout_sibling(
 ) -> Path:
     """DIRECTORY itself if its store has ``layout``, else a re-laid-out copy cached under ``cache``.
 
-    The copy is named after the directory and a fingerprint of it, so a re-converted model gets a new copy;
-    older copies of the same directory are removed.
+    The copy is named after the directory and a fingerprint of it, so a re-converted model gets a
+    new copy; older copies of the same directory are removed.
     """
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)

@@ -16,9 +16,10 @@ import mlx.core as mx
 @dataclass
 class SourceModel:
     """``config``: an mlx-lm ``config.json`` dict (model_type, sizes, ``quantization`` if any).
-    ``tensors``: mlx-lm parameter name (after ``sanitize``) -> zero-argument loader returning the array;
-    calling a loader must read only that tensor.
-    ``write_tokenizer``: writes the tokenizer files (tokenizer.json, tokenizer_config.json, ...) into a dir.
+    ``tensors``: mlx-lm parameter name (after ``sanitize``) -> zero-argument loader returning the
+    array; calling a loader must read only that tensor.
+    ``write_tokenizer``: writes the tokenizer files (tokenizer.json, tokenizer_config.json, ...)
+    into a dir.
     ``description``: where it came from, for the manifest and messages.
     """
 

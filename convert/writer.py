@@ -33,7 +33,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def part_group(name: str) -> str:
-    """Which matrix a part belongs to ("gate.scales" -> "gate", "up_bias" -> "up"), for unbundling."""
+    """Which matrix a part belongs to ("gate.scales" -> "gate", "up_bias" -> "up"), to unbundle."""
     return name.split(".")[0].removesuffix("_bias")
 
 
@@ -64,8 +64,8 @@ def plan_regions(
 def drop_written(file: BinaryIO, offset: int = 0, length: int = 0) -> None:
     """Flush written bytes to disk and drop them from the page cache.
 
-    Dirty pages of a large output would otherwise pile up in the page cache, which counts against the
-    memory of a converter run in a tight budget (it is, on a machine smaller than the model).
+    Dirty pages of a large output would otherwise pile up in the page cache, which counts against
+    the memory of a converter run in a tight budget (it is, on a machine smaller than the model).
     """
     file.flush()
     os.fdatasync(file.fileno())

@@ -4,8 +4,9 @@ from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
-# Installed, the offline pipeline (the repo's top-level convert/) is the subpackage mlx_flash.convert
-# (pyproject's package-dir). Run from a source checkout, the checkout's convert/ must play that part.
+# Installed, the offline pipeline (the repo's top-level convert/) is the subpackage
+# mlx_flash.convert (pyproject's package-dir). Run from a source checkout, the checkout's convert/
+# must play that part.
 if (
     not (_Path(__file__).parent / "convert").is_dir()
     and (_Path(__file__).parent.parent / "convert" / "__init__.py").is_file()

@@ -1,12 +1,14 @@
-"""``python -m mlx_flash.bench``: the paper's ablation, each configuration a real run of the runtime.
+"""``python -m mlx_flash.bench``: the paper's ablation, each configuration a real run of the
+runtime.
 
-Why: users ask first how much faster than loading the weights the naive way, at what memory, and how close
-to what the disk allows. Every configuration generates the same greedy tokens from the same prompt at the
-same FFN cache share, with the page cache bypassed and the store dropped from it before each run, so every
-counted byte comes from the disk. Attention and embeddings stay in memory in all of them: the ratios are
-about FFN I/O.
+Why: users ask first how much faster than loading the weights the naive way, at what memory, and how
+close to what the disk allows. Every configuration generates the same greedy tokens from the same
+prompt at the same FFN cache share, with the page cache bypassed and the store dropped from it
+before each run, so every counted byte comes from the disk. Attention and embeddings stay in memory
+in all of them: the ratios are about FFN I/O.
 
-    python -m mlx_flash.bench --model DIR --ffn-cache 50% --tokens 64 --json bench.json --plot bench.png
+    python -m mlx_flash.bench --model DIR --ffn-cache 50% --tokens 64 \\
+        --json bench.json --plot bench.png
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ PROCESS_SLACK = (
 
 @dataclass(frozen=True)
 class Setup:
-    """One configuration of the ablation: which store layout, selector, window and pinning it runs with."""
+    """One configuration of the ablation: the store layout, selector, window and pinning it runs
+    with."""
 
     index: int
     name: str
@@ -142,7 +145,8 @@ METRICS = (
 def run_setup(
     setup: Setup, directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
 ) -> dict:
-    """Load ``directory`` as ``setup`` says, generate ``tokens`` greedy tokens cold from disk; its metrics."""
+    """Load ``directory`` as ``setup`` says, generate ``tokens`` greedy tokens cold from disk;
+    its metrics."""
     store = directory / read_manifest(directory).store_file
     drop_from_page_cache(store)
     model, tokenizer = load(directory, **setup_options(setup, options))
@@ -196,8 +200,9 @@ def run_setup(
     result["other_ms_per_token"] = (
         result["ms_per_token"] - result["io_ms_per_token"] - result["ffn_compute_ms_per_token"]
     )
-    # the physical limit: these bytes at the probe's best rate for reads of this size; and the disk's time for
-    # them at the thread count used (the rest of the measured I/O time is the reader's CPU work)
+    # the physical limit: these bytes at the probe's best rate for reads of this size; and the
+    # disk's time for them at the thread count used (the rest of the measured I/O time is the
+    # reader's CPU work)
     result["limit_ms_per_token"] = 1e3 * cost.read_seconds(result["ffn_bytes_per_token"], reads)
     result["disk_ms_per_token"] = 1e3 * cost.read_seconds(
         result["ffn_bytes_per_token"], reads, result["threads"]
@@ -221,8 +226,9 @@ def setup_options(setup: Setup, options: dict) -> dict:
 def _references(
     directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
 ) -> list[dict]:
-    """Two bounds on tokens/s with no reads: plain mlx-lm with the whole model in memory (same weights), and
-    the flash runtime with the whole FFN pinned (what its per-layer work costs without I/O)."""
+    """Two bounds on tokens/s with no reads: plain mlx-lm with the whole model in memory (same
+    weights), and the flash runtime with the whole FFN pinned (what its per-layer work costs
+    without I/O)."""
     from .rebuild import load_dense
 
     model, tokenizer = load_dense(directory)
@@ -260,7 +266,8 @@ def _references(
 
 
 def _median_rows(rounds: list[list[dict]]) -> list[dict]:
-    """Per setup, the median of every metric over rounds, and ratios to naive taken within each round."""
+    """Per setup, the median of every metric over rounds, and ratios to naive taken within each
+    round."""
     rows = []
     for i, first in enumerate(rounds[0]):
         row = dict(first)
@@ -397,30 +404,37 @@ def run_bench(
 
 
 def format_report(report: dict) -> str:
-    """The ablation table, the memory it implies, the physical limit and the time per token split."""
+    """The ablation table, the memory it implies, the physical limit, the time per token split."""
     m, mem, s = report["model"], report["memory"], report["settings"]
     base = report["configs"][0]["name"]  # naive, unless --configs left it out
     out = [
-        f"{m['name']} ({m['model_type']}, {m['n_layers']} layers, d_ffn {m['d_ffn']}, {m['dtype']}): FFN "
-        f"{format_size(m['ffn_bytes'])}; {s['tokens']} greedy tokens after a {s['prompt_tokens']}-token prompt; "
-        f"selector {s['selector']} ({report['configs'][-1]['selector']}), k={s['window']}, pin share "
+        f"{m['name']} ({m['model_type']}, {m['n_layers']} layers, d_ffn {m['d_ffn']}, "
+        f"{m['dtype']}): FFN {format_size(m['ffn_bytes'])}; {s['tokens']} greedy tokens after a "
+        f"{s['prompt_tokens']}-token prompt; selector {s['selector']} "
+        f"({report['configs'][-1]['selector']}), k={s['window']}, pin share "
         f"{s['pin_share']}, {s['threads']} threads, "
         f"median of {s['repeat']} round(s)",
-        f"memory: FFN cache {100 * mem['ffn_share']:.0f}% of each layer = buffers {format_size(mem['buffers'])}; "
-        f"+ trunk {format_size(mem['trunk'])} (attention, embeddings, head: in memory in every configuration) "
-        f"+ KV cache {format_size(mem['kv_cache'])} + selector {format_size(mem['selector'])} + temporaries "
+        f"memory: FFN cache {100 * mem['ffn_share']:.0f}% of each layer = buffers "
+        f"{format_size(mem['buffers'])}; + trunk {format_size(mem['trunk'])} (attention, "
+        "embeddings, head: in memory in every configuration) + KV cache "
+        f"{format_size(mem['kv_cache'])} + selector {format_size(mem['selector'])} + temporaries "
         f"{format_size(mem['temporaries'])} = {format_size(mem['total'])} in total",
-        f"FFN I/O per generated token (bytes from disk, page cache bypassed); ratios to {base} within each round:",
-        f"{'config':<13}{'MB/tok':>9}{'x':>7}{'reads':>8}{'KB/read':>9}{'I/O ms':>9}{'x':>7}{'limit ms':>9}"
-        f"{'FFN ms':>8}{'other ms':>9}{'tok/s':>8}{'x':>6}{'peak MB':>9}{'loaded':>8}{'same':>8}",
+        "FFN I/O per generated token (bytes from disk, page cache bypassed); ratios to "
+        f"{base} within each round:",
+        f"{'config':<13}{'MB/tok':>9}{'x':>7}{'reads':>8}{'KB/read':>9}{'I/O ms':>9}{'x':>7}"
+        f"{'limit ms':>9}{'FFN ms':>8}{'other ms':>9}{'tok/s':>8}{'x':>6}{'peak MB':>9}"
+        f"{'loaded':>8}{'same':>8}",
     ]
     for r in report["configs"]:
         out.append(
-            f"{r['index']}. {r['name']:<10}{r['ffn_bytes_per_token'] / 1e6:9.3f}{r['ffn_bytes_per_token_vs_naive']:7.1f}"
-            f"{r['reads_per_token']:8.0f}{r['mean_read_bytes'] / 1e3:9.1f}{r['io_ms_per_token']:9.2f}"
-            f"{r['io_ms_per_token_vs_naive']:7.1f}{r['limit_ms_per_token']:9.2f}{r['ffn_compute_ms_per_token']:8.2f}"
-            f"{r['other_ms_per_token']:9.2f}{r['tokens_per_s']:8.2f}{r['tokens_per_s_vs_naive']:6.2f}"
-            f"{r['peak_memory'] / 1e6:9.1f}{100 * r['fraction_loaded']:7.1f}%{r['same_tokens_as_naive']:>8}"
+            f"{r['index']}. {r['name']:<10}{r['ffn_bytes_per_token'] / 1e6:9.3f}"
+            f"{r['ffn_bytes_per_token_vs_naive']:7.1f}{r['reads_per_token']:8.0f}"
+            f"{r['mean_read_bytes'] / 1e3:9.1f}{r['io_ms_per_token']:9.2f}"
+            f"{r['io_ms_per_token_vs_naive']:7.1f}{r['limit_ms_per_token']:9.2f}"
+            f"{r['ffn_compute_ms_per_token']:8.2f}{r['other_ms_per_token']:9.2f}"
+            f"{r['tokens_per_s']:8.2f}{r['tokens_per_s_vs_naive']:6.2f}"
+            f"{r['peak_memory'] / 1e6:9.1f}{100 * r['fraction_loaded']:7.1f}%"
+            f"{r['same_tokens_as_naive']:>8}"
         )
     last = report["configs"][-1]
     gap = (
@@ -429,14 +443,17 @@ def format_report(report: dict) -> str:
         else float("nan")
     )
     out += [
-        f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); limit = the bytes at the probe's best "
-        "rate for that read size; FFN ms = FFN compute, selector, window and buffer work; other = attention, head, "
-        f"sampling, Python; loaded = FFN neurons read per token; same = greedy tokens equal to {base}'s",
+        f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); limit = the "
+        "bytes at the probe's best rate for that read size; FFN ms = FFN compute, selector, "
+        "window and buffer work; other = attention, head, sampling, Python; loaded = FFN neurons "
+        f"read per token; same = greedy tokens equal to {base}'s",
         f"physical limit ({report['machine']['cost_model']}): config {last['index']} reads "
-        f"{last['ffn_bytes_per_token'] / 1e6:.3f} MB/token in {last['mean_read_bytes'] / 1e3:.1f} KB reads -> "
-        f"{last['limit_ms_per_token']:.2f} ms/token at best; measured {last['io_ms_per_token']:.2f} ms ({gap:.1f}x the limit): "
-        f"the disk's share at {last['threads']} threads is {last['disk_ms_per_token']:.2f} ms, the rest is the reader's "
-        f"CPU work (planning, thread wake-ups, copies) and reads waiting on one another",
+        f"{last['ffn_bytes_per_token'] / 1e6:.3f} MB/token in "
+        f"{last['mean_read_bytes'] / 1e3:.1f} KB reads -> "
+        f"{last['limit_ms_per_token']:.2f} ms/token at best; measured "
+        f"{last['io_ms_per_token']:.2f} ms ({gap:.1f}x the limit): the disk's share at "
+        f"{last['threads']} threads is {last['disk_ms_per_token']:.2f} ms, the rest is the "
+        f"reader's CPU work (planning, thread wake-ups, copies) and reads waiting on one another",
     ]
     for ref in report["references"]:
         out.append(
@@ -459,7 +476,8 @@ def _membudget_tool() -> Path | None:
 
 
 def _rerun_in_cgroup(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run this same command again inside a memory cgroup of the implied memory + the process's own."""
+    """Run this same command again inside a memory cgroup of the implied memory + the process's
+    own."""
     tool = _membudget_tool()
     if sys.platform != "linux" or tool is None or os.geteuid() != 0:
         raise FlashError(
@@ -520,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-reference",
         action="store_true",
-        help="skip the no-read references (plain mlx-lm, and the runtime with the whole FFN pinned)",
+        help="skip the no-read references (plain mlx-lm, and the runtime with the whole FFN "
+        "pinned)",
     )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="write a PNG of the ablation here")
@@ -529,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="auto",
         metavar="SIZE",
-        help="re-run inside a memory cgroup (Linux, root) of SIZE (default: the implied memory + 1 GiB)",
+        help="re-run inside a memory cgroup (Linux, root) of SIZE "
+        "(default: the implied memory + 1 GiB)",
     )
     add_flash_args(p, TOOL)
     add_debug_arg(p)

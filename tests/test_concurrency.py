@@ -5,10 +5,10 @@ The rules these tests pin down (written out in ``mlx_flash.load``'s docstring):
   from different threads;
 - one model is used by one thread at a time: taking turns works from any thread, overlapping forward
   passes of the same model are refused with a FlashError (they would corrupt its neuron buffers);
-- MLX streams are per thread (mlx-lm's generation stream is thread-local), so each thread evaluates its
-  own work; a thread that ran MLX must have finished before the interpreter exits (MLX 0.32 on Linux
-  aborts with "terminate called without an active exception" when a thread's compile cache is destroyed
-  during interpreter shutdown), hence ``_join`` below waits for the OS thread itself.
+- MLX streams are per thread (mlx-lm's generation stream is thread-local), so each thread evaluates
+  its own work; a thread that ran MLX must have finished before the interpreter exits (MLX 0.32 on
+  Linux aborts with "terminate called without an active exception" when a thread's compile cache is
+  destroyed during interpreter shutdown), hence ``_join`` below waits for the OS thread itself.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def flash(tiny_flash) -> dict[str, Path]:
 
 
 def _options(**extra) -> dict:
-    """Partial buffers (pinned + window), a multi-threaded store reader: the state threads could trip on."""
+    """Partial buffers (pinned + window), a multi-threaded store reader: the state threads could
+    trip on."""
     return {"ffn_cache": 0.5, "pin_share": 0.25, "threads": 4, **extra}
 
 
@@ -95,7 +96,8 @@ def _in_thread(fn, *args):
 
 
 def test_two_models_in_one_process_interleaved_token_by_token(flash):
-    """Two architectures, plus the same directory loaded twice with other budgets, stepped in lockstep."""
+    """Two architectures, plus the same directory loaded twice with other budgets, stepped in
+    lockstep."""
     alone = {
         "llama": _alone(flash["llama"]),
         "qwen2": _alone(flash["qwen2"]),
@@ -151,8 +153,9 @@ def test_two_models_from_two_threads_at_once(flash):
 
 
 def test_overlapping_use_of_one_model_is_refused_clearly(flash):
-    """Thread A is held inside layer 1's FFN (by its selector); thread B starts a forward pass of the same
-    model: B gets a FlashError saying so, nothing else; A then finishes with the right result."""
+    """Thread A is held inside layer 1's FFN (by its selector); thread B starts a forward pass
+    of the same model: B gets a FlashError saying so, nothing else; A then finishes with the
+    right result."""
     d_ffn = 128
     inside, release = threading.Event(), threading.Event()
     holder = {}
@@ -190,8 +193,8 @@ def test_overlapping_use_of_one_model_is_refused_clearly(flash):
 
 
 def test_two_threads_hammering_one_model_get_right_results_or_clear_errors(flash):
-    """No lock, both threads generating at once: every generation either matches the model used alone or
-    fails with the FlashError above; never a wrong result or another exception."""
+    """No lock, both threads generating at once: every generation either matches the model used
+    alone or fails with the FlashError above; never a wrong result or another exception."""
     expected = _alone(flash["llama"])
     model, _ = mlx_flash.load(flash["llama"], "1GB", **_options())
     outcomes, start = [], threading.Barrier(2)

@@ -1,4 +1,4 @@
-"""Converter: round trips for every architecture, dtypes, layouts, quantization, safety and --verify."""
+"""Converter: round trips of every architecture, dtypes, layouts, quantization, safety, --verify."""
 
 from __future__ import annotations
 
@@ -222,8 +222,8 @@ def test_cli_converts_and_verifies(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path):
-    """Layer-by-layer conversion: 538 MB of float32 weights written under a 300 MiB cgroup (page cache counted),
-    then calibrated under the runtime's 457 MiB."""
+    """Layer-by-layer conversion: 538 MB of float32 weights written under a 300 MiB cgroup (page
+    cache counted), then calibrated under the runtime's 457 MiB."""
     if os.geteuid() != 0 or not MEMBUDGET.is_file():
         if os.environ.get("CI") == "true":
             pytest.fail("membudget needs root and ../shared/tools/membudget")

@@ -1,11 +1,13 @@
-"""Fuzzing the readers of untrusted headers (issue 8): only the package's own clear errors may come out.
+"""Fuzzing the readers of untrusted headers (issue 8): only the package's own clear errors may
+come out.
 
-- the manifest reader (``flash_manifest.json``): random JSON, valid manifests with one field replaced or
-  removed, and damaged bytes; a manifest that parses is then used the way the runtime uses it (store
-  reader over the real store, every layer read), which must fail cleanly too;
+- the manifest reader (``flash_manifest.json``): random JSON, valid manifests with one field
+  replaced or removed, and damaged bytes; a manifest that parses is then used the way the runtime
+  uses it (store reader over the real store, every layer read), which must fail cleanly too;
 - the trunk header check (``model*.safetensors``): damaged and truncated headers.
 
-The GGUF header reader is fuzzed in test_gguf_source.py. Hypothesis runs derandomized, without deadline.
+The GGUF header reader is fuzzed in test_gguf_source.py. Hypothesis runs derandomized,
+without deadline.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def _mutate(doc: Any, path: tuple, action: str, value: Any) -> Any:
 
 
 def _use_like_the_runtime(directory: Path) -> None:
-    """What loading and running does with a manifest, minus MLX: open the store, read every layer's neurons
-    (all parts, float32 destinations) and blobs, check one layer's digest."""
+    """What loading and running does with a manifest, minus MLX: open the store, read every layer's
+    neurons (all parts, float32 destinations) and blobs, check one layer's digest."""
     manifest = read_manifest(directory)
     with StoreReader(directory, manifest, threads=2) as reader:
         for layer in manifest.layers:
@@ -205,8 +207,8 @@ def test_manifest_with_damaged_bytes_fails_cleanly(flash, tmp_path_factory, data
 @FUZZ
 @given(data=st.data())
 def test_trunk_header_damage_is_caught_by_the_header_check(flash, tmp_path_factory, data):
-    """A damaged or truncated trunk header gives FlashFormatError naming the file; a header that passes the
-    check loads in MLX (so the loader never sees MLX's own errors for these)."""
+    """A damaged or truncated trunk header gives FlashFormatError naming the file; a header that
+    passes the check loads in MLX (so the loader never sees MLX's own errors for these)."""
     raw = bytearray((flash / "model.safetensors").read_bytes())
     header_end = 8 + int.from_bytes(raw[:8], "little")
     edits = data.draw(
@@ -286,8 +288,8 @@ GEOMETRY = {
 
 @pytest.mark.parametrize("case", sorted(GEOMETRY))
 def test_manifest_geometry_the_runtime_cannot_use_is_refused_at_load(case, flash, tmp_path):
-    """Consistent JSON whose record layout does not make this model's FFN: refused when read, naming the
-    manifest, instead of an MLX shape error in the middle of generation."""
+    """Consistent JSON whose record layout does not make this model's FFN: refused when read, naming
+    the manifest, instead of an MLX shape error in the middle of generation."""
     import mlx_lm
 
     import mlx_flash

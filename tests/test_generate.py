@@ -73,7 +73,8 @@ def test_stories_streams_the_reference_story_with_stats(stories_flash, tmp_path)
     assert stats["generation_tokens"] == 40 and stats["prompt_tokens"] >= 5
     plan = stats["memory_budget"]
     assert 0.3 <= plan["ffn_share"] <= 0.4 and plan["used"] <= plan["total"]
-    # a third of each FFN is buffered and the dense selector needs all of it: two thirds stream per token
+    # a third of each FFN is buffered and the dense selector needs all of it: two thirds
+    # stream per token
     assert stats["fraction_used"] == 1.0
     assert 0.55 <= stats["fraction_loaded"] <= 0.7
     assert stats["flash_bytes_per_token"] > 0 and stats["reads_per_token"] > 0

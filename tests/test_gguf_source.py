@@ -93,7 +93,8 @@ def _field(number: int, value: bytes | int | float | str) -> bytes:
 
 
 def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int]):
-    """A SentencePiece BPE model with these pieces, llama2.c's settings (identity normaliser, byte fallback).
+    """A SentencePiece BPE model with these pieces, llama2.c's settings (identity normaliser,
+    byte fallback).
 
     The ModelProto is written by hand so the test needs no protobuf package.
     """
@@ -160,7 +161,7 @@ def test_smollm2_tokenizer_round_trips_and_keeps_chat_tokens(smollm2):
     assert prompt.startswith("<|im_start|>system\n")
 
 
-# --- every supported architecture, through a GGUF written the way llama.cpp's converter writes it ---
+# --- every supported architecture, through a GGUF written the way llama.cpp's converter writes it
 
 GGUF_ARCHS = {
     "llama": "llama",
@@ -291,7 +292,8 @@ def test_unknown_architecture_is_unsupported_and_lists_supported_ones(tmp_path):
 
 
 def _structure_offsets() -> list[int]:
-    """Where stories260K's key/value entries and tensor infos start: mutations there hit lengths and types."""
+    """Where stories260K's key/value entries and tensor infos start: mutations there hit lengths
+    and types."""
     reader = gguf.GGUFReader(STORIES)
     return sorted(
         {f.offset for f in reader.fields.values()} | {t.field.offset for t in reader.tensors}

@@ -1,10 +1,12 @@
-"""The example notebooks (examples/*.ipynb) run top to bottom on the small test models and draw their plots.
+"""The example notebooks (examples/*.ipynb) run top to bottom on the small test models and draw
+their plots.
 
-Each notebook reads its parameters from environment variables (MLX_FLASH_NOTEBOOK_MODEL, _OUT, _QUICK, ...),
-so here they run on stories260K / relu2-8m converted into temporary directories, never touching the network.
-They execute in a Jupyter kernel of this very interpreter (nbclient), which inherits the environment
-(LD_PRELOAD of OpenBLAS included). The notebooks need the ``examples`` extra (matplotlib, nbclient, ipykernel,
-nbformat): without it they are skipped on a developer machine and fail on CI (CI=true).
+Each notebook reads its parameters from environment variables (MLX_FLASH_NOTEBOOK_MODEL, _OUT,
+_QUICK, ...), so here they run on stories260K / relu2-8m converted into temporary directories, never
+touching the network. They execute in a Jupyter kernel of this very interpreter (nbclient), which
+inherits the environment (LD_PRELOAD of OpenBLAS included). The notebooks need the ``examples``
+extra (matplotlib, nbclient, ipykernel, nbformat): without it they are skipped on a developer
+machine and fail on CI (CI=true).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _read(name: str) -> dict:
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_is_committed_clean_and_parametrized(name):
-    """No outputs or execution counts in git; the first code cell is the "parameters" cell and reads the env."""
+    """No outputs or execution counts in git; the first code cell is the "parameters" cell and
+    reads the env."""
     nb = _read(name)
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(c.get("outputs") == [] and c.get("execution_count") is None for c in code)
@@ -83,8 +86,9 @@ def kernel(tmp_path_factory):
 def run_notebook(
     name: str, kernel: Path, tmp_path: Path, monkeypatch, **env: str
 ) -> tuple[dict, Path]:
-    """Execute examples/NAME.ipynb in a fresh kernel with the given MLX_FLASH_NOTEBOOK_* settings; returns the
-    executed notebook and the folder its PNGs went to. A cell that raises fails the test with its traceback."""
+    """Execute examples/NAME.ipynb in a fresh kernel with the given MLX_FLASH_NOTEBOOK_* settings;
+    returns the executed notebook and the folder its PNGs went to. A cell that raises fails the test
+    with its traceback."""
     nbformat = _need("nbformat")
     nbclient = _need("nbclient")
     _need("matplotlib")
@@ -123,7 +127,8 @@ def check_pngs(nb, figures: Path, names: list[str]) -> None:
 
 
 def test_quickstart(kernel, tmp_path, monkeypatch):
-    """Convert stories260K (GGUF) into a temporary directory, load it with half the FFN, stream, plot telemetry."""
+    """Convert stories260K (GGUF) into a temporary directory, load it with half the FFN, stream,
+    plot telemetry."""
     nb, figures = run_notebook(
         "quickstart",
         kernel,
@@ -156,7 +161,8 @@ def test_flash_probe(kernel, tmp_path, monkeypatch, relu2_flash, disk_dir):
 
 @pytest.mark.slow
 def test_memory_budget(kernel, tmp_path, monkeypatch, relu2_calibrated):
-    """relu2-8m at shrinking budgets, dense and its trained predictor (slow: about 16 loads and generations)."""
+    """relu2-8m at shrinking budgets, dense and its trained predictor (slow: about 16 loads and
+    generations)."""
     nb, figures = run_notebook(
         "memory_budget", kernel, tmp_path, monkeypatch, MODEL=str(relu2_calibrated)
     )
@@ -165,7 +171,8 @@ def test_memory_budget(kernel, tmp_path, monkeypatch, relu2_calibrated):
 
 @pytest.mark.slow
 def test_windowing_and_sparsity(kernel, tmp_path, monkeypatch, relu2_calibrated):
-    """relu2-8m (natural sparsity) on WikiText-2: window sizes, then thresholds and the predictor (slow: ~9 evaluations)."""
+    """relu2-8m (natural sparsity) on WikiText-2: window sizes, then thresholds and the predictor
+    (slow: ~9 evaluations)."""
     nb, figures = run_notebook(
         "windowing_and_sparsity",
         kernel,

@@ -1,5 +1,5 @@
-"""Storage probe and cost model: the probe measures real uncached reads on disk, the fit recovers known costs,
-and the runtime takes its thread count from a saved probe (defaults without one)."""
+"""Storage probe and cost model: the probe measures real uncached reads on disk, the fit recovers
+known costs, and the runtime takes its thread count from a saved probe (defaults without one)."""
 
 from __future__ import annotations
 
@@ -162,7 +162,8 @@ def test_runtime_takes_threads_from_the_probe(stories_flash, cache):
     model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5)
     assert model.flash.reader.threads == 4
     assert model.flash.reader.max_run_bytes == fitted.run_bytes(4)
-    # a probe that timed the reader's batches: its fastest thread count wins over the disk-only choice
+    # a probe that timed the reader's batches: its fastest thread count wins over the
+    # disk-only choice
     batched = CostModel.fit(cells, "test probe", batch_threads=2)
     _save_probe(batched, flash)
     model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5)

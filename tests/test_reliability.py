@@ -1,7 +1,8 @@
-"""Reliability (issue 8): damaged directories, faults and Ctrl-C while generating, converter safety, memory safety.
+"""Reliability (issue 8): damaged directories, faults and Ctrl-C while generating, converter
+safety, memory safety.
 
-Thread and descriptor counts are taken after a warm-up: MLX and tokenizers start native threads lazily,
-so only the package's own threads (named ``mlx_flash*``) and ``/proc/self/fd`` are compared.
+Thread and descriptor counts are taken after a warm-up: MLX and tokenizers start native threads
+lazily, so only the package's own threads (named ``mlx_flash*``) and ``/proc/self/fd`` are compared.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _our_threads() -> list[str]:
 
 
 def _settle_threads(expected: int, timeout: float = 5.0) -> list[str]:
-    """Our threads once at most ``expected`` are left (pool threads of a dropped reader exit asynchronously)."""
+    """Our threads once at most ``expected`` are left (pool threads of a dropped reader exit
+    asynchronously)."""
     deadline = time.monotonic() + timeout
     while len(_our_threads()) > expected and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -79,7 +81,8 @@ def tiny(tiny_flash) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def warm(tiny) -> None:
-    """Load and run a model once: MLX, mlx-lm and tokenizers open files and start threads on first use."""
+    """Load and run a model once: MLX, mlx-lm and tokenizers open files and start threads on
+    first use."""
     model, tokenizer = mlx_flash.load(tiny[1], "1GB", ffn_cache=0.5, threads=4)
     stream_generate_text = "".join(
         r.text for r in stream_generate(model, tokenizer, "warm", max_tokens=2)
@@ -99,8 +102,9 @@ def relu2(relu2_flash) -> Path:
 
 
 def _every_third(d_ffn: int) -> FixedSelector:
-    """A scattered third of the neurons (many one-record runs, so reads go through the thread pool), shifted
-    by the input: with window=1 every decode step loads, and what a step computes depends on its input only."""
+    """A scattered third of the neurons (many one-record runs, so reads go through the thread pool),
+    shifted by the input: with window=1 every decode step loads, and what a step computes depends on
+    its input only."""
 
     def choose(layer: int, x: mx.array) -> np.ndarray:
         return np.arange(int(mx.argmax(x[-1]).item()) % 3, d_ffn, 3)
@@ -120,7 +124,8 @@ def _greedy(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
 
 
 def assert_buffers_hold_their_neurons(model, dense: dict[str, mx.array]) -> None:
-    """Every buffer's maps agree with each other and each resident row holds exactly its neuron's weights."""
+    """Every buffer's maps agree with each other and each resident row holds exactly its
+    neuron's weights."""
     rt = model.flash
     spec = spec_for(rt.manifest.model_type)
     d_ffn = rt.manifest.d_ffn
@@ -148,7 +153,7 @@ def assert_buffers_hold_their_neurons(model, dense: dict[str, mx.array]) -> None
                     )
 
 
-# -- damaged flash directories ---------------------------------------------------------------------------
+# -- damaged flash directories ---------------------------------------------------------------------
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -172,7 +177,8 @@ def _store_size(d: Path) -> int:
     return (d / STORE_FILE).stat().st_size
 
 
-# name -> (damage, file the message must name, words it must contain, error class, whether --verify sees it)
+# name -> (damage, file the message must name, words it must contain, error class, whether
+# --verify sees it)
 DAMAGE = {
     "missing manifest": (
         lambda d: (d / MANIFEST_FILE).unlink(),
@@ -343,7 +349,8 @@ def test_damaged_directory_is_refused_with_the_file_and_the_problem(
 
 
 def test_flipped_byte_in_the_store_is_found_by_verify_not_at_load(tiny, tmp_path, capsys):
-    """Load checks only what is cheap (sizes, headers); one flipped FFN byte needs --verify's checksums."""
+    """Load checks only what is cheap (sizes, headers); one flipped FFN byte needs --verify's
+    checksums."""
     directory = tmp_path / "flash"
     shutil.copytree(tiny[1], directory)
     manifest = read_manifest(directory)
@@ -356,12 +363,12 @@ def test_flipped_byte_in_the_store_is_found_by_verify_not_at_load(tiny, tmp_path
     assert f"error: {directory / STORE_FILE}: layer 1 is damaged" in err and "Traceback" not in err
 
 
-# -- faults while generating -------------------------------------------------------------------------------
+# -- faults while generating -----------------------------------------------------------------------
 
 
 class _Faults:
-    """Makes a reader's preadv fail: after ``after`` good calls, ``times`` calls fail (EIO, a short read,
-    or a KeyboardInterrupt as Ctrl-C inside a read would raise)."""
+    """Makes a reader's preadv fail: after ``after`` good calls, ``times`` calls fail (EIO, a short
+    read, or a KeyboardInterrupt as Ctrl-C inside a read would raise)."""
 
     def __init__(self, reader: StoreReader, kind: str, after: int, times: int = 1):
         self.reader, self.kind, self.after, self.times = reader, kind, after, times
@@ -391,9 +398,9 @@ class _Faults:
 @pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize("kind", ["eio", "short", "interrupt"])
 def test_read_fault_while_generating(kind, threads, tiny):
-    """The error reaches the caller of generate naming file, layer and offset; the buffers stay consistent
-    (every resident row is its neuron's); the next generation matches a model that never failed; no thread
-    or descriptor is left behind."""
+    """The error reaches the caller of generate naming file, layer and offset; the buffers stay
+    consistent (every resident row is its neuron's); the next generation matches a model that never
+    failed; no thread or descriptor is left behind."""
     flash = tiny[1]
     options = dict(
         ffn_cache=0.5, pin_share=0.25, window=1, threads=threads, selector=_every_third(128)
@@ -438,8 +445,8 @@ def test_read_fault_while_generating(kind, threads, tiny):
 
 
 def test_persistent_read_fault_fails_every_call_cleanly(tiny):
-    """A disk that keeps failing gives StoreReadError on every call (never a confused buffer error) and no
-    call corrupts the buffers; once it recovers, so does the model."""
+    """A disk that keeps failing gives StoreReadError on every call (never a confused buffer error)
+    and no call corrupts the buffers; once it recovers, so does the model."""
     flash = tiny[1]
     model, _ = mlx_flash.load(
         flash, "1GB", ffn_cache=0.5, pin_share=0.25, threads=4, selector=_every_third(128)
@@ -455,9 +462,9 @@ def test_persistent_read_fault_fails_every_call_cleanly(tiny):
 
 
 def test_ctrl_c_during_parallel_reads_waits_for_reads_in_flight(tiny):
-    """A KeyboardInterrupt arriving while workers read must not leave a worker writing into the buffer after
-    read_neurons has raised (the next append would race with it): the reader stops handing out runs and
-    waits for those in progress."""
+    """A KeyboardInterrupt arriving while workers read must not leave a worker writing into the
+    buffer after read_neurons has raised (the next append would race with it): the reader stops
+    handing out runs and waits for those in progress."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         flash = tiny[1]
@@ -504,7 +511,8 @@ def test_ctrl_c_during_parallel_reads_waits_for_reads_in_flight(tiny):
 
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc")
 def test_dropped_models_release_their_files_and_threads(tiny):
-    """Loading, using and dropping models (without close) must not accumulate descriptors or threads."""
+    """Loading, using and dropping models (without close) must not accumulate descriptors or
+    threads."""
     flash = tiny[1]
 
     def use_once() -> int:
@@ -539,8 +547,11 @@ CTRL_C_DRIVER = textwrap.dedent(
     from test_reliability import assert_buffers_hold_their_neurons
 
     flash, catch = sys.argv[1], sys.argv[2] == "catch"
+    def every_third(layer, x):
+        return np.arange(int(mx.argmax(x[-1]).item()) % 3, 1024, 3)
+
     options = dict(ffn_cache=0.5, pin_share=0.25, window=1, threads=8,
-                   selector=FixedSelector(lambda layer, x: np.arange(int(mx.argmax(x[-1]).item()) % 3, 1024, 3)))
+                   selector=FixedSelector(every_third))
     prompt = mx.array([1, 300, 301, 302, 303])
 
     def greedy(model, n):
@@ -559,16 +570,17 @@ CTRL_C_DRIVER = textwrap.dedent(
         again = greedy(model, 6)
         fresh, _ = mlx_flash.load(flash, "1GB", **options)
         names = sorted(t.name for t in threading.enumerate() if t.name.startswith("mlx_flash"))
-        print(json.dumps({"same_as_fresh": again == greedy(fresh, 6), "threads": names}), flush=True)
+        same = again == greedy(fresh, 6)
+        print(json.dumps({"same_as_fresh": same, "threads": names}), flush=True)
     """
 )
 
 
 @pytest.mark.parametrize("catch", [True, False], ids=["caught", "uncaught"])
 def test_ctrl_c_during_generation_stops_promptly_and_cleanly(catch, relu2, tmp_path):
-    """SIGINT in the middle of streaming generation: the process stops within 5 s, prints at most Python's one
-    KeyboardInterrupt traceback (no worker-thread exceptions, no abort); a program that catches it can keep
-    using the model, which then computes what a fresh one does."""
+    """SIGINT in the middle of streaming generation: the process stops within 5 s, prints at most
+    Python's one KeyboardInterrupt traceback (no worker-thread exceptions, no abort); a program that
+    catches it can keep using the model, which then computes what a fresh one does."""
     script = tmp_path / "driver.py"
     script.write_text(CTRL_C_DRIVER)
     proc = subprocess.Popen(
@@ -616,7 +628,7 @@ def test_ctrl_c_during_generation_stops_promptly_and_cleanly(catch, relu2, tmp_p
     assert stopped < 5.0, stopped
 
 
-# -- converter safety --------------------------------------------------------------------------------------
+# -- converter safety ------------------------------------------------------------------------------
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -636,9 +648,9 @@ def _convert_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
 
 
 def test_cli_conversion_stopped_mid_way_leaves_the_previous_output_untouched(tiny, tmp_path):
-    """The real command with --force over an existing OUT, stopped after its first layer as Ctrl-C would stop it
-    (every step, and a fresh OUT, in-process: test_convert.py): exit 130, one line and no traceback, OUT
-    byte for byte as before, no staging directory left."""
+    """The real command with --force over an existing OUT, stopped after its first layer as Ctrl-C
+    would stop it (every step, and a fresh OUT, in-process: test_convert.py): exit 130, one line and
+    no traceback, OUT byte for byte as before, no staging directory left."""
     src = tiny[0]
     out = convert_quietly(src, tmp_path / "flash")
     before = _tree(out)
@@ -653,7 +665,8 @@ KILL_DRIVER = textwrap.dedent(
     import os, signal, sys
     from mlx_flash.convert import converter
 
-    def stop(step):  # a conversion killed outright (SIGKILL: no cleanup can run) after its first layer
+    # a conversion killed outright (SIGKILL: no cleanup can run) after its first layer
+    def stop(step):
         if step == "layer:0":
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -666,8 +679,8 @@ KILL_DRIVER = textwrap.dedent(
 def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_time(
     tiny, tmp_path
 ):
-    """SIGKILL (no cleanup can run) mid-way through a --force conversion: the previous OUT is intact; the
-    staging directory the dead process left is removed by the next conversion."""
+    """SIGKILL (no cleanup can run) mid-way through a --force conversion: the previous OUT is
+    intact; the staging directory the dead process left is removed by the next conversion."""
     src = tiny[0]
     script = tmp_path / "kill.py"
     script.write_text(KILL_DRIVER)
@@ -692,13 +705,14 @@ def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_
     assert sorted(p.name for p in work.iterdir()) == ["flash"]
 
 
-# -- memory safety ----------------------------------------------------------------------------------------
+# -- memory safety ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("model", ["relu2-8m, dense selector", "stories260K, gate selector"])
 def test_budget_too_small_is_refused_before_anything_large_is_allocated(model, request):
-    """One byte below the minimum: BudgetError saying what is needed, and MLX allocated next to nothing (not
-    the 14.7 MB trunk, not the gate selector's rows, which it reads before the final plan); the minimum loads."""
+    """One byte below the minimum: BudgetError saying what is needed, and MLX allocated next to
+    nothing (not the 14.7 MB trunk, not the gate selector's rows, which it reads before the final
+    plan); the minimum loads."""
     relu2 = model.startswith("relu2")
     directory = request.getfixturevalue("relu2" if relu2 else "stories_calibrated")
     options = (
@@ -747,10 +761,10 @@ def _generate_measuring(model, prompt: list[int], n: int, prefill_step_size: int
 
 
 def test_mlx_memory_stays_within_the_plan_over_500_tokens(stories):
-    """MLX's own counters, from before the load to the 500th token, stay inside what the plan computed: peak
-    active memory within ``plan.used``, active + MLX's buffer cache within the budget, and nothing but the KV
-    cache grows while decoding (a fence list once kept every pinned output alive: +d_model floats per layer
-    per token)."""
+    """MLX's own counters, from before the load to the 500th token, stay inside what the plan
+    computed: peak active memory within ``plan.used``, active + MLX's buffer cache within the
+    budget, and nothing but the KV cache grows while decoding (a fence list once kept every pinned
+    output alive: +d_model floats per layer per token)."""
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
@@ -771,8 +785,9 @@ def test_mlx_memory_stays_within_the_plan_over_500_tokens(stories):
 
 
 def test_long_prompt_prefill_stays_within_the_plan(stories):
-    """A prompt filling the context, prefilled in chunks: the last chunks attend to the whole context, and
-    their scores must be in the plan's temporaries (they were sized for one chunk only)."""
+    """A prompt filling the context, prefilled in chunks: the last chunks attend to the whole
+    context, and their scores must be in the plan's temporaries (they were sized for one
+    chunk only)."""
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
@@ -797,8 +812,9 @@ def test_mlx_memory_stays_within_the_plan_over_500_tokens_relu2(relu2):
     run = _generate_measuring(model, prompt, 500, prefill_step_size=256)
     peak = mx.get_peak_memory() - base
     print(
-        f"relu2-8m, 500 tokens: MLX peak {peak / 2**20:.1f} MiB, plan used {plan.used / 2**20:.1f} MiB, "
-        f"active+cache max {(run['held'] - base) / 2**20:.1f} MiB, budget {plan.total / 2**20:.1f} MiB"
+        f"relu2-8m, 500 tokens: MLX peak {peak / 2**20:.1f} MiB, plan used "
+        f"{plan.used / 2**20:.1f} MiB, active+cache max {(run['held'] - base) / 2**20:.1f} MiB, "
+        f"budget {plan.total / 2**20:.1f} MiB"
     )
     assert peak <= plan.used and run["held"] - base <= plan.total
     assert run["beyond_kv"][-1] - run["beyond_kv"][1] <= 64 << 10
@@ -808,9 +824,12 @@ MEMBUDGET_FLASH = textwrap.dedent(
     """
     import json, resource, sys
     import mlx.core as mx, mlx_lm, mlx_flash
-    model, tok = mlx_flash.load(sys.argv[1], sys.argv[2], page_cache=False, max_context=512, prefill_step_size=128)
+    model, tok = mlx_flash.load(
+        sys.argv[1], sys.argv[2], page_cache=False, max_context=512, prefill_step_size=128
+    )
     text = mlx_lm.generate(model, tok, "The capital of France is", max_tokens=32)
-    print(json.dumps({"text": text, "mlx_peak": mx.get_peak_memory(), "plan_used": model.flash.plan.used,
+    print(json.dumps({"text": text, "mlx_peak": mx.get_peak_memory(),
+                      "plan_used": model.flash.plan.used,
                       "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     """
 )
@@ -828,7 +847,8 @@ MEMBUDGET_DENSE = textwrap.dedent(
 
 
 def _membudget(limit: str, script: Path, *args: str) -> tuple[int, dict | None, int]:
-    """(exit status, the script's JSON report or None, the cgroup's peak bytes) of a run under ``limit``."""
+    """(exit status, the script's JSON report or None, the cgroup's peak bytes) of a run under
+    ``limit``."""
     done = subprocess.run(
         [str(MEMBUDGET), limit, "--", sys.executable, str(script), *args],
         capture_output=True,
@@ -848,9 +868,10 @@ def _membudget(limit: str, script: Path, *args: str) -> tuple[int, dict | None, 
     reason="needs ../shared/tools/membudget and root (memory cgroups)",
 )
 def test_smollm2_runs_in_457_mib_where_plain_mlx_lm_is_killed(smollm2_gguf, tmp_path):
-    """SmolLM2-135M in float32 (513 MiB of weights) inside a 457 MiB memory cgroup that also counts the page
-    cache: the flash model (MLX budget 300 MiB) generates 32 tokens, the text plain mlx-lm generates on the
-    same weights; plain mlx-lm on those weights, rebuilt dense, is killed for memory."""
+    """SmolLM2-135M in float32 (513 MiB of weights) inside a 457 MiB memory cgroup that also
+    counts the page cache: the flash model (MLX budget 300 MiB) generates 32 tokens, the text
+    plain mlx-lm generates on the same weights; plain mlx-lm on those weights, rebuilt dense, is
+    killed for memory."""
     flash = convert_quietly(smollm2_gguf, tmp_path / "smollm2-f32", dtype="float32")
     (tmp_path / "flash.py").write_text(MEMBUDGET_FLASH)
     (tmp_path / "dense.py").write_text(MEMBUDGET_DENSE)
@@ -868,9 +889,10 @@ def test_smollm2_runs_in_457_mib_where_plain_mlx_lm_is_killed(smollm2_gguf, tmp_
     rc_dense, dense_run, dense_peak = _membudget("457M", tmp_path / "dense.py", str(flash))
     print(
         f"membudget 457 MiB: flash exit 0, cgroup peak {flash_peak / 2**20:.0f} MiB, MLX peak "
-        f"{flash_run['mlx_peak'] / 2**20:.1f} MiB (plan {flash_run['plan_used'] / 2**20:.1f} MiB), max RSS "
-        f"{flash_run['maxrss'] / 2**20:.0f} MiB; dense: exit {rc_dense}, cgroup peak {dense_peak / 2**20:.0f} MiB; "
-        f"dense unconstrained: MLX peak {expected['mlx_peak'] / 2**20:.1f} MiB, max RSS {expected['maxrss'] / 2**20:.0f} MiB"
+        f"{flash_run['mlx_peak'] / 2**20:.1f} MiB (plan {flash_run['plan_used'] / 2**20:.1f} MiB), "
+        f"max RSS {flash_run['maxrss'] / 2**20:.0f} MiB; dense: exit {rc_dense}, cgroup peak "
+        f"{dense_peak / 2**20:.0f} MiB; dense unconstrained: MLX peak "
+        f"{expected['mlx_peak'] / 2**20:.1f} MiB, max RSS {expected['maxrss'] / 2**20:.0f} MiB"
     )
     assert flash_run["text"] == expected["text"]
     assert flash_run["mlx_peak"] <= flash_run["plan_used"]

@@ -1,4 +1,4 @@
-"""Streaming runtime: the flash model computes what plain mlx-lm computes, and streams as it says."""
+"""Streaming runtime: the flash model computes what plain mlx-lm computes and streams as it says."""
 
 from __future__ import annotations
 

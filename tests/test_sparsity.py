@@ -31,7 +31,8 @@ from tiny_models import save_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory):
-    """A few thousand characters of the built-in sample: enough windows for the byte-level tiny models."""
+    """A few thousand characters of the built-in sample: enough windows for the byte-level tiny
+    models."""
     path = tmp_path_factory.mktemp("text") / "sample.txt"
     path.write_text(builtin_text_path().read_text()[:6000])
     return path
@@ -39,13 +40,14 @@ def tiny_text(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_calibrated(tmp_path_factory, tiny_text):
-    """A tiny gated (SwiGLU) model converted with calibration at sparsity 0.5 and predictors of rank 16."""
+    """A tiny gated (SwiGLU) model converted with calibration at sparsity 0.5 and predictors of
+    rank 16."""
     root = tmp_path_factory.mktemp("llama")
     src, _ = save_tiny_model("llama", root / "src")
     return convert_quietly(src, root / "flash", calibration=tiny_text, predictor_rank=16)
 
 
-# -- selectors on hand-made activations ---------------------------------------------------------------
+# -- selectors on hand-made activations ------------------------------------------------------------
 
 
 def test_gate_selector_selects_the_union_of_exact_gates_above_threshold():
@@ -93,7 +95,7 @@ def test_thresholds_come_from_the_quantiles():
         calibration.threshold(0, 1.0)
 
 
-# -- predictor training ------------------------------------------------------------------------------------
+# -- predictor training ----------------------------------------------------------------------------
 
 
 def _synthetic(n: int, up: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +125,7 @@ def test_auto_ranks_grow_for_the_last_layers(relu2_calibrated):
     assert auto_ranks(manifest) == [64] * 7 + [128] == manifest.extra["predictor"]["ranks"]
 
 
-# -- calibration in the converter ----------------------------------------------------------------------
+# -- calibration in the converter ------------------------------------------------------------------
 
 
 def test_relu2_calibration_records_natural_sparsity(relu2_calibrated):
@@ -182,7 +184,7 @@ def test_convert_cli_calibration_flags(tmp_path, tiny_text):
     )
 
 
-# -- the runtime -------------------------------------------------------------------------------------------
+# -- the runtime -----------------------------------------------------------------------------------
 
 
 def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrated, tmp_path):
@@ -221,7 +223,8 @@ def _smallest_budget(directory, selector: str) -> int:
 
 
 def test_auto_passes_over_the_gate_when_its_rows_do_not_fit(llama_calibrated):
-    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto streams with the predictor."""
+    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto streams with the
+    predictor."""
     gate, predictor = (
         _smallest_budget(llama_calibrated, "gate"),
         _smallest_budget(llama_calibrated, "predictor"),
@@ -298,7 +301,8 @@ def test_gate_selector_ffn_uses_the_exact_gate_on_the_rows_it_computes(
 
 
 def test_relu2_predictor_decodes_like_dense(relu2_calibrated):
-    """Natural zeros + a good predictor: greedy text equals the dense runtime's, at a fraction of the loads."""
+    """Natural zeros + a good predictor: greedy text equals the dense runtime's, at a fraction of
+    the loads."""
     texts, used = {}, {}
     for selector in ("dense", "predictor"):
         model, tok = mlx_flash.load(

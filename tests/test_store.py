@@ -54,7 +54,8 @@ def build_store(
     part_gap: int = 0,
     seed: int = 0,
 ) -> tuple[Manifest, list[dict[str, np.ndarray]]]:
-    """Write a store with random garbage in every padding byte; returns the manifest and per-layer truth.
+    """Write a store with random garbage in every padding byte; returns the manifest and
+    per-layer truth.
 
     ``part_gap`` leaves a hole between parts inside a record (exercises interior sinks).
     """

@@ -48,7 +48,8 @@ def test_without_capacity_pressure_keeps_union_of_last_k_tokens(tokens, k):
 def reference_step(
     members: dict[int, int], t: int, k: int, capacity: int, active: set[int], resident: set[int]
 ):
-    """Brute force: keep resident members seen in the last k tokens, add the active ones, evict LRU (then id)."""
+    """Brute force: keep resident members seen in the last k tokens, add the active ones, evict
+    LRU (then id)."""
     members = {i: last for i, last in members.items() if i in resident and last > t - k}
     members.update({i: t for i in active})
     older = sorted((last, i) for i, last in members.items() if last < t)

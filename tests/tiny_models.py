@@ -106,7 +106,7 @@ def save_tiny_model(
 
 
 def write_tiny_tokenizer(path: Path) -> None:
-    """A byte-level tokenizer with VOCAB entries, enough for mlx-lm's load_tokenizer and generate."""
+    """A byte-level tokenizer of VOCAB entries, enough for mlx-lm's load_tokenizer and generate."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -117,5 +117,6 @@ def write_tiny_tokenizer(path: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
-        '{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "model_max_length": 256}'
+        '{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", '
+        '"model_max_length": 256}'
     )

@@ -1,19 +1,25 @@
 """Where a flash model's time per token goes, from a py-spy profile of the generating thread.
 
-Why: tokens/s against naive depends on more than bytes read: on a small CPU, MLX compute, Python work per layer
-and waiting for reads all count (issue 6). py-spy samples the main thread's stack; each sample is put in one
-bucket (MLX work is told by native MLX frames with ``--native``, else by the Python line that waits for MLX to
-evaluate; ``--native`` slows the process several times, so prefer plain sampling for times):
+Why: tokens/s against naive depends on more than bytes read: on a small CPU, MLX compute, Python
+work per layer and waiting for reads all count (issue 6). py-spy samples the main thread's stack;
+each sample is put in one bucket (MLX work is told by native MLX frames with ``--native``, else by
+the Python line that waits for MLX to evaluate; ``--native`` slows the process several times, so
+prefer plain sampling for times):
 
-- FFN I/O: inside ``StoreReader.read_neurons`` (planning reads, preadv, waiting for the read threads);
-- FFN compute (MLX): MLX work under ``FlashFFN`` methods (FFN rows, selector), except evaluating its input;
-- FFN Python/numpy: the rest of the time in ``FlashFFN`` (selector, window, buffer bookkeeping, interpreter);
-- trunk compute (MLX): MLX work elsewhere, and the layer-input evaluation at the top of FlashFFN (MLX is
-  lazy: that is where the layer's attention runs, and where each layer waits for MLX's worker thread);
+- FFN I/O: inside ``StoreReader.read_neurons`` (planning reads, preadv, waiting for
+  the read threads);
+- FFN compute (MLX): MLX work under ``FlashFFN`` methods (FFN rows, selector), except
+  evaluating its input;
+- FFN Python/numpy: the rest of the time in ``FlashFFN`` (selector, window, buffer
+  bookkeeping, interpreter);
+- trunk compute (MLX): MLX work elsewhere, and the layer-input evaluation at the top of FlashFFN
+  (MLX is lazy: that is where the layer's attention runs, and where each layer waits for MLX's
+  worker thread);
 - other Python: mlx-lm's model code, sampling, detokenizing, interpreter.
 
     py-spy record --idle -r 100 --format raw -o spy.txt -- \\
-        python -m mlx_flash.bench --model DIR --ffn-cache 50% --configs 5 --no-reference --tokens 128
+        python -m mlx_flash.bench --model DIR --ffn-cache 50% --configs 5 --no-reference \\
+            --tokens 128
     python tools/profile_breakdown.py spy.txt --tokens 130 --rate 100
 """
 
@@ -50,7 +56,8 @@ def _source(frame: str, roots: list[Path]) -> str:
 
 
 def _in_mlx(frames: list[str], roots: list[Path]) -> bool:
-    """The sample is MLX work: native MLX frames (py-spy --native), else a leaf line that makes MLX evaluate."""
+    """The sample is MLX work: native MLX frames (py-spy --native), else a leaf line that makes
+    MLX evaluate."""
     if any("mlx::" in f or "libmlx" in f for f in frames):
         return True
     return any(call in _source(frames[-1], roots) for call in EVALUATING)
@@ -64,7 +71,8 @@ def bucket(frames: list[str], roots: list[Path]) -> str:
     if not ffn:
         return "trunk compute (MLX)" if _in_mlx(frames, roots) else "other Python"
     if "mx.eval(xf)" in _source(frames[ffn[-1]], roots):
-        return "trunk compute (MLX)"  # MLX is lazy: the layer's attention runs where FlashFFN evaluates its input
+        # MLX is lazy: the layer's attention runs where FlashFFN evaluates its input
+        return "trunk compute (MLX)"
     return "FFN compute (MLX)" if _in_mlx(frames[ffn[-1] :], roots) else "FFN Python/numpy"
 
 

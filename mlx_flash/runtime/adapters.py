@@ -1,7 +1,8 @@
-"""Per-architecture facts about the FFN: where it lives, what its weights are called, its activation.
+"""Per-architecture facts about the FFN: where it lives, what its weights are called, its
+activation.
 
-One table, one row per mlx-lm ``model_type``. Everything else in the package reads FFN facts from here,
-so supporting a new architecture means adding a row (and a round-trip test).
+One table, one row per mlx-lm ``model_type``. Everything else in the package reads FFN facts from
+here, so supporting a new architecture means adding a row (and a round-trip test).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def spec_for(model_type: str) -> FFNSpec:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedModelError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"architecture {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}"
         ) from None
 
 
@@ -114,7 +116,7 @@ def set_ffn(model: nn.Module, spec: FFNSpec, layer: int, module: nn.Module) -> N
 
 
 def model_classes(config: dict) -> tuple[type, type]:
-    """mlx-lm's (Model, ModelArgs) for ``config``: the one place that uses mlx-lm's private lookup."""
+    """mlx-lm's (Model, ModelArgs) for ``config``: the one place using mlx-lm's private lookup."""
     from mlx_lm.utils import _get_classes
 
     try:

@@ -82,10 +82,12 @@ def trunk_bytes(path: Path, itemsize: int) -> int:
 
 
 def kv_layers(model, itemsize: int, options: FlashOptions) -> tuple[tuple[int, int | None], ...]:
-    """Per layer, KV bytes per token and the tokens its cache keeps, asked of the model's own caches.
+    """Per layer, KV bytes per token and the tokens its cache keeps, asked of the model's own
+    caches.
 
-    One token is run through the model lazily: nothing is evaluated, only the caches' shapes are read.
-    A rotating cache (sliding-window layers, ``max_kv_size``) keeps its size plus one prefill step.
+    One token is run through the model lazily: nothing is evaluated, only the caches' shapes
+    are read. A rotating cache (sliding-window layers, ``max_kv_size``) keeps its size plus
+    one prefill step.
     """
     caches = make_prompt_cache(model, options.max_kv_size)
     model(mx.zeros((1, 1), dtype=mx.int32), cache=caches)
@@ -196,8 +198,9 @@ def plan_memory(
 ) -> BudgetPlan:
     """Rows per layer the budget allows; a budget below the minimum is refused with what is needed.
 
-    ``selector``: bytes the selector holds; ``row_bytes``: one neuron's rows in a layer's buffers.
-    ``options.ffn_cache`` fixes the buffers' share of each layer's FFN instead of filling the budget.
+    ``selector``: bytes the selector holds; ``row_bytes``: one neuron's rows in a layer's
+    buffers. ``options.ffn_cache`` fixes the buffers' share of each layer's FFN instead of
+    filling the budget.
     """
     total = budget_bytes(options)
     fixed = _fixed(facts, options, selector)

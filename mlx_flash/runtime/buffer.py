@@ -6,14 +6,14 @@ moves the last used rows into the freed slots; new neurons are appended after th
 is ever reallocated. Row order does not change the FFN result, so compute runs on the first
 ``n_used`` rows (``arrays()``).
 
-Rows are written in place through writable numpy views that share memory with the MLX arrays (unified
-memory on Apple silicon, plain host memory on Linux). That is what makes loads zero-copy, and it is
-also a hazard: MLX is lazy and asynchronous (on Metal the GPU may still be reading a row when Python
-returns), so a computation built from ``arrays()`` but not yet evaluated would read whatever the rows
-hold *when it runs*, not when it was built. Callers therefore register the lazy outputs they compute
-from the buffer with ``fence(...)``; ``delete`` and ``append`` evaluate (and wait for) every
-registered output before they touch any row. ``arrays()`` views themselves follow the rows: they are
-valid only until the next ``delete``/``append``.
+Rows are written in place through writable numpy views that share memory with the MLX arrays
+(unified memory on Apple silicon, plain host memory on Linux). That is what makes loads zero-copy,
+and it is also a hazard: MLX is lazy and asynchronous (on Metal the GPU may still be reading a row
+when Python returns), so a computation built from ``arrays()`` but not yet evaluated would read
+whatever the rows hold *when it runs*, not when it was built. Callers therefore register the lazy
+outputs they compute from the buffer with ``fence(...)``; ``delete`` and ``append`` evaluate (and
+wait for) every registered output before they touch any row. ``arrays()`` views themselves follow
+the rows: they are valid only until the next ``delete``/``append``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ Loader = Callable[[np.ndarray, dict[str, np.ndarray], np.ndarray], ReadCount]
 """``loader(ids, dest, rows)`` writes part p of neuron ``ids[j]`` into ``dest[p][rows[j]]`` and says
 what that read cost (the store reader's ``read_neurons`` bound to a layer)."""
 
-# numpy has no bfloat16: such parts are stored and written as raw uint16 and viewed as bfloat16 for MLX.
+# numpy has no bfloat16: such parts are stored and written as raw uint16 and viewed as
+# bfloat16 for MLX.
 _STORAGE = {mx.bfloat16: mx.uint16}
 
 
@@ -46,7 +47,8 @@ def check_ids(ids: np.ndarray, n_neurons: int) -> np.ndarray:
 
 
 def unique_ids(ids: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """Sorted distinct ``ids``, checked; O(len(ids)) plus a fast scan of ``scratch`` (np.unique sorts).
+    """Sorted distinct ``ids``, checked; O(len(ids)) plus a fast scan of ``scratch``
+    (np.unique sorts).
 
     ``scratch`` is an all-False bool array of size n_neurons, left all-False.
     """
@@ -110,7 +112,8 @@ class NeuronBuffer:
 
     @property
     def neurons(self) -> np.ndarray:
-        """Resident neuron ids in slot order (a copy): row i of ``arrays()`` belongs to ``neurons[i]``."""
+        """Resident neuron ids in slot order (a copy): row i of ``arrays()`` belongs to
+        ``neurons[i]``."""
         return self._slot_neuron[: self.n_used].copy()
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
@@ -122,9 +125,11 @@ class NeuronBuffer:
         return self.slots_of(ids) >= 0
 
     def arrays(self, n: int | None = None) -> dict[str, mx.array]:
-        """Each part's first ``n`` rows (default ``n_used``) as MLX views of the buffer, for compute.
+        """Each part's first ``n`` rows (default ``n_used``) as MLX views of the buffer, for
+        compute.
 
-        Rows at or past ``n_used`` hold stale data. Register outputs computed from these with ``fence``.
+        Rows at or past ``n_used`` hold stale data. Register outputs computed from these
+        with ``fence``.
         """
         n = self.n_used if n is None else n
         if not 0 <= n <= self.capacity:
@@ -177,9 +182,9 @@ class NeuronBuffer:
     def append(self, ids: np.ndarray) -> ReadCount:
         """Load the ids that are not resident yet into the rows after the used ones; what it read.
 
-        Calls the loader once (not at all when nothing is missing). Raises ``BufferFullError`` before
-        loading if they do not fit. If the loader raises, the buffer is unchanged and the error
-        propagates.
+        Calls the loader once (not at all when nothing is missing). Raises ``BufferFullError``
+        before loading if they do not fit. If the loader raises, the buffer is unchanged and the
+        error propagates.
         """
         ids = unique_ids(ids, self._scratch)
         new = ids[self._neuron_slot[ids] < 0]
@@ -187,8 +192,8 @@ class NeuronBuffer:
             return ReadCount()
         if self.n_used + new.size > self.capacity:
             raise BufferFullError(
-                f"appending {new.size} neurons to {self.n_used} resident would exceed the capacity of "
-                f"{self.capacity}; delete some first"
+                f"appending {new.size} neurons to {self.n_used} resident would exceed the "
+                f"capacity of {self.capacity}; delete some first"
             )
         self._sync()
         rows = np.arange(self.n_used, self.n_used + new.size)

@@ -1,14 +1,15 @@
 """What conversion measured about a model's FFN activations, as stored in its flash model directory.
 
-``python -m mlx_flash.convert`` runs the dense model over calibration text (convert/calibrate.py) and
-keeps, per layer, how often each neuron was active and quantiles of the activation magnitudes, plus
-the trained low-rank activation predictors. The runtime reads them back: thresholds for a target
-sparsity come from the quantiles, pinned neurons from the frequencies, the ``predictor`` selector from
-the predictors. Arrays live in two safetensors files; the manifest's ``extra`` names them and carries
-the small facts (tokens seen, the conversion's sparsity, the predictors' measured quality).
+``python -m mlx_flash.convert`` runs the dense model over calibration text (convert/calibrate.py)
+and keeps, per layer, how often each neuron was active and quantiles of the activation
+magnitudes, plus the trained low-rank activation predictors. The runtime reads them back:
+thresholds for a target sparsity come from the quantiles, pinned neurons from the frequencies,
+the ``predictor`` selector from the predictors. Arrays live in two safetensors files; the
+manifest's ``extra`` names them and carries the small facts (tokens seen, the conversion's
+sparsity, the predictors' measured quality).
 
-Terms: a neuron's activation is ``h = act(gate)*up`` (gated FFNs) or ``act(up)``; it is *active* for a
-token when ``|h|`` is above the layer's threshold: 0 for ReLU-family FFNs (exact zeros) unless a
+Terms: a neuron's activation is ``h = act(gate)*up`` (gated FFNs) or ``act(up)``; it is *active* for
+a token when ``|h|`` is above the layer's threshold: 0 for ReLU-family FFNs (exact zeros) unless a
 sparsity is asked for, else the quantile of ``|h|`` at the target sparsity.
 """
 
@@ -45,7 +46,8 @@ def default_sparsity(manifest: Manifest) -> float | None:
 
 @dataclass
 class Calibration:
-    """Per-layer activation statistics (arrays are [layers, ...]); ``sparsity`` None means natural zeros."""
+    """Per-layer activation statistics (arrays are [layers, ...]); ``sparsity`` None means
+    natural zeros."""
 
     frequency: (
         np.ndarray
@@ -57,7 +59,8 @@ class Calibration:
     tokens: int
 
     def threshold(self, layer: int, sparsity: float | None, of: str = "magnitude") -> float:
-        """|h| (or |act(gate)| with ``of="gate"``) above which a neuron counts as active at ``sparsity``."""
+        """|h| (or |act(gate)| with ``of="gate"``) above which a neuron counts as active at
+        ``sparsity``."""
         if sparsity is None:
             return 0.0
         if not 0.0 <= sparsity < 1.0:
@@ -70,8 +73,8 @@ class Calibration:
 
 @dataclass
 class Predictors:
-    """Per layer ``logits = (x @ w_in) @ w_out + bias``; a neuron is predicted active where ``logits > cut``
-    (``cut`` 0 is probability 0.5; conversion calibrates it per layer)."""
+    """Per layer ``logits = (x @ w_in) @ w_out + bias``; a neuron is predicted active where
+    ``logits > cut`` (``cut`` 0 is probability 0.5; conversion calibrates it per layer)."""
 
     w_in: list[mx.array]  # [d_model, rank]
     w_out: list[mx.array]  # [rank, d_ffn]

@@ -1,13 +1,15 @@
-"""The storage cost model: read throughput as a function of read size and threads (the paper's fig. 2b).
+"""The storage cost model: read throughput as a function of read size and threads (the paper's
+fig. 2b).
 
-Why: flash is fast only for large reads with many in flight (DESIGN.md §2), so the runtime needs to know,
-for this machine's disk, how many threads to use and what a token's reads should cost. ``mlx_flash.probe``
-measures it; without a probe the model falls back to the numbers DESIGN.md §5 reports for these machines.
+Why: flash is fast only for large reads with many in flight (DESIGN.md §2), so the runtime needs to
+know, for this machine's disk, how many threads to use and what a token's reads should cost.
+``mlx_flash.probe`` measures it; without a probe the model falls back to the numbers DESIGN.md §5
+reports for these machines.
 
-Per thread count t, a read of s bytes costs ``a_t + s / b_t`` seconds of the device's time shared by the t
-threads: ``a_t`` is the per-read cost (latency divided by the parallelism the device and the OS achieve),
-``b_t`` the streaming bandwidth. Throughput is ``s / (a_t + s / b_t)``; between measured thread counts it is
-interpolated geometrically, outside them clamped.
+Per thread count t, a read of s bytes costs ``a_t + s / b_t`` seconds of the device's time shared by
+the t threads: ``a_t`` is the per-read cost (latency divided by the parallelism the device and the
+OS achieve), ``b_t`` the streaming bandwidth. Throughput is ``s / (a_t + s / b_t)``; between
+measured thread counts it is interpolated geometrically, outside them clamped.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ from .files import cache_root
 PROBE_FORMAT = "mlx_flash-probe"
 PROBE_VERSION = 1
 
-# DESIGN.md §5, direct I/O on the development machines: 4 KiB reads 70 MB/s (1 thread) and 300 MB/s (32);
-# 64 KiB reads 0.5 GB/s and 2 GB/s. Solved for a_t and b_t at t = 1 and 32.
+# DESIGN.md §5, direct I/O on the development machines: 4 KiB reads 70 MB/s (1 thread) and 300 MB/s
+# (32); 64 KiB reads 0.5 GB/s and 2 GB/s. Solved for a_t and b_t at t = 1 and 32.
 _DEFAULT_POINTS = {1: ((4096, 70e6), (65536, 0.5e9)), 32: ((4096, 300e6), (65536, 2e9))}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One probe measurement: ``threads`` threads reading ``chunk``-byte pieces at ``bytes_per_s``."""
+    """A probe measurement: ``threads`` threads reading ``chunk``-byte pieces at ``bytes_per_s``."""
 
     chunk: int
     threads: int
@@ -39,7 +41,7 @@ class Cell:
 
 
 def _fit_line(cells: Sequence[Cell]) -> tuple[float, float]:
-    """(a, 1/b) of ``s / throughput = a + s / b``, least squares on relative error, both kept >= 0."""
+    """(a, 1/b) of ``s / throughput = a + s / b``, least squares on relative error, both >= 0."""
     xs = [c.chunk for c in cells]
     ys = [c.chunk / c.bytes_per_s for c in cells]
     ws = [1.0 / y**2 for y in ys]  # minimise the squared relative residuals
@@ -117,7 +119,8 @@ class CostModel:
         return lo ** (1 - w) * hi**w
 
     def best_threads(self, read_bytes: float, tolerance: float = 0.05) -> int:
-        """Fewest measured threads within ``tolerance`` of the best throughput (fewer threads, less CPU)."""
+        """Fewest measured threads within ``tolerance`` of the best throughput (fewer threads,
+        less CPU)."""
         rates = [self._at(i, max(1.0, read_bytes)) for i in range(len(self.threads))]
         best = max(rates)
         return next(
@@ -125,8 +128,9 @@ class CostModel:
         )
 
     def reader_threads(self, record_bytes: float) -> int:
-        """Threads for the runtime's reader: the probe's fastest for batches of small reads when it timed them
-        (the disk alone favours more threads than a machine with few cores can wake cheaply), else the disk's."""
+        """Threads for the runtime's reader: the probe's fastest for batches of small reads when it
+        timed them (the disk alone favours more threads than a machine with few cores can wake
+        cheaply), else the disk's."""
         return self.batch_threads or self.best_threads(record_bytes)
 
     def best_throughput(self, read_bytes: float) -> float:
@@ -134,10 +138,11 @@ class CostModel:
         return max(self._at(i, max(1.0, read_bytes)) for i in range(len(self.threads)))
 
     def run_bytes(self, threads: int, share: float = 0.9) -> int:
-        """Smallest power-of-two read (64 KiB .. 4 MiB) reaching ``share`` of the bandwidth at ``threads``.
+        """Smallest power-of-two read (64 KiB .. 4 MiB) reaching ``share`` of the bandwidth at
+        ``threads``.
 
-        Why: a long run (a whole layer streamed) is split into reads of this size, so that its pieces keep
-        every thread busy instead of a few 1 MiB reads leaving most of them idle.
+        Why: a long run (a whole layer streamed) is split into reads of this size, so that its
+        pieces keep every thread busy instead of a few 1 MiB reads leaving most of them idle.
         """
         size = 64 << 10
         while size < 4 << 20 and self.throughput(size, threads) < share * self.throughput(
@@ -147,7 +152,8 @@ class CostModel:
         return size
 
     def read_seconds(self, nbytes: float, reads: float, threads: int | None = None) -> float:
-        """Estimated time to read ``nbytes`` in ``reads`` reads (mean size) with ``threads`` (default: best)."""
+        """Estimated time to read ``nbytes`` in ``reads`` reads (mean size) with ``threads``
+        (default: best)."""
         if reads <= 0 or nbytes <= 0:
             return 0.0
         size = nbytes / reads

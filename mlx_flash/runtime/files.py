@@ -1,7 +1,7 @@
 """Files the package writes: the cache folder, and writes that never leave a half-written file.
 
-Why: a crash or Ctrl-C while writing a manifest, settings, a probe, calibration arrays, a download or
-a whole converted directory must leave what the user already had as it was. Every write goes to a
+Why: a crash or Ctrl-C while writing a manifest, settings, a probe, calibration arrays, a download
+or a whole converted directory must leave what the user already had as it was. Every write goes to a
 temporary path beside its target and is renamed onto it only once complete.
 """
 
@@ -28,7 +28,8 @@ def cache_root() -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix) to write; renamed onto ``path`` if the block succeeds.
+    """A temporary path beside ``path`` (same suffix) to write; renamed onto ``path`` if the
+    block succeeds.
 
     The suffix is kept because some writers add their own (``mx.save_safetensors``).
     """
@@ -53,7 +54,8 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def staging_dir(out: Path) -> Path:
-    """A fresh hidden directory beside ``out`` to build it in; stale ones of dead processes are removed."""
+    """A fresh hidden directory beside ``out`` to build it in; stale ones of dead processes are
+    removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
@@ -66,7 +68,8 @@ def staging_dir(out: Path) -> Path:
 
 
 def publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a finished staging directory onto ``out``; with ``force`` the old ``out`` goes only after."""
+    """Move a finished staging directory onto ``out``; with ``force`` the old ``out`` goes only
+    after."""
     if not out.exists():
         os.replace(tmp, out)
         return

@@ -57,9 +57,10 @@ class LayerState:
 class ThreadGuard:
     """Refuses a model's FFN call while another thread is inside a forward pass of the same model.
 
-    A forward pass starts at layer 0; the thread that starts it owns the model until another thread
-    starts one. Buffers and windows are per model, so two overlapping passes would corrupt each other
-    (wrong tokens, or errors deep inside the buffers): the second one gets a clear FlashError instead.
+    A forward pass starts at layer 0; the thread that starts it owns the model until another
+    thread starts one. Buffers and windows are per model, so two overlapping passes would corrupt
+    each other (wrong tokens, or errors deep inside the buffers): the second one gets a clear
+    FlashError instead.
     """
 
     def __init__(self) -> None:
@@ -225,7 +226,7 @@ class FlashFFN(nn.Module):
         return np.setdiff1d(ids, st.pinned_ids)
 
     def _forget(self, stats: LayerStats) -> None:
-        """With window k=0 nothing but the pinned rows is kept between calls (the bench's baselines)."""
+        """With window k=0 only the pinned rows are kept between calls (the bench's baselines)."""
         st = self._state
         if self._runtime.options.window == 0 and st.buffer is not None:
             stats.dropped += st.buffer.clear()

@@ -46,8 +46,9 @@ from .window import SlidingWindow
 class FlashRuntime:
     """What a loaded flash model carries besides its trunk (``model.flash``).
 
-    ``observe``: if set, called as ``observe(layer, x, selection)`` with every decode selection (the
-    FFN input it was made from and the ``Selection``); ``mlx_flash.evaluate`` measures recall with it.
+    ``observe``: if set, called as ``observe(layer, x, selection)`` with every decode selection
+    (the FFN input it was made from and the ``Selection``); ``mlx_flash.evaluate`` measures
+    recall with it.
     """
 
     directory: Path
@@ -219,9 +220,10 @@ def load(
     """Load a flash model directory; returns ``(model, tokenizer)`` usable with mlx_lm.generate.
 
     Keywords are ``FlashOptions``' fields; the directory's ``flash_settings.json`` supplies what
-    they leave out. ``tokenizer_config`` goes to mlx-lm's tokenizer loader, as in ``mlx_lm.load``. ``model.flash`` is the ``FlashRuntime`` (telemetry, plan, store reader). A
-    damaged or mismatched directory raises a ``FlashError`` naming the file, before anything large
-    is allocated; a budget too small raises ``BudgetError`` with what the model needs.
+    they leave out. ``tokenizer_config`` goes to mlx-lm's tokenizer loader, as in ``mlx_lm.load``.
+    ``model.flash`` is the ``FlashRuntime`` (telemetry, plan, store reader). A damaged or mismatched
+    directory raises a ``FlashError`` naming the file, before anything large is allocated; a budget
+    too small raises ``BudgetError`` with what the model needs.
 
     Memory: ``model.flash.plan`` is what MLX may hold for the model. MLX's buffer cache is capped at
     the plan's slack (``mx.set_cache_limit`` is process-wide and only ever lowered). Prefill in
@@ -321,7 +323,8 @@ def _load_config(directory: Path) -> dict:
 
 
 def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
-    """Each buffered part's (row width, MLX dtype): floats in the compute dtype, packed words as is."""
+    """Each buffered part's (row width, MLX dtype): floats in the compute dtype, packed words as
+    is."""
     return {
         p.name: (p.length, mx.uint32 if p.dtype == "uint32" else dtype)
         for p in manifest.layers[0].parts()
@@ -369,7 +372,7 @@ def _pinned_ids(calibration: Calibration | None, layer: int, rows: int) -> np.nd
 
 
 def _make_layer(runtime: FlashRuntime, index: int, parts: dict, pinned_ids: np.ndarray) -> FlashFFN:
-    """One layer's FlashFFN with its preallocated buffers (rows stay empty until the first token)."""
+    """A layer's FlashFFN with its preallocated buffers (rows stay empty until the first token)."""
     plan, manifest, reader = runtime.plan, runtime.manifest, runtime.reader
     load_rows = partial(reader.read_neurons, index)
     state = LayerState(index, manifest.d_ffn, None, pinned_ids, None, None, None)

@@ -1,13 +1,14 @@
 """The versioned manifest of a flash model directory, and the directory's file names.
 
-A manifest says everything a reader needs without opening the store: the FFN shape and activation, the
-store file's size, and per layer where each neuron's record lives and which parts it holds. A reader
-rejects what it does not understand with a ``FlashFormatError`` that names the file.
+A manifest says everything a reader needs without opening the store: the FFN shape and activation,
+the store file's size, and per layer where each neuron's record lives and which parts it holds. A
+reader rejects what it does not understand with a ``FlashFormatError`` that names the file.
 
-Store geometry: each layer has one or more *regions* (one for the bundled layout; gate, up and down for
-the unbundled one). A region holds ``n_records`` records of ``record_stride`` bytes from ``offset``;
-record i belongs to neuron i. A record is a sequence of *parts* (e.g. the gate row, the up row, the down
-column, a per-neuron bias; for quantized stores the packed words, scales and biases of each vector).
+Store geometry: each layer has one or more *regions* (one for the bundled layout; gate, up and down
+for the unbundled one). A region holds ``n_records`` records of ``record_stride`` bytes from
+``offset``; record i belongs to neuron i. A record is a sequence of *parts* (e.g. the gate row, the
+up row, the down column, a per-neuron bias; for quantized stores the packed words, scales and biases
+of each vector).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def numpy_storage_dtype(dtype: str) -> np.dtype:
 
 @dataclass(frozen=True)
 class Part:
-    """One vector inside a record: ``name`` (e.g. "gate", "up.scales"), byte offset, element count, dtype."""
+    """One vector inside a record: ``name`` (e.g. "gate", "up.scales"), byte offset, element
+    count, dtype."""
 
     name: str
     offset: int
@@ -336,7 +338,8 @@ def _check_geometry(manifest: Manifest, path: Path) -> None:
 
 
 def _part_shape(name: str, manifest: Manifest) -> tuple[int, str] | None:
-    """(elements, dtype) a record part of this name must have, from the FFN shape; None for unknown names."""
+    """(elements, dtype) a record part of this name must have, from the FFN shape; None for
+    unknown names."""
     q, base, suffix = manifest.quantization, *name.partition(".")[::2]
     if name in ("gate_bias", "up_bias"):
         return 1, manifest.dtype
@@ -356,7 +359,8 @@ def _part_shape(name: str, manifest: Manifest) -> tuple[int, str] | None:
 
 
 def _check_ffn_parts(manifest: Manifest, path: Path) -> None:
-    """Every layer's records hold the same parts, and those make this FFN: what the runtime's buffers assume."""
+    """Every layer's records hold the same parts, and those make this FFN: what the runtime's
+    buffers assume."""
     if not manifest.layers:
         raise FlashFormatError(f"{path}: manifest has no layers")
     first = sorted((p.name, p.length, p.dtype) for r in manifest.layers[0].regions for p in r.parts)
@@ -369,8 +373,8 @@ def _check_ffn_parts(manifest: Manifest, path: Path) -> None:
             raise FlashFormatError(f"{path}: unknown record part {name!r}")
         if (length, dtype) != shape:
             raise FlashFormatError(
-                f"{path}: record part {name!r} is {length} x {dtype}, expected {shape[0]} x {shape[1]} "
-                f"for d_model={manifest.d_model}"
+                f"{path}: record part {name!r} is {length} x {dtype}, expected "
+                f"{shape[0]} x {shape[1]} for d_model={manifest.d_model}"
             )
     wanted = {"up", "down"} | ({"gate"} if manifest.gated else set())
     vectors = {n.partition(".")[0] for n in names} - {"gate_bias", "up_bias"}
@@ -387,7 +391,8 @@ def _check_ffn_parts(manifest: Manifest, path: Path) -> None:
         bias = layer.blobs.get("down_bias")
         if bias is not None and bias.length != manifest.d_model:
             raise FlashFormatError(
-                f"{path}: layer {layer.index}'s down_bias has {bias.length} values, expected {manifest.d_model}"
+                f"{path}: layer {layer.index}'s down_bias has {bias.length} values, expected "
+                f"{manifest.d_model}"
             )
 
 
@@ -396,7 +401,8 @@ def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise FlashFormatError(
-            f"{path}: missing; {directory} is not a flash model directory (convert it with python -m mlx_flash.convert)"
+            f"{path}: missing; {directory} is not a flash model directory "
+            "(convert it with python -m mlx_flash.convert)"
         )
     try:
         data = json.loads(path.read_text())
@@ -413,7 +419,8 @@ def check_store_file(directory: str | Path, manifest: Manifest) -> Path:
     size = store.stat().st_size
     if size != manifest.store_size:
         raise FlashFormatError(
-            f"{store}: store is {size} bytes but the manifest says {manifest.store_size} (truncated or replaced?)"
+            f"{store}: store is {size} bytes but the manifest says {manifest.store_size} "
+            "(truncated or replaced?)"
         )
     return store
 
@@ -424,8 +431,9 @@ def trunk_files(directory: str | Path) -> list[Path]:
 
 
 def directory_problems(directory: str | Path, manifest: Manifest) -> list[str]:
-    """What is wrong with a flash model directory besides its manifest (the store's size, the config,
-    the trunk files' headers, the tokenizer), cheaply: nothing large is read. Empty when intact."""
+    """What is wrong with a flash model directory besides its manifest (the store's size, the
+    config, the trunk files' headers, the tokenizer), cheaply: nothing large is read. Empty
+    when intact."""
     directory = Path(directory)
     problems = []
     try:
@@ -468,10 +476,11 @@ MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own limit
 
 
 def check_trunk_file(path: str | Path) -> dict[str, Any]:
-    """The cheap load-time check of a trunk safetensors file: its header parses and every tensor lies in the file.
+    """The cheap load-time check of a trunk safetensors file: its header parses and every tensor
+    lies in the file.
 
-    Reads only the header (a few KB), so a truncated or damaged trunk is reported with its name before
-    MLX allocates anything. Returns the header's tensor entries.
+    Reads only the header (a few KB), so a truncated or damaged trunk is reported with its name
+    before MLX allocates anything. Returns the header's tensor entries.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -480,7 +489,8 @@ def check_trunk_file(path: str | Path) -> dict[str, Any]:
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
             raise FlashFormatError(
-                f"{path}: not a safetensors file, or truncated (header length {n}, file {size} bytes)"
+                f"{path}: not a safetensors file, or truncated "
+                f"(header length {n}, file {size} bytes)"
             )
         raw = f.read(n)
     try:
@@ -500,7 +510,8 @@ def check_trunk_file(path: str | Path) -> dict[str, Any]:
             raise FlashFormatError(f"{path}: damaged safetensors header entry for tensor {name!r}")
         if span[1] > data:
             raise FlashFormatError(
-                f"{path}: tensor {name!r} ends at byte {span[1]} of the data but the file holds {data} (truncated?)"
+                f"{path}: tensor {name!r} ends at byte {span[1]} of the data but the file holds "
+                f"{data} (truncated?)"
             )
         if math.prod(shape) * SAFETENSORS_DTYPES[t["dtype"]] != span[1] - span[0]:
             raise FlashFormatError(

@@ -1,9 +1,9 @@
 """Run-time options of a flash model: the one definition of every setting.
 
-``FlashOptions``' fields are ``mlx_flash.load``'s keywords, the keys ``flash_settings.json`` accepts,
-and (through ``mlx_flash.cli``) the flash flags of every command. A field's metadata holds its help
-text, its flag, how a value is checked, old names kept as deprecated aliases, and the default of a
-command that needs another one than the package's.
+``FlashOptions``' fields are ``mlx_flash.load``'s keywords, the keys ``flash_settings.json``
+accepts, and (through ``mlx_flash.cli``) the flash flags of every command. A field's metadata holds
+its help text, its flag, how a value is checked, old names kept as deprecated aliases, and the
+default of a command that needs another one than the package's.
 
 Where a value comes from, last wins: the field's default, the model directory's
 ``flash_settings.json``, the command's default, then what the caller passes.
@@ -117,7 +117,8 @@ class FlashOptions:
     )
     window: int = option(
         4,
-        "tokens of history whose neurons stay buffered (k; 0 keeps only pinned rows between tokens)",
+        "tokens of history whose neurons stay buffered "
+        "(k; 0 keeps only pinned rows between tokens)",
         _whole(0),
         metavar="K",
     )

@@ -1,8 +1,9 @@
-"""Keeping benchmark reads honest: where a file lives, dropping it from the page cache, and checking.
+"""Keeping benchmark reads honest: where a file lives, dropping it from the page cache, and
+checking.
 
-Why: a read served from the page cache (or from RAM-backed tmpfs) measures memory, not flash. The probe
-and the bench drop their files from the cache before measuring, refuse tmpfs, and report how much of a
-file is cached afterwards, so a reader can see that the bypass held.
+Why: a read served from the page cache (or from RAM-backed tmpfs) measures memory, not flash. The
+probe and the bench drop their files from the cache before measuring, refuse tmpfs, and report how
+much of a file is cached afterwards, so a reader can see that the bypass held.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ RAM_FILE_SYSTEMS = ("tmpfs", "ramfs", "devtmpfs", "overlay-tmpfs")
 
 
 def file_system_type(path: str | Path) -> str:
-    """Type of the file system holding ``path`` (longest mount point prefix in /proc/self/mounts)."""
+    """Type of the file system holding ``path`` (longest mount point prefix in
+    /proc/self/mounts)."""
     best, kind = "", "unknown"
     target = str(Path(path).resolve())
     try:
@@ -48,7 +50,8 @@ def drop_from_page_cache(path: str | Path) -> None:
 
 
 def cached_bytes(path: str | Path) -> int | None:
-    """Bytes of ``path`` in the page cache (util-linux ``fincore``), None where that cannot be told."""
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``), None where that cannot be
+    told."""
     if shutil.which("fincore") is None:
         return None
     out = subprocess.run(

@@ -5,7 +5,8 @@ sorted unique neuron ids (numpy int64) and, when it computed them exactly, the a
 gate. For several tokens at once (a batch of sequences decoding together) the ids are the union over
 the tokens, so every sequence gets every neuron any of them needs.
 
-- ``dense``: every neuron (exact; the paper's naive baseline when the buffer is smaller than the FFN).
+- ``dense``: every neuron (exact; the paper's naive baseline when the buffer is
+  smaller than the FFN).
 - ``predictor`` (the paper): per layer a low-rank network trained at conversion predicts which
   neurons will be active; those above a per-layer cut calibrated on held-back text are selected. Its
   weights stay in DRAM.
@@ -125,7 +126,8 @@ class GateSelector:
 
 
 class PredictorSelector:
-    """Neurons whose predicted logit is above the layer's calibrated cut (``convert/predictor.py``)."""
+    """Neurons whose predicted logit is above the layer's calibrated cut
+    (``convert/predictor.py``)."""
 
     name = "predictor"
     needs_input = True

@@ -1,27 +1,29 @@
-"""Store reader: coalesced, parallel reads of neuron records from the flash store into neuron buffers.
+"""Store reader: coalesced, parallel reads of neuron records from the flash store into neuron
+buffers.
 
 Why this shape: flash is fast only for large reads with many in flight (README, "Design"). So the
 ids of a call are sorted, adjacent ids are merged into one read per region run (capped at
 ``max_run_bytes``), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
 
 Two ways a run lands in the destination:
-- *scatter*: when the store dtype of every wanted part equals the destination dtype and the destination
-  is C-contiguous, one ``preadv`` scatters each record's parts straight into the destination rows; padding
-  and skipped parts go to a small write-only sink buffer. No intermediate copy. The iovec lists are built
-  by the calling thread, so workers hold the GIL for little more than the preadv call. Only for short runs
-  (at most ``SCATTER_MAX_RECORDS`` records): building one iovec per part per record costs more Python time
-  than the copy it saves once a run is longer (whole layers read 1.7x faster staged, measured warm).
-- *staged*: otherwise (long runs, other dtype, or O_DIRECT) the run is read into a per-thread staging
-  buffer and copied or converted once into the destination (float16 -> float32, bfloat16 -> float32 by a
-  16-bit shift, ...).
+- *scatter*: when the store dtype of every wanted part equals the destination dtype and the
+  destination is C-contiguous, one ``preadv`` scatters each record's parts straight into the
+  destination rows; padding and skipped parts go to a small write-only sink buffer. No intermediate
+  copy. The iovec lists are built by the calling thread, so workers hold the GIL for little more
+  than the preadv call. Only for short runs (at most ``SCATTER_MAX_RECORDS`` records): building one
+  iovec per part per record costs more Python time than the copy it saves once a run is longer
+  (whole layers read 1.7x faster staged, measured warm).
+- *staged*: otherwise (long runs, other dtype, or O_DIRECT) the run is read into a per-thread
+  staging buffer and copied or converted once into the destination (float16 -> float32, bfloat16 ->
+  float32 by a 16-bit shift, ...).
 
 With ``page_cache=False`` reads bypass the OS page cache (``mlx_flash.runtime.uncached``); with
 ``O_DIRECT`` they go through the aligned staging buffer.
 
-Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing from
-``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate ids or
-duplicate rows in one call are rejected with ``ValueError``: a neuron buffer never holds a neuron twice, and
-two reads racing into one row would be a bug of the caller.
+Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing
+from ``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate
+ids or duplicate rows in one call are rejected with ``ValueError``: a neuron buffer never holds a
+neuron twice, and two reads racing into one row would be a bug of the caller.
 """
 
 from __future__ import annotations
@@ -83,11 +85,11 @@ class _RegionPlan:
 
     @property
     def between(self) -> int:
-        """Bytes from the end of the last wanted part of a record to the first of the next record."""
+        """Bytes from the end of a record's last wanted part to the first of the next record."""
         return self.region.record_stride - self.tail + self.lead
 
     def span(self, n_records: int) -> int:
-        """Bytes from the first wanted byte of the first record to the last wanted byte of the last."""
+        """Bytes from the first record's first wanted byte to the last record's last one."""
         return (n_records - 1) * self.region.record_stride + self.tail - self.lead
 
 
@@ -98,7 +100,7 @@ def _round_up(n: int, to: int) -> int:
 def _sorted_request(
     ids: np.ndarray, rows: np.ndarray, n_records: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ids sorted ascending with their rows; rejects out-of-range, duplicate ids and duplicate rows."""
+    """Ids sorted ascending with their rows; rejects out-of-range ids, duplicate ids and rows."""
     if ids.ndim != 1 or ids.shape != rows.shape:
         raise ValueError(
             f"ids and rows must be 1-D and of equal length (got {ids.shape} and {rows.shape})"
@@ -124,7 +126,7 @@ def _run_bounds(sids: np.ndarray, cap: int) -> list[tuple[int, int]]:
 
 
 def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str) -> None:
-    """``dst[rows] = src`` where ``src`` holds raw store values of ``dtype`` (bfloat16 as uint16)."""
+    """``dst[rows] = src``, ``src`` holding raw store values of ``dtype`` (bfloat16 as uint16)."""
     if dtype == "bfloat16" and dst.dtype.kind == "f":
         src = (src.astype(np.uint32) << 16).view(np.float32)
     dst[rows] = src
@@ -155,7 +157,8 @@ class StoreReader:
         bypass: str = "auto",
         max_run_bytes: int = 1 << 20,
     ) -> None:
-        """``bypass`` picks how ``page_cache=False`` is done: "auto", "nocache", "dontcache" or "direct"."""
+        """``bypass`` picks how ``page_cache=False`` is done: "auto", "nocache", "dontcache" or
+        "direct"."""
         if not 1 <= threads <= MAX_THREADS:
             raise ValueError(f"threads must be in 1..{MAX_THREADS} (got {threads})")
         if max_run_bytes < 1:
@@ -190,7 +193,7 @@ class StoreReader:
             self.close()
             raise
 
-    # -- opening and closing -------------------------------------------------------------------------
+    # -- opening and closing -----------------------------------------------------------------------
 
     def _open(self, page_cache: bool, bypass: str) -> None:
         self._file = UncachedFile(self.path, page_cache, bypass)
@@ -201,7 +204,8 @@ class StoreReader:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mlx_flash-store")
 
     def close(self, *, join: bool = True) -> None:
-        """Join the threads and close the files; safe to call twice (``join=False``: let idle threads exit)."""
+        """Join the threads and close the files; safe to call twice (``join=False``: let idle
+        threads exit)."""
         if self._closed:
             return
         self._closed = True
@@ -213,8 +217,9 @@ class StoreReader:
             self._file.close()
 
     def __del__(self) -> None:
-        # A reader dropped without close() (its model garbage-collected) must not keep its descriptors and
-        # threads. No read can be in flight: a read in progress holds a reference to the reader.
+        # A reader dropped without close() (its model garbage-collected) must not keep its
+        # descriptors and threads. No read can be in flight: a read in progress holds a reference
+        # to the reader.
         if not getattr(self, "_closed", True):
             self.close(join=False)
 
@@ -224,7 +229,7 @@ class StoreReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- public reads --------------------------------------------------------------------------------
+    # -- public reads ------------------------------------------------------------------------------
 
     def read_neurons(
         self,
@@ -233,7 +238,8 @@ class StoreReader:
         dest: Mapping[str, np.ndarray],
         rows: Sequence[int] | np.ndarray,
     ) -> ReadCount:
-        """Read neurons ``ids`` of ``layer`` so that ``dest[p][rows[j]]`` gets part p of neuron ``ids[j]``."""
+        """Read neurons ``ids`` of ``layer`` so that ``dest[p][rows[j]]`` gets part p of neuron
+        ``ids[j]``."""
         t0 = time.perf_counter()
         done = ReadCount()
         try:
@@ -256,8 +262,8 @@ class StoreReader:
     def read_layer(
         self, layer: int, parts: Sequence[str] | None = None, floats: type | None = np.float32
     ) -> dict[str, np.ndarray]:
-        """Every neuron of ``layer``: each part (default all) as a [d_ffn, length] array; float parts
-        converted to ``floats`` (None: raw store values), packed quantized words as uint32."""
+        """Every neuron of ``layer``: each part (default all) as a [d_ffn, length] array; float
+        parts converted to ``floats`` (None: raw store values), packed quantized words as uint32."""
         entry = self._layer(layer)
 
         def dtype(p: Part) -> np.dtype:
@@ -276,13 +282,15 @@ class StoreReader:
     def read_range(
         self, layer: int, start: int, stop: int, dest: Mapping[str, np.ndarray], row0: int = 0
     ) -> ReadCount:
-        """Read neurons [start, stop) into rows [row0, row0 + stop - start): coalescing makes it sequential."""
+        """Read neurons [start, stop) into rows [row0, row0 + stop - start): coalescing makes it
+        sequential."""
         return self.read_neurons(
             layer, np.arange(start, stop), dest, np.arange(row0, row0 + stop - start)
         )
 
     def read_blob(self, layer: int, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
-        """A per-layer blob (e.g. the down bias) as a copy; raw store dtype unless ``dtype`` is given."""
+        """A per-layer blob (e.g. the down bias) as a copy; raw store dtype unless ``dtype`` is
+        given."""
         entry = self._layer(layer)
         if name not in entry.blobs:
             raise KeyError(
@@ -299,7 +307,8 @@ class StoreReader:
         return out
 
     def layer_digest(self, layer: int) -> str:
-        """Hex digest (manifest.checksum_algorithm) of the layer's bytes, streamed with this reader's cache mode."""
+        """Hex digest (manifest.checksum_algorithm) of the layer's bytes, streamed with this
+        reader's cache mode."""
         entry = self._layer(layer)
         h = hashlib.new(self.manifest.checksum_algorithm)
         chunk = self.max_run_bytes
@@ -309,7 +318,7 @@ class StoreReader:
             h.update(memoryview(buf)[pos : pos + n])
         return h.hexdigest()
 
-    # -- planning ------------------------------------------------------------------------------------
+    # -- planning ----------------------------------------------------------------------------------
 
     def _layer(self, layer: int) -> LayerEntry:
         if self._closed:
@@ -398,7 +407,8 @@ class StoreReader:
     def _record_iovecs(
         self, plan: _RegionPlan, dest: Mapping[str, np.ndarray], rows: np.ndarray
     ) -> list[tuple[memoryview, ...]]:
-        """Per record of the call, the iovecs that receive it: its destination rows, sink slices between."""
+        """Per record of the call, the iovecs that receive it: its destination rows, sink slices
+        between."""
         columns: list[Iterable[memoryview]] = []
         for name, n in plan.segments:
             if name is None:
@@ -410,10 +420,10 @@ class StoreReader:
             columns.append(repeat(self._sink[: plan.between]))
         return list(zip(*columns, strict=False))
 
-    # -- execution -----------------------------------------------------------------------------------
+    # -- execution ---------------------------------------------------------------------------------
 
     def _execute(self, jobs: list[Callable[[], int]]) -> ReadCount:
-        """Run the jobs inline (one thread or one job) or on the pool; returns only when all are done."""
+        """Run the jobs inline (one thread or one job) or on the pool; returns once all are done."""
         call = _Call(jobs)
         if self._pool is None or len(jobs) == 1:
             return self._drain(call)
@@ -422,16 +432,17 @@ class StoreReader:
             for _ in range(min(self.threads, len(jobs))):
                 futures.append(self._pool.submit(self._drain, call))
             wait(futures)  # no worker may still write into dest when we return or raise
-        except (
-            BaseException
-        ):  # Ctrl-C (KeyboardInterrupt) here, even inside submit (its work item is queued)
-            call.stop()  # no run starts any more, and none in progress writes into dest after we raise
+        # Ctrl-C (KeyboardInterrupt) here, even inside submit (its work item is queued)
+        except BaseException:
+            # no run starts any more, and none in progress writes into dest after we raise
+            call.stop()
             raise
         counts = [f.result() for f in futures]
         return sum(counts, ReadCount())
 
     def _drain(self, call: _Call) -> ReadCount:
-        """Worker loop: take jobs from the call until none is left or the call was stopped (a job failed)."""
+        """Worker loop: take jobs from the call until none is left or the call was stopped (a job
+        failed)."""
         nbytes = reads = 0
         while (job := call.take()) is not None:
             try:
@@ -452,7 +463,7 @@ class StoreReader:
         rows: np.ndarray,
         dest: Mapping[str, np.ndarray],
     ) -> int:
-        """Read a run into the staging buffer, then convert each wanted part into its rows at once."""
+        """Read a run into the staging buffer, then convert each wanted part into its rows."""
         n, stride = len(rows), plan.region.record_stride
         buf, pos, nbytes = self._read_staged(layer, offset, plan.span(n))
         for p in plan.wanted:
@@ -468,7 +479,8 @@ class StoreReader:
         return nbytes
 
     def _read_staged(self, layer: int, offset: int, nbytes: int) -> tuple[mmap.mmap, int, int]:
-        """Read [offset, offset+nbytes) into this thread's staging buffer: (buffer, data position, bytes read)."""
+        """Read [offset, offset+nbytes) into this thread's staging buffer: (buffer, data
+        position, bytes read)."""
         staging = self._staging()
         if self.cache_mode != "direct":
             return (
@@ -488,16 +500,19 @@ class StoreReader:
         )
 
     def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> int:
-        """One preadv of ``expect`` bytes; an OSError or a short read becomes StoreReadError naming file, layer, offset."""
+        """One preadv of ``expect`` bytes; an OSError or a short read becomes StoreReadError
+        naming file, layer, offset."""
         try:
             got = self._preadv(fd, bufs, offset, self._file.flags)
         except OSError as e:
             raise StoreReadError(
-                f"{self.path}: reading layer {layer} at offset {offset} ({expect} bytes) failed: {e.strerror or e}"
+                f"{self.path}: reading layer {layer} at offset {offset} ({expect} bytes) failed: "
+                f"{e.strerror or e}"
             ) from e
         if got != expect:
             raise StoreReadError(
-                f"{self.path}: short read in layer {layer} at offset {offset}: got {got} of {expect} bytes"
+                f"{self.path}: short read in layer {layer} at offset {offset}: "
+                f"got {got} of {expect} bytes"
             )
         return got
 
@@ -533,8 +548,8 @@ class _Call:
             self.running -= 1
 
     def stop(self) -> None:
-        """No job starts after this returns, and none is running (waits through further KeyboardInterrupts:
-        each job is one bounded preadv)."""
+        """No job starts after this returns, and none is running (waits through further
+        KeyboardInterrupts: each job is one bounded preadv)."""
         while True:
             try:
                 with self._lock:
@@ -557,12 +572,14 @@ def _check_dest(part: Part, arr: np.ndarray, rows: np.ndarray) -> None:
         raise ValueError(f"dest[{part.name!r}] is read-only")
     if rows.min() < 0 or rows.max() >= arr.shape[0]:
         raise ValueError(
-            f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] (got {rows.min()}..{rows.max()})"
+            f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] "
+            f"(got {rows.min()}..{rows.max()})"
         )
 
 
 def _scatterable(part: Part, arr: np.ndarray) -> bool:
-    """preadv can fill rows directly: same dtype and byte order, C-contiguous (rows are byte slices of it)."""
+    """preadv can fill rows directly: same dtype and byte order, C-contiguous (rows are byte
+    slices of it)."""
     return (
         arr.dtype == numpy_storage_dtype(part.dtype)
         and arr.dtype.isnative

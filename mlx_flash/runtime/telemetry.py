@@ -1,4 +1,5 @@
-"""What the flash runtime did, per layer and per forward pass, summarised for users and benchmarks."""
+"""What the flash runtime did, per layer and per forward pass, summarised for users and
+benchmarks."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class Pass:
 
 @dataclass
 class Telemetry:
-    """One ``Pass`` per forward pass; layer 0 opens a new one (``begin``), each layer ``record``s."""
+    """A ``Pass`` per forward pass; layer 0 opens a new one (``begin``), each layer ``record``s."""
 
     n_layers: int
     d_ffn: int

@@ -1,11 +1,12 @@
 """Open a store file for exact reads, with the OS page cache bypassed unless asked for.
 
-Why: a model bigger than memory must not fill the page cache with the records it streams (the page
-cache counts against the machine's memory and pushes it into swap), and a benchmark read served from
-the page cache measures memory, not flash. How, by platform: ``F_NOCACHE`` on macOS; on Linux uncached
-buffered reads (``RWF_DONTCACHE``, kernel 6.14+, no alignment rules), else ``O_DIRECT`` (offsets,
-sizes and buffers aligned to ``DIRECT_ALIGN``). Readahead is always off (``POSIX_FADV_RANDOM``): every
-read is exact, and readahead would fill the page cache behind the bypass.
+Why: a model bigger than memory must not fill the page cache with the records it streams (the
+page cache counts against the machine's memory and pushes it into swap), and a benchmark read
+served from the page cache measures memory, not flash. How, by platform: ``F_NOCACHE`` on
+macOS; on Linux uncached buffered reads (``RWF_DONTCACHE``, kernel 6.14+, no alignment rules),
+else ``O_DIRECT`` (offsets, sizes and buffers aligned to ``DIRECT_ALIGN``). Readahead is always
+off (``POSIX_FADV_RANDOM``): every read is exact, and readahead would fill the page cache
+behind the bypass.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class UncachedFile:
         return self.direct_fd if self.direct_fd is not None else self.fd
 
     def _bypass(self, bypass: str) -> str:
-        """ "auto" prefers F_NOCACHE (macOS), then RWF_DONTCACHE, then O_DIRECT, else warns and caches."""
+        """ "auto" prefers F_NOCACHE (macOS), then RWF_DONTCACHE, then O_DIRECT, else warns and
+        caches."""
         if bypass == "nocache" or (bypass == "auto" and sys.platform == "darwin"):
             import fcntl
 

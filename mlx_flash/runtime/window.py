@@ -1,10 +1,10 @@
 """Sliding-window neuron caching (the paper's windowing), with LRU eviction under a capacity.
 
-Per layer, keep resident the union of the neurons active over the last ``k`` tokens: each token loads
-only the active neurons that are missing and drops those that left the window. When the union would
-exceed ``capacity`` (the buffer's rows), the least recently active neurons are evicted first; the
-current token's neurons are never evicted. The window only decides what to keep: it never changes
-which neurons the FFN computes, so results do not depend on ``k`` or ``capacity``.
+Per layer, keep resident the union of the neurons active over the last ``k`` tokens: each token
+loads only the active neurons that are missing and drops those that left the window. When the union
+would exceed ``capacity`` (the buffer's rows), the least recently active neurons are evicted first;
+the current token's neurons are never evicted. The window only decides what to keep: it never
+changes which neurons the FFN computes, so results do not depend on ``k`` or ``capacity``.
 
 The window's members are the neurons it asked to keep that are actually resident: each step forgets
 members the caller reports as not resident, so the window follows the buffer even if a load was
