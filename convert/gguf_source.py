@@ -118,9 +118,8 @@ class _CheckedReader(GGUFReader):
             item_type = int(self._get(orig_offs, np.uint32)[0])
             count = int(self._get(orig_offs + 4, np.uint64)[0])
             scalar = self.gguf_scalar_to_np.get(item_type)
-            item_size = (
-                np.dtype(scalar).itemsize if scalar else 8
-            )  # a string or array starts with 8+ bytes
+            # a string or array starts with 8+ bytes
+            item_size = np.dtype(scalar).itemsize if scalar else 8
             if count > _MAX_ARRAY_ITEMS or count * item_size > len(self.data) - orig_offs - 12:
                 raise ValueError(
                     f"metadata array of {count} items at offset {orig_offs} cannot fit the file"
@@ -284,9 +283,8 @@ def _config(meta: _Metadata, tensors: dict[str, ReaderTensor]) -> dict:
     if arch == "gemma3":
         # llama.cpp hard-codes these two for gemma3; newer files may state the base frequency.
         config["sliding_window_pattern"] = 6
-        config["rope_local_base_freq"] = meta.get_float(
-            "{arch}.rope.freq_base_swa", 10000.0
-        )  # not in older gguf Keys
+        # not in older gguf Keys
+        config["rope_local_base_freq"] = meta.get_float("{arch}.rope.freq_base_swa", 10000.0)
         config["sliding_window"] = meta.get_int(Keys.Attention.SLIDING_WINDOW, 512)
     return config
 
@@ -573,9 +571,8 @@ def _spm_tokenizer(vocab: _Vocab) -> Tokenizer:
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if vocab.add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
-    tokenizer.decoder = decoders.Sequence(
-        steps
-    )  # the shapes mlx-lm's SPM streaming detokenizer recognises
+    # the shapes mlx-lm's SPM streaming detokenizer recognises
+    tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer
 
 

@@ -37,9 +37,8 @@ LEARNING_RATE = 2e-3
 INIT_LOGIT_SCALE = 4.0  # a start of one standard deviation of pre-activation = logit 4
 STORE_DTYPE = mx.float16
 
-Weights = tuple[
-    mx.array, mx.array, mx.array
-]  # w_in [d_model, rank], w_out [rank, d_ffn], bias [d_ffn]
+# w_in [d_model, rank], w_out [rank, d_ffn], bias [d_ffn]
+Weights = tuple[mx.array, mx.array, mx.array]
 
 
 def auto_ranks(manifest: Manifest) -> list[int]:
@@ -94,9 +93,8 @@ def _principal_start(
     ``x @ up.T (+ bias)``."""
     up = up.astype(np.float64)
     v = principal_directions(up, cov, model.w_in.weight.shape[0])  # [d_ffn, rank]
-    spread = np.sqrt(
-        max(np.trace(cov @ (up.T @ up)) / up.shape[0], 1e-24)
-    )  # std of the pre-activations
+    # std of the pre-activations
+    spread = np.sqrt(max(np.trace(cov @ (up.T @ up)) / up.shape[0], 1e-24))
     scale = INIT_LOGIT_SCALE / spread
     model.w_in.weight = mx.array(((std[:, None] * (up.T @ v)) * scale).T.astype(np.float32))
     model.w_out.weight = mx.array(v.astype(np.float32))

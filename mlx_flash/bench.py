@@ -44,13 +44,11 @@ DEFAULT_PROMPT = (
     "The old lighthouse stood at the edge of the cliff, and every night the keeper climbed its "
     "stairs to light the lamp. One evening a storm came in from the sea,"
 )
-UNLIMITED = (
-    1 << 50
-)  # the budget passed with --ffn-cache: the share, not the budget, sizes the buffers
+# the budget passed with --ffn-cache: the share, not the budget, sizes the buffers
+UNLIMITED = 1 << 50
 CGROUP_ENV = "MLX_FLASH_BENCH_IN_CGROUP"
-PROCESS_SLACK = (
-    1 << 30
-)  # --membudget: interpreter, MLX, numpy and tokenizer on top of what the plan counts
+# --membudget: interpreter, MLX, numpy and tokenizer on top of what the plan counts
+PROCESS_SLACK = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,8 @@ def measure_cell(
     reads, ends, errors = [0] * threads, [0.0] * threads, []
 
     def worker(i: int) -> None:
-        buf = mmap.mmap(
-            -1, max(chunk, mmap.PAGESIZE)
-        )  # page aligned, as O_DIRECT needs; freed by the GC
+        # page aligned, as O_DIRECT needs; freed by the GC
+        buf = mmap.mmap(-1, max(chunk, mmap.PAGESIZE))
         bufs, n = [memoryview(buf)[:chunk]], 0
         try:
             barrier.wait()

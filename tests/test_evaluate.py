@@ -59,9 +59,8 @@ def test_evaluate_reports_what_the_runtime_computes(relu2_calibrated, text):
         0.5 < result["recall"] <= 1
         and result["fraction_truly_active"] < result["fraction_predicted"]
     )
-    assert (
-        abs(result["perplexity_change"]) < 0.05
-    )  # natural zeros, a good predictor: close to dense
+    # natural zeros, a good predictor: close to dense
+    assert abs(result["perplexity_change"]) < 0.05
 
 
 def test_cli_writes_json(relu2_calibrated, text, tmp_path, capsys):
@@ -110,6 +109,5 @@ def test_relu2_meets_the_papers_bounds_on_wikitext_test(tmp_path):
     assert result["fraction_predicted"] <= 2 * result["fraction_truly_active"]
     assert abs(result["perplexity_change"]) <= 0.02
     assert result["loaded_per_used"] <= 1 / 3
-    assert (
-        0.6 < 1 - result["fraction_truly_active"] < 0.95
-    )  # natural sparsity: most neurons are exact zeros
+    # natural sparsity: most neurons are exact zeros
+    assert 0.6 < 1 - result["fraction_truly_active"] < 0.95

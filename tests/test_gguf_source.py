@@ -105,9 +105,8 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int]):
         for t, s, k in zip(tokens, scores, types, strict=True)
     )
     trainer = _field(3, 2) + _field(35, 1)  # model_type = BPE, byte_fallback
-    normalizer = (
-        _field(1, "identity") + _field(3, 1) + _field(4, 0)
-    )  # add_dummy_prefix, keep extra spaces
+    # add_dummy_prefix, keep extra spaces
+    normalizer = _field(1, "identity") + _field(3, 1) + _field(4, 0)
     proto = pieces + _field(2, trainer) + _field(3, normalizer)
     return sentencepiece.SentencePieceProcessor(model_proto=proto)
 
@@ -139,9 +138,8 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     source, tokenizer_dir = smollm2
     assert source.description.endswith("(llama, Q4_1)")
     assert source.config["tie_word_embeddings"] and "lm_head.weight" not in source.tensors
-    assert (
-        source.tensors["model.layers.0.mlp.up_proj.weight"]().dtype == mx.float32
-    )  # Q4_1 dequantized
+    # Q4_1 dequantized
+    assert source.tensors["model.layers.0.mlp.up_proj.weight"]().dtype == mx.float32
     tokenizer = load_tokenizer(tokenizer_dir)
     first = next(
         stream_generate(load_model(source), tokenizer, "The capital of France is", max_tokens=1)
@@ -151,9 +149,8 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 
 def test_smollm2_tokenizer_round_trips_and_keeps_chat_tokens(smollm2):
     tokenizer = load_tokenizer(smollm2[1])
-    assert tokenizer.encode("The capital") == tokenizer.encode("The") + tokenizer.encode(
-        " capital"
-    )  # no BOS
+    # no BOS
+    assert tokenizer.encode("The capital") == tokenizer.encode("The") + tokenizer.encode(" capital")
     for text in ROUND_TRIP_TEXTS:
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert tokenizer.encode("<|im_start|>user") == [1] + tokenizer.encode("user")
@@ -229,9 +226,8 @@ def test_each_architecture_reads_back_the_model_it_was_written_from(arch, tmp_pa
     original = dict(tree_flatten(model.parameters()))
     assert source.tensors.keys() == original.keys()
     for name, load in source.tensors.items():
-        assert mx.allclose(load(), original[name], rtol=0, atol=1e-6).item(), (
-            name
-        )  # Gemma norms: +1 -1
+        # Gemma norms: +1 -1
+        assert mx.allclose(load(), original[name], rtol=0, atol=1e-6).item(), name
     tokens = mx.array([[1, 5, 9, 200, 3, 7]])
     assert mx.allclose(load_model(source)(tokens), model(tokens), atol=1e-4)
     with pytest.raises(UnsupportedModelError, match="no tokenizer"):
@@ -321,8 +317,9 @@ _flip = st.one_of(st.sampled_from([1 << bit for bit in range(8)]), st.integers(1
 )
 @given(
     edits=st.lists(st.tuples(_position, _flip), min_size=1, max_size=6),
+    # cut 1 time in 4
     cut=st.one_of(st.none(), st.none(), st.none(), st.integers(0, _HEADER + 4096)),
-)  # cut 1 time in 4
+)
 def test_mutated_headers_raise_only_our_errors(edits, cut):
     data = bytearray(STORIES.read_bytes())
     for position, mask in edits:

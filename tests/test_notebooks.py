@@ -154,9 +154,8 @@ def test_flash_probe(kernel, tmp_path, monkeypatch, relu2_flash, disk_dir):
         PROBE_DIR=str(disk_dir),
     )
     check_pngs(nb, figures, ["flash_probe_throughput", "flash_probe_grid", "flash_probe_reader"])
-    assert not any(
-        p.name.startswith("mlx_flash-probe-") for p in disk_dir.iterdir()
-    )  # the probe file is gone
+    # the probe file is gone
+    assert not any(p.name.startswith("mlx_flash-probe-") for p in disk_dir.iterdir())
 
 
 @pytest.mark.slow

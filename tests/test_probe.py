@@ -125,11 +125,12 @@ def test_long_runs_are_split_where_the_bandwidth_is_reached():
 
 
 def test_fit_keeps_costs_non_negative_on_noisy_data():
+    # flat: bandwidth bound
     cells = [
         Cell(4096, 1, 100e6),
         Cell(65536, 1, 90e6),
         Cell(1 << 20, 1, 95e6),
-    ]  # flat: bandwidth bound
+    ]
     model = CostModel.fit(cells, "noisy")
     assert model.per_read_s[0] >= 0 and model.bandwidth[0] > 0
     assert 50e6 < model.throughput(65536, 1) < 200e6

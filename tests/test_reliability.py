@@ -338,9 +338,8 @@ def test_damaged_directory_is_refused_with_the_file_and_the_problem(
     assert str(named) in message and words in message, message
     del info  # its traceback holds mlx-lm's lazily opened trunk files
     gc.collect()
-    assert _fds() == fds and len(_our_threads()) <= len(
-        threads
-    )  # a refused load keeps nothing open
+    # a refused load keeps nothing open
+    assert _fds() == fds and len(_our_threads()) <= len(threads)
 
     if verify_sees_it:  # the --verify CLI reports it too, as one line, without a traceback
         assert convert_main(["--verify", str(directory)]) == 1
@@ -417,9 +416,8 @@ def test_read_fault_while_generating(kind, threads, tiny):
     _greedy(model, prompt, 2)  # warm-up: pool threads, MLX's own threads
     gc.collect()
     fds = _fds()
-    faults = _Faults(
-        model.flash.reader, kind, after=5
-    )  # fails inside the decode of the first tokens
+    # fails inside the decode of the first tokens
+    faults = _Faults(model.flash.reader, kind, after=5)
     expected_error = KeyboardInterrupt if kind == "interrupt" else StoreReadError
     with pytest.raises(expected_error) as info:
         _greedy(model, prompt, 8)
@@ -697,10 +695,11 @@ def test_conversion_killed_outright_leaves_out_untouched_and_is_cleaned_up_next_
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert _tree(out) == before and verify(out, progress=False) == []
+    # what a kill leaves
     assert sorted(p.name.split("-")[0] for p in work.iterdir()) == [
         ".flash.partial",
         "flash",
-    ]  # what a kill leaves
+    ]
     convert_quietly(src, out, force=True)
     assert sorted(p.name for p in work.iterdir()) == ["flash"]
 
@@ -777,9 +776,8 @@ def test_mlx_memory_stays_within_the_plan_over_500_tokens(stories):
     peak = mx.get_peak_memory() - base
     assert peak <= plan.used, (peak, plan.describe())
     assert run["held"] - base <= plan.total, (run["held"], plan.describe())
-    assert (
-        run["cached"] <= plan.total - plan.used
-    )  # MLX's buffer cache only gets the budget's slack
+    # MLX's buffer cache only gets the budget's slack
+    assert run["cached"] <= plan.total - plan.used
     growth = run["beyond_kv"][-1] - run["beyond_kv"][1]
     assert growth <= 16 << 10, growth
 

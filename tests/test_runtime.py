@@ -89,9 +89,8 @@ def test_injected_selection_computes_the_window(tiny_flash):
         flash, "1GB", ffn_cache=1.0, pin_share=0.0, selector=FixedSelector(choose), window=2
     )
     # full buffer: all rows go through the window (nothing pinned) only if the plan leaves a window
-    assert (
-        model.flash.plan.window_rows == 0
-    )  # everything pinned: selection cannot change the result
+    # everything pinned: selection cannot change the result
+    assert model.flash.plan.window_rows == 0
     model, _ = mlx_flash.load(
         flash, "1GB", ffn_cache=0.9, pin_share=0.0, selector=FixedSelector(choose), window=2
     )

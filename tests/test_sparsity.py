@@ -51,9 +51,8 @@ def llama_calibrated(tmp_path_factory, tiny_text):
 
 
 def test_gate_selector_selects_the_union_of_exact_gates_above_threshold():
-    gate = mx.array(
-        np.eye(4, 3, dtype=np.float32) * np.array([1.0, 2.0, 3.0])
-    )  # neuron i reads x[i]; neuron 3 reads nothing
+    # neuron i reads x[i]; neuron 3 reads nothing
+    gate = mx.array(np.eye(4, 3, dtype=np.float32) * np.array([1.0, 2.0, 3.0]))
     sel = GateSelector([{"gate": gate}], "relu", None, thresholds=[1.5])
     x = mx.array([[1.0, 1.0, -5.0], [0.0, 0.0, 0.6]])  # relu(gate): [1, 2, 0, 0] and [0, 0, 1.8, 0]
     selection = sel(0, x)
@@ -106,9 +105,8 @@ def _synthetic(n: int, up: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarra
 @pytest.mark.parametrize("start", ["principal", "random"])
 def test_predictor_training_reaches_high_recall_on_a_synthetic_problem(start):
     rng = np.random.default_rng(0)
-    if (
-        start == "principal"
-    ):  # a full-rank ReLU layer: the principal start finds its dominant directions
+    # a full-rank ReLU layer: the principal start finds its dominant directions
+    if start == "principal":
         up = (rng.normal(size=(256, 48)) * np.geomspace(2, 0.02, 48)).astype(np.float32)
     else:  # a truly low-rank problem, from scratch
         up = (rng.normal(size=(256, 8)) @ rng.normal(size=(8, 48)) / 2).astype(np.float32)
@@ -133,14 +131,12 @@ def test_relu2_calibration_records_natural_sparsity(relu2_calibrated):
     calibration = read_calibration(relu2_calibrated, manifest)
     assert calibration.sparsity is None and calibration.tokens == 2048
     assert calibration.frequency.shape == (8, 1024)
-    assert np.all(
-        calibration.zero_fraction > 0.6
-    )  # the model's natural sparsity: 70-92% exact zeros
+    # the model's natural sparsity: 70-92% exact zeros
+    assert np.all(calibration.zero_fraction > 0.6)
     assert np.all(np.diff(calibration.magnitude, axis=1) >= 0)
     active = calibration.frequency.mean(1)
-    np.testing.assert_allclose(
-        active, 1 - calibration.zero_fraction, atol=0.05
-    )  # active means h != 0 here
+    # active means h != 0 here
+    np.testing.assert_allclose(active, 1 - calibration.zero_fraction, atol=0.05)
     meta = manifest.extra["predictor"]
     assert min(meta["recall"]) >= 0.9 and len(meta["precision"]) == 8
     assert read_predictors(relu2_calibrated, manifest).ranks == meta["ranks"]
@@ -192,9 +188,8 @@ def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrat
     plain = convert_quietly(src, tmp_path / "plain")
     assert mlx_flash.load(plain, "1GB")[0].flash.selector.name == "dense"
     assert mlx_flash.load(relu2_calibrated, "1GB")[0].flash.selector.name == "predictor"
-    assert (
-        mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "gate"
-    )  # gated: the exact gate wins
+    # gated: the exact gate wins
+    assert mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "gate"
     assert mlx_flash.load(llama_calibrated, "1GB", sparsity=0.7)[0].flash.selector.name == "gate"
     assert (
         mlx_flash.load(llama_calibrated, "1GB", selector="predictor")[0].flash.selector.name

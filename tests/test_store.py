@@ -93,9 +93,8 @@ def build_store(
             LayerEntry(li, f"model.layers.{li}.mlp", start, pos - start, "", tuple(regions), blobs)
         )
         truth.append(values)
-    data = bytearray(
-        rng.bytes(pos + 123)
-    )  # trailing garbage: the store may hold more than the layers
+    # trailing garbage: the store may hold more than the layers
+    data = bytearray(rng.bytes(pos + 123))
     for off, raw in chunks:
         data[off : off + raw.nbytes] = raw.tobytes()
     layers = [
@@ -265,9 +264,8 @@ def test_runs_are_capped_by_max_run_bytes(bundled):
 def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch):
     import mlx_flash.runtime.store as store
 
-    monkeypatch.setattr(
-        store, "IOV_MAX", 16
-    )  # 3 parts + 1 padding sink per record -> at most 4 records scattered
+    # 3 parts + 1 padding sink per record -> at most 4 records scattered
+    monkeypatch.setattr(store, "IOV_MAX", 16)
     manifest, truth = build_store(tmp_path, align=128)
     ids = [0, 1, 2, 3, 10, 11, 12, 13, 14]  # a run of 4 (scattered) and a run of 5 (staged)
     iovecs = []
@@ -281,11 +279,12 @@ def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch
         assert reader.read_neurons(1, ids, dest, range(9)).reads == 2
         check_rows(dest, truth[1], ids, range(9), 64)
         assert reader.read_range(1, 0, 64, dest).reads == 1  # one long run: one staged read
+    # 4 records x (3 parts + sink) - the last sink; staged reads take one buffer
     assert iovecs == [
         15,
         1,
         1,
-    ]  # 4 records x (3 parts + sink) - the last sink; staged reads take one buffer
+    ]
     check_rows(dest, truth[1], np.arange(64), np.arange(64), 64)
 
 
@@ -347,9 +346,8 @@ def _cached_bytes(path: Path) -> int:
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
 @pytest.mark.parametrize("bypass", ["auto", "direct"])
 def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
-    manifest, _ = build_store(
-        tmp_path, d_model=512, d_ffn=1024, n_layers=2
-    )  # 6 KiB records, 12 MiB
+    # 6 KiB records, 12 MiB
+    manifest, _ = build_store(tmp_path, d_model=512, d_ffn=1024, n_layers=2)
     store = tmp_path / STORE_FILE
     fd = os.open(store, os.O_RDONLY)
     try:
@@ -423,9 +421,8 @@ def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
     directory, manifest, _ = bundled
     threads_before, fds_before = threading.active_count(), _open_fds()
     reader = StoreReader(directory, manifest, threads=8, page_cache=False)
-    reader.read_neurons(
-        0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6)
-    )  # starts pool threads
+    # starts pool threads
+    reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))
     assert threading.active_count() > threads_before
     reader.close()
     reader.close()

@@ -38,9 +38,8 @@ class ModelFacts:
     heads: int
     itemsize: int  # of the compute dtype
     trunk: int  # trunk weights
-    kv_layers: tuple[
-        tuple[int, int | None], ...
-    ]  # per layer: bytes per token, tokens kept (None: all)
+    # per layer: bytes per token, tokens kept (None: all)
+    kv_layers: tuple[tuple[int, int | None], ...]
 
     def kv_bytes(self, tokens: int) -> int:
         """KV cache bytes once ``tokens`` tokens are cached (mlx-lm grows caches in steps)."""

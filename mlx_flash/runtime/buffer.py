@@ -168,9 +168,8 @@ class NeuronBuffer:
         self._slot_neuron[slots] = -1
         holes = slots[slots < n_new]
         tail = np.arange(n_new, self.n_used)
-        movers = tail[
-            self._slot_neuron[tail] >= 0
-        ]  # as many survivors past n_new as holes before it
+        # as many survivors past n_new as holes before it
+        movers = tail[self._slot_neuron[tail] >= 0]
         for view in self._rows.values():
             view[holes] = view[movers]
         moved = self._slot_neuron[movers]

@@ -28,9 +28,8 @@ from .manifest import Manifest
 
 CALIBRATION_FILE = "calibration.safetensors"
 PREDICTOR_FILE = "predictors.safetensors"
-LEVELS = np.linspace(
-    0.0, 1.0, 1001
-)  # quantile levels; fine steps so thresholds near 0.99 are exact
+# quantile levels; fine steps so thresholds near 0.99 are exact
+LEVELS = np.linspace(0.0, 1.0, 1001)
 NATURAL_ACTIVATIONS = ("relu", "relu2")  # exact zeros: active means h != 0
 
 
@@ -49,9 +48,8 @@ class Calibration:
     """Per-layer activation statistics (arrays are [layers, ...]); ``sparsity`` None means
     natural zeros."""
 
-    frequency: (
-        np.ndarray
-    )  # [layers, d_ffn]: share of calibration tokens on which each neuron was active
+    # [layers, d_ffn]: share of calibration tokens on which each neuron was active
+    frequency: np.ndarray
     magnitude: np.ndarray  # [layers, levels]: quantiles of |h|, pooled over tokens and neurons
     gate: np.ndarray | None  # [layers, levels]: quantiles of |act(gate)| (gated FFNs only)
     zero_fraction: np.ndarray  # [layers]: share of activations exactly zero

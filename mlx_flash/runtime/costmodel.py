@@ -74,9 +74,8 @@ class CostModel:
     per_read_s: tuple[float, ...]
     bandwidth: tuple[float, ...]  # bytes per second
     source: str = "defaults"
-    batch_threads: int | None = (
-        None  # fastest thread count for a layer's batch of small reads, CPU cost included
-    )
+    # fastest thread count for a layer's batch of small reads, CPU cost included
+    batch_threads: int | None = None
 
     @classmethod
     def fit(cls, cells: Iterable[Cell], source: str, batch_threads: int | None = None) -> CostModel:

@@ -73,15 +73,13 @@ class _RegionPlan:
 
     region: Region
     wanted: tuple[Part, ...]
-    segments: tuple[
-        tuple[str | None, int], ...
-    ]  # per record, from ``lead`` to ``tail``; None = sink
+    # per record, from ``lead`` to ``tail``; None = sink
+    segments: tuple[tuple[str | None, int], ...]
     lead: int  # start of the first wanted part within a record
     tail: int  # end of the last wanted part within a record
     max_records: int
-    scatter: (
-        int  # runs of at most this many records are scattered, longer ones staged (0: all staged)
-    )
+    # runs of at most this many records are scattered, longer ones staged (0: all staged)
+    scatter: int
 
     @property
     def between(self) -> int:
@@ -183,9 +181,8 @@ class StoreReader:
         self._staging_size = _round_up(
             max(max_run_bytes, self._sink_size) + 2 * DIRECT_ALIGN, mmap.PAGESIZE
         )
-        self._sink = memoryview(
-            bytearray(self._sink_size)
-        )  # write-only scratch for padding, shared by threads
+        # write-only scratch for padding, shared by threads
+        self._sink = memoryview(bytearray(self._sink_size))
         self._local = threading.local()
         try:
             self._open(page_cache, bypass)
@@ -490,9 +487,8 @@ class StoreReader:
             )
         start = offset - offset % DIRECT_ALIGN
         length = _round_up(offset + nbytes, DIRECT_ALIGN) - start
-        expect = (
-            min(start + length, self.manifest.store_size) - start
-        )  # O_DIRECT stops at end of file
+        # O_DIRECT stops at end of file
+        expect = min(start + length, self.manifest.store_size) - start
         return (
             staging,
             offset - start,
