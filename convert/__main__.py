@@ -21,6 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify", metavar="DIR", help="check the checksums of a flash model directory and exit"
     )
+    _add_store_args(p)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    _add_calibration_args(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    """How the FFN store is written: dtype, quantization, layout, alignment."""
     p.add_argument(
         "--dtype",
         choices=["float16", "bfloat16", "float32"],
@@ -52,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="pad records to a multiple of this many bytes (4096 for O_DIRECT); 0 = no padding",
     )
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """What the conversion measures the activations on, and what the predictors learn."""
     p.add_argument(
         "--calibration",
         metavar="FILE",
@@ -76,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="rank of every layer's predictor (default: about d_model/4, 4x for the last layers)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

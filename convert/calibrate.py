@@ -257,18 +257,26 @@ def calibrate(
     }
     stored = None
     if trained:
-        weights, cuts, quality = trained
-        stored = Predictors(*(list(w) for w in zip(*weights, strict=True)), cuts)
-        params = sum(r * (manifest.d_model + manifest.d_ffn) + manifest.d_ffn for r in stored.ranks)
-        info["predictor"] = {
-            "cut": cuts,
-            "margin": NATURAL_MARGIN if sparsity is None else 1.0,
-            **{k: [q[k] for q in quality] for k in quality[0]},
-            "share_of_parameters": params / model_parameters(directory, manifest),
-        }
+        stored, info["predictor"] = _predictors(directory, manifest, trained, sparsity)
     manifest = save_calibration(directory, manifest, calibration, stored, info)
     _report(manifest, log)
     return manifest
+
+
+def _predictors(
+    directory: Path, manifest: Manifest, trained: tuple, sparsity: float | None
+) -> tuple[Predictors, dict]:
+    """The trained layers' predictors as stored, and their facts for the manifest: cuts, margin,
+    held-back quality per layer, and their share of the model's parameters."""
+    weights, cuts, quality = trained
+    stored = Predictors(*(list(w) for w in zip(*weights, strict=True)), cuts)
+    params = sum(r * (manifest.d_model + manifest.d_ffn) + manifest.d_ffn for r in stored.ranks)
+    return stored, {
+        "cut": cuts,
+        "margin": NATURAL_MARGIN if sparsity is None else 1.0,
+        **{k: [q[k] for q in quality] for k in quality[0]},
+        "share_of_parameters": params / model_parameters(directory, manifest),
+    }
 
 
 def _rank_list(manifest: Manifest, ranks: list[int] | int | None) -> list[int]:

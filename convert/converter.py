@@ -412,27 +412,7 @@ def convert(
     )
     tmp = staging_dir(out)
     try:
-        entries = _write_store(tmp, source, plan, layout, align, progress)
-        _maybe_stop("trunk")
-        _write_trunk(tmp, source, plan)
-        save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
-        source.write_tokenizer(tmp)
-        manifest = Manifest(
-            model_type=plan.config["model_type"],
-            d_model=plan.d_model,
-            d_ffn=plan.d_ffn,
-            gated=plan.spec.gated,
-            activation=plan.spec.activation,
-            layout=layout,
-            dtype=plan.dtype,
-            align=align,
-            store_file=STORE_FILE,
-            store_size=(tmp / STORE_FILE).stat().st_size,
-            layers=tuple(entries),
-            quantization=plan.quant,
-            source=source.description,
-        )
-        manifest.save(tmp)
+        manifest = _write_directory(tmp, source, plan, layout, align, settings, progress)
         if calibration is not None:
             from .calibrate import calibrate
 
@@ -451,6 +431,41 @@ def convert(
         f"trunk {format_size(trunk)}"
     )
     return out
+
+
+def _write_directory(
+    tmp: Path,
+    source: SourceModel,
+    plan: _Plan,
+    layout: str,
+    align: int,
+    settings: dict | None,
+    progress: bool,
+) -> Manifest:
+    """The whole flash model directory but its calibration: store, trunk, config with the
+    mlx-lm entry point, tokenizer, and last the manifest that describes them."""
+    entries = _write_store(tmp, source, plan, layout, align, progress)
+    _maybe_stop("trunk")
+    _write_trunk(tmp, source, plan)
+    save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
+    source.write_tokenizer(tmp)
+    manifest = Manifest(
+        model_type=plan.config["model_type"],
+        d_model=plan.d_model,
+        d_ffn=plan.d_ffn,
+        gated=plan.spec.gated,
+        activation=plan.spec.activation,
+        layout=layout,
+        dtype=plan.dtype,
+        align=align,
+        store_file=STORE_FILE,
+        store_size=(tmp / STORE_FILE).stat().st_size,
+        layers=tuple(entries),
+        quantization=plan.quant,
+        source=source.description,
+    )
+    manifest.save(tmp)
+    return manifest
 
 
 def _check_arguments(out: Path, force: bool, layout: str, dtype: str | None, align: int) -> None:

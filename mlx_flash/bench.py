@@ -34,7 +34,7 @@ from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import FlashError, OptionError
 from .runtime.files import cache_root, write_json
 from .runtime.loader import load
-from .runtime.manifest import read_manifest
+from .runtime.manifest import Manifest, read_manifest
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type
 from .runtime.sizes import format_size, parse_size
 
@@ -158,38 +158,49 @@ def run_setup(
             ids.append(last.token)
         summary = rt.telemetry.summary("decode")
         peak = mx.get_peak_memory()
-        reader = rt.reader
-        result = {
-            "index": setup.index,
-            "name": setup.name,
-            "what": setup.what,
-            "layout": rt.manifest.layout,
-            "selector": rt.selector.name,
-            "window": rt.window,
-            "pinned_rows": rt.plan.pinned_rows,
-            "window_rows": rt.plan.window_rows,
-            "threads": reader.threads,
-            "cache_mode": reader.cache_mode,
-            "tokens": ids,
-            "decode_tokens": summary["tokens"],
-            "ffn_bytes_per_token": summary["flash_bytes_per_token"],
-            "reads_per_token": summary["reads_per_token"],
-            "io_ms_per_token": summary["io_ms_per_token"],
-            "ffn_compute_ms_per_token": summary["compute_ms_per_token"],
-            "fraction_used": summary["fraction_used"],
-            "fraction_loaded": summary["fraction_loaded"],
-            "fraction_computed": summary["fraction_computed"],
-            "buffer_hit_rate": summary["buffer_hit_rate"],
-            "tokens_per_s": last.generation_tps,
-            "prompt_tps": last.prompt_tps,
-            "peak_memory": peak,
-            "memory_plan": rt.plan.as_dict(),
-            "page_cache_after": cached_bytes(store),
-        }
+        result = _measured(setup, rt, ids, last, summary, peak)
+        result["page_cache_after"] = cached_bytes(store)
     finally:
         rt.close()
         del model
         gc.collect()
+    return _with_time_split(result, cost)
+
+
+def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) -> dict:
+    """What one run of ``setup`` did: its settings as the runtime resolved them, the tokens, and
+    the decode telemetry (``last``: mlx-lm's final response, with the rates)."""
+    return {
+        "index": setup.index,
+        "name": setup.name,
+        "what": setup.what,
+        "layout": rt.manifest.layout,
+        "selector": rt.selector.name,
+        "window": rt.window,
+        "pinned_rows": rt.plan.pinned_rows,
+        "window_rows": rt.plan.window_rows,
+        "threads": rt.reader.threads,
+        "cache_mode": rt.reader.cache_mode,
+        "tokens": ids,
+        "decode_tokens": summary["tokens"],
+        "ffn_bytes_per_token": summary["flash_bytes_per_token"],
+        "reads_per_token": summary["reads_per_token"],
+        "io_ms_per_token": summary["io_ms_per_token"],
+        "ffn_compute_ms_per_token": summary["compute_ms_per_token"],
+        "fraction_used": summary["fraction_used"],
+        "fraction_loaded": summary["fraction_loaded"],
+        "fraction_computed": summary["fraction_computed"],
+        "buffer_hit_rate": summary["buffer_hit_rate"],
+        "tokens_per_s": last.generation_tps,
+        "prompt_tps": last.prompt_tps,
+        "peak_memory": peak,
+        "memory_plan": rt.plan.as_dict(),
+    }
+
+
+def _with_time_split(result: dict, cost: CostModel) -> dict:
+    """``result`` with the mean read size, the time per token and its split, and the physical
+    limit for its reads."""
     reads = result["reads_per_token"]
     result["mean_read_bytes"] = result["ffn_bytes_per_token"] / reads if reads else 0.0
     result["ms_per_token"] = (
@@ -311,16 +322,47 @@ def run_bench(
 
     ``options``: ``mlx_flash.load``'s, with exactly one of ``ffn_cache`` (the share of each FFN in
     memory) and ``memory_budget`` (the share it leaves, for the full configuration)."""
-    from .convert.relayout import layout_sibling
-
     model_dir = Path(model_dir).absolute()
     if ("ffn_cache" in options) == ("memory_budget" in options):
         raise OptionError("give exactly one of --ffn-cache and --memory-budget")
     manifest = read_manifest(model_dir)
-    log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
-    dirs = {manifest.layout: model_dir}
-    other = "unbundled" if manifest.layout == "bundled" else "bundled"
     chosen = [s for s in SETUPS if s.index in setups]
+    dirs = _layout_dirs(model_dir, manifest.layout, chosen, unbundled, progress)
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = tokenizer.encode(prompt)
+    options = {"max_context": len(prompt_ids) + tokens + 1, **options}
+    cost = cost_model_for(model_dir)
+    if "memory_budget" in options:
+        options = _budget_as_ffn_share(model_dir, options)
+    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options, cost)  # warm-up: the full stack
+
+    rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, cost, repeat, progress)
+    rows = _median_rows(rounds)
+    refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
+    for ref in refs:
+        same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"], strict=False)]
+        ref["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
+    return {
+        "machine": _machine(model_dir, cost),
+        "model": _model_facts(model_dir, manifest, dirs),
+        "settings": _settings(prompt, prompt_ids, tokens, repeat, options, rows),
+        "memory": _memory(rows[-1]["memory_plan"]),
+        "configs": rows,
+        "physical_limit_ms": rows[-1]["limit_ms_per_token"],
+        "references": refs,
+    }
+
+
+def _layout_dirs(
+    model_dir: Path, layout: str, chosen: list[Setup], unbundled: Path | None, progress: bool
+) -> dict[str, Path]:
+    """The directory of each store layout the chosen setups read: ``model_dir`` for its own, and
+    ``unbundled`` or a cached re-laid-out copy for the other one if a setup needs it."""
+    from .convert.relayout import layout_sibling
+
+    log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
+    dirs = {layout: model_dir}
+    other = "unbundled" if layout == "bundled" else "bundled"
     if any(s.layout == other for s in chosen):
         dirs[other] = (
             unbundled
@@ -329,75 +371,93 @@ def run_bench(
                 model_dir, other, cache_root() / "layouts", progress=progress, log=log
             )
         )
-    tokenizer = load_tokenizer(model_dir)
-    prompt_ids = tokenizer.encode(prompt)
-    options = {"max_context": len(prompt_ids) + tokens + 1, **options}
-    cost = cost_model_for(model_dir)
-    if "memory_budget" in options:  # the FFN share the budget leaves with the chosen selector
-        model, _ = load(model_dir, **options)
-        options["ffn_cache"] = model.flash.plan.ffn_share
-        model.flash.close()
-        del model, options["memory_budget"]
-    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options, cost)  # warm-up: the full stack
+    return dirs
 
+
+def _budget_as_ffn_share(model_dir: Path, options: dict) -> dict:
+    """``options`` with ``memory_budget`` replaced by the FFN share it leaves with the chosen
+    selector, so that every setup holds the same share."""
+    model, _ = load(model_dir, **options)
+    share = model.flash.plan.ffn_share
+    model.flash.close()
+    del model
+    return {**{k: v for k, v in options.items() if k != "memory_budget"}, "ffn_cache": share}
+
+
+def _run_rounds(
+    chosen: list[Setup],
+    dirs: dict[str, Path],
+    prompt: list[int],
+    tokens: int,
+    options: dict,
+    cost: CostModel,
+    repeat: int,
+    progress: bool,
+) -> list[list[dict]]:
+    """``repeat`` rounds, each running every chosen setup once."""
     rounds = []
     bar = tqdm(total=repeat * len(chosen), desc="bench", unit="run", disable=not progress)
     for _ in range(repeat):
         results = []
         for s in chosen:
             bar.set_postfix_str(s.name)
-            results.append(run_setup(s, dirs[s.layout], prompt_ids, tokens, options, cost))
+            results.append(run_setup(s, dirs[s.layout], prompt, tokens, options, cost))
             bar.update()
         rounds.append(results)
     bar.close()
-    rows = _median_rows(rounds)
-    plan = rows[-1]["memory_plan"]
-    refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
-    for ref in refs:
-        same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"], strict=False)]
-        ref["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
+    return rounds
+
+
+def _machine(model_dir: Path, cost: CostModel) -> dict:
     return {
-        "machine": {
-            "host": platform.node(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "file_system": file_system_type(model_dir),
-            "cost_model": cost.source,
-        },
-        "model": {
-            "name": model_dir.name,
-            "path": str(model_dir),
-            "model_type": manifest.model_type,
-            "n_layers": manifest.n_layers,
-            "d_ffn": manifest.d_ffn,
-            "dtype": manifest.dtype,
-            "ffn_bytes": manifest.ffn_bytes(),
-            "directories": {k: str(v) for k, v in dirs.items()},
-        },
-        "settings": {
-            "prompt": prompt,
-            "prompt_tokens": len(prompt_ids),
-            "tokens": tokens,
-            "selector": rows[-1]["selector"],
-            "window": rows[-1]["window"],
-            "pin_share": options.get("pin_share", 0.5),
-            "threads": rows[0]["threads"],
-            "repeat": repeat,
-            "max_context": options["max_context"],
-            "options": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))},
-        },
-        "memory": {
-            "ffn_share": plan["ffn_share"],
-            "trunk": plan["trunk"],
-            "kv_cache": plan["kv_cache"],
-            "temporaries": plan["temporaries"],
-            "selector": plan["selector"],
-            "buffers": plan["buffers"],
-            "total": plan["used"],
-        },
-        "configs": rows,
-        "physical_limit_ms": rows[-1]["limit_ms_per_token"],
-        "references": refs,
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "file_system": file_system_type(model_dir),
+        "cost_model": cost.source,
+    }
+
+
+def _model_facts(model_dir: Path, manifest: Manifest, dirs: dict[str, Path]) -> dict:
+    return {
+        "name": model_dir.name,
+        "path": str(model_dir),
+        "model_type": manifest.model_type,
+        "n_layers": manifest.n_layers,
+        "d_ffn": manifest.d_ffn,
+        "dtype": manifest.dtype,
+        "ffn_bytes": manifest.ffn_bytes(),
+        "directories": {k: str(v) for k, v in dirs.items()},
+    }
+
+
+def _settings(
+    prompt: str, prompt_ids: list[int], tokens: int, repeat: int, options: dict, rows: list[dict]
+) -> dict:
+    return {
+        "prompt": prompt,
+        "prompt_tokens": len(prompt_ids),
+        "tokens": tokens,
+        "selector": rows[-1]["selector"],
+        "window": rows[-1]["window"],
+        "pin_share": options.get("pin_share", 0.5),
+        "threads": rows[0]["threads"],
+        "repeat": repeat,
+        "max_context": options["max_context"],
+        "options": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def _memory(plan: dict) -> dict:
+    """The full configuration's memory plan, as the report shows it."""
+    return {
+        "ffn_share": plan["ffn_share"],
+        "trunk": plan["trunk"],
+        "kv_cache": plan["kv_cache"],
+        "temporaries": plan["temporaries"],
+        "selector": plan["selector"],
+        "buffers": plan["buffers"],
+        "total": plan["used"],
     }
 
 

@@ -47,7 +47,7 @@ from .runtime.manifest import (
 )
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
 from .runtime.sizes import format_size, parse_size
-from .runtime.store import MAX_THREADS, StoreReader
+from .runtime.store import MAX_THREADS, ReadCount, StoreReader
 from .runtime.uncached import DIRECT_ALIGN, UncachedFile
 
 DEFAULT_CHUNKS = tuple(4096 << i for i in range(9))  # 4 KiB .. 1 MiB
@@ -209,34 +209,10 @@ def run_probe(
     Then the store reader reads batches of ``batch`` random 4 KiB records per call
     (``measure_batches``; 0 skips it).
     """
-    if on_ram_disk(directory):
-        raise OptionError(
-            f"{directory} is on {file_system_type(directory)} (RAM): probe a directory on disk"
-        )
-    chunks, threads = sorted(set(chunks)), sorted(set(threads))
-    if not all(1 <= t <= MAX_THREADS for t in threads):
-        raise OptionError(f"threads must be in 1..{MAX_THREADS}")
-    if size < max(chunks) * max(threads):
-        raise OptionError(
-            f"--size {format_size(size)} is too small for {max(threads)} threads of "
-            f"{format_size(max(chunks))} reads"
-        )
+    chunks, threads = _checked_grid(directory, size, chunks, threads)
     path = make_probe_file(directory, size)
-    rng = np.random.default_rng(1)
     try:
-        src = UncachedFile(path, bypass=bypass)
-        try:
-            if src.mode == "direct" and any(c % DIRECT_ALIGN for c in chunks):
-                raise OptionError(
-                    f"O_DIRECT needs chunk sizes that are multiples of {DIRECT_ALIGN}"
-                )
-            grid = [(c, t) for c in chunks for t in threads]
-            samples: dict[tuple[int, int], list[dict]] = {}
-            for c, t in tqdm(grid * repeat, desc="probe", unit="cell", disable=not progress):
-                samples.setdefault((c, t), []).append(measure_cell(src, size, c, t, seconds, rng))
-            cells = [_median_cell(samples[key]) for key in grid]
-        finally:
-            src.close()
+        cells, mode = _measure_grid(path, size, chunks, threads, seconds, bypass, repeat, progress)
         batches = (
             measure_batches(path, threads, 4096, batch, seconds, repeat, bypass, progress)
             if batch
@@ -250,11 +226,6 @@ def run_probe(
         f"probe of {directory} ({datetime.now().date()})",
         batches["best_threads"] if batches else None,
     )
-    errors = [
-        abs(model.throughput(c["chunk"], c["threads"]) / c["bytes_per_s"] - 1)
-        for c in cells
-        if c["bytes_per_s"]
-    ]
     return {
         "format": PROBE_FORMAT,
         "version": PROBE_VERSION,
@@ -265,7 +236,7 @@ def run_probe(
         "path": str(directory.resolve()),
         "file_system": file_system_type(directory),
         "device": device_key(directory),
-        "bypass": src.mode,
+        "bypass": mode,
         "file_bytes": size,
         "seconds_per_cell": seconds,
         "repeat": repeat,
@@ -273,8 +244,64 @@ def run_probe(
         "cells": cells,
         "batches": batches,
         "model": model.to_json(),
-        "fit_error": {"median": float(np.median(errors)), "max": float(max(errors))},
+        "fit_error": _fit_error(model, cells),
     }
+
+
+def _checked_grid(
+    directory: Path, size: int, chunks: Sequence[int], threads: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """The distinct read sizes and thread counts, sorted; refused where the probe would measure
+    memory instead of the disk, or could not keep every thread reading distinct pieces."""
+    if on_ram_disk(directory):
+        raise OptionError(
+            f"{directory} is on {file_system_type(directory)} (RAM): probe a directory on disk"
+        )
+    chunks, threads = sorted(set(chunks)), sorted(set(threads))
+    if not all(1 <= t <= MAX_THREADS for t in threads):
+        raise OptionError(f"threads must be in 1..{MAX_THREADS}")
+    if size < max(chunks) * max(threads):
+        raise OptionError(
+            f"--size {format_size(size)} is too small for {max(threads)} threads of "
+            f"{format_size(max(chunks))} reads"
+        )
+    return chunks, threads
+
+
+def _measure_grid(
+    path: Path,
+    size: int,
+    chunks: list[int],
+    threads: list[int],
+    seconds: float,
+    bypass: str,
+    repeat: int,
+    progress: bool,
+) -> tuple[list[dict], str]:
+    """Every (chunk, threads) cell ``repeat`` times, interleaved; the median sample of each cell,
+    and the bypass mode the file was read with."""
+    rng = np.random.default_rng(1)
+    src = UncachedFile(path, bypass=bypass)
+    try:
+        if src.mode == "direct" and any(c % DIRECT_ALIGN for c in chunks):
+            raise OptionError(f"O_DIRECT needs chunk sizes that are multiples of {DIRECT_ALIGN}")
+        grid = [(c, t) for c in chunks for t in threads]
+        samples: dict[tuple[int, int], list[dict]] = {}
+        for c, t in tqdm(grid * repeat, desc="probe", unit="cell", disable=not progress):
+            samples.setdefault((c, t), []).append(measure_cell(src, size, c, t, seconds, rng))
+        return [_median_cell(samples[key]) for key in grid], src.mode
+    finally:
+        src.close()
+
+
+def _fit_error(model: CostModel, cells: list[dict]) -> dict:
+    """How far the fitted model is from the measured cells, relative to the measurement."""
+    errors = [
+        abs(model.throughput(c["chunk"], c["threads"]) / c["bytes_per_s"] - 1)
+        for c in cells
+        if c["bytes_per_s"]
+    ]
+    return {"median": float(np.median(errors)), "max": float(max(errors))}
 
 
 def measure_reader(
@@ -314,35 +341,53 @@ def measure_reader(
                 for layer in range(manifest.n_layers):
                     reader.read_range(layer, 0, manifest.d_ffn, dest)
                 reader.reset_totals()
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < seconds:
-                layer = n % manifest.n_layers
-                if pattern == "layer":
-                    reader.read_range(layer, 0, manifest.d_ffn, dest)
-                else:
-                    reader.read_neurons(layer, id_sets[n % len(id_sets)], dest, np.arange(k))
-                n += 1
+            _read_for(reader, manifest, pattern, seconds, dest, id_sets)
             stats = reader.totals
-        rows.append(
-            {
-                "pattern": pattern,
-                "warm": warm,
-                "threads": t,
-                "calls": stats.calls,
-                "reads_per_call": stats.reads / stats.calls,
-                "bytes_per_call": stats.bytes / stats.calls,
-                "ms_per_call": 1e3 * stats.seconds / stats.calls,
-                "model_ms_per_call": 1e3
-                * cost.read_seconds(stats.bytes, stats.reads, t)
-                / stats.calls,
-            }
-        )
+        rows.append(_reader_row(pattern, warm, t, stats, cost))
     return {
         "directory": str(directory),
         "layout": manifest.layout,
         "record_bytes": manifest.neuron_bytes(),
         "neurons_per_call": k,
         "rows": rows,
+    }
+
+
+def _read_for(
+    reader: StoreReader,
+    manifest: Manifest,
+    pattern: str,
+    seconds: float,
+    dest: dict[str, np.ndarray],
+    id_sets: list[np.ndarray],
+) -> None:
+    """Read for ``seconds``, layer after layer: whole layers (``pattern`` "layer") or one of the
+    random ``id_sets`` per call."""
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        layer = n % manifest.n_layers
+        if pattern == "layer":
+            reader.read_range(layer, 0, manifest.d_ffn, dest)
+        else:
+            ids = id_sets[n % len(id_sets)]
+            reader.read_neurons(layer, ids, dest, np.arange(len(ids)))
+        n += 1
+
+
+def _reader_row(pattern: str, warm: bool, threads: int, stats: ReadCount, cost: CostModel) -> dict:
+    """One cell of the reader table: the reader's totals per call, and the cost model's disk
+    time for the same reads."""
+    return {
+        "pattern": pattern,
+        "warm": warm,
+        "threads": threads,
+        "calls": stats.calls,
+        "reads_per_call": stats.reads / stats.calls,
+        "bytes_per_call": stats.bytes / stats.calls,
+        "ms_per_call": 1e3 * stats.seconds / stats.calls,
+        "model_ms_per_call": 1e3
+        * cost.read_seconds(stats.bytes, stats.reads, threads)
+        / stats.calls,
     }
 
 
