@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlx_flash.cli import run_cli
+from mlx_flash.cli import add_debug_arg, run_cli
+
+from .calibrate import add_predictor_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     _add_calibration_args(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_arg(p)
     return p
 
 
@@ -77,17 +79,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip calibration (the model then runs dense by default)",
     )
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        help="target share of FFN neurons skipped per token, which the predictors learn "
-        "(default: exact zeros for ReLU-family FFNs, else 0.5)",
-    )
-    p.add_argument(
-        "--predictor-rank",
-        type=int,
-        help="rank of every layer's predictor (default: about d_model/4, 4x for the last layers)",
-    )
+    add_predictor_args(p)
 
 
 def run(args: argparse.Namespace) -> int:

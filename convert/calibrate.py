@@ -374,18 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration", metavar="FILE", help="text file (default: the built-in English sample)"
     )
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        help="target share of FFN neurons skipped (default: exact zeros for ReLU FFNs, else 0.5)",
-    )
-    p.add_argument(
-        "--predictor-rank", type=int, help="rank of every layer's predictor (default: by layer)"
-    )
+    add_predictor_args(p)
     p.add_argument("--no-predictor", action="store_true", help="statistics only")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="calibration tokens to use")
     add_debug_arg(p)
     return p
+
+
+def add_predictor_args(p: argparse.ArgumentParser) -> None:
+    """The flags of what the predictors learn, the same for convert and calibrate."""
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="target share of FFN neurons skipped per token, which the predictors learn "
+        "(default: exact zeros for ReLU-family FFNs, else 0.5)",
+    )
+    p.add_argument(
+        "--predictor-rank",
+        type=int,
+        help="rank of every layer's predictor (default: about d_model/4, 4x for the last layers)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

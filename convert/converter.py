@@ -29,7 +29,7 @@ from mlx_flash.runtime.errors import (
     OptionError,
     UnsupportedModelError,
 )
-from mlx_flash.runtime.files import publish, staging_dir
+from mlx_flash.runtime.files import staged
 from mlx_flash.runtime.manifest import (
     DTYPES,
     MX_DTYPES,
@@ -410,8 +410,7 @@ def convert(
         f"  {plan.config['model_type']}: {len(plan.prefixes)} layers, d_model {plan.d_model}, "
         f"d_ffn {plan.d_ffn}, store {plan.dtype}{quant}, {layout}"
     )
-    tmp = staging_dir(out)
-    try:
+    with staged(out, force) as tmp:
         manifest = _write_directory(tmp, source, plan, layout, align, settings, progress)
         if calibration is not None:
             from .calibrate import calibrate
@@ -421,10 +420,6 @@ def convert(
                 tmp, text, sparsity=sparsity, ranks=predictor_rank, progress=progress, log=log
             )
         _maybe_stop("finalize")
-        publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     trunk = sum(f.stat().st_size for f in trunk_files(out))
     log(
         f"  store {format_size(manifest.store_size)} ({manifest.neuron_bytes()} B per neuron), "

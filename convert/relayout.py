@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mlx_flash.runtime.errors import OptionError
-from mlx_flash.runtime.files import publish, staging_dir
+from mlx_flash.runtime.files import staged
 from mlx_flash.runtime.manifest import MANIFEST_FILE, Manifest, read_manifest
 from mlx_flash.runtime.store import StoreReader
 
@@ -49,8 +49,7 @@ def relayout(
     if layout not in ("bundled", "unbundled"):
         raise OptionError(f"unknown layout {layout!r} (bundled or unbundled)")
     log(f"Re-laying out {src} ({manifest.layout}) -> {out} ({layout})")
-    tmp = staging_dir(out)
-    try:
+    with staged(out, force) as tmp:
         for item in src.iterdir():
             if item.name in (manifest.store_file, MANIFEST_FILE) or item.name.startswith("."):
                 continue
@@ -81,10 +80,6 @@ def relayout(
             layers=tuple(entries),
             store_size=(tmp / manifest.store_file).stat().st_size,
         ).save(tmp)
-        publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

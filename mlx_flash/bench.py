@@ -29,10 +29,11 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
-from .cli import add_debug_arg, add_flash_args, load_options, run_cli
+from .cli import add_debug_arg, add_flash_args, load_options, run_cli, write_outputs
+from .plots import plot_ablation
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import FlashError, OptionError
-from .runtime.files import cache_root, write_json
+from .runtime.files import cache_root
 from .runtime.loader import load
 from .runtime.manifest import Manifest, read_manifest
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type
@@ -153,9 +154,7 @@ def run_setup(
         gc.collect()
         mx.clear_cache()
         mx.reset_peak_memory()
-        ids, last = [], None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
-            ids.append(last.token)
+        ids, last = _greedy(model, tokenizer, prompt, tokens)
         summary = rt.telemetry.summary("decode")
         peak = mx.get_peak_memory()
         result = _measured(setup, rt, ids, last, summary, peak)
@@ -165,6 +164,15 @@ def run_setup(
         del model
         gc.collect()
     return _with_time_split(result, cost)
+
+
+def _greedy(model, tokenizer, prompt: list[int], tokens: int) -> tuple[list[int], object]:
+    """``tokens`` greedy tokens after ``prompt``: their ids, and mlx-lm's last response (the
+    rates)."""
+    ids, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
+        ids.append(last.token)
+    return ids, last
 
 
 def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) -> dict:
@@ -243,9 +251,7 @@ def _references(
     model, tokenizer = load_dense(directory)
     gc.collect()
     mx.reset_peak_memory()
-    ids, last = [], None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
-        ids.append(last.token)
+    ids, last = _greedy(model, tokenizer, prompt, tokens)
     plain = {
         "name": "mlx-lm, model in memory",
         "tokens": ids,
@@ -296,14 +302,19 @@ def _median_rows(rounds: list[list[dict]]) -> list[dict]:
                     else float("nan")
                 )
             row[f"{key}_vs_naive"] = statistics.median(ratios)
-        same = [t == n for t, n in zip(first["tokens"], rounds[0][0]["tokens"], strict=False)]
-        row["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
+        row["same_tokens_as_naive"] = _same_tokens(first["tokens"], rounds[0][0]["tokens"])
         row["round_values"] = {
             key: [r[i][key] for r in rounds]
             for key in ("ffn_bytes_per_token", "io_ms_per_token", "tokens_per_s")
         }
         rows.append(row)
     return rows
+
+
+def _same_tokens(tokens: list[int], naive: list[int]) -> str:
+    """How many of the greedy tokens equal naive's, over as many as both have: "same/compared"."""
+    same = [a == b for a, b in zip(tokens, naive, strict=False)]
+    return f"{sum(same)}/{len(same)}"
 
 
 def run_bench(
@@ -340,8 +351,7 @@ def run_bench(
     rows = _median_rows(rounds)
     refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
     for ref in refs:
-        same = [a == b for a, b in zip(ref["tokens"], rows[0]["tokens"], strict=False)]
-        ref["same_tokens_as_naive"] = f"{sum(same)}/{len(same)}"
+        ref["same_tokens_as_naive"] = _same_tokens(ref["tokens"], rows[0]["tokens"])
     return {
         "machine": _machine(model_dir, cost),
         "model": _model_facts(model_dir, manifest, dirs),
@@ -628,14 +638,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         **load_options(args, TOOL),
     )
     print(format_report(report))
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.plot:
-        from .plots import plot_ablation
-
-        plot_ablation(report, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(report, args.json, args.plot, plot_ablation)
     return 0
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import mlx.core as mx
 from mlx_lm.chat import setup_arg_parser
 from mlx_lm.generate import setup_arg_parser as generate_arg_parser
-from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cli import (
@@ -18,9 +16,9 @@ from .cli import (
     add_flash_args,
     load_options,
     make_args_sampler,
-    refuse,
-    resolve_model,
+    prepare_generation,
     run_cli,
+    stream,
 )
 from .runtime.loader import load
 
@@ -43,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    refuse(parser, args, UNSUPPORTED)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    path, tokenizer_config = prepare_generation(parser, args, UNSUPPORTED)
     model, tokenizer = load(path, tokenizer_config=tokenizer_config, **load_options(args, TOOL))
     options = model.flash.options
 
@@ -74,15 +68,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         messages.append({"role": "user", "content": query})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        for response in stream_generate(
-            model,
-            tokenizer,
-            prompt,
-            max_tokens=args.max_tokens,
-            sampler=sampler,
-            prompt_cache=cache,
-            prefill_step_size=options.prefill_step_size,
-        ):
+        for response in stream(model, tokenizer, prompt, args, sampler, prompt_cache=cache):
             print(response.text, end="", flush=True)
         print()
         first = False

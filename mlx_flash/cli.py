@@ -12,9 +12,11 @@ from dataclasses import Field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from .default_model import default_dtype, default_model_path
 from .runtime.errors import FlashError, OptionError
-from .runtime.files import cache_root
+from .runtime.files import cache_root, write_json
 from .runtime.manifest import MANIFEST_FILE, read_manifest
 from .runtime.options import check_option, option_fields, tool_default, tool_defaults
 
@@ -93,6 +95,35 @@ def resolve_model(model: str | None, log: Callable[[str], None] = print) -> Path
     return convert(model, out, dtype=dtype, force=True, calibration=None, log=log)
 
 
+def prepare_generation(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, unsupported: Sequence[str]
+) -> tuple[Path, dict | None]:
+    """What the mlx-lm-style commands (generate, chat) do before loading: refuse the inherited
+    flags not honoured yet, seed, resolve --model; the model directory and tokenizer config."""
+    refuse(parser, args, unsupported)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
+    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    return path, tokenizer_config
+
+
+def stream(model, tokenizer, prompt, args: argparse.Namespace, sampler, **kwargs):
+    """mlx-lm's ``stream_generate`` with the command's --max-tokens and sampler, prefilling in the
+    steps the memory plan assumes."""
+    from mlx_lm.generate import stream_generate
+
+    return stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        sampler=sampler,
+        prefill_step_size=model.flash.options.prefill_step_size,
+        **kwargs,
+    )
+
+
 def make_args_sampler(args: argparse.Namespace, tokenizer):
     """mlx-lm's sampler from mlx_lm.generate's sampling flags."""
     from mlx_lm.sample_utils import make_sampler
@@ -107,6 +138,18 @@ def make_args_sampler(args: argparse.Namespace, tokenizer):
         xtc_threshold=args.xtc_threshold,
         xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
     )
+
+
+def write_outputs(
+    data: dict, json_path: Path | None, plot_path: Path | None, plot: Callable[[dict, Path], None]
+) -> None:
+    """A measuring command's --json and --plot files, each named on stdout once written."""
+    if json_path:
+        write_json(json_path, data)
+        print(f"wrote {json_path}")
+    if plot_path:
+        plot(data, plot_path)
+        print(f"wrote {plot_path}")
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:

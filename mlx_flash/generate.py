@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.generate import setup_arg_parser, stream_generate
+from mlx_lm.generate import setup_arg_parser
 from mlx_lm.utils import load_tokenizer
 
 from .cli import (
@@ -18,9 +18,9 @@ from .cli import (
     add_flash_args,
     load_options,
     make_args_sampler,
-    refuse,
-    resolve_model,
+    prepare_generation,
     run_cli,
+    stream,
 )
 from .runtime.files import write_json
 from .runtime.loader import load
@@ -156,11 +156,7 @@ def print_summary(stats: dict) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    refuse(parser, args, UNSUPPORTED)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    model_path = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    model_path, tokenizer_config = prepare_generation(parser, args, UNSUPPORTED)
     prompt = build_prompt(load_tokenizer(model_path, tokenizer_config), args)
     # plan the KV cache for this prompt and answer unless told otherwise
     options = {"max_context": len(prompt) + args.max_tokens, **load_options(args, TOOL)}
@@ -171,15 +167,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     response, text = None, []
     if args.verbose:
         print("=" * 10)
-    for response in stream_generate(
-        model,
-        tokenizer,
-        prompt,
-        max_tokens=args.max_tokens,
-        sampler=sampler,
-        max_kv_size=model.flash.options.max_kv_size,
-        prefill_step_size=model.flash.options.prefill_step_size,
-    ):
+    max_kv_size = model.flash.options.max_kv_size
+    for response in stream(model, tokenizer, prompt, args, sampler, max_kv_size=max_kv_size):
         text.append(response.text)
         if args.verbose:
             print(response.text, end="", flush=True)

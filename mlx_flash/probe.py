@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .cli import add_debug_arg, run_cli
+from .cli import add_debug_arg, run_cli, write_outputs
+from .plots import plot_probe
 from .runtime.costmodel import PROBE_FORMAT, PROBE_VERSION, Cell, CostModel, device_key, probe_path
 from .runtime.errors import OptionError
 from .runtime.files import cache_root, write_json
@@ -567,14 +568,7 @@ def run(args: argparse.Namespace) -> int:
         probe_path(directory).parent.mkdir(parents=True, exist_ok=True)
         write_json(probe_path(directory), probe)
         print(f"saved for the runtime: {probe_path(directory)}")
-    if args.json:
-        write_json(args.json, probe)
-        print(f"wrote {args.json}")
-    if args.plot:
-        from .plots import plot_probe
-
-        plot_probe(probe, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(probe, args.json, args.plot, plot_probe)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Files the package writes: the cache folder, and writes that never leave a half-written file.
+"""Files the package writes: the cache folder, writes that never leave a half-written file, and
+reading its JSON back.
 
 Why: a crash or Ctrl-C while writing a manifest, settings, a probe, calibration arrays, a download
 or a whole converted directory must leave what the user already had as it was. Every write goes to a
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import FlashError
+from .errors import FlashError, FlashFormatError
 
 
 def cache_root() -> Path:
@@ -42,6 +43,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def read_json(path: Path) -> Any:
+    """What ``path`` holds, read back; a FlashFormatError naming the file if it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FlashFormatError(f"{path}: not valid JSON ({e})") from e
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -65,6 +74,19 @@ def staging_dir(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+@contextmanager
+def staged(out: Path, force: bool) -> Iterator[Path]:
+    """A staging directory to build ``out`` in (``staging_dir``): published onto ``out`` if the
+    block succeeds (``publish``), removed if anything stops it, Ctrl-C included."""
+    tmp = staging_dir(out)
+    try:
+        yield tmp
+        publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish(tmp: Path, out: Path, force: bool) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .adapters import ACTIVATIONS
 from .errors import FlashFormatError
+from .files import read_json
 
 FORMAT_NAME = "mlx_flash"
 FORMAT_VERSION = 1
@@ -176,20 +177,27 @@ def _require(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, wher
     return value
 
 
-def _nonneg(value: int, path: Path, what: str) -> int:
+def _count(d: Any, key: str, path: Path, where: str) -> int:
+    """A non-negative integer field (an offset, a size, a count)."""
+    value = _require(d, key, int, path, where)
     if value < 0:
-        raise FlashFormatError(f"{path}: manifest field {what} is negative")
+        raise FlashFormatError(f"{path}: manifest field {where}{key} is negative")
     return value
 
 
-def _parse_part(d: Any, path: Path, where: str) -> Part:
+def _dtype(d: Any, path: Path, where: str) -> str:
     dtype = _require(d, "dtype", str, path, where)
     if dtype not in DTYPES:
         raise FlashFormatError(f"{path}: unknown dtype {dtype!r} at {where}")
+    return dtype
+
+
+def _parse_part(d: Any, path: Path, where: str) -> Part:
+    dtype = _dtype(d, path, where)
     return Part(
         name=_require(d, "name", str, path, where),
-        offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
-        length=_nonneg(_require(d, "length", int, path, where), path, where + "length"),
+        offset=_count(d, "offset", path, where),
+        length=_count(d, "length", path, where),
         dtype=dtype,
     )
 
@@ -200,14 +208,10 @@ def _parse_region(d: Any, path: Path, where: str) -> Region:
         for j, p in enumerate(_require(d, "parts", list, path, where))
     )
     region = Region(
-        offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
-        record_stride=_nonneg(
-            _require(d, "record_stride", int, path, where), path, where + "record_stride"
-        ),
-        record_size=_nonneg(
-            _require(d, "record_size", int, path, where), path, where + "record_size"
-        ),
-        n_records=_nonneg(_require(d, "n_records", int, path, where), path, where + "n_records"),
+        offset=_count(d, "offset", path, where),
+        record_stride=_count(d, "record_stride", path, where),
+        record_size=_count(d, "record_size", path, where),
+        n_records=_count(d, "n_records", path, where),
         parts=parts,
     )
     if region.record_size > region.record_stride or region.record_stride == 0:
@@ -219,12 +223,10 @@ def _parse_region(d: Any, path: Path, where: str) -> Region:
 
 
 def _parse_blob(d: Any, path: Path, where: str) -> Blob:
-    dtype = _require(d, "dtype", str, path, where)
-    if dtype not in DTYPES:
-        raise FlashFormatError(f"{path}: unknown dtype {dtype!r} at {where}")
+    dtype = _dtype(d, path, where)
     return Blob(
-        offset=_nonneg(_require(d, "offset", int, path, where), path, where + "offset"),
-        length=_nonneg(_require(d, "length", int, path, where), path, where + "length"),
+        offset=_count(d, "offset", path, where),
+        length=_count(d, "length", path, where),
         dtype=dtype,
     )
 
@@ -251,9 +253,9 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         activation=_one_of(data, "activation", tuple(ACTIVATIONS), path),
         layout=_one_of(data, "layout", ("bundled", "unbundled"), path),
         dtype=_one_of(data, "dtype", ("float32", "float16", "bfloat16"), path),
-        align=_nonneg(_require(data, "align", int, path, ""), path, "align"),
+        align=_count(data, "align", path, ""),
         store_file=_require(data, "store_file", str, path, ""),
-        store_size=_nonneg(_require(data, "store_size", int, path, ""), path, "store_size"),
+        store_size=_count(data, "store_size", path, ""),
         layers=layers,
         quantization=_parse_quantization(data.get("quantization"), path),
         checksum_algorithm=_require(data, "checksum_algorithm", str, path, ""),
@@ -287,8 +289,8 @@ def _parse_layer(entry: Any, i: int, path: Path) -> LayerEntry:
     layer = LayerEntry(
         index=_require(entry, "index", int, path, where),
         prefix=_require(entry, "prefix", str, path, where),
-        offset=_nonneg(_require(entry, "offset", int, path, where), path, where + "offset"),
-        nbytes=_nonneg(_require(entry, "nbytes", int, path, where), path, where + "nbytes"),
+        offset=_count(entry, "offset", path, where),
+        nbytes=_count(entry, "nbytes", path, where),
         checksum=_require(entry, "checksum", str, path, where),
         regions=tuple(
             _parse_region(r, path, f"{where}regions[{j}].") for j, r in enumerate(regions)
@@ -404,11 +406,7 @@ def read_manifest(directory: str | Path) -> Manifest:
             f"{path}: missing; {directory} is not a flash model directory "
             "(convert it with python -m mlx_flash.convert)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FlashFormatError(f"{path}: not valid JSON ({e})") from e
-    return parse_manifest(data, path)
+    return parse_manifest(read_json(path), path)
 
 
 def check_store_file(directory: str | Path, manifest: Manifest) -> Path:

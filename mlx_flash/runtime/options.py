@@ -11,7 +11,6 @@ Where a value comes from, last wins: the field's default, the model directory's
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FlashFormatError, OptionError
-from .files import write_json
+from .files import read_json, write_json
 from .sizes import parse_share, parse_size
 
 SELECTORS = ("auto", "dense", "gate", "predictor")
@@ -259,10 +258,7 @@ def read_settings(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / SETTINGS_FILE
     if not path.is_file():
         return {}
-    try:
-        stored = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FlashFormatError(f"{path}: not valid JSON ({e})") from e
+    stored = read_json(path)
     if not isinstance(stored, dict):
         raise FlashFormatError(f"{path}: not a JSON object")
     try:
