@@ -1,5 +1,5 @@
 # `make test`: the README's test command. On Linux it installs and preloads OpenBLAS, because MLX's
-# CPU wheel ships a reference BLAS that is ~30x slower (DESIGN.md §5); the package works without it.
+# CPU wheel ships a reference BLAS that is ~30x slower (README, Linux); the package works without it.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PYTHON ?= python3
 PYTEST_ARGS ?=

@@ -7,19 +7,18 @@ ReLU-family models; without balancing the predictor learns to say "inactive"). I
 standardised while training and the scaling is folded back into the weights, so the runtime computes
 two small matmuls, an add and a compare.
 
-Choices, measured on relu2-8m (calibrated on the built-in Austen sample, tested on WikiText-2):
+Choices, compared on relu2-8m and SmolLM2 (calibrated on the built-in Austen sample, tested on
+WikiText-2):
 - Non-gated FFNs start from the rank-r principal directions of the up pre-activations
   ``x @ up.T`` (activity is a threshold on them); from a random start the predictor fits the
-  calibration text better but generalises worse (recall 0.92 vs 0.955 on WikiText at rank 64,
-  layer 4). Gated FFNs start at random: starting from the gate's directions did worse (SmolLM2
-  layer 15: recall 0.42 vs 0.65).
-- A hidden ReLU between the two matmuls did not help (relu2 layer 0: held-back recall 0.93 vs 0.99
-  at rank 32; SmolLM2 layer 15: 0.64 vs 0.65 at rank 128).
-- The cut: a predictor fitted on one text is less sure on another (Austen held-back recall 0.996,
-  WikiText 0.93 at probability 0.5), so the cut is calibrated per layer on held-back tokens to
-  predict a fixed share: ``margin`` times the active share (the conversion picks 1.3 for natural
-  zeros, where a miss costs quality and an extra neuron only I/O, and 1.0 for a target sparsity, so
-  the predictor skips what the target says).
+  calibration text better but generalises worse. Gated FFNs start at random: starting from the
+  gate's directions did worse.
+- A hidden ReLU between the two matmuls did not help.
+- The cut: a predictor fitted on one text is less sure on another (at probability 0.5 its recall
+  is lower on WikiText than on held-back Austen), so the cut is calibrated per layer on held-back
+  tokens to predict a fixed share: ``margin`` times the active share (the conversion picks 1.3 for
+  natural zeros, where a miss costs quality and an extra neuron only I/O, and 1.0 for a target
+  sparsity, so the predictor skips what the target says).
 """
 
 from __future__ import annotations

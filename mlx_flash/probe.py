@@ -2,13 +2,14 @@
 the page cache bypassed (the paper's figure 2b), and fit the cost model the runtime uses.
 
 Why: the runtime picks its read threads and read sizes, and ``mlx_flash.bench`` its physical limit,
-from this measurement (``mlx_flash.runtime.costmodel``); without one they use DESIGN.md §5's
-numbers. Reads are random, chunk-aligned and never repeat within a cell, from a fresh file of random
-bytes that is dropped from the page cache first; the file must be on the disk you will stream models
-from, not on tmpfs. Then the store reader itself reads batches of random records from that file, per
-thread count: on a machine with few cores the fastest count for a layer's batch is lower than what
-the disk alone prefers, and that is the one the runtime uses. ``--store DIR`` also times the reader
-on a flash model, cold and warm, to split I/O time into disk and reader cost.
+from this measurement (``mlx_flash.runtime.costmodel``); without one they use its defaults, measured
+on Linux development machines. Reads are random, chunk-aligned and never repeat within a cell, from
+a fresh file of random bytes that is dropped from the page cache first; the file must be on the disk
+you will stream models from, not on tmpfs. Then the store reader itself reads batches of random
+records from that file, per thread count: on a machine with few cores the fastest count for a
+layer's batch is lower than what the disk alone prefers, and that is the one the runtime uses.
+``--store DIR`` also times the reader on a flash model, cold and warm, to split I/O time into disk
+and reader cost.
 
     python -m mlx_flash.probe --path ~/models --size 1GB --json probe.json --plot probe.png
     python -m mlx_flash.probe --path ~/models --store ~/models/my-flash-model --threads 1 4 8 32

@@ -1,4 +1,4 @@
-"""Concurrency (issue 8): several models in one process, one model from several threads.
+"""Concurrency: several models in one process, one model from several threads.
 
 The rules these tests pin down (written out in ``mlx_flash.load``'s docstring):
 - any number of flash models may live in one process, and different models may run at the same time

@@ -1,5 +1,4 @@
-"""Fuzzing the readers of untrusted headers (issue 8): only the package's own clear errors may
-come out.
+"""Fuzzing the readers of untrusted headers: only the package's own clear errors may come out.
 
 - the manifest reader (``flash_manifest.json``): random JSON, valid manifests with one field
   replaced or removed, and damaged bytes; a manifest that parses is then used the way the runtime

@@ -1,5 +1,5 @@
-"""Reliability (issue 8): damaged directories, faults and Ctrl-C while generating, converter
-safety, memory safety.
+"""Reliability: damaged directories, faults and Ctrl-C while generating, converter safety, memory
+safety.
 
 Thread and descriptor counts are taken after a warm-up: MLX and tokenizers start native threads
 lazily, so only the package's own threads (named ``mlx_flash*``) and ``/proc/self/fd`` are compared.

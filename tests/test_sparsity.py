@@ -131,7 +131,7 @@ def test_relu2_calibration_records_natural_sparsity(relu2_calibrated):
     calibration = read_calibration(relu2_calibrated, manifest)
     assert calibration.sparsity is None and calibration.tokens == 2048
     assert calibration.frequency.shape == (8, 1024)
-    # the model's natural sparsity: 70-92% exact zeros
+    # the model's natural sparsity: most activations are exact zeros
     assert np.all(calibration.zero_fraction > 0.6)
     assert np.all(np.diff(calibration.magnitude, axis=1) >= 0)
     active = calibration.frequency.mean(1)

@@ -1,10 +1,10 @@
 """Where a flash model's time per token goes, from a py-spy profile of the generating thread.
 
 Why: tokens/s against naive depends on more than bytes read: on a small CPU, MLX compute, Python
-work per layer and waiting for reads all count (issue 6). py-spy samples the main thread's stack;
-each sample is put in one bucket (MLX work is told by native MLX frames with ``--native``, else by
-the Python line that waits for MLX to evaluate; ``--native`` slows the process several times, so
-prefer plain sampling for times):
+work per layer and waiting for reads all count. py-spy samples the main thread's stack; each sample
+is put in one bucket (MLX work is told by native MLX frames with ``--native``, else by the Python
+line that waits for MLX to evaluate; ``--native`` slows the process several times, so prefer plain
+sampling for times):
 
 - FFN I/O: inside ``StoreReader.read_neurons`` (planning reads, preadv, waiting for
   the read threads);

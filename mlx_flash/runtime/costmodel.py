@@ -1,10 +1,10 @@
 """The storage cost model: read throughput as a function of read size and threads (the paper's
 fig. 2b).
 
-Why: flash is fast only for large reads with many in flight (DESIGN.md §2), so the runtime needs to
-know, for this machine's disk, how many threads to use and what a token's reads should cost.
-``mlx_flash.probe`` measures it; without a probe the model falls back to the numbers DESIGN.md §5
-reports for these machines.
+Why: flash is fast only for large reads with many in flight (README, Design: the disk), so the
+runtime needs to know, for this machine's disk, how many threads to use and what a token's reads
+should cost. ``mlx_flash.probe`` measures it; without a probe the model falls back to defaults
+measured on Linux development machines with direct I/O (``_DEFAULT_POINTS``).
 
 Per thread count t, a read of s bytes costs ``a_t + s / b_t`` seconds of the device's time shared by
 the t threads: ``a_t`` is the per-read cost (latency divided by the parallelism the device and the
@@ -26,8 +26,8 @@ from .files import cache_root
 PROBE_FORMAT = "mlx_flash-probe"
 PROBE_VERSION = 1
 
-# DESIGN.md §5, direct I/O on the development machines: 4 KiB reads 70 MB/s (1 thread) and 300 MB/s
-# (32); 64 KiB reads 0.5 GB/s and 2 GB/s. Solved for a_t and b_t at t = 1 and 32.
+# Measured with direct I/O on Linux development machines: 4 KiB reads 70 MB/s (1 thread) and
+# 300 MB/s (32); 64 KiB reads 0.5 GB/s and 2 GB/s. Solved for a_t and b_t at t = 1 and 32.
 _DEFAULT_POINTS = {1: ((4096, 70e6), (65536, 0.5e9)), 32: ((4096, 300e6), (65536, 2e9))}
 
 
@@ -99,7 +99,7 @@ class CostModel:
     @classmethod
     def defaults(cls) -> CostModel:
         cells = [Cell(s, t, bw) for t, points in _DEFAULT_POINTS.items() for s, bw in points]
-        return cls.fit(cells, "defaults (DESIGN.md §5)")
+        return cls.fit(cells, "defaults (Linux development machines, direct I/O)")
 
     def _at(self, i: int, read_bytes: float) -> float:
         return read_bytes / (self.per_read_s[i] + read_bytes / self.bandwidth[i])

@@ -1,8 +1,8 @@
 """Store reader: coalesced, parallel reads of neuron records from the flash store into neuron
 buffers.
 
-Why this shape: flash is fast only for large reads with many in flight (README, "Design"). So the
-ids of a call are sorted, adjacent ids are merged into one read per region run (capped at
+Why this shape: flash is fast only for large reads with many in flight (README, Design: the disk).
+So the ids of a call are sorted, adjacent ids are merged into one read per region run (capped at
 ``max_run_bytes``), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
 
 Two ways a run lands in the destination:
@@ -12,7 +12,7 @@ Two ways a run lands in the destination:
   copy. The iovec lists are built by the calling thread, so workers hold the GIL for little more
   than the preadv call. Only for short runs (at most ``SCATTER_MAX_RECORDS`` records): building one
   iovec per part per record costs more Python time than the copy it saves once a run is longer
-  (whole layers read 1.7x faster staged, measured warm).
+  (whole layers read faster staged).
 - *staged*: otherwise (long runs, other dtype, or O_DIRECT) the run is read into a per-thread
   staging buffer and copied or converted once into the destination (float16 -> float32, bfloat16 ->
   float32 by a 16-bit shift, ...).
