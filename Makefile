@@ -1,5 +1,6 @@
-# `make test`: the README's test command. On Linux it installs and preloads OpenBLAS, because MLX's
-# CPU wheel ships a reference BLAS that is ~30x slower (README, Linux); the package works without it.
+# `make test`: the README's test command. On Linux it installs and preloads OpenBLAS, because
+# MLX's CPU wheel ships a reference BLAS that is ~30x slower (README, Linux); the package works
+# without it. ruff (lint and format, configured in pyproject.toml) runs before the tests.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PYTHON ?= python3
 PYTEST_ARGS ?=
@@ -13,6 +14,8 @@ openblas:
 
 test: openblas
 	$(PYTHON) -m pip install -q -e '.[test,examples]'
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS)) $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-slow: openblas
