@@ -52,6 +52,7 @@ class FFNSpec:
 
 
 _LLAMA = FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu")
+_GEMMA2 = FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx")
 
 ARCHITECTURES: dict[str, FFNSpec] = {
     "llama": _LLAMA,
@@ -60,15 +61,9 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "qwen3": _LLAMA,
     "olmo2": _LLAMA,
     "gemma": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu"),
-    "gemma2": FFNSpec(
-        "mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
-    ),
-    "gemma3_text": FFNSpec(
-        "mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
-    ),
-    "gemma3": FFNSpec(
-        "mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
-    ),
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "gemma3": _GEMMA2,
     "phi3": FFNSpec(
         "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
     ),
