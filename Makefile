@@ -1,6 +1,7 @@
 # `make test`: the README's test command. On Linux it installs and preloads OpenBLAS, because
-# MLX's CPU wheel ships a reference BLAS that is ~30x slower (README, Linux); the package works
-# without it. ruff (lint and format, configured in pyproject.toml) runs before the tests.
+# MLX's CPU wheel ships a reference BLAS that is ~30x slower (README, Design: compute on Linux
+# CPUs); the package works without it. ruff (lint and format, configured in pyproject.toml) runs
+# before the tests.
 OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PYTHON ?= python3
 PYTEST_ARGS ?=
