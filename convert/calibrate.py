@@ -101,7 +101,6 @@ def collect_ffn_inputs(
     """Run the dense model over ``windows``; per layer, the FFN inputs [tokens, d_model] as
     memory maps."""
     model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
-    cast_parameters(model, mx.float32)
     tokens = windows.size
     inputs = [
         np.lib.format.open_memmap(
@@ -114,6 +113,7 @@ def collect_ffn_inputs(
     with StoreReader(directory, manifest, threads=4) as reader:
         for i in range(manifest.n_layers):
             set_ffn(model, spec, i, _CaptureFFN(reader, manifest, i, inputs[i]))
+        cast_parameters(model, mx.float32)  # after the swap: the unloaded FFN is never made
         for b in tqdm(
             range(0, len(windows), per_batch),
             desc="calibration forward",
