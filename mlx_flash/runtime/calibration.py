@@ -16,7 +16,6 @@ sparsity is asked for, else the quantile of ``|h|`` at the target sparsity.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import FlashFormatError
+from .files import atomic_path
 from .manifest import Manifest
 
 CALIBRATION_FILE = "calibration.safetensors"
@@ -95,10 +95,10 @@ class Predictors:
         return Predictors(cast(self.w_in), cast(self.w_out), cast(self.bias), self.cut)
 
 
-def _save_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
-    tmp = path.with_name(path.stem + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx_flash"})
-    os.replace(tmp, path)
+def save_arrays(path: Path, arrays: dict[str, mx.array]) -> None:
+    """Write a safetensors file atomically."""
+    with atomic_path(path) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx_flash"})
 
 
 def save_calibration(
@@ -120,7 +120,7 @@ def save_calibration(
     }
     if calibration.gate is not None:
         arrays["gate"] = calibration.gate
-    _save_atomic(
+    save_arrays(
         directory / CALIBRATION_FILE, {k: mx.array(v.astype(np.float32)) for k, v in arrays.items()}
     )
     extra = dict(manifest.extra)
@@ -138,7 +138,7 @@ def save_calibration(
             weights[f"{i}.w_in"], weights[f"{i}.w_out"] = predictors.w_in[i], predictors.w_out[i]
             weights[f"{i}.bias"] = predictors.bias[i]
             weights[f"{i}.cut"] = mx.array([predictors.cut[i]], dtype=mx.float32)
-        _save_atomic(directory / PREDICTOR_FILE, weights)
+        save_arrays(directory / PREDICTOR_FILE, weights)
         extra["predictor"] = {
             "file": PREDICTOR_FILE,
             "sparsity": calibration.sparsity,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 
 from .adapters import ACTIVATIONS
 from .errors import FlashFormatError
-from .files import read_json
+from .files import read_json, write_json
 
 FORMAT_NAME = "mlx_flash"
 FORMAT_VERSION = 1
@@ -159,11 +158,8 @@ class Manifest:
         return d
 
     def save(self, directory: Path) -> None:
-        """Write the manifest atomically (temp file + rename)."""
-        path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        """Write the manifest atomically."""
+        write_json(Path(directory) / MANIFEST_FILE, self.to_json())
 
 
 def _require(obj: Any, key: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
