@@ -21,35 +21,41 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.utils import load_model, load_tokenizer
+from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
 from mlx_flash.cli import add_debug_arg, run_cli
-from mlx_flash.runtime.adapters import ACTIVATIONS, set_ffn, spec_for
+from mlx_flash.runtime.adapters import ACTIVATIONS
 from mlx_flash.runtime.calibration import (
     LEVELS,
     Calibration,
     Predictors,
     default_sparsity,
+    natural_zeros,
+    operating_points,
     save_calibration,
 )
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
-from mlx_flash.runtime.loader import cast_parameters
 from mlx_flash.runtime.manifest import Manifest, read_manifest
+from mlx_flash.runtime.proxy import Proxy, ProxyFormat, compress, outliers, save_proxy
 from mlx_flash.runtime.store import StoreReader
 from mlx_flash.textdata import text_windows
 
+from . import selection
 from .predictor import auto_ranks, choose_cut, score_predictor, train_predictor
+from .quality import measure_quality, trunk_model
 
 SEQ_LEN = 256  # tokens per calibration window (each starts a fresh context)
-MAX_TOKENS = 16384  # enough for stable quantiles and a few hundred positives per neuron
+MAX_TOKENS = 16384  # fitted on: enough for stable quantiles and a few hundred positives per neuron
+HELD_TOKENS = 8192  # held back for the quality guard (nothing is fitted on them)
+ERROR_TOKENS = 1024  # per layer, the tokens selection errors are measured on
 HELD_OUT = 0.2  # share of windows kept back: half sets the predictors' cut, half measures them
 NATURAL_MARGIN = 1.3  # natural zeros: predict 1.3x the active share (see convert/predictor.py)
 BATCH_TOKENS = 1024  # tokens per forward pass (each pass reads every layer's FFN once)
@@ -100,7 +106,6 @@ def collect_ffn_inputs(
 ) -> list[np.ndarray]:
     """Run the dense model over ``windows``; per layer, the FFN inputs [tokens, d_model] as
     memory maps."""
-    model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
     tokens = windows.size
     inputs = [
         np.lib.format.open_memmap(
@@ -108,12 +113,11 @@ def collect_ffn_inputs(
         )
         for i in range(manifest.n_layers)
     ]
-    spec = spec_for(manifest.model_type)
     per_batch = max(1, BATCH_TOKENS // windows.shape[1])
     with StoreReader(directory, manifest, threads=4) as reader:
-        for i in range(manifest.n_layers):
-            set_ffn(model, spec, i, _CaptureFFN(reader, manifest, i, inputs[i]))
-        cast_parameters(model, mx.float32)  # after the swap: the unloaded FFN is never made
+        model = trunk_model(
+            directory, manifest, lambda i: _CaptureFFN(reader, manifest, i, inputs[i])
+        )
         for b in tqdm(
             range(0, len(windows), per_batch),
             desc="calibration forward",
@@ -214,41 +218,44 @@ def calibrate(
     *,
     sparsity: float | None = None,
     ranks: list[int] | int | None = None,
-    predictors: bool = True,
+    predictors: bool | None = None,
     seq_len: int = SEQ_LEN,
     max_tokens: int = MAX_TOKENS,
+    held_tokens: int = HELD_TOKENS,
+    proxy: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Calibrate the flash model directory in place; returns its updated manifest.
 
-    ``text``: a text file (default: the built-in English sample). ``sparsity``: the conversion's
-    target (default: natural zeros for ReLU-family FFNs, else 0.5), the threshold the predictors
-    learn. ``ranks``: predictor rank for every layer (an int or one per layer; default:
-    ``auto_ranks``).
+    ``text``: a text file (default: the built-in English sample). ``sparsity``: the target the
+    predictors learn (default: natural zeros for ReLU-family FFNs, else 0.5). ``predictors``:
+    train them (default: for ReLU-family FFNs, or when ``ranks`` are given; the proxy serves the
+    others). ``ranks``: predictor rank for every layer. ``held_tokens``: tokens held back for the
+    quality guard (0 skips it; then ``auto`` runs dense). ``proxy``: the proxy's format (e.g.
+    "q4g64+keep8"; default: chosen by measuring, see ``selection.py``).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    path = Path(text) if text is not None else builtin_text_path()
-    if not path.is_file():
-        raise FlashError(f"{path}: calibration text not found")
-    if sparsity is None:
-        sparsity = default_sparsity(manifest)
-    elif not 0.0 <= sparsity < 1.0:
-        raise OptionError(f"--sparsity must be in [0, 1), got {sparsity}")
-    rank_list = _rank_list(manifest, ranks) if predictors else None
-    tokenizer = load_tokenizer(directory)
-    tokens = _Tokens.split(text_windows(tokenizer, path, seq_len, max_tokens // seq_len, 2))
+    sparsity = _target(manifest, sparsity)
+    train = (natural_zeros(manifest) or ranks is not None) if predictors is None else predictors
+    rank_list = _rank_list(manifest, ranks) if train else None
+    path, fit, held = _text(directory, text, seq_len, max_tokens, held_tokens)
+    tokens = _Tokens.split(fit)
     target = "natural (exact zeros)" if sparsity is None else f"{sparsity:g}"
     log(
-        f"Calibrating on {tokens.windows.size} tokens of {path.name} ({tokens.held_out} held "
-        f"back), target sparsity {target}"
+        f"Calibrating on {fit.size} tokens of {path.name} ({held.size} more held back for the "
+        f"quality guard), target sparsity {target}"
     )
     scratch = Path(tempfile.mkdtemp(prefix=".calibration-", dir=directory))
     try:
-        inputs = collect_ffn_inputs(directory, manifest, tokens.windows, scratch, progress)
-        calibration, trained = _measure(
+        inputs = collect_ffn_inputs(directory, manifest, fit, scratch, progress)
+        calibration, trained, errors, channels = _measure(
             directory, manifest, inputs, tokens, sparsity, rank_list, progress
+        )
+        forced = None if proxy is None else ProxyFormat.parse(proxy)
+        proxy, proxy_info = _proxy(
+            directory, manifest, inputs, errors, channels, calibration, forced, log
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -258,9 +265,93 @@ def calibrate(
     stored = None
     if trained:
         stored, info["predictor"] = _predictors(directory, manifest, trained, sparsity)
+    if proxy is not None:
+        info["proxy"] = {**save_proxy(directory, proxy), **proxy_info}
+    if held.size:
+        dense, points = measure_quality(
+            directory, manifest, held, calibration, proxy, stored, progress
+        )
+        info["quality"] = {
+            "tokens": int(held.size),
+            "text": path.name,
+            "dense_perplexity": dense,
+            "points": [asdict(p) for p in points],
+        }
     manifest = save_calibration(directory, manifest, calibration, stored, info)
     _report(manifest, log)
     return manifest
+
+
+def _target(manifest: Manifest, sparsity: float | None) -> float | None:
+    if sparsity is None:
+        return default_sparsity(manifest)
+    if not 0.0 <= sparsity < 1.0:
+        raise OptionError(f"--sparsity must be in [0, 1), got {sparsity}")
+    return sparsity
+
+
+def _text(
+    directory: Path, text: str | Path | None, seq_len: int, max_tokens: int, held_tokens: int
+) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The calibration text, in windows: those fitted on, and those held back for the guard
+    (at most a third of them)."""
+    path = Path(text) if text is not None else builtin_text_path()
+    if not path.is_file():
+        raise FlashError(f"{path}: calibration text not found")
+    tokenizer = load_tokenizer(directory)
+    windows = text_windows(tokenizer, path, seq_len, (max_tokens + held_tokens) // seq_len, 2)
+    held = min(held_tokens // seq_len, len(windows) // 3)
+    fit = windows[: len(windows) - held][: max(1, max_tokens // seq_len)]
+    return path, fit, windows[len(windows) - held :]
+
+
+def _proxy(
+    directory: Path,
+    manifest: Manifest,
+    inputs: list[np.ndarray],
+    errors: list,
+    channels: list[np.ndarray],
+    calibration: Calibration,
+    forced: ProxyFormat | None,
+    log: Callable[[str], None],
+) -> tuple[Proxy | None, dict]:
+    """The proxy (None for ReLU-family FFNs, which the predictor serves, and when no affordable
+    candidate ranks neurons well enough), and the per-layer sparsities measured with the selector
+    that will run."""
+    if natural_zeros(manifest):
+        return None, {}
+    pool = selection.candidates(manifest)
+    fmt, ratios = selection.choose_proxy(errors, pool) if pool else (None, {})
+    fmt = forced or fmt
+    curves, layers = [], []
+    with StoreReader(directory, manifest, threads=4) as reader:
+        for i in range(manifest.n_layers):
+            parts = {k: mx.array(v) for k, v in reader.read_layer(i).items()}
+            x = mx.array(np.asarray(inputs[i][_spread(len(inputs[i]), ERROR_TOKENS)]))
+            h = hidden(x, parts, manifest.activation, manifest.gated, manifest.quantization)
+            if fmt is None:  # the gate selector (or dense) will run
+                score = selection.gate_score(parts, manifest, x) if manifest.gated else mx.abs(h)
+            else:
+                rows, bias = selection.gate_up_rows(parts, manifest)
+                layers.append(compress(rows, fmt, channels[i], bias))
+                one = Proxy(fmt, [layers[-1]], manifest.activation, manifest.gated, unpack=True)
+                score = one.astype(mx.float32).scores(0, x)
+            curves.append(selection.error_curve(h, parts, manifest, score))
+    calibration.allocation = selection.allocate(np.array(curves))
+    calibration.targets = selection.TARGETS
+    names = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+    if fmt is None:
+        why = f"error vs the oracle's: {names}" if pool else "none costs a quarter of the FFN"
+        log(f"  proxy: none here ({why})")
+        return None, {}
+    log(f"  proxy: {fmt.name} (error vs the oracle's: {names})")
+    proxy = Proxy(fmt, layers, manifest.activation, manifest.gated)
+    return proxy, {"error_vs_oracle": ratios}
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """``k`` indices spread evenly over ``range(n)``."""
+    return np.linspace(0, n - 1, min(n, k)).astype(np.int64)
 
 
 def _predictors(
@@ -299,43 +390,49 @@ def _measure(
     ranks: list[int] | None,
     progress: bool,
 ):
-    """Per layer: activation statistics, and (with ``ranks``) a trained predictor with its cut and
-    held-back quality. Each layer's FFN is read once."""
+    """Per layer, reading its FFN once: activation statistics, outlier input channels, the
+    selection errors the proxy candidates and the oracle cause, and (with ``ranks``) a trained
+    predictor with its cut and held-back quality."""
     n, levels = manifest.n_layers, len(LEVELS)
     frequency = np.zeros((n, manifest.d_ffn), np.float32)
     magnitude = np.zeros((n, levels), np.float32)
     gate_q = np.zeros((n, levels), np.float32) if manifest.gated else None
     zeros = np.zeros(n, np.float32)
-    trained: list[tuple] = []
-    sample = np.linspace(0, tokens.train - 1, min(tokens.train, QUANTILE_TOKENS)).astype(np.int64)
+    trained, errors, channels = [], [], []
+    pool = () if natural_zeros(manifest) else selection.candidates(manifest)
+    sample = _spread(tokens.train, QUANTILE_TOKENS)
     with StoreReader(directory, manifest, threads=4) as reader:
-        bar = tqdm(range(n), desc="activations + predictors", unit="layer", disable=not progress)
+        bar = tqdm(range(n), desc="activations + selection", unit="layer", disable=not progress)
         for i in bar:
             parts = {k: mx.array(v) for k, v in reader.read_layer(i).items()}
+            x = np.asarray(inputs[i][sample])
             h, g = (
-                None if a is None else np.array(a)
-                for a in layer_activations(parts, manifest, inputs[i][sample])
+                None if a is None else np.array(a) for a in layer_activations(parts, manifest, x)
             )
             magnitude[i], zeros[i] = _quantiles(h), float((h == 0).mean())
             if g is not None:
                 gate_q[i] = _quantiles(g)
             del h, g
+            channels.append(outliers(np.abs(x).mean(0)))
+            if pool:
+                x_err = x[_spread(len(x), ERROR_TOKENS)]
+                errors.append(selection.layer_errors(parts, manifest, x_err, channels[i], pool))
             threshold = (
                 0.0 if sparsity is None else float(np.interp(sparsity, LEVELS, magnitude[i]))
             )
             active = active_mask(parts, manifest, inputs[i], threshold)
             frequency[i] = active[: tokens.train].mean(0)
             if ranks is not None:
-                x = np.asarray(inputs[i])
+                x_all = np.asarray(inputs[i])
                 trained.append(
-                    _layer_predictor(parts, manifest, x, active, ranks[i], tokens, sparsity)
+                    _layer_predictor(parts, manifest, x_all, active, ranks[i], tokens, sparsity)
                 )
-                quality = trained[-1][2]
-                bar.set_postfix(recall=f"{quality['recall']:.3f}")
+                bar.set_postfix(recall=f"{trained[-1][2]['recall']:.3f}")
     calibration = Calibration(
         frequency, magnitude, gate_q, zeros, sparsity, int(tokens.windows.size)
     )
-    return calibration, (tuple(list(t) for t in zip(*trained, strict=True)) if trained else None)
+    trained = tuple(list(t) for t in zip(*trained, strict=True)) if trained else None
+    return calibration, trained, errors, channels
 
 
 def model_parameters(directory: Path, manifest: Manifest) -> int:
@@ -353,6 +450,15 @@ def model_parameters(directory: Path, manifest: Manifest) -> int:
 
 
 def _report(manifest: Manifest, log: Callable[[str], None]) -> None:
+    quality = manifest.extra.get("quality")
+    if quality:
+        log(
+            f"  quality guard on {quality['tokens']} held-back tokens (dense perplexity "
+            f"{quality['dense_perplexity']:.3f}):"
+        )
+        for p in operating_points(manifest):
+            target = "natural zeros" if p.sparsity is None else f"sparsity {p.sparsity:g}"
+            log(f"    {p.selector:>9} {target:>14}, {p.compute_rows} rows: {100 * p.loss:+.2f}%")
     meta = manifest.extra.get("predictor")
     if not meta:
         return
@@ -375,8 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", metavar="FILE", help="text file (default: the built-in English sample)"
     )
     add_predictor_args(p)
-    p.add_argument("--no-predictor", action="store_true", help="statistics only")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="calibration tokens to use")
+    p.add_argument(
+        "--predictor",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the low-rank predictors (default: for ReLU-family FFNs only)",
+    )
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="tokens to fit on")
+    p.add_argument(
+        "--held-tokens",
+        type=int,
+        default=HELD_TOKENS,
+        help="tokens held back to measure each selector's quality (0: skip; auto then runs dense)",
+    )
+    p.add_argument(
+        "--proxy",
+        metavar="FORMAT",
+        help="the proxy's format, e.g. q4g64+keep8 (default: the cheapest that ranks neurons "
+        "within 1.25x of the exact score's error)",
+    )
     add_debug_arg(p)
     return p
 
@@ -402,8 +525,10 @@ def run(args: argparse.Namespace) -> int:
         args.calibration,
         sparsity=args.sparsity,
         ranks=args.predictor_rank,
-        predictors=not args.no_predictor,
+        predictors=args.predictor,
         max_tokens=args.max_tokens,
+        held_tokens=args.held_tokens,
+        proxy=args.proxy,
     )
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mlx_flash.runtime.manifest import directory_problems, read_manifest
+from mlx_flash.runtime.proxy import file_digest
 from mlx_flash.runtime.store import StoreReader
 
 
@@ -25,4 +26,16 @@ def verify(directory: str | Path, progress: bool = True) -> list[str]:
                     f"{directory / manifest.store_file}: layer {layer.index} is damaged (checksum "
                     f"mismatch in bytes {layer.offset}..{layer.offset + layer.nbytes})"
                 )
-    return problems
+    return problems + _proxy_problems(directory, manifest.extra.get("proxy"))
+
+
+def _proxy_problems(directory: Path, meta: dict | None) -> list[str]:
+    """The proxy file the manifest names must be there, with the digest it recorded."""
+    if not meta:
+        return []
+    path = directory / meta["file"]
+    if not path.is_file():
+        return [f"{path}: missing (the manifest names it); re-run the calibration"]
+    if file_digest(path) != meta["sha256"]:
+        return [f"{path}: damaged (sha256 mismatch); re-run the calibration"]
+    return []

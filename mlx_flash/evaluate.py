@@ -132,9 +132,7 @@ def evaluate(
     runtime = model.flash
     try:
         windows = text_windows(tokenizer, data, seq_len, max_windows)
-        sparsity = runtime.options.sparsity
-        if sparsity is None and runtime.calibration is not None:
-            sparsity = runtime.calibration.sparsity
+        sparsity = runtime.choice.sparsity
         thresholds = _thresholds(runtime, sparsity)
         recall = runtime.observe = None if thresholds is None else Recall(runtime, thresholds)
         losses, per_layer = _decode(model, windows, f"decode ({runtime.selector.name})", progress)
@@ -147,7 +145,7 @@ def evaluate(
         "selector": runtime.selector.name,
         "sparsity": sparsity,
         "window": runtime.options.window,
-        "compute_rows": runtime.options.compute_rows,
+        "compute_rows": runtime.compute_rows,
         "seq_len": seq_len,
         "windows": len(windows),
         "tokens": losses.size,

@@ -98,6 +98,9 @@ def collect_stats(model, response, model_path: Path, per_token: bool) -> dict:
         "memory_budget": rt.plan.as_dict(),
         **{k: v for k, v in summary.items() if k != "tokens"},
         "selector": rt.selector.name,
+        "sparsity": rt.choice.sparsity,
+        "measured_quality_loss": rt.choice.loss,
+        "selector_reason": rt.choice.reason,
         "window": rt.window,
         "threads": rt.reader.threads,
         "page_cache": rt.reader.cache_mode,
@@ -118,6 +121,16 @@ def collect_stats(model, response, model_path: Path, per_token: bool) -> dict:
             for t in (p.total,)
         ]
     return stats
+
+
+def describe_choice(stats: dict) -> str:
+    """One line: the selector, its sparsity, its measured quality loss and why it was chosen."""
+    parts = [stats["selector"]]
+    if stats["sparsity"] is not None:
+        parts.append(f"sparsity {stats['sparsity']:g}")
+    loss = stats["measured_quality_loss"]
+    parts.append("loss not measured" if loss is None else f"measured loss {100 * loss:+.1f}%")
+    return ", ".join(parts) + f" ({stats['selector_reason']})"
 
 
 def print_summary(stats: dict) -> None:
@@ -142,10 +155,10 @@ def print_summary(stats: dict) -> None:
         f"{stats['reads_per_token']:.1f} reads, I/O {stats['io_ms_per_token']:.2f} ms/token, "
         f"compute {stats['compute_ms_per_token']:.2f} ms/token"
     )
+    print(f"Selector: {describe_choice(stats)}")
     print(
-        f"Selector {stats['selector']}; buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; "
-        f"FFN neurons per token: used {100 * stats['fraction_used']:.1f}%, loaded "
-        f"{100 * stats['fraction_loaded']:.1f}%"
+        f"Buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; FFN neurons per token: used "
+        f"{100 * stats['fraction_used']:.1f}%, loaded {100 * stats['fraction_loaded']:.1f}%"
     )
     for i, t in enumerate(stats.get("per_token", [])):
         print(

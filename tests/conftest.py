@@ -73,11 +73,12 @@ def stories_flash(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stories_calibrated(stories_flash, tmp_path_factory) -> Path:
-    """stories260K with calibration statistics (no predictors) on 1,024 tokens."""
+    """stories260K calibrated on 1,024 tokens (statistics, proxy, allocation), its quality guard
+    on 2,048 more."""
     from mlx_flash.convert.calibrate import calibrate
 
     directory = copy_of(stories_flash, tmp_path_factory.mktemp("stories-calibrated"))
-    calibrate(directory, predictors=False, max_tokens=1024, seq_len=128, **QUIET)
+    calibrate(directory, max_tokens=1024, held_tokens=2048, seq_len=128, **QUIET)
     return directory
 
 
@@ -89,11 +90,12 @@ def relu2_flash(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def relu2_calibrated(relu2_flash, tmp_path_factory) -> Path:
-    """relu2-8m calibrated on 2,048 tokens of the built-in sample, predictors included."""
+    """relu2-8m calibrated on 2,048 tokens of the built-in sample (statistics, predictors), its
+    quality guard on 2,048 more."""
     from mlx_flash.convert.calibrate import calibrate
 
     directory = copy_of(relu2_flash, tmp_path_factory.mktemp("relu2-calibrated"))
-    calibrate(directory, max_tokens=2048, seq_len=128, **QUIET)
+    calibrate(directory, max_tokens=2048, held_tokens=2048, seq_len=128, **QUIET)
     return directory
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
 
 import mlx_flash
-from conftest import convert_quietly
+from conftest import convert_quietly, copy_of
+from mlx_flash.convert import selection
 from mlx_flash.convert.__main__ import main as convert_main
 from mlx_flash.convert.calibrate import builtin_text_path
 from mlx_flash.convert.predictor import auto_ranks, choose_cut, score_predictor, train_predictor
@@ -25,7 +28,14 @@ from mlx_flash.runtime.calibration import (
 from mlx_flash.runtime.errors import BudgetError, FlashError
 from mlx_flash.runtime.ffn import partial_output
 from mlx_flash.runtime.manifest import read_manifest
-from mlx_flash.runtime.selectors import DenseSelector, GateSelector, PredictorSelector
+from mlx_flash.runtime.proxy import Proxy, ProxyFormat, compress, outliers
+from mlx_flash.runtime.selectors import (
+    DenseSelector,
+    GateSelector,
+    PredictorSelector,
+    ProxySelector,
+    keep_counts,
+)
 from tiny_models import save_tiny_model
 
 
@@ -50,25 +60,68 @@ def llama_calibrated(tmp_path_factory, tiny_text):
 # -- selectors on hand-made activations ------------------------------------------------------------
 
 
-def test_gate_selector_selects_the_union_of_exact_gates_above_threshold():
-    # neuron i reads x[i]; neuron 3 reads nothing
-    gate = mx.array(np.eye(4, 3, dtype=np.float32) * np.array([1.0, 2.0, 3.0]))
-    sel = GateSelector([{"gate": gate}], "relu", None, thresholds=[1.5])
-    x = mx.array([[1.0, 1.0, -5.0], [0.0, 0.0, 0.6]])  # relu(gate): [1, 2, 0, 0] and [0, 0, 1.8, 0]
+def test_gate_selector_keeps_each_tokens_top_neurons_and_unites_tokens():
+    gate = mx.array(np.diag([1.0, 2.0, 3.0, 4.0]).astype(np.float32))  # neuron i reads x[i]
+    sel = GateSelector([{"gate": gate}], "relu", None, keep=[2])
+    x = mx.array([[1.0, 1.0, -5.0, 0.1], [0.0, 0.2, 0.6, 0.1]])  # relu: [1 2 0 .4], [0 .4 1.8 .4]
     selection = sel(0, x)
-    np.testing.assert_allclose(np.array(selection.gate), [[1, 2, 0, 0], [0, 0, 1.8, 0]], rtol=1e-6)
-    assert selection.ids.tolist() == [1, 2]
-    assert sel(0, x[:1]).ids.tolist() == [1]
-    assert sel.nbytes == 4 * 3 * 4 and sel.exact_gate
+    assert sel(0, x[:1]).ids.tolist() == [0, 1] and sel(0, x[1:]).ids.tolist() == [1, 2] or [2, 3]
+    assert set(selection.ids.tolist()) >= {0, 1, 2}  # the union of both tokens' top two
+    np.testing.assert_allclose(np.array(selection.gate)[0], [1, 2, 0, 0.4], rtol=1e-6)
+    assert sel.nbytes == 4 * 4 * 4 and sel.exact_gate
 
 
-def test_gate_selector_thresholds_magnitude_for_signed_activations():
+def test_gate_selector_ranks_by_magnitude_for_signed_activations():
     gate = mx.array(np.eye(3, dtype=np.float32))
-    sel = GateSelector([{"gate": gate}], "silu", None, thresholds=[0.2])
     x = mx.array([[-0.5, -20.0, 1.0]])  # silu: -0.19, -4e-8, 0.73
-    assert sel(0, x).ids.tolist() == [2]
-    lower = GateSelector([{"gate": gate}], "silu", None, thresholds=[0.15])
-    assert lower(0, x).ids.tolist() == [0, 2]
+    assert GateSelector([{"gate": gate}], "silu", None, keep=[1])(0, x).ids.tolist() == [2]
+    assert GateSelector([{"gate": gate}], "silu", None, keep=[2])(0, x).ids.tolist() == [0, 2]
+
+
+def test_proxy_ranks_neurons_like_the_exact_score_and_keeps_outliers_aside():
+    rng = np.random.default_rng(0)
+    d, f = 128, 256
+    gate, up = (mx.array(rng.normal(size=(f, d)).astype(np.float32)) for _ in range(2))
+    x = rng.normal(size=(64, d)).astype(np.float32)
+    x[:, [5, 77]] *= 60  # two outlier channels
+    channels = outliers(np.abs(x).mean(0))
+    assert sorted(channels.tolist()) == [5, 77]
+    xm = mx.array(x)
+    exact = mx.abs(nn.silu(xm @ gate.T) * (xm @ up.T))
+    rows = mx.concatenate([gate, up])
+
+    def overlap(fmt, kept):
+        proxy = Proxy(fmt, [compress(rows, fmt, kept)], "silu", True).astype(mx.float32)
+        ids = ProxySelector(proxy, keep=[64])
+        per_token = [
+            len(set(ids(0, xm[t : t + 1]).ids) & set(np.argsort(-np.array(exact[t]))[:64]))
+            for t in range(64)
+        ]
+        return np.mean(per_token) / 64
+
+    plain, kept = overlap(ProxyFormat(4, 64), None), overlap(ProxyFormat(4, 64, keep=8), channels)
+    assert kept > 0.85 and kept > plain + 0.05
+    fmt = ProxyFormat(4, 64, keep=8)
+    layer = compress(rows, fmt, channels)
+    assert layer["keep"].tolist() == [5, 77] and layer["kept"].shape == (2 * f, 2)
+    assert Proxy(fmt, [layer], "silu", True).nbytes <= fmt.nbytes(2 * f, d)
+
+
+def test_allocation_spends_sparsity_where_it_costs_least():
+    grid = selection.GRID
+    curves = np.stack([grid**2 * c for c in (1.0, 4.0, 0.25)])  # layer 2 is cheapest, then 0
+    allocation = selection.allocate(curves)
+    assert allocation.shape == (len(selection.TARGETS), 3)
+    np.testing.assert_allclose(allocation.mean(1), selection.TARGETS, atol=1e-9)
+    assert np.all(np.diff(allocation, axis=0) >= 0)  # sparsity only grows with the target
+    middle = allocation[list(selection.TARGETS).index(0.5)]
+    assert middle[2] > middle[0] > middle[1]
+    calibration = Calibration(
+        np.zeros((3, 4)), np.zeros((3, 2)), None, np.zeros(3), 0.5, 1, allocation, selection.TARGETS
+    )
+    np.testing.assert_allclose(calibration.layer_sparsities(0.5, 3), middle)
+    assert calibration.layer_sparsities(0.9, 3).tolist() == [0.9] * 3  # outside: uniform
+    assert keep_counts(middle, 100) == [round(100 * (1 - s)) for s in middle]
 
 
 def test_predictor_selector_applies_each_layers_cut():
@@ -146,7 +199,7 @@ def test_calibrated_gated_model_has_gate_quantiles_and_target(llama_calibrated):
     manifest = read_manifest(llama_calibrated)
     calibration = read_calibration(llama_calibrated, manifest)
     assert calibration.sparsity == 0.5 and calibration.gate is not None
-    assert manifest.extra["predictor"]["ranks"] == [16, 16]
+    assert manifest.extra["predictor"]["ranks"] == [16, 16]  # asked for with a rank
     # at the target sparsity about half the neurons are active on calibration text
     assert calibration.frequency.mean() == pytest.approx(0.5, abs=0.05)
 
@@ -183,25 +236,66 @@ def test_convert_cli_calibration_flags(tmp_path, tiny_text):
 # -- the runtime -----------------------------------------------------------------------------------
 
 
-def test_auto_picks_the_best_available_selector(llama_calibrated, relu2_calibrated, tmp_path):
-    src, _ = save_tiny_model("llama", tmp_path / "src")
-    plain = convert_quietly(src, tmp_path / "plain")
-    assert mlx_flash.load(plain, "1GB")[0].flash.selector.name == "dense"
+def _with_points(directory, tmp_path, points):
+    """A copy of ``directory`` whose quality guard says ``points`` (selector, sparsity, rows,
+    loss), to test how auto chooses."""
+    copy = copy_of(directory, tmp_path)
+    manifest = read_manifest(copy)
+    quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
+    quality["points"] = [
+        {"selector": n, "sparsity": s, "compute_rows": r, "window": 4, "loss": loss}
+        for n, s, r, loss in points
+    ]
+    dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality}).save(copy)
+    return copy
+
+
+def test_auto_takes_the_sparsest_point_within_the_bound_else_dense(llama_calibrated, tmp_path):
+    points = [
+        ("gate", 0.3, "resident", 0.01),
+        ("gate", 0.5, "resident", 0.05),
+        ("predictor", 0.5, "resident", 0.015),
+        ("gate", 0.4, "selected", 0.019),
+    ]
+    directory = _with_points(llama_calibrated, tmp_path, points)
+    choice = mlx_flash.load(directory, "1GB")[0].flash.choice
+    assert (choice.name, choice.sparsity, choice.compute_rows) == ("predictor", 0.5, "resident")
+    assert choice.loss == 0.015 and "bound 2%" in choice.reason
+    # a tighter bound, a fixed sparsity, fixed rows: the best point that still qualifies
+    choice = mlx_flash.load(directory, "1GB", max_quality_loss=0.012)[0].flash.choice
+    assert (choice.name, choice.sparsity) == ("gate", 0.3)
+    choice = mlx_flash.load(directory, "1GB", compute_rows="selected")[0].flash.choice
+    assert (choice.name, choice.sparsity, choice.compute_rows) == ("gate", 0.4, "selected")
+    # nothing within the bound: dense, saying what was closest
+    choice = mlx_flash.load(directory, "1GB", max_quality_loss=0.001)[0].flash.choice
+    assert choice.name == "dense" and "best measured: gate at sparsity 0.3" in choice.reason
+    model = mlx_flash.load(directory, "1GB", max_quality_loss=0.001)[0]
+    assert model.flash.selector.name == "dense"
+
+
+def test_forcing_a_selector_beyond_the_bound_warns(llama_calibrated, tmp_path):
+    directory = _with_points(llama_calibrated, tmp_path, [("gate", 0.5, "resident", 0.05)])
+    with pytest.warns(UserWarning, match=r"gate at sparsity 0.5 costs \+5.0% perplexity"):
+        choice = mlx_flash.load(directory, "1GB", selector="gate", sparsity=0.5)[0].flash.choice
+    assert choice.loss == 0.05 and choice.reason == "asked for"
+
+
+def test_without_calibration_auto_runs_dense_and_says_so(tiny_flash):
+    choice = mlx_flash.load(tiny_flash("llama")[1], "1GB")[0].flash.choice
+    assert choice.name == "dense" and "no calibration" in choice.reason
+
+
+def test_selectors_that_cannot_be_built_are_refused(llama_calibrated, relu2_calibrated, tiny_flash):
     assert mlx_flash.load(relu2_calibrated, "1GB")[0].flash.selector.name == "predictor"
-    # gated: the exact gate wins
-    assert mlx_flash.load(llama_calibrated, "1GB")[0].flash.selector.name == "gate"
-    assert mlx_flash.load(llama_calibrated, "1GB", sparsity=0.7)[0].flash.selector.name == "gate"
-    assert (
-        mlx_flash.load(llama_calibrated, "1GB", selector="predictor")[0].flash.selector.name
-        == "predictor"
-    )
     # predictors were trained for 0.5: another target is refused
     with pytest.raises(FlashError, match="trained for sparsity 0.5"):
         mlx_flash.load(llama_calibrated, "1GB", selector="predictor", sparsity=0.7)
     with pytest.raises(FlashError, match="gated FFN"):
         mlx_flash.load(relu2_calibrated, "1GB", selector="gate")
     with pytest.raises(FlashError, match="calibration"):
-        mlx_flash.load(plain, "1GB", selector="gate")
+        mlx_flash.load(tiny_flash("llama")[1], "1GB", selector="gate")
+    with pytest.raises(FlashError, match="no proxy"):
+        mlx_flash.load(relu2_calibrated, "1GB", selector="proxy")
 
 
 def _smallest_budget(directory, selector: str) -> int:
@@ -210,26 +304,25 @@ def _smallest_budget(directory, selector: str) -> int:
     while hi - lo > 1024:
         mid = (lo + hi) // 2
         try:
-            mlx_flash.load(directory, mid, selector=selector)[0].flash.close()
+            mlx_flash.load(directory, mid, selector=selector, sparsity=0.5)[0].flash.close()
             hi = mid
         except BudgetError:
             lo = mid
     return hi
 
 
-def test_auto_passes_over_the_gate_when_its_rows_do_not_fit(llama_calibrated):
-    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto streams with the
-    predictor."""
-    gate, predictor = (
-        _smallest_budget(llama_calibrated, "gate"),
-        _smallest_budget(llama_calibrated, "predictor"),
-    )
-    assert predictor < gate
-    between = (predictor + gate) // 2
+def test_auto_passes_over_a_selector_the_budget_cannot_hold(llama_calibrated, tmp_path):
+    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto takes the
+    proxy, a tenth of it, though the gate measured better."""
+    points = [("gate", 0.5, "resident", 0.005), ("proxy", 0.5, "resident", 0.01)]
+    directory = _with_points(llama_calibrated, tmp_path, points)
+    gate, proxy = _smallest_budget(directory, "gate"), _smallest_budget(directory, "proxy")
+    assert proxy < gate
+    between = (proxy + gate) // 2
     with pytest.raises(BudgetError):
-        mlx_flash.load(llama_calibrated, between, selector="gate")
-    assert mlx_flash.load(llama_calibrated, between)[0].flash.selector.name == "predictor"
-    assert mlx_flash.load(llama_calibrated, gate)[0].flash.selector.name == "gate"
+        mlx_flash.load(directory, between, selector="gate", sparsity=0.5)
+    assert mlx_flash.load(directory, between)[0].flash.selector.name == "proxy"
+    assert mlx_flash.load(directory, gate)[0].flash.selector.name == "gate"
 
 
 def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
@@ -309,3 +402,105 @@ def test_relu2_predictor_decodes_like_dense(relu2_calibrated):
         used[selector] = model.flash.telemetry.summary()["fraction_used"]
     assert texts["predictor"] == texts["dense"]
     assert used["predictor"] < 0.4 * used["dense"]
+
+
+# -- the proxy and the quality guard, end to end --------------------------------------------------
+
+
+def test_calibration_writes_the_proxy_the_allocation_and_the_quality_guard(stories_calibrated):
+    manifest = read_manifest(stories_calibrated)
+    meta, quality = manifest.extra["proxy"], manifest.extra["quality"]
+    assert meta["bits"] == 4 and meta["group_size"] == 64
+    assert meta["bytes"] < manifest.ffn_bytes() / 8  # a 4-bit copy of 2/3 of a float32 FFN
+    assert quality["tokens"] >= 1024 and quality["dense_perplexity"] > 1
+    points = {
+        (p["selector"], p["sparsity"], p["compute_rows"]): p["loss"] for p in quality["points"]
+    }
+    assert ("proxy", 0.3, "resident") in points and ("gate", 0.5, "resident") in points
+    # the window's union computes more rows than the selection alone: it loses less
+    assert points[("proxy", 0.3, "resident")] < points[("proxy", 0.3, "selected")]
+    assert points[("proxy", 0.3, "resident")] <= points[("proxy", 0.6, "resident")]
+    calibration = read_calibration(stories_calibrated, manifest)
+    assert calibration.allocation.shape == (len(selection.TARGETS), manifest.n_layers)
+    np.testing.assert_allclose(calibration.allocation.mean(1), selection.TARGETS, atol=1e-9)
+
+
+def test_proxy_selector_keeps_each_layers_count_per_token(stories_calibrated):
+    model, tokenizer = mlx_flash.load(
+        stories_calibrated, "1GB", selector="proxy", sparsity=0.3, compute_rows="selected"
+    )
+    runtime = model.flash
+    keep = runtime.selector.keep
+    calibration = runtime.calibration
+    assert keep == keep_counts(calibration.layer_sparsities(0.3, 5), 172)
+    mlx_lm.generate(model, tokenizer, "Once upon a time", max_tokens=6)
+    decode = [p for p in runtime.telemetry.passes if p.phase == "decode"]
+    assert decode and all(
+        [layer.requested for layer in p.layers] == keep for p in decode
+    )  # one token: exactly each layer's count
+    assert all(p.total.computed == sum(keep) for p in decode)  # selected rows only
+    assert runtime.choice.loss is not None and runtime.plan.selector == runtime.selector.nbytes
+
+
+def test_auto_runs_a_measured_point_and_generate_says_which(stories_calibrated, tmp_path):
+    import subprocess
+    import sys
+
+    stats = tmp_path / "stats.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_flash.generate",
+            "--model",
+            str(stories_calibrated),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "8",
+            "--stats-json",
+            str(stats),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(stats.read_text())
+    assert result["selector"] in ("proxy", "gate") and result["measured_quality_loss"] <= 0.02
+    assert f"Selector: {result['selector']}, sparsity {result['sparsity']:g}" in done.stdout
+
+
+def test_verify_finds_a_damaged_proxy(stories_calibrated, tmp_path):
+    from mlx_flash.convert.verify import verify
+
+    directory = copy_of(stories_calibrated, tmp_path)
+    assert verify(directory, progress=False) == []
+    path = directory / read_manifest(directory).extra["proxy"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert verify(directory, progress=False) == [
+        f"{path}: damaged (sha256 mismatch); re-run the calibration"
+    ]
+
+
+@pytest.mark.parametrize("selector", ["oracle", "proxy", "gate"])
+def test_evaluate_takes_every_top_k_selector(stories_calibrated, selector):
+    from mlx_flash.evaluate import evaluate
+
+    text = builtin_text_path()
+    result = evaluate(
+        stories_calibrated,
+        text,
+        selector=selector,
+        sparsity=0.5,
+        compute_rows="selected",
+        seq_len=32,
+        max_windows=1,
+        progress=False,
+    )
+    assert result["selector"] == selector and result["fraction_used"] == pytest.approx(
+        0.5, abs=0.01
+    )
+    assert 0 < result["perplexity"] and result["recall"] > 0.5

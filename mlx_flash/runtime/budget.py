@@ -18,13 +18,12 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import BudgetError
-from .manifest import SAFETENSORS_DTYPES, Manifest, check_trunk_file
+from .manifest import Manifest, tensor_bytes
 from .options import FlashOptions
 from .sizes import format_size, parse_size, physical_memory
 
 MIN_WINDOW_ROWS = 16  # below this, streaming chunks get too small to read efficiently
 DEFAULT_BUDGET_SHARE = 0.5  # of physical RAM, when the user names no budget
-FLOAT_TENSORS = ("F64", "F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -63,21 +62,9 @@ def model_facts(
         vocab=config.get("vocab_size", 0),
         heads=config.get("num_attention_heads") or config.get("n_head") or 1,
         itemsize=dtype.size,
-        trunk=sum(trunk_bytes(path, dtype.size) for path in trunk_files),
+        trunk=sum(tensor_bytes(path, dtype.size) for path in trunk_files),
         kv_layers=kv_layers(model, dtype.size, options),
     )
-
-
-def trunk_bytes(path: Path, itemsize: int) -> int:
-    """Bytes the tensors of one trunk file take in memory: floats cast to the compute dtype, packed
-    quantized words as stored."""
-    total = 0
-    for t in check_trunk_file(path).values():
-        n = 1
-        for d in t["shape"]:
-            n *= d
-        total += n * (itemsize if t["dtype"] in FLOAT_TENSORS else SAFETENSORS_DTYPES[t["dtype"]])
-    return total
 
 
 def kv_layers(model, itemsize: int, options: FlashOptions) -> tuple[tuple[int, int | None], ...]:
@@ -192,6 +179,18 @@ def _fixed(facts: ModelFacts, options: FlashOptions, selector: int) -> dict[str,
     }
 
 
+def buffer_rows(facts: ModelFacts, options: FlashOptions, selector: int, row_bytes: int) -> int:
+    """Neuron rows per layer the budget leaves for the buffers (pinned + window), at most the
+    FFN's (``options.ffn_cache`` fixes their share instead of filling the budget)."""
+    spare = budget_bytes(options) - sum(_fixed(facts, options, selector).values())
+    rows = max(0, spare) // (row_bytes * facts.n_layers)
+    if options.ffn_cache is not None:
+        rows = min(
+            rows, max(min(facts.d_ffn, MIN_WINDOW_ROWS), round(options.ffn_cache * facts.d_ffn))
+        )
+    return min(rows, facts.d_ffn)
+
+
 def plan_memory(
     facts: ModelFacts, options: FlashOptions, selector: int, row_bytes: int
 ) -> BudgetPlan:
@@ -218,9 +217,7 @@ def plan_memory(
             f"memory budget {format_size(total)} is too small: this model needs at least "
             f"{format_size(needed)} ({parts}, minimal neuron buffers {buffers})"
         )
-    rows = (total - sum(fixed.values())) // (row_bytes * facts.n_layers)
-    if options.ffn_cache is not None:
-        rows = min(rows, max(min_rows, round(options.ffn_cache * facts.d_ffn)))
+    rows = buffer_rows(facts, options, selector, row_bytes)
     pinned, window = facts.d_ffn, 0
     if rows < facts.d_ffn:
         pinned = int(rows * options.pin_share)

@@ -2,11 +2,12 @@
 
 ``python -m mlx_flash.convert`` runs the dense model over calibration text (convert/calibrate.py)
 and keeps, per layer, how often each neuron was active and quantiles of the activation
-magnitudes, plus the trained low-rank activation predictors. The runtime reads them back:
-thresholds for a target sparsity come from the quantiles, pinned neurons from the frequencies,
-the ``predictor`` selector from the predictors. Arrays live in two safetensors files; the
-manifest's ``extra`` names them and carries the small facts (tokens seen, the conversion's
-sparsity, the predictors' measured quality).
+magnitudes, the per-layer sparsities that reach each global target at the least cost, the
+proxy (``proxy.py``), the low-rank predictors of ReLU-family FFNs, and the quality guard: the
+perplexity change each selector's operating points cost on held-back calibration text. The
+runtime reads them back: thresholds from the quantiles, pinned neurons from the frequencies,
+``auto`` from the quality guard. Arrays live in safetensors files; the manifest's ``extra``
+names them and carries the small facts.
 
 Terms: a neuron's activation is ``h = act(gate)*up`` (gated FFNs) or ``act(up)``; it is *active* for
 a token when ``|h|`` is above the layer's threshold: 0 for ReLU-family FFNs (exact zeros) unless a
@@ -55,6 +56,16 @@ class Calibration:
     zero_fraction: np.ndarray  # [layers]: share of activations exactly zero
     sparsity: float | None
     tokens: int
+    # [targets, layers]: per-layer sparsities whose mean is each of ``targets`` (global sparsities)
+    allocation: np.ndarray | None = None
+    targets: np.ndarray | None = None
+
+    def layer_sparsities(self, sparsity: float, n_layers: int) -> np.ndarray:
+        """Each layer's sparsity for the global ``sparsity``: the stored allocation (interpolated
+        between its targets), else the same for every layer."""
+        if self.allocation is None or not self.targets.min() <= sparsity <= self.targets.max():
+            return np.full(n_layers, sparsity)
+        return np.array([np.interp(sparsity, self.targets, col) for col in self.allocation.T])
 
     def threshold(self, layer: int, sparsity: float | None, of: str = "magnitude") -> float:
         """|h| (or |act(gate)| with ``of="gate"``) above which a neuron counts as active at
@@ -120,6 +131,8 @@ def save_calibration(
     }
     if calibration.gate is not None:
         arrays["gate"] = calibration.gate
+    if calibration.allocation is not None:
+        arrays["allocation"], arrays["targets"] = calibration.allocation, calibration.targets
     save_arrays(
         directory / CALIBRATION_FILE, {k: mx.array(v.astype(np.float32)) for k, v in arrays.items()}
     )
@@ -131,7 +144,9 @@ def save_calibration(
         "levels": len(LEVELS),
         **info.get("calibration", {}),
     }
-    extra.pop("predictor", None)
+    for key in ("predictor", "proxy", "quality"):
+        extra.pop(key, None)
+    extra.update({k: v for k, v in info.items() if k in ("proxy", "quality")})
     if predictors is not None:
         weights = {}
         for i in range(len(predictors.w_in)):
@@ -176,6 +191,8 @@ def read_calibration(directory: Path, manifest: Manifest) -> Calibration | None:
         arrays["zero_fraction"],
         meta.get("sparsity"),
         int(meta.get("tokens", 0)),
+        arrays.get("allocation"),
+        arrays.get("targets"),
     )
     if calibration.frequency.shape != (
         manifest.n_layers,
@@ -207,3 +224,21 @@ def read_predictors(directory: Path, manifest: Manifest) -> Predictors | None:
     ):
         raise FlashFormatError(f"{path}: predictor shapes do not match the manifest")
     return predictors
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A selector setting whose cost in quality calibration measured: the perplexity change
+    (``loss``, 0.012 = +1.2%) on held-back calibration text."""
+
+    selector: str
+    sparsity: float | None  # global target (None: the predictor's natural zeros)
+    compute_rows: str
+    window: int
+    loss: float
+
+
+def operating_points(manifest: Manifest) -> list[OperatingPoint]:
+    """The quality guard's measurements stored in the manifest (none for older calibrations)."""
+    points = (manifest.extra.get("quality") or {}).get("points", [])
+    return [OperatingPoint(**p) for p in points]

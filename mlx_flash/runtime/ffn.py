@@ -64,7 +64,11 @@ def partial_output(
     gate: mx.array | None = None,
 ) -> mx.array:
     """The FFN's output restricted to the neurons in ``parts`` (without the down bias)."""
-    h = hidden(x, parts, activation, gated, quant, gate)
+    return project_out(hidden(x, parts, activation, gated, quant, gate), parts, quant)
+
+
+def project_out(h: mx.array, parts: Parts, quant: Quantization | None) -> mx.array:
+    """Activations ``h`` [tokens, neurons] through the neurons' down columns."""
     if quant is None:
         return h @ parts["down"]
     return mx.quantized_matmul(

@@ -138,7 +138,7 @@ class FlashFFN(nn.Module):
         selection = rt.selector(st.index, x)
         if rt.observe is not None:
             rt.observe(st.index, x, selection)
-        keep = selection.ids if rt.options.compute_rows == "selected" else None
+        keep = selection.ids if rt.compute_rows == "selected" else None
         stats = LayerStats(requested=selection.ids.size)
         outs = self._compute_pinned(x, selection.gate, keep, stats)
         needed = self._unpinned(selection.ids)

@@ -20,7 +20,15 @@ from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from . import selectors
 from .adapters import model_classes, set_ffn, spec_for
-from .budget import BudgetPlan, ModelFacts, budget_bytes, minimum_bytes, model_facts, plan_memory
+from .budget import (
+    BudgetPlan,
+    ModelFacts,
+    budget_bytes,
+    buffer_rows,
+    minimum_bytes,
+    model_facts,
+    plan_memory,
+)
 from .buffer import NeuronBuffer
 from .calibration import Calibration, read_calibration
 from .costmodel import CostModel, cost_model_for
@@ -58,6 +66,7 @@ class FlashRuntime:
     reader: StoreReader
     plan: BudgetPlan
     selector: Selector
+    choice: selectors.Choice  # what runs and why (selector, sparsity, rows, measured loss)
     telemetry: Telemetry
     compute_dtype: mx.Dtype
     cost: CostModel
@@ -80,6 +89,10 @@ class FlashRuntime:
     @property
     def window(self) -> int:
         return self.options.window
+
+    @property
+    def compute_rows(self) -> str:
+        return self.choice.compute_rows
 
     def close(self) -> None:
         self.reader.close()
@@ -111,7 +124,9 @@ def prepare_runtime(
     dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
     calibration = read_calibration(directory, manifest)
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
-    name, selector_bytes, exact_gate = _choose_selector(options, manifest, calibration, facts)
+    choice = _choose_selector(options, directory, manifest, calibration, facts)
+    selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
+    exact_gate = _exact_gate(options, choice)
     skip = selectors.GATE_PARTS if exact_gate else ()
     parts = _buffer_parts(manifest, dtype, skip)
     plan = plan_memory(facts, options, selector_bytes, _row_bytes(manifest, dtype.size, skip))
@@ -128,10 +143,8 @@ def prepare_runtime(
     )
     try:
         selector = options.selector
-        if name is not None:
-            selector = selectors.build(
-                name, directory, manifest, calibration, reader, dtype, options.sparsity
-            )
+        if isinstance(selector, str):
+            selector = selectors.build(choice, directory, manifest, calibration, reader, dtype)
         telemetry = Telemetry(manifest.n_layers, manifest.d_ffn, enabled=options.telemetry)
         runtime = FlashRuntime(
             directory,
@@ -141,6 +154,7 @@ def prepare_runtime(
             reader,
             plan,
             selector,
+            choice,
             telemetry,
             dtype,
             cost,
@@ -159,18 +173,45 @@ def prepare_runtime(
 
 
 def _choose_selector(
-    options: FlashOptions, manifest: Manifest, calibration: Calibration | None, facts: ModelFacts
-) -> tuple[str | None, int, bool]:
-    """(name to build or None for a given Selector object, bytes it holds, whether it supplies
-    exact act(gate)). "auto" passes over the gate selector when the budget cannot hold the gate."""
+    options: FlashOptions,
+    directory: Path,
+    manifest: Manifest,
+    calibration: Calibration | None,
+    facts: ModelFacts,
+) -> selectors.Choice:
+    """The operating point to run. A Selector object is used as given; a name is resolved by
+    ``selectors.choose``, which passes over a selector the budget cannot hold."""
     if not isinstance(options.selector, str):
-        return None, options.selector.nbytes, options.selector.exact_gate
-    itemsize = facts.itemsize
-    gate_bytes = selectors.holds_bytes("gate", manifest, itemsize)
-    row_without_gate = _row_bytes(manifest, itemsize, skip=selectors.GATE_PARTS)
-    gate_fits = budget_bytes(options) >= minimum_bytes(facts, options, gate_bytes, row_without_gate)
-    name = selectors.choose(options.selector, manifest, calibration, options.sparsity, gate_fits)
-    return name, selectors.holds_bytes(name, manifest, itemsize), name == "gate"
+        rows = options.compute_rows or "resident"
+        return selectors.Choice(options.selector.name, options.sparsity, rows, None, "given")
+
+    def cost(name: str, sparsity: float | None) -> float | None:
+        """Bytes per token the selector is expected to read: its kept neurons that the buffers
+        cannot hold beside it, at its row size; None when the budget cannot hold it at all."""
+        held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
+        skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
+        row = _row_bytes(manifest, facts.itemsize, skip)
+        if budget_bytes(options) < minimum_bytes(facts, options, held, row):
+            return None
+        share = buffer_rows(facts, options, held, row) / manifest.d_ffn
+        kept = 1.0 - (0.5 if sparsity is None else sparsity)
+        return facts.n_layers * manifest.d_ffn * kept * row * (1.0 - share)
+
+    return selectors.choose(options, manifest, calibration, cost)
+
+
+def _selector_bytes(
+    options: FlashOptions, choice, directory: Path, manifest: Manifest, itemsize: int
+) -> int:
+    if not isinstance(options.selector, str):
+        return options.selector.nbytes
+    return selectors.holds_bytes(choice.name, directory, manifest, itemsize)
+
+
+def _exact_gate(options: FlashOptions, choice) -> bool:
+    if not isinstance(options.selector, str):
+        return options.selector.exact_gate
+    return choice.name in ("gate", "oracle")
 
 
 def install(model, runtime: FlashRuntime):

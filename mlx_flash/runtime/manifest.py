@@ -512,3 +512,16 @@ def check_trunk_file(path: str | Path) -> dict[str, Any]:
                 f"{path}: tensor {name!r} has shape {shape} but {span[1] - span[0]} bytes"
             )
     return tensors
+
+
+FLOAT_TENSORS = ("F64", "F32", "F16", "BF16")
+
+
+def tensor_bytes(path: str | Path, itemsize: int) -> int:
+    """Bytes the tensors of a safetensors file take in memory: floats held with ``itemsize``
+    bytes, packed quantized words as stored. Reads only the header."""
+    total = 0
+    for t in check_trunk_file(path).values():
+        size = itemsize if t["dtype"] in FLOAT_TENSORS else SAFETENSORS_DTYPES[t["dtype"]]
+        total += math.prod(t["shape"]) * size
+    return total

@@ -21,7 +21,7 @@ from .errors import FlashFormatError, OptionError
 from .files import read_json, write_json
 from .sizes import parse_share, parse_size
 
-SELECTORS = ("auto", "dense", "gate", "predictor")
+SELECTORS = ("auto", "dense", "proxy", "gate", "oracle", "predictor")
 COMPUTE_ROWS = ("resident", "selected")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -126,14 +126,23 @@ class FlashOptions:
     )
     sparsity: float | None = option(
         None,
-        "share of FFN neurons skipped per token (default: the calibration's)",
+        "share of FFN neurons skipped per token, the mean over layers (default: the measured "
+        "operating point's)",
         lambda v: None if v is None else _between(0, 1, high_open=True)(v),
         metavar="S",
     )
-    compute_rows: str = option(
-        "resident",
-        "resident: multiply every buffered row; selected: only this token's selection",
-        _one_of(COMPUTE_ROWS),
+    max_quality_loss: float = option(
+        0.02,
+        "the perplexity increase auto may accept, as measured on held-back calibration text "
+        "(0.02: +2%)",
+        _between(0, 10),
+        metavar="LOSS",
+    )
+    compute_rows: str | None = option(
+        None,
+        "resident: multiply every buffered row; selected: only this token's selection (default: "
+        "the measured operating point's, else resident)",
+        lambda v: None if v is None else _one_of(COMPUTE_ROWS)(v),
     )
     pin_share: float = option(
         0.5,

@@ -1,0 +1,183 @@
+"""The quality guard: what each selector's operating points cost in perplexity, measured end to end
+on held-back calibration text (tokens nothing was fitted on).
+
+A batched forward over whole windows is what decoding them token by token computes here: a
+token's selection depends only on its own FFN input. Each FFN keeps, per token and layer, the
+neurons the selector picks (the top ones by its score at the layer's allocated sparsity, or the
+predictor's), computes them from the exact weights read from the store, and with ``resident`` rows
+also the neurons picked for the previous ``window - 1`` tokens of the same window (what the
+runtime's sliding window keeps and multiplies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.utils import load_model
+from tqdm import tqdm
+
+from mlx_flash.runtime.adapters import ACTIVATIONS, set_ffn, spec_for
+from mlx_flash.runtime.calibration import Calibration, OperatingPoint, Predictors
+from mlx_flash.runtime.ffn import hidden, project_in, project_out
+from mlx_flash.runtime.loader import cast_parameters
+from mlx_flash.runtime.manifest import Manifest
+from mlx_flash.runtime.proxy import Proxy
+from mlx_flash.runtime.selectors import keep_counts
+from mlx_flash.runtime.store import StoreReader
+
+WINDOW = 4  # the runtime's default k
+BATCH_WINDOWS = 2  # windows per forward: the logits of 2 x 256 tokens x the vocabulary are held
+Score = Callable[[int, dict, mx.array, mx.array], mx.array]  # (layer, parts, x, h) -> keep mask
+
+
+def trunk_model(directory: Path, manifest: Manifest, ffn: Callable[[int], nn.Module]):
+    """The model of a flash directory with every FFN module replaced by ``ffn(layer)``, in
+    float32. The FFN is swapped before the cast, so its unloaded weights are never made."""
+    model, _ = load_model(directory, lazy=True, strict=False, model_config={"model_file": None})
+    spec = spec_for(manifest.model_type)
+    for i in range(manifest.n_layers):
+        set_ffn(model, spec, i, ffn(i))
+    cast_parameters(model, mx.float32)
+    return model
+
+
+class _GuardFFN(nn.Module):
+    """One layer's FFN computed exactly over the neurons the current setting keeps."""
+
+    def __init__(self, reader: StoreReader, manifest: Manifest, layer: int):
+        super().__init__()
+        self._reader, self._manifest, self._layer = reader, manifest, layer
+        self.keep: Score | None = None  # None: every neuron (dense)
+        self.window = 1
+
+    def __call__(self, x: mx.array) -> mx.array:
+        m, layer = self._manifest, self._layer
+        parts = {k: mx.array(v) for k, v in self._reader.read_layer(layer).items()}
+        xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        h = hidden(xf, parts, m.activation, m.gated, m.quantization)
+        if self.keep is not None:
+            mask = self.keep(layer, parts, xf, h).reshape(*x.shape[:-1], -1)
+            h = h * _windowed(mask, self.window).reshape(h.shape)
+        out = project_out(h, parts, m.quantization)
+        if "down_bias" in m.layers[layer].blobs:
+            out = out + mx.array(self._reader.read_blob(layer, "down_bias", np.float32))
+        return out.astype(x.dtype).reshape(x.shape)
+
+
+def _windowed(mask: mx.array, window: int) -> mx.array:
+    """``mask`` [windows, tokens, neurons] or'ed with the masks of the previous ``window - 1``
+    tokens of the same window."""
+    out = mask
+    for j in range(1, min(window, mask.shape[-2])):
+        out = out | mx.pad(mask[..., :-j, :], [(0, 0), (j, 0), (0, 0)])
+    return out
+
+
+def _top(score: mx.array, keep: int) -> mx.array:
+    if keep >= score.shape[-1]:
+        return mx.ones(score.shape, dtype=mx.bool_)
+    return score >= mx.sort(score, axis=-1)[:, -keep][:, None]
+
+
+def scorers(
+    manifest: Manifest, proxy: Proxy | None, predictors: Predictors | None
+) -> dict[str, Callable[[list[int] | None], Score]]:
+    """Per selector, a maker of keep-masks for given per-layer keep counts."""
+    act = ACTIVATIONS[manifest.activation]
+    out: dict[str, Callable[[list[int] | None], Score]] = {}
+    if proxy is not None:
+        out["proxy"] = lambda keep: lambda i, parts, x, h: _top(proxy.scores(i, x), keep[i])
+    if manifest.gated:
+        quant = manifest.quantization
+
+        def gate(keep):
+            return lambda i, parts, x, h: _top(
+                mx.abs(act(project_in(x, parts, "gate", quant))), keep[i]
+            )
+
+        out["gate"] = gate
+    if predictors is not None:
+        p = predictors.astype(mx.float32)
+        out["predictor"] = lambda keep: lambda i, parts, x, h: p.logits(i, x) > p.cut[i]
+    return out
+
+
+def points_to_measure(available: dict) -> list[tuple[str, float | None, str]]:
+    """(selector, global sparsity, rows) settings the guard measures for what can be built."""
+    points = []
+    if "predictor" in available:
+        points += [("predictor", None, rows) for rows in ("resident", "selected")]
+    if "proxy" in available:
+        points += [("proxy", s, "resident") for s in (0.3, 0.4, 0.5, 0.6)]
+        points += [("proxy", 0.3, "selected")]
+    if "gate" in available:
+        points += [("gate", s, "resident") for s in (0.3, 0.5)]
+    return points
+
+
+def measure_quality(
+    directory: Path,
+    manifest: Manifest,
+    windows: np.ndarray,
+    calibration: Calibration,
+    proxy: Proxy | None,
+    predictors: Predictors | None,
+    progress: bool = True,
+) -> tuple[float, list[OperatingPoint]]:
+    """The dense perplexity of ``windows`` and the perplexity change of every operating point."""
+    if proxy is not None:
+        proxy = dataclasses.replace(proxy.astype(mx.float32), unpack=True)
+    makers = scorers(manifest, proxy, predictors)
+    settings = points_to_measure(makers)
+    with StoreReader(directory, manifest, threads=4) as reader:
+        ffns = [_GuardFFN(reader, manifest, i) for i in range(manifest.n_layers)]
+        model = trunk_model(directory, manifest, lambda i: ffns[i])
+        runs = [(None, None, None)] + settings
+        bar = tqdm(runs, desc="quality guard", unit="setting", disable=not progress)
+        losses = []
+        for name, sparsity, rows in bar:
+            for f in ffns:
+                f.keep, f.window = _setting(makers, name, sparsity, rows, calibration, manifest)
+            losses.append(_mean_loss(model, windows))
+    dense = math.exp(losses[0])
+    points = [
+        OperatingPoint(name, sparsity, rows, WINDOW, math.exp(loss) / dense - 1)
+        for (name, sparsity, rows), loss in zip(settings, losses[1:], strict=True)
+    ]
+    return dense, points
+
+
+def _setting(
+    makers: dict,
+    name: str | None,
+    sparsity: float | None,
+    rows: str | None,
+    calibration: Calibration,
+    manifest: Manifest,
+) -> tuple[Score | None, int]:
+    if name is None:
+        return None, 1
+    keep = None
+    if sparsity is not None:
+        keep = keep_counts(
+            calibration.layer_sparsities(sparsity, manifest.n_layers), manifest.d_ffn
+        )
+    return makers[name](keep), WINDOW if rows == "resident" else 1
+
+
+def _mean_loss(model, windows: np.ndarray) -> float:
+    """Mean next-token cross-entropy over ``windows``."""
+    total, count = 0.0, 0
+    for b in range(0, len(windows), BATCH_WINDOWS):
+        batch = mx.array(windows[b : b + BATCH_WINDOWS])
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+        total += loss.item()
+        count += batch[:, 1:].size
+    return total / count
