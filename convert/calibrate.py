@@ -45,21 +45,25 @@ from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
 from mlx_flash.runtime.manifest import Manifest, read_manifest
 from mlx_flash.runtime.proxy import Proxy, ProxyFormat, compress, outliers, save_proxy
+from mlx_flash.runtime.selectors import keep_counts
 from mlx_flash.runtime.store import StoreReader
 from mlx_flash.textdata import text_windows
 
 from . import selection
 from .predictor import auto_ranks, choose_cut, score_predictor, train_predictor
-from .quality import measure_quality, trunk_model
+from .quality import Guard, trunk_model
 
 SEQ_LEN = 256  # tokens per calibration window (each starts a fresh context)
 MAX_TOKENS = 16384  # fitted on: enough for stable quantiles and a few hundred positives per neuron
 HELD_TOKENS = 8192  # held back for the quality guard (nothing is fitted on them)
 ERROR_TOKENS = 1024  # per layer, the tokens selection errors are measured on
+SENSITIVITY_WINDOWS = 2  # calibration windows each layer's loss sensitivity is measured on
+CHECK_WINDOWS = 4  # windows the per-layer allocation is checked against uniform sparsity on
+CHECK_SPARSITY = 0.4
 HELD_OUT = 0.2  # share of windows kept back: half sets the predictors' cut, half measures them
 NATURAL_MARGIN = 1.3  # natural zeros: predict 1.3x the active share (see convert/predictor.py)
 BATCH_TOKENS = 1024  # tokens per forward pass (each pass reads every layer's FFN once)
-QUANTILE_TOKENS = 4096  # tokens whose activations give the quantiles
+QUANTILE_TOKENS = 1024  # tokens whose activations give the quantiles (1.5M values for SmolLM2)
 
 
 def builtin_text_path() -> Path:
@@ -254,8 +258,8 @@ def calibrate(
             directory, manifest, inputs, tokens, sparsity, rank_list, progress
         )
         forced = None if proxy is None else ProxyFormat.parse(proxy)
-        proxy, proxy_info = _proxy(
-            directory, manifest, inputs, errors, channels, calibration, forced, log
+        proxy, proxy_info, curves = _proxy(
+            directory, manifest, inputs, errors, channels, forced, log
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -267,16 +271,17 @@ def calibrate(
         stored, info["predictor"] = _predictors(directory, manifest, trained, sparsity)
     if proxy is not None:
         info["proxy"] = {**save_proxy(directory, proxy), **proxy_info}
-    if held.size:
-        dense, points = measure_quality(
-            directory, manifest, held, calibration, proxy, stored, progress
-        )
-        info["quality"] = {
-            "tokens": int(held.size),
-            "text": path.name,
-            "dense_perplexity": dense,
-            "points": [asdict(p) for p in points],
-        }
+    with Guard(directory, manifest, proxy, stored) as guard:
+        if curves is not None:
+            info["allocation"] = _allocate(guard, fit, curves, calibration, log)
+        if held.size:
+            dense, points = guard.operating_points(held, calibration, progress)
+            info["quality"] = {
+                "tokens": int(held.size),
+                "text": path.name,
+                "dense_perplexity": dense,
+                "points": [asdict(p) for p in points],
+            }
     manifest = save_calibration(directory, manifest, calibration, stored, info)
     _report(manifest, log)
     return manifest
@@ -311,15 +316,15 @@ def _proxy(
     inputs: list[np.ndarray],
     errors: list,
     channels: list[np.ndarray],
-    calibration: Calibration,
     forced: ProxyFormat | None,
     log: Callable[[str], None],
-) -> tuple[Proxy | None, dict]:
+) -> tuple[Proxy | None, dict, np.ndarray | None]:
     """The proxy (None for ReLU-family FFNs, which the predictor serves, and when no affordable
-    candidate ranks neurons well enough), and the per-layer sparsities measured with the selector
-    that will run."""
+    candidate ranks neurons well enough), the facts worth keeping about the choice, and each
+    layer's output error over ``selection.GRID`` with the selector that will run (None for
+    ReLU-family FFNs)."""
     if natural_zeros(manifest):
-        return None, {}
+        return None, {}, None
     pool = selection.candidates(manifest)
     fmt, ratios = selection.choose_proxy(errors, pool) if pool else (None, {})
     fmt = forced or fmt
@@ -337,16 +342,52 @@ def _proxy(
                 one = Proxy(fmt, [layers[-1]], manifest.activation, manifest.gated, unpack=True)
                 score = one.astype(mx.float32).scores(0, x)
             curves.append(selection.error_curve(h, parts, manifest, score))
-    calibration.allocation = selection.allocate(np.array(curves))
-    calibration.targets = selection.TARGETS
     names = ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
     if fmt is None:
         why = f"error vs the oracle's: {names}" if pool else "none costs a quarter of the FFN"
         log(f"  proxy: none here ({why})")
-        return None, {}
+        return None, {}, np.array(curves)
     log(f"  proxy: {fmt.name} (error vs the oracle's: {names})")
     proxy = Proxy(fmt, layers, manifest.activation, manifest.gated)
-    return proxy, {"error_vs_oracle": ratios}
+    return proxy, {"error_vs_oracle": ratios}, np.array(curves)
+
+
+def _allocate(
+    guard: Guard,
+    fit: np.ndarray,
+    curves: np.ndarray,
+    calibration: Calibration,
+    log: Callable[[str], None],
+) -> dict:
+    """Per-layer sparsities: each layer's output-error curve scaled by what sparsifying that layer
+    alone costs in loss, then allocated greedily; kept only when it beats the same sparsity in
+    every layer on calibration tokens (layer-local errors alone misjudge layers)."""
+    name = "proxy" if "proxy" in guard.makers else "gate" if "gate" in guard.makers else None
+    if name is None:
+        return {"used": False}
+    sensitivity = guard.sensitivity(fit[:SENSITIVITY_WINDOWS], name, 0.5)
+    at_half = curves[:, list(selection.GRID).index(0.5)]
+    scale = np.maximum(sensitivity, 1e-6) / np.maximum(at_half, 1e-12)
+    allocation = selection.allocate(curves * scale[:, None])
+    check = fit[SENSITIVITY_WINDOWS : SENSITIVITY_WINDOWS + CHECK_WINDOWS]
+    n, d_ffn = guard.manifest.n_layers, guard.manifest.d_ffn
+    target = list(selection.TARGETS).index(CHECK_SPARSITY)
+    allocated = guard.loss(check, name, keep_counts(allocation[target], d_ffn))
+    uniform = guard.loss(check, name, keep_counts(np.full(n, CHECK_SPARSITY), d_ffn))
+    used = allocated < uniform
+    if used:
+        calibration.allocation, calibration.targets = allocation, selection.TARGETS
+    log(
+        f"  per-layer sparsity: {'used' if used else 'not used'} (loss at {CHECK_SPARSITY:g}: "
+        f"{allocated:.4f} allocated, {uniform:.4f} uniform)"
+    )
+    return {
+        "used": bool(used),
+        "selector": name,
+        "check_loss_allocated": allocated,
+        "check_loss_uniform": uniform,
+        "sensitivity": sensitivity.tolist(),
+    }
 
 
 def _spread(n: int, k: int) -> np.ndarray:

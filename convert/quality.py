@@ -114,61 +114,85 @@ def points_to_measure(available: dict) -> list[tuple[str, float | None, str]]:
     if "predictor" in available:
         points += [("predictor", None, rows) for rows in ("resident", "selected")]
     if "proxy" in available:
-        points += [("proxy", s, "resident") for s in (0.3, 0.4, 0.5, 0.6)]
+        points += [("proxy", s, "resident") for s in (0.2, 0.3, 0.4, 0.5)]
         points += [("proxy", 0.3, "selected")]
     if "gate" in available:
-        points += [("gate", s, "resident") for s in (0.3, 0.5)]
+        points += [("gate", 0.3, "resident")]
     return points
 
 
-def measure_quality(
-    directory: Path,
-    manifest: Manifest,
-    windows: np.ndarray,
-    calibration: Calibration,
-    proxy: Proxy | None,
-    predictors: Predictors | None,
-    progress: bool = True,
-) -> tuple[float, list[OperatingPoint]]:
-    """The dense perplexity of ``windows`` and the perplexity change of every operating point."""
-    if proxy is not None:
-        proxy = dataclasses.replace(proxy.astype(mx.float32), unpack=True)
-    makers = scorers(manifest, proxy, predictors)
-    settings = points_to_measure(makers)
-    with StoreReader(directory, manifest, threads=4) as reader:
-        ffns = [_GuardFFN(reader, manifest, i) for i in range(manifest.n_layers)]
-        model = trunk_model(directory, manifest, lambda i: ffns[i])
-        runs = [(None, None, None)] + settings
-        bar = tqdm(runs, desc="quality guard", unit="setting", disable=not progress)
-        losses = []
-        for name, sparsity, rows in bar:
-            for f in ffns:
-                f.keep, f.window = _setting(makers, name, sparsity, rows, calibration, manifest)
-            losses.append(_mean_loss(model, windows))
-    dense = math.exp(losses[0])
-    points = [
-        OperatingPoint(name, sparsity, rows, WINDOW, math.exp(loss) / dense - 1)
-        for (name, sparsity, rows), loss in zip(settings, losses[1:], strict=True)
-    ]
-    return dense, points
+class Guard:
+    """The model of a flash directory with every FFN computed exactly over the neurons a setting
+    keeps, to measure what settings cost in loss. Use as a context manager."""
 
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        proxy: Proxy | None,
+        predictors: Predictors | None,
+    ):
+        if proxy is not None:
+            proxy = dataclasses.replace(proxy.astype(mx.float32), unpack=True)
+        self.manifest, self.makers = manifest, scorers(manifest, proxy, predictors)
+        self._reader = StoreReader(directory, manifest, threads=4)
+        self._ffns = [_GuardFFN(self._reader, manifest, i) for i in range(manifest.n_layers)]
+        self._model = trunk_model(directory, manifest, lambda i: self._ffns[i])
 
-def _setting(
-    makers: dict,
-    name: str | None,
-    sparsity: float | None,
-    rows: str | None,
-    calibration: Calibration,
-    manifest: Manifest,
-) -> tuple[Score | None, int]:
-    if name is None:
-        return None, 1
-    keep = None
-    if sparsity is not None:
-        keep = keep_counts(
-            calibration.layer_sparsities(sparsity, manifest.n_layers), manifest.d_ffn
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reader.close()
+
+    def loss(
+        self,
+        windows: np.ndarray,
+        name: str | None = None,
+        keep: list | None = None,
+        window: int = 1,
+        layers: set[int] | None = None,
+    ) -> float:
+        """Mean next-token loss over ``windows`` with ``name`` keeping ``keep[i]`` neurons of layer
+        i (in ``layers``, default all; the others dense), unioned over ``window`` tokens."""
+        for i, f in enumerate(self._ffns):
+            on = name is not None and (layers is None or i in layers)
+            f.keep, f.window = (self.makers[name](keep) if on else None), window
+        return _mean_loss(self._model, windows)
+
+    def sensitivity(self, windows: np.ndarray, name: str, sparsity: float) -> np.ndarray:
+        """Per layer, the loss increase when only that layer runs ``name`` at ``sparsity``."""
+        m = self.manifest
+        keep = keep_counts(np.full(m.n_layers, sparsity), m.d_ffn)
+        dense = self.loss(windows)
+        return np.array(
+            [self.loss(windows, name, keep, layers={i}) - dense for i in range(m.n_layers)]
         )
-    return makers[name](keep), WINDOW if rows == "resident" else 1
+
+    def operating_points(
+        self, windows: np.ndarray, calibration: Calibration, progress: bool = True
+    ) -> tuple[float, list[OperatingPoint]]:
+        """The dense perplexity of ``windows`` and the perplexity change of every setting
+        ``points_to_measure`` lists for what can be built."""
+        settings = points_to_measure(self.makers)
+        bar = tqdm([None, *settings], desc="quality guard", unit="setting", disable=not progress)
+        losses = [self._point_loss(windows, setting, calibration) for setting in bar]
+        dense = math.exp(losses[0])
+        points = [
+            OperatingPoint(name, sparsity, rows, WINDOW, math.exp(loss) / dense - 1)
+            for (name, sparsity, rows), loss in zip(settings, losses[1:], strict=True)
+        ]
+        return dense, points
+
+    def _point_loss(self, windows: np.ndarray, setting, calibration: Calibration) -> float:
+        if setting is None:
+            return self.loss(windows)
+        name, sparsity, rows = setting
+        keep = None
+        if sparsity is not None:
+            sparsities = calibration.layer_sparsities(sparsity, self.manifest.n_layers)
+            keep = keep_counts(sparsities, self.manifest.d_ffn)
+        return self.loss(windows, name, keep, WINDOW if rows == "resident" else 1)
 
 
 def _mean_loss(model, windows: np.ndarray) -> float:

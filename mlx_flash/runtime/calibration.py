@@ -144,9 +144,9 @@ def save_calibration(
         "levels": len(LEVELS),
         **info.get("calibration", {}),
     }
-    for key in ("predictor", "proxy", "quality"):
+    for key in ("predictor", "proxy", "quality", "allocation"):
         extra.pop(key, None)
-    extra.update({k: v for k, v in info.items() if k in ("proxy", "quality")})
+    extra.update({k: v for k, v in info.items() if k in ("proxy", "quality", "allocation")})
     if predictors is not None:
         weights = {}
         for i in range(len(predictors.w_in)):
