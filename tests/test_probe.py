@@ -136,6 +136,14 @@ def test_fit_keeps_costs_non_negative_on_noisy_data():
     assert 50e6 < model.throughput(65536, 1) < 200e6
 
 
+def test_gap_worth_reading_through_is_the_cost_of_one_read():
+    cells = [Cell(s, t, s / (20e-6 / t + s / (1e9 * t))) for t in (1, 8) for s in (4096, 65536)]
+    model = CostModel.fit(cells, "test")
+    assert model.gap_bytes(1) == pytest.approx(20e-6 * 1e9, rel=1e-3)  # a * b
+    assert model.gap_bytes(8) == pytest.approx(20e-6 / 8 * 8e9, rel=1e-3)
+    assert model.gap_bytes(6) == model.gap_bytes(8)  # the nearest measured count
+
+
 def test_defaults_match_design_numbers():
     model = CostModel.defaults()
     assert model.throughput(4096, 1) == pytest.approx(70e6)

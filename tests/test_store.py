@@ -24,7 +24,7 @@ from mlx_flash.runtime.manifest import (
     numpy_storage_dtype,
     read_manifest,
 )
-from mlx_flash.runtime.store import ReadCount, StoreReader
+from mlx_flash.runtime.store import ReadCount, StoreReader, plan_runs
 
 PARTS = ("gate", "up", "down")
 
@@ -152,6 +152,7 @@ def bundled(tmp_path):
     return tmp_path, *build_store(tmp_path)
 
 
+@pytest.mark.parametrize("gap_bytes", [0, 100, 1 << 20])
 @pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize(
     "geometry",
@@ -163,16 +164,50 @@ def bundled(tmp_path):
         dict(layout="bundled", part_gap=12),
     ],
 )
-def test_random_ids_land_in_their_rows(tmp_path, geometry, threads):
+def test_random_ids_land_in_their_rows(tmp_path, geometry, threads, gap_bytes):
+    """Whether runs read through the gaps between wanted records (gap_bytes) or not."""
     manifest, truth = build_store(tmp_path, **geometry)
     rng = np.random.default_rng(1)
-    with StoreReader(tmp_path, manifest, threads=threads) as reader:
+    with StoreReader(tmp_path, manifest, threads=threads, gap_bytes=gap_bytes) as reader:
         for layer in range(manifest.n_layers):
             for n in (1, 7, 40, 64):
                 ids, rows = random_request(rng, manifest.d_ffn, 80, n)
                 dest = make_dest(manifest, 80)
                 reader.read_neurons(layer, ids, dest, rows)
                 check_rows(dest, truth[layer], ids, rows, 80)
+
+
+def test_run_plan_merges_gaps_cheaper_than_a_read_and_caps_runs():
+    ids = np.array([0, 1, 2, 5, 6, 20, 21, 40])
+    assert plan_runs(ids, cap=100) == [(0, 3), (3, 5), (5, 7), (7, 8)]  # adjacent ids only
+    assert plan_runs(ids, cap=100, max_gap=2) == [(0, 5), (5, 7), (7, 8)]  # 3..4: a 2-record gap
+    assert plan_runs(ids, cap=100, max_gap=13) == [(0, 7), (7, 8)]
+    assert plan_runs(ids, cap=4, max_gap=100) == [(0, 3), (3, 5), (5, 7), (7, 8)]  # spans <= 4
+    assert plan_runs(np.array([], dtype=np.int64), cap=4) == []
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = np.unique(rng.integers(0, 500, rng.integers(1, 60)))
+        cap, gap = int(rng.integers(1, 50)), int(rng.integers(0, 20))
+        runs = plan_runs(ids, cap, gap)
+        assert [i for a, b in runs for i in range(a, b)] == list(range(len(ids)))  # each id once
+        for a, b in runs:
+            assert ids[b - 1] - ids[a] < cap and np.all(np.diff(ids[a:b]) <= gap + 1)
+        for (a, b), (c, _) in zip(runs, runs[1:], strict=False):  # split only where it must
+            assert ids[c] - ids[b - 1] > gap + 1 or ids[c] - ids[a] >= cap
+
+
+def test_gaps_read_through_count_their_bytes_in_fewer_reads(bundled):
+    directory, manifest, truth = bundled
+    stride = manifest.layers[0].regions[0].record_stride
+    ids, rows = np.array([3, 5, 7, 9]), np.arange(4)
+    with StoreReader(directory, manifest, threads=1) as split:
+        apart = split.read_neurons(0, ids, make_dest(manifest, 4), rows)
+    with StoreReader(directory, manifest, threads=1, gap_bytes=stride) as merged:
+        dest = make_dest(manifest, 4)
+        together = merged.read_neurons(0, ids, dest, rows)
+    check_rows(dest, truth[0], ids, rows, 4)
+    assert (apart.reads, together.reads) == (4, 1)
+    assert (apart.bytes, together.bytes, together.records) == (4 * stride, 7 * stride, 4)
 
 
 def test_scatter_reads_straight_into_destination_rows(bundled):

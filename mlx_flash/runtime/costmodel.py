@@ -150,6 +150,12 @@ class CostModel:
             size *= 2
         return size
 
+    def gap_bytes(self, threads: int) -> int:
+        """Bytes between two wanted records that cost less to read through than another read does
+        (``a_t * b_t``) at ``threads`` threads (the nearest measured count)."""
+        i = min(range(len(self.threads)), key=lambda j: abs(math.log(self.threads[j] / threads)))
+        return int(self.per_read_s[i] * self.bandwidth[i])
+
     def read_seconds(self, nbytes: float, reads: float, threads: int | None = None) -> float:
         """Estimated time to read ``nbytes`` in ``reads`` reads (mean size) with ``threads``
         (default: best)."""

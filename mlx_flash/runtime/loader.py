@@ -140,6 +140,7 @@ def prepare_runtime(
         threads=threads,
         page_cache=options.page_cache,
         max_run_bytes=cost.run_bytes(threads),
+        gap_bytes=cost.gap_bytes(threads),
     )
     try:
         selector = options.selector

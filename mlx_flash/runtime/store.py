@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import astuple, dataclass
 from functools import partial
-from itertools import chain, repeat
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,7 @@ class _RegionPlan:
     max_records: int
     # runs of at most this many records are scattered, longer ones staged (0: all staged)
     scatter: int
+    max_gap: int  # records between two wanted ones that a run reads through rather than split
 
     @property
     def between(self) -> int:
@@ -114,13 +115,20 @@ def _sorted_request(
     return sids, srows
 
 
-def _run_bounds(sids: np.ndarray, cap: int) -> list[tuple[int, int]]:
-    """[a, b) index ranges of runs of consecutive ids, each at most ``cap`` records long."""
-    breaks = (np.flatnonzero(np.diff(sids) != 1) + 1).tolist()
-    starts, stops = [0, *breaks], [*breaks, len(sids)]
-    return [
-        (s, min(s + cap, e)) for a, e in zip(starts, stops, strict=True) for s in range(a, e, cap)
-    ]
+def plan_runs(sids: np.ndarray, cap: int, max_gap: int = 0) -> list[tuple[int, int]]:
+    """[a, b) index ranges of ``sids`` (sorted ids) read as one run each: ids less than
+    ``max_gap`` + 1 apart share a run (the records between are read and dropped: cheaper than
+    another read), and no run spans more than ``cap`` records."""
+    if len(sids) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sids) > max_gap + 1) + 1
+    runs = []
+    for a, e in zip([0, *breaks.tolist()], [*breaks.tolist(), len(sids)], strict=True):
+        while a < e:  # split at the cap: the run [a, b) spans at most cap records
+            b = a + int(np.searchsorted(sids[a:e], sids[a] + cap, side="left"))
+            runs.append((a, b))
+            a = b
+    return runs
 
 
 def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str) -> None:
@@ -154,6 +162,7 @@ class StoreReader:
         *,
         bypass: str = "auto",
         max_run_bytes: int = 1 << 20,
+        gap_bytes: int = 0,
     ) -> None:
         """``bypass`` picks how ``page_cache=False`` is done: "auto", "nocache", "dontcache" or
         "direct"."""
@@ -168,6 +177,7 @@ class StoreReader:
         self.manifest = manifest
         self.threads = threads
         self.max_run_bytes = max_run_bytes
+        self.gap_bytes = gap_bytes  # gaps up to this size are read through (cheaper than a read)
         self.totals = ReadCount()  # every read_neurons call so far (see reset_totals)
         self._totals_lock = threading.Lock()
         self.path = check_store_file(directory, manifest)
@@ -364,7 +374,8 @@ class StoreReader:
         scatter = self.cache_mode != "direct" and all(_scatterable(p, dest[p.name]) for p in wanted)
         cap = max(1, self.max_run_bytes // region.record_stride)
         scatter_records = min(SCATTER_MAX_RECORDS, IOV_MAX // (len(segments) + 1)) if scatter else 0
-        return _RegionPlan(region, wanted, tuple(segments), lead, tail, cap, scatter_records)
+        gap = self.gap_bytes // region.record_stride
+        return _RegionPlan(region, wanted, tuple(segments), lead, tail, cap, scatter_records, gap)
 
     def _jobs(
         self,
@@ -374,32 +385,38 @@ class StoreReader:
         srows: np.ndarray,
         dest: Mapping[str, np.ndarray],
     ) -> list[Callable[[], int]]:
-        """One job per run: a ready preadv (scatter) or a read-and-convert (staged)."""
-        bounds = _run_bounds(sids, plan.max_records)
+        """One job per run: a ready preadv (scatter) or a read-and-convert (staged). Records in a
+        run's gaps are read into the sink (scatter) or skipped when copying (staged)."""
+        bounds = plan_runs(sids, plan.max_records, plan.max_gap)
         offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
-        if not any(b - a <= plan.scatter for a, b in bounds):
-            return [
-                partial(self._staged_run, layer, plan, offsets[a], srows[a:b], dest)
-                for a, b in bounds
-            ]
-        records = self._record_iovecs(plan, dest, srows)
-        read, fd, padded, stride, span1 = (
-            self._read,
-            self._file.read_fd,
-            plan.between > 0,
-            plan.region.record_stride,
-            plan.span(1),
-        )
+        spans = [int(sids[b - 1] - sids[a]) + 1 for a, b in bounds]
+        records = None
+        if any(span <= plan.scatter for span in spans):
+            records = self._record_iovecs(plan, dest, srows)
         jobs: list[Callable[[], int]] = []
-        for a, b in bounds:
-            if b - a > plan.scatter:
-                jobs.append(partial(self._staged_run, layer, plan, offsets[a], srows[a:b], dest))
+        for (a, b), span in zip(bounds, spans, strict=True):
+            if span > plan.scatter:
+                at = sids[a:b] - sids[a]
+                jobs.append(
+                    partial(self._staged_run, layer, plan, offsets[a], srows[a:b], at, dest)
+                )
                 continue
-            bufs = list(chain.from_iterable(records[a:b]))
-            if padded:
-                del bufs[-1]  # no padding after the last record of a run
-            jobs.append(partial(read, layer, fd, bufs, offsets[a], span1 + (b - a - 1) * stride))
+            bufs = self._run_iovecs(plan, records, sids, a, b)
+            size = plan.span(1) + (span - 1) * plan.region.record_stride
+            jobs.append(partial(self._read, layer, self._file.read_fd, bufs, offsets[a], size))
         return jobs
+
+    def _run_iovecs(self, plan: _RegionPlan, records: list, sids: np.ndarray, a: int, b: int):
+        """The iovecs of one scattered run: each wanted record's, a record-sized sink slice for each
+        record of a gap, no padding after the last record."""
+        gap = self._sink[: plan.region.record_stride]
+        bufs = list(records[a])
+        for j in range(a + 1, b):
+            bufs.extend(repeat(gap, int(sids[j] - sids[j - 1]) - 1))
+            bufs.extend(records[j])
+        if plan.between > 0:
+            del bufs[-1]
+        return bufs
 
     def _record_iovecs(
         self, plan: _RegionPlan, dest: Mapping[str, np.ndarray], rows: np.ndarray
@@ -458,10 +475,12 @@ class StoreReader:
         plan: _RegionPlan,
         offset: int,
         rows: np.ndarray,
+        at: np.ndarray,
         dest: Mapping[str, np.ndarray],
     ) -> int:
-        """Read a run into the staging buffer, then convert each wanted part into its rows."""
-        n, stride = len(rows), plan.region.record_stride
+        """Read a run into the staging buffer, then convert each wanted part into its rows;
+        ``at``: the wanted records' positions in the run (the others fill its gaps)."""
+        n, stride = int(at[-1]) + 1, plan.region.record_stride
         buf, pos, nbytes = self._read_staged(layer, offset, plan.span(n))
         for p in plan.wanted:
             dt = numpy_storage_dtype(p.dtype)
@@ -472,7 +491,7 @@ class StoreReader:
                 offset=pos + p.offset - plan.lead,
                 strides=(stride, dt.itemsize),
             )
-            _convert_into(dest[p.name], rows, src, p.dtype)
+            _convert_into(dest[p.name], rows, src if n == len(at) else src[at], p.dtype)
         return nbytes
 
     def _read_staged(self, layer: int, offset: int, nbytes: int) -> tuple[mmap.mmap, int, int]:
