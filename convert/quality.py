@@ -88,9 +88,11 @@ def _top(score: mx.array, keep: int) -> mx.array:
 def scorers(
     manifest: Manifest, proxy: Proxy | None, predictors: Predictors | None
 ) -> dict[str, Callable[[list[int] | None], Score]]:
-    """Per selector, a maker of keep-masks for given per-layer keep counts."""
+    """Per selector, a maker of keep-masks for given per-layer keep counts. The oracle keeps the
+    top neurons by the exact |h|: the ceiling any selector can reach."""
     act = ACTIVATIONS[manifest.activation]
     out: dict[str, Callable[[list[int] | None], Score]] = {}
+    out["oracle"] = lambda keep: lambda i, parts, x, h: _top(mx.abs(h), keep[i])
     if proxy is not None:
         out["proxy"] = lambda keep: lambda i, parts, x, h: _top(proxy.scores(i, x), keep[i])
     if manifest.gated:

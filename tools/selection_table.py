@@ -1,22 +1,33 @@
-"""Perplexity change of selectors at several sparsities, computing only the kept rows, as a table.
+"""Perplexity change of selectors at several sparsities, computing only kept rows.
 
-    python tools/selection_table.py --model DIR [--model DIR ...] --data wikitext2-raw-test.txt \
-        [--sparsities 0.3 0.5 0.7] [--selectors oracle proxy gate] [--json OUT]
+    python tools/selection_table.py --model DIR[:label] [--model ...] \
+        --data wikitext2-raw-test.txt [--sparsities 0.3 0.5 0.7] \
+        [--selectors oracle proxy gate] [--json OUT]
 
-Each cell is one ``python -m mlx_flash.evaluate`` run (the real streaming runtime, decoding token
-by token) with ``compute_rows="selected"``: the FFN multiplies only the neurons selected for the
-token, so the table compares how well each selector ranks neurons. A model directory may be given
-as ``DIR:label`` to name its column group (e.g. a copy calibrated with another ``--proxy``).
+Each cell runs the model over the text's first ``--max-windows`` windows of
+``--seq-len`` tokens with every FFN keeping, per token, only the neurons the
+selector picks at the layer's sparsity (the calibration's per-layer allocation
+when it kept one) and computing them from the exact weights:
+what ``python -m mlx_flash.evaluate --compute-rows selected`` measures token by token, batched
+(a token's selection depends only on its own FFN input). The oracle keeps the top neurons by the
+exact |act(gate)·up|: the ceiling of any selector.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from mlx_flash.evaluate import evaluate
+from mlx_lm.utils import load_tokenizer
+
+from mlx_flash.convert.quality import Guard
+from mlx_flash.runtime.calibration import read_calibration, read_predictors
 from mlx_flash.runtime.manifest import read_manifest
+from mlx_flash.runtime.proxy import read_proxy
+from mlx_flash.runtime.selectors import keep_counts
+from mlx_flash.textdata import text_windows
 
 
 def measure(
@@ -26,37 +37,40 @@ def measure(
     sparsities: list[float],
     seq_len: int,
     windows: int,
-) -> list[dict]:
+) -> dict:
+    m = read_manifest(model)
+    calibration = read_calibration(model, m)
+    meta = m.extra.get("proxy")
+    proxy = meta and read_proxy(model, meta, m.n_layers, m.activation, m.gated)
+    tokens = text_windows(load_tokenizer(model), data, seq_len, windows)
     rows = []
-    for selector in selectors:
-        for s in sparsities:
-            r = evaluate(
-                model,
-                data,
-                selector=selector,
-                sparsity=s,
-                compute_rows="selected",
-                seq_len=seq_len,
-                max_windows=windows,
-                progress=False,
-            )
-            rows.append(
-                {
-                    "selector": selector,
-                    "sparsity": s,
-                    "perplexity": r["perplexity"],
-                    "dense": r["dense_perplexity"],
-                    "change": r["perplexity_change"],
-                    "used": r["fraction_used"],
-                    "plan_selector_bytes": r["plan"]["selector"],
-                }
-            )
-            print(
-                f"{model.name} {selector:>7} s={s}: {r['perplexity']:.3f} "
-                f"({100 * r['perplexity_change']:+.2f}%)",
-                flush=True,
-            )
-    return rows
+    with Guard(model, m, proxy or None, read_predictors(model, m)) as guard:
+        dense = guard.loss(tokens)
+        for selector in selectors:
+            for s in sparsities:
+                keep = keep_counts(calibration.layer_sparsities(s, m.n_layers), m.d_ffn)
+                loss = guard.loss(tokens, selector, keep)
+                rows.append(
+                    {
+                        "selector": selector,
+                        "sparsity": s,
+                        "perplexity": math.exp(loss),
+                        "change": math.exp(loss - dense) - 1,
+                    }
+                )
+                print(
+                    f"{model.name} {selector:>7} s={s}: {100 * rows[-1]['change']:+.2f}%",
+                    flush=True,
+                )
+    return {
+        "model": str(model),
+        "dense_perplexity": math.exp(dense),
+        "rows": rows,
+        "proxy": meta or {},
+        "ffn_bytes": m.ffn_bytes(),
+        "tokens": int(tokens.size),
+        "allocation": (m.extra.get("allocation") or {}).get("used", False),
+    }
 
 
 def main() -> None:
@@ -72,20 +86,10 @@ def main() -> None:
     report = []
     for spec in args.model:
         path, _, label = spec.partition(":")
-        model = Path(path)
-        meta = read_manifest(model).extra.get("proxy") or {}
-        rows = measure(
-            model, args.data, args.selectors, args.sparsities, args.seq_len, args.max_windows
+        entry = measure(
+            Path(path), args.data, args.selectors, args.sparsities, args.seq_len, args.max_windows
         )
-        report.append(
-            {
-                "model": str(model),
-                "label": label or model.name,
-                "proxy": meta,
-                "ffn_bytes": read_manifest(model).ffn_bytes(),
-                "rows": rows,
-            }
-        )
+        report.append({**entry, "label": label or Path(path).name})
     print("\n| model | selector | " + " | ".join(f"s={s}" for s in args.sparsities) + " |")
     print("|---|---|" + "---|" * len(args.sparsities))
     for entry in report:
