@@ -251,15 +251,16 @@ def calibrate(
         f"Calibrating on {fit.size} tokens of {path.name} ({held.size} more held back for the "
         f"quality guard), target sparsity {target}"
     )
+    forced = None if proxy is None else ProxyFormat.parse(proxy)
+    pool = _pool(manifest, forced)
     scratch = Path(tempfile.mkdtemp(prefix=".calibration-", dir=directory))
     try:
         inputs = collect_ffn_inputs(directory, manifest, fit, scratch, progress)
         calibration, trained, errors, channels = _measure(
-            directory, manifest, inputs, tokens, sparsity, rank_list, progress
+            directory, manifest, inputs, tokens, sparsity, rank_list, pool, progress
         )
-        forced = None if proxy is None else ProxyFormat.parse(proxy)
         proxy, proxy_info, curves = _proxy(
-            directory, manifest, inputs, errors, channels, forced, log
+            directory, manifest, inputs, errors, channels, pool, forced, log
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -316,6 +317,7 @@ def _proxy(
     inputs: list[np.ndarray],
     errors: list,
     channels: list[np.ndarray],
+    pool: tuple[ProxyFormat, ...],
     forced: ProxyFormat | None,
     log: Callable[[str], None],
 ) -> tuple[Proxy | None, dict, np.ndarray | None]:
@@ -325,7 +327,6 @@ def _proxy(
     ReLU-family FFNs)."""
     if natural_zeros(manifest):
         return None, {}, None
-    pool = selection.candidates(manifest)
     fmt, ratios = selection.choose_proxy(errors, pool) if pool else (None, {})
     fmt = forced or fmt
     curves, layers = [], []
@@ -422,6 +423,15 @@ def _rank_list(manifest: Manifest, ranks: list[int] | int | None) -> list[int]:
     return rank_list
 
 
+def _pool(manifest: Manifest, forced: ProxyFormat | None) -> tuple[ProxyFormat, ...]:
+    """The proxy formats whose selection errors calibration measures: the candidates for this
+    store, and a forced one (so its error is reported beside theirs)."""
+    if natural_zeros(manifest):
+        return ()
+    pool = selection.candidates(manifest)
+    return pool + (forced,) if forced is not None and forced not in pool else pool
+
+
 def _measure(
     directory: Path,
     manifest: Manifest,
@@ -429,6 +439,7 @@ def _measure(
     tokens: _Tokens,
     sparsity: float | None,
     ranks: list[int] | None,
+    pool: tuple[ProxyFormat, ...],
     progress: bool,
 ):
     """Per layer, reading its FFN once: activation statistics, outlier input channels, the
@@ -440,7 +451,6 @@ def _measure(
     gate_q = np.zeros((n, levels), np.float32) if manifest.gated else None
     zeros = np.zeros(n, np.float32)
     trained, errors, channels = [], [], []
-    pool = () if natural_zeros(manifest) else selection.candidates(manifest)
     sample = _spread(tokens.train, QUANTILE_TOKENS)
     with StoreReader(directory, manifest, threads=4) as reader:
         bar = tqdm(range(n), desc="activations + selection", unit="layer", disable=not progress)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import mlx_flash
-from conftest import convert_quietly, copy_of
+from conftest import QUIET, convert_quietly, copy_of
 from mlx_flash.convert import selection
 from mlx_flash.convert.__main__ import main as convert_main
-from mlx_flash.convert.calibrate import builtin_text_path
+from mlx_flash.convert.calibrate import builtin_text_path, calibrate
 from mlx_flash.convert.predictor import auto_ranks, choose_cut, score_predictor, train_predictor
 from mlx_flash.rebuild import dense_ffn_weights
 from mlx_flash.runtime.calibration import (
@@ -433,6 +433,21 @@ def test_calibration_writes_the_proxy_the_allocation_and_the_quality_guard(stori
     else:
         assert allocation["check_loss_allocated"] >= allocation["check_loss_uniform"]
         assert calibration.allocation is None
+
+
+def test_a_forced_proxy_format_is_written_and_measured_beside_the_candidates(
+    stories_flash, tmp_path
+):
+    directory = copy_of(stories_flash, tmp_path)
+    manifest = calibrate(
+        directory, max_tokens=512, held_tokens=0, seq_len=128, proxy="q3g64+keep8", **QUIET
+    )
+    meta = manifest.extra["proxy"]
+    assert (meta["bits"], meta["group_size"], meta["keep"]) == (3, 64, 8)
+    ratios = meta["error_vs_oracle"]
+    assert set(ratios) == {"q3g64+keep8", *(f.name for f in selection.GATED)}
+    # fewer bits rank neurons worse: the 3-bit copy's error is the largest
+    assert ratios["q3g64+keep8"] > max(ratios[f.name] for f in selection.GATED)
 
 
 def test_proxy_selector_keeps_each_layers_count_per_token(stories_calibrated):
