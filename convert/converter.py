@@ -22,7 +22,7 @@ from mlx_lm.utils import save_config
 from tqdm import tqdm
 
 from mlx_flash.integration import write_entry_point
-from mlx_flash.runtime.adapters import FFNSpec, build_model, ffn_prefixes, spec_for
+from mlx_flash.runtime.adapters import FFNSpec, ffn_prefixes, spec_for
 from mlx_flash.runtime.errors import (
     FlashError,
     FlashFormatError,
@@ -41,7 +41,7 @@ from mlx_flash.runtime.manifest import (
 )
 from mlx_flash.runtime.sizes import format_size
 
-from .source import SourceModel
+from .source import SourceModel, model_after_sanitize
 from .writer import REGION_ALIGN, PartSpec, StoreWriter, drop_written, plan_regions
 
 FAIL_AT_ENV = "MLX_FLASH_CONVERT_FAIL_AT"  # test hook: "layer:N", "trunk" or "finalize"
@@ -292,7 +292,8 @@ def _plan(source: SourceModel, dtype: str | None, quant: Quantization | None, lo
     source's (a quantized source stays quantized unless a dtype is asked for)."""
     config = {k: v for k, v in source.config.items() if k != "model_file"}
     spec = spec_for(config["model_type"])
-    model = build_model(config)  # parameters stay lazy: shapes only
+    # parameters stay lazy (shapes only); sanitize may drop what the weights lack (a tied lm_head)
+    model = model_after_sanitize(config, source.tensors)
     prefixes = ffn_prefixes(model, spec)
     params = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     d_ffn, d_model = params[f"{prefixes[0]}.{spec.fused_gate_up or spec.up}.weight"]

@@ -48,7 +48,7 @@ from tokenizers import (
 from mlx_flash.runtime.adapters import build_model
 from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 
-from .source import SourceModel
+from .source import SourceModel, model_after_sanitize
 
 
 @dataclass(frozen=True)
@@ -341,16 +341,20 @@ def _match_tensors(
     The expected parameters are those of the mlx-lm model built (lazily, nothing is allocated) from
     ``config``; gguf's HF -> GGUF table names each one's GGUF tensor.
     """
-    expected = _model_shapes(path, config)
-    if config["tie_word_embeddings"]:
-        expected.pop("lm_head.weight", None)  # what mlx-lm's sanitize does for tied models
     arch_id = {name: arch_id for arch_id, name in MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
         raise UnsupportedModelError(
             f"{path}: this version of the gguf package does not know {arch!r}; upgrade it"
         )
     table = get_tensor_name_map(arch_id, config["num_hidden_layers"])
-    names = {name: table.get_name(name, try_suffixes=(".weight", ".bias")) for name in expected}
+
+    def gguf_name(name: str) -> str | None:
+        return table.get_name(name, try_suffixes=(".weight", ".bias"))
+
+    present = [name for name in _model_shapes(path, config) if gguf_name(name) in tensors]
+    # what mlx-lm's sanitize leaves given these tensors (a tied head: no lm_head, in Gemma 3 too)
+    expected = _model_shapes(path, config, present)
+    names = {name: gguf_name(name) for name in expected}
     unmapped = sorted(name for name, gguf_name in names.items() if gguf_name is None)
     if unmapped:
         raise UnsupportedModelError(
@@ -374,10 +378,13 @@ def _match_tensors(
     return names
 
 
-def _model_shapes(path: Path, config: dict) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the mlx-lm model for ``config`` (lazy arrays: nothing is computed)."""
+def _model_shapes(
+    path: Path, config: dict, present: list[str] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the mlx-lm model for ``config`` (lazy arrays: nothing is computed);
+    with ``present``, of that model as its sanitize leaves it given weights with those names."""
     try:
-        model = build_model(config)
+        model = build_model(config) if present is None else model_after_sanitize(config, present)
     except (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError) as e:
         raise FlashFormatError(
             f"{path}: mlx-lm cannot build a model from this metadata: {e}"

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+import mlx_flash
 from conftest import MEMBUDGET, convert_quietly
 from mlx_flash.convert.converter import FAIL_AT_ENV
 from mlx_flash.convert.verify import verify
@@ -21,7 +23,7 @@ from mlx_flash.rebuild import dense_ffn_weights
 from mlx_flash.runtime.adapters import ARCHITECTURES
 from mlx_flash.runtime.errors import FlashError, UnsupportedModelError
 from mlx_flash.runtime.manifest import MANIFEST_FILE, read_manifest
-from tiny_models import CONFIGS, build_model, save_tiny_model
+from tiny_models import CONFIGS, build_model, has_untied_head, save_tiny_model
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -51,6 +53,26 @@ def test_round_trip_float32_is_exact(arch, tmp_path):
     for name, value in trunk.items():
         np.testing.assert_array_equal(_np(value), _np(source[name]), err_msg=name)
     assert verify(out, progress=False) == []
+
+
+TIEABLE = sorted(  # architectures whose output head is tied or not, as mlx-lm decides
+    arch
+    for arch in CONFIGS
+    if has_untied_head(build_model(arch, tied=True)[0])
+    != has_untied_head(build_model(arch, tied=False)[0])
+)
+
+
+@pytest.mark.parametrize("arch", TIEABLE)
+def test_tied_head_converts_and_matches_mlx_lm(arch, tmp_path):
+    """A directory without the head's weights (tied), as real Gemma 3 checkpoints are."""
+    src, source = save_tiny_model(arch, tmp_path / "src", tied=True)
+    assert "lm_head.weight" not in source
+    out = convert_quietly(src, tmp_path / "flash")
+    reference, _ = mlx_lm.load(str(src))
+    model, _ = mlx_flash.load(out, "1GB", ffn_cache=0.5, pin_share=0.0)
+    tokens = mx.array([[1, 5, 9, 200, 3, 7]])
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(reference(tokens)), atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

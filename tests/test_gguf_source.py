@@ -15,12 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 from mlx_lm import generate, stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_tokenizer
 
+import mlx_flash
+from conftest import convert_quietly
 from mlx_flash.convert.gguf_source import SUPPORTED_ARCHITECTURES, open_gguf
 from mlx_flash.convert.source import SourceModel
 from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
-from tiny_models import CONFIGS, build_model
+from tiny_models import CONFIGS, build_model, has_untied_head
 
 SHARED = Path(os.environ.get("MLX_FLASH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 STORIES = SHARED / "models" / "stories260K.gguf"
@@ -171,12 +174,25 @@ GGUF_ARCHS = {
 
 
 def write_like_llama_cpp(
-    path: Path, arch: str, model, config: dict, types: dict[str, int] | None = None
+    path: Path,
+    arch: str,
+    model,
+    config: dict,
+    types: dict[str, int] | None = None,
+    tokenizer: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """A GGUF of ``model`` with llama.cpp's names, Q/K interleave (llama) and +1 norms (Gemma)."""
+    """A GGUF of ``model`` with llama.cpp's names, Q/K interleave (llama) and +1 norms (Gemma).
+
+    ``tokenizer``: add a byte-level vocabulary (so the file converts); ``extra``: more tensors,
+    by GGUF name."""
     from mlx_lm.gguf import permute_weights
 
     writer = gguf.GGUFWriter(str(path), arch)
+    if tokenizer:
+        _add_byte_level_vocabulary(writer, config["vocab_size"])
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -214,11 +230,28 @@ def write_like_llama_cpp(
     writer.close()
 
 
-@pytest.mark.parametrize("arch", sorted(GGUF_ARCHS))
-def test_each_architecture_reads_back_the_model_it_was_written_from(arch, tmp_path, monkeypatch):
-    # llama.cpp fixes Gemma 3's local/global layer pattern at 6 (and mlx-lm needs that many layers).
+def _add_byte_level_vocabulary(writer: gguf.GGUFWriter, size: int) -> None:
+    """GPT-2 style byte tokens and an end-of-sequence token: ``size`` ids, no merges."""
+    from tokenizers import pre_tokenizers
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())[: size - 1] + ["<eos>"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.NORMAL] * (size - 1) + [gguf.TokenType.CONTROL])
+    writer.add_token_merges([])
+    writer.add_eos_token_id(size - 1)
+
+
+def _gemma3_six_layers(monkeypatch) -> None:
+    """llama.cpp fixes Gemma 3's local/global layer pattern at 6 (and mlx-lm needs that many
+    layers)."""
     gemma3 = dict(CONFIGS["gemma3_text"], num_hidden_layers=6, sliding_window_pattern=6)
     monkeypatch.setitem(CONFIGS, "gemma3_text", gemma3)
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_ARCHS))
+def test_each_architecture_reads_back_the_model_it_was_written_from(arch, tmp_path, monkeypatch):
+    _gemma3_six_layers(monkeypatch)
     model, config = build_model(GGUF_ARCHS[arch])
     write_like_llama_cpp(tmp_path / "m.gguf", arch, model, config)
     source = open_gguf(tmp_path / "m.gguf")
@@ -232,6 +265,43 @@ def test_each_architecture_reads_back_the_model_it_was_written_from(arch, tmp_pa
     assert mx.allclose(load_model(source)(tokens), model(tokens), atol=1e-4)
     with pytest.raises(UnsupportedModelError, match="no tokenizer"):
         source.write_tokenizer(tmp_path / "tok")
+
+
+ALWAYS_TIED = ("gemma", "gemma2")  # mlx-lm's models have no head of their own (refused below)
+HEADS = [
+    pytest.param(arch, tied, id=f"{arch}-{'tied' if tied else 'untied'}")
+    for arch in sorted(GGUF_ARCHS)
+    for tied in (True, False)
+    if tied or arch not in ALWAYS_TIED
+]
+
+
+@pytest.mark.parametrize("arch, tied", HEADS)
+def test_tied_and_untied_heads_convert_and_match_mlx_lm(arch, tied, tmp_path, monkeypatch):
+    """A GGUF without output.weight (a tied head, as real Gemma 3 files are) and one with it both
+    convert, and the flash model computes what the mlx-lm model they were written from does."""
+    _gemma3_six_layers(monkeypatch)
+    model, config = build_model(GGUF_ARCHS[arch], tied=tied)
+    assert has_untied_head(model) == (not tied)
+    write_like_llama_cpp(tmp_path / "m.gguf", arch, model, config, tokenizer=True)
+    flash_dir = convert_quietly(tmp_path / "m.gguf", tmp_path / "flash")
+    flash, _ = mlx_flash.load(flash_dir, "1GB", ffn_cache=0.5, pin_share=0.0)
+    tokens = mx.array([[1, 5, 9, 200, 3, 7]])
+    np.testing.assert_allclose(np.array(flash(tokens)), np.array(model(tokens)), atol=1e-4)
+    cache = make_prompt_cache(flash)  # a decode step goes through the neuron buffers
+    flash(tokens, cache=cache)
+    step = flash(mx.array([[11]]), cache=cache)
+    expected = model(mx.concatenate([tokens, mx.array([[11]])], axis=1))[:, -1:]
+    np.testing.assert_allclose(np.array(step), np.array(expected), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ALWAYS_TIED)
+def test_an_output_head_gemma_cannot_hold_is_refused(arch, tmp_path):
+    model, config = build_model(arch)
+    head = np.zeros((config["vocab_size"], config["hidden_size"]), np.float32)
+    write_like_llama_cpp(tmp_path / "m.gguf", arch, model, config, extra={"output.weight": head})
+    with pytest.raises(UnsupportedModelError, match=f"no place in mlx-lm's {arch}: .*output"):
+        open_gguf(tmp_path / "m.gguf")
 
 
 def test_f16_stays_float16_and_quantized_tensors_dequantize_to_float32(tmp_path):

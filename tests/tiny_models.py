@@ -76,11 +76,20 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def build_model(arch: str, seed: int = 0):
-    """A randomly initialised mlx-lm model of ``arch`` (weights scaled so activations stay sane)."""
+def build_model(arch: str, seed: int = 0, tied: bool | None = None):
+    """A randomly initialised mlx-lm model of ``arch`` (weights scaled so activations stay sane).
+
+    ``tied``: True for an output head tied to the embedding where the model can have one, as
+    mlx-lm decides it: from the config, or (Gemma 3) in ``sanitize`` for weights without a head.
+    """
     config = dict(CONFIGS[arch])
+    if tied is not None:
+        config["tie_word_embeddings"] = tied
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    if tied and hasattr(model, "sanitize"):
+        headless = {k: v for k, v in tree_flatten(model.parameters()) if k != "lm_head.weight"}
+        model.sanitize(headless)
     mx.random.seed(seed)
     model.update(
         tree_map(lambda p: mx.random.normal(p.shape, dtype=mx.float32) * 0.2, model.parameters())
@@ -89,11 +98,17 @@ def build_model(arch: str, seed: int = 0):
     return model, config
 
 
+def has_untied_head(model) -> bool:
+    """Whether the model has output-head weights of its own (not the embedding's)."""
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    return bool(names & {"lm_head.weight", "embed_out.weight", "output.weight"})
+
+
 def save_tiny_model(
-    arch: str, path: Path, dtype: mx.Dtype = mx.float32, seed: int = 0
+    arch: str, path: Path, dtype: mx.Dtype = mx.float32, seed: int = 0, tied: bool | None = None
 ) -> tuple[Path, dict]:
     """Write a tiny random model as an mlx-lm directory; returns (path, its weights)."""
-    model, config = build_model(arch, seed)
+    model, config = build_model(arch, seed, tied)
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
     path.mkdir(parents=True, exist_ok=True)
     save_model(path, model)
