@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
 
 import mlx_flash
 from conftest import MEMBUDGET, convert_quietly
@@ -44,6 +45,7 @@ from mlx_flash.runtime.errors import (
 from mlx_flash.runtime.manifest import MANIFEST_FILE, STORE_FILE, read_manifest
 from mlx_flash.runtime.selectors import FixedSelector
 from mlx_flash.runtime.store import StoreReader
+from tiny_models import CONFIGS, save_tiny_model
 
 HAS_PROC = os.path.isdir("/proc/self/fd")
 TESTS = Path(__file__).resolve().parent
@@ -745,14 +747,18 @@ def _kv_bytes(cache) -> int:
     return sum(a.nbytes for c in cache for a in (c.keys, c.values) if a is not None)
 
 
-def _generate_measuring(model, prompt: list[int], n: int, prefill_step_size: int) -> dict:
-    """Greedy tokens from ``prompt`` (no EOS stop), sampling MLX's counters after every token."""
+def _generate_measuring(
+    model, prompt: list[int], n: int, prefill_step_size: int, sampler=None
+) -> dict:
+    """Tokens from ``prompt`` (greedy unless a sampler is given; no EOS stop), sampling MLX's
+    counters after every token."""
     cache = make_prompt_cache(model)
     held, cached, beyond_kv = [], [], []
     steps = generate_step(
         mx.array(prompt),
         model,
         max_tokens=n,
+        sampler=sampler,
         prompt_cache=cache,
         prefill_step_size=prefill_step_size,
     )
@@ -800,6 +806,35 @@ def test_long_prompt_prefill_stays_within_the_plan(stories):
     peak = mx.get_peak_memory() - base
     assert peak <= plan.used, (peak, plan.describe())
     assert run["held"] - base <= plan.total
+
+
+LARGE_VOCABULARY = dict(CONFIGS["qwen2"], vocab_size=65536, hidden_size=128, intermediate_size=256)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32], ids=str)
+def test_large_vocabulary_half_precision_store_stays_within_the_plan(dtype, tmp_path, monkeypatch):
+    """A store in float16/bfloat16 computed in float32 (the CPU's dtype) whose largest tensor is
+    its embedding (65536 x 128): the loader casts one tensor at a time beside its stored copy,
+    before the neuron buffers exist, and the plan counts that transient; a long prompt's last
+    chunks attend to the whole context; sampling with top-p and top-k sorts the vocabulary. Peak
+    active memory stays within ``plan.used``."""
+    monkeypatch.setitem(CONFIGS, "qwen2", LARGE_VOCABULARY)
+    src, _ = save_tiny_model("qwen2", tmp_path / "src", dtype=dtype)
+    flash = convert_quietly(src, tmp_path / "flash")
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    model, _ = mlx_flash.load(flash, "1GB", max_context=640, prefill_step_size=128, ffn_cache=0.5)
+    plan = model.flash.plan
+    assert model.flash.compute_dtype == mx.float32
+    embedding = 65536 * 128 * dtype.size
+    assert plan.load_transient == (0 if dtype == mx.float32 else embedding)
+    prompt = [1] + [(7 * i) % 250 + 3 for i in range(600)]
+    sampler = make_sampler(0.8, 0.9, top_k=50)
+    run = _generate_measuring(model, prompt, 8, prefill_step_size=128, sampler=sampler)
+    assert run["tokens"] == 8
+    peak = mx.get_peak_memory() - base
+    assert peak <= plan.used, (peak, plan.describe())
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -52,6 +52,8 @@ class LayerState:
     buffer: NeuronBuffer | None  # the sliding window's rows
     window: SlidingWindow | None
     down_bias: mx.array | None
+    # makes ``pinned`` and ``buffer`` (FlashFFN.allocate); None once they exist
+    allocate: Callable[[LayerState], None] | None = None
 
 
 class ThreadGuard:
@@ -96,6 +98,15 @@ class FlashFFN(nn.Module):
         self._runtime = runtime
         self._state = state
 
+    def allocate(self) -> None:
+        """Allocate the neuron buffers, once. The loader does it after casting the trunk, so that
+        the cast's transient (one stored tensor) uses room the buffers take later; a model built
+        by stock mlx-lm allocates them on its first call."""
+        st = self._state
+        if st.allocate is not None:
+            st.allocate(st)
+            st.allocate = None
+
     @property
     def buffer(self) -> NeuronBuffer | None:
         """The sliding window's neuron buffer (None when the whole FFN is pinned)."""
@@ -114,6 +125,7 @@ class FlashFFN(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         rt, st = self._runtime, self._state
         with rt.guard.layer(st.index):
+            self.allocate()
             prompt = x.ndim >= 2 and x.shape[-2] > 1
             xf = x.reshape(-1, x.shape[-1])
             if st.index == 0:

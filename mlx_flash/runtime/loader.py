@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from . import selectors
@@ -25,6 +25,7 @@ from .budget import (
     ModelFacts,
     budget_bytes,
     buffer_rows,
+    cast_on_load,
     minimum_bytes,
     model_facts,
     plan_memory,
@@ -297,6 +298,8 @@ def load(
     try:
         model, config = _load_trunk(directory, opts, built)
         cast_parameters(model, model.flash.compute_dtype)
+        for layer in model.flash.layers:  # after the cast: its transient used their room
+            layer.allocate()
         try:
             tokenizer = load_tokenizer(
                 directory, tokenizer_config, eos_token_ids=config.get("eos_token_id")
@@ -337,11 +340,25 @@ def _load_trunk(directory: Path, options: FlashOptions, built: list) -> tuple[An
 
 
 def cast_parameters(model, dtype: mx.Dtype) -> None:
-    """Cast the float parameters to ``dtype`` and evaluate them one tensor at a time, so a stored
-    copy and its cast never live together for more than one tensor."""
-    model.set_dtype(dtype)
-    for _, p in tree_flatten(model.parameters()):
-        mx.eval(p)
+    """Load the parameters one tensor at a time, largest first, casting floats to ``dtype``.
+
+    Why: evaluated together, MLX kept the stored copy of the largest tensor (the embedding) next to
+    the whole cast trunk (+289 MB for a 151936 x 896 float16 embedding). One at a time, the
+    transient is one stored tensor (``budget.trunk_facts`` counts it). Quantized modules' scales
+    and biases keep their stored dtype: a packed trunk stays as small as mlx-lm's.
+    """
+    items = tree_flatten(model.parameters())
+    items.sort(key=lambda item: -item[1].nbytes)
+    while items:
+        name, p = items.pop(0)
+        if cast_on_load(name, mx.issubdtype(p.dtype, mx.floating)) and p.dtype != dtype:
+            p = p.astype(dtype)
+            mx.eval(p)
+            model.update(tree_unflatten([(name, p)]))
+        else:
+            mx.eval(p)
+        del p
+    mx.clear_cache()
 
 
 def default_compute_dtype(manifest: Manifest) -> str:
@@ -414,14 +431,19 @@ def _pinned_ids(calibration: Calibration | None, layer: int, rows: int) -> np.nd
 
 
 def _make_layer(runtime: FlashRuntime, index: int, parts: dict, pinned_ids: np.ndarray) -> FlashFFN:
-    """A layer's FlashFFN with its preallocated buffers (rows stay empty until the first token)."""
+    """A layer's FlashFFN; its buffers are allocated by ``FlashFFN.allocate`` (rows stay empty
+    until the first token)."""
     plan, manifest, reader = runtime.plan, runtime.manifest, runtime.reader
     load_rows = partial(reader.read_neurons, index)
-    state = LayerState(index, manifest.d_ffn, None, pinned_ids, None, None, None)
-    if plan.pinned_rows:
-        state.pinned = NeuronBuffer(plan.pinned_rows, parts, load_rows, manifest.d_ffn)
+
+    def allocate(state: LayerState) -> None:
+        if plan.pinned_rows:
+            state.pinned = NeuronBuffer(plan.pinned_rows, parts, load_rows, manifest.d_ffn)
+        if plan.window_rows:
+            state.buffer = NeuronBuffer(plan.window_rows, parts, load_rows, manifest.d_ffn)
+
+    state = LayerState(index, manifest.d_ffn, None, pinned_ids, None, None, None, allocate)
     if plan.window_rows:
-        state.buffer = NeuronBuffer(plan.window_rows, parts, load_rows, manifest.d_ffn)
         state.window = SlidingWindow(max(1, runtime.window), plan.window_rows, manifest.d_ffn)
     if "down_bias" in manifest.layers[index].blobs:
         bias = reader.read_blob(index, "down_bias", np.float32)
