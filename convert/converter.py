@@ -7,18 +7,20 @@ that is renamed at the very end, so an interrupted conversion leaves OUT as it w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.utils import save_config
+from mlx_lm.utils import quantize_model, save_config
 from tqdm import tqdm
 
 from mlx_flash.integration import write_entry_point
@@ -227,9 +229,10 @@ def _part_specs(
 TRUNK_SHARD_BYTES = 64 << 20  # small shards: only one shard of trunk tensors is in memory at a time
 
 
-def _save_trunk(out: Path, names: list[str], load: Callable[[str], mx.array]) -> None:
+def _save_trunk(out: Path, names: list[str], load: Callable[[str], dict[str, mx.array]]) -> None:
     """Save the trunk as mlx-lm-style shards + index, loading each tensor just before its shard
-    is written."""
+    is written. ``load(name)`` gives the evaluated tensors stored for ``name`` (the tensor, or a
+    quantized weight's packed words, scales and biases)."""
     shards: list[dict[str, mx.array]] = [{}]
     written, weight_map, total = [], {}, 0
 
@@ -243,11 +246,12 @@ def _save_trunk(out: Path, names: list[str], load: Callable[[str], mx.array]) ->
             shards[-1] = {}
 
     for name in names:
-        a = load(name)
-        total += a.nbytes
-        if shards[-1] and sum(v.nbytes for v in shards[-1].values()) + a.nbytes > TRUNK_SHARD_BYTES:
+        arrays = load(name)
+        size = sum(a.nbytes for a in arrays.values())
+        total += size
+        if shards[-1] and sum(v.nbytes for v in shards[-1].values()) + size > TRUNK_SHARD_BYTES:
             flush()
-        shards[-1][name] = a
+        shards[-1].update(arrays)
     flush()
     pattern = "model-{:05d}-of-{:05d}.safetensors" if len(written) > 1 else "model.safetensors"
     for i, (path, keys) in enumerate(written):
@@ -281,6 +285,9 @@ class _Plan:
     dtype: str
     quant: Quantization | None
     has_bias: tuple[bool, bool]  # gate, up
+    # trunk modules to quantize (path -> group size, bits), and the config entries saying so
+    trunk_quant: dict[str, tuple[int, int]] = field(default_factory=dict)
+    trunk_quant_config: dict = field(default_factory=dict)
 
     @property
     def source_quant(self) -> dict | None:
@@ -320,7 +327,31 @@ def _plan(source: SourceModel, dtype: str | None, quant: Quantization | None, lo
     )
     inside = tuple(p + "." for p in prefixes)
     trunk = {k: v for k, v in params.items() if not k.startswith(inside)}
-    return _Plan(config, spec, prefixes, trunk, d_model, d_ffn, dtype, quant, has_bias)
+    plan = _Plan(config, spec, prefixes, trunk, d_model, d_ffn, dtype, quant, has_bias)
+    if quant and not source_quant:  # a quantized source's trunk stays as it is
+        plan.trunk_quant, plan.trunk_quant_config = _trunk_quantization(model, plan)
+    return plan
+
+
+def _trunk_quantization(model, plan: _Plan) -> tuple[dict[str, tuple[int, int]], dict]:
+    """The trunk modules ``mlx_lm.convert -q`` quantizes (path -> group size, bits) and the
+    config entries it writes, from mlx-lm's own ``quantize_model`` (its predicate, the model's
+    ``quant_predicate``) run on the lazily built model: nothing is computed. FFN modules are left
+    out: the store holds them, quantized per record."""
+    with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
+        model, config = quantize_model(model, plan.config, plan.quant.group_size, plan.quant.bits)
+    chosen = {
+        path: (m.group_size, m.bits)
+        for path, m in model.named_modules()
+        if "scales" in m and not _in_ffn(path, plan.prefixes)
+    }
+    entry = {k: v for k, v in config["quantization"].items() if not _in_ffn(k, plan.prefixes)}
+    return chosen, {"quantization": entry, "quantization_config": entry}
+
+
+def _in_ffn(path: str, prefixes: list[str]) -> bool:
+    """Whether a module path is one of the FFN modules or inside one."""
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
 def _size_estimate(plan: _Plan, layout: str, align: int) -> int:
@@ -368,9 +399,19 @@ def _write_trunk(tmp: Path, source: SourceModel, plan: _Plan) -> None:
         )
     dtype = MX_DTYPES[plan.dtype]
 
-    def load(name: str) -> mx.array:
+    def load(name: str) -> dict[str, mx.array]:
         a = source.tensors.pop(name)()
-        return a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+        a = a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+        module, _, leaf = name.rpartition(".")
+        quantize = plan.trunk_quant.get(module) if leaf == "weight" else None
+        if quantize is None:
+            out = {name: a}
+        else:  # as mlx-lm's QuantizedLinear / QuantizedEmbedding.from_... do
+            group_size, bits = quantize
+            w, scales, biases = mx.quantize(a, group_size=group_size, bits=bits)
+            out = {name: w, f"{module}.scales": scales, f"{module}.biases": biases}
+        mx.eval(out)  # the source tensor goes now, not when its shard is written
+        return out
 
     _save_trunk(tmp, names, load)
 
@@ -443,7 +484,8 @@ def _write_directory(
     entries = _write_store(tmp, source, plan, layout, align, progress)
     _maybe_stop("trunk")
     _write_trunk(tmp, source, plan)
-    save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
+    config = {**plan.config, **plan.trunk_quant_config}
+    save_config(write_entry_point(tmp, config, settings), tmp / "config.json")
     source.write_tokenizer(tmp)
     manifest = Manifest(
         model_type=plan.config["model_type"],

@@ -1,23 +1,29 @@
 """Rebuild the dense FFN weights (mlx-lm names and shapes) from a flash store.
 
 Used to check a conversion end to end (trunk + store through plain mlx-lm must reproduce the
-source) and to compare the streaming runtime with plain mlx-lm on the very same weights.
+source), to compare the streaming runtime with plain mlx-lm on the very same weights, and to
+export a flash model as a plain mlx-lm directory (``python -m mlx_flash.rebuild FLASH OUT``): for a
+model that exists only as a GGUF, that is the way to the comparable mlx-lm model (then
+``mlx_lm.convert --hf-path OUT -q`` for its 4-bit twin).
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.utils import load_config, load_model, load_tokenizer
+from mlx_lm.utils import load_config, load_model, load_tokenizer, save_config, save_model
 
 from .runtime.adapters import spec_for
 from .runtime.errors import FlashFormatError
 from .runtime.ffn import dense_rows
+from .runtime.files import staged
 from .runtime.loader import cast_parameters
-from .runtime.manifest import read_manifest
+from .runtime.manifest import MX_DTYPES, read_manifest
 from .runtime.store import StoreReader
 
 
@@ -71,3 +77,44 @@ def load_dense(directory: str | Path, dtype: mx.Dtype = mx.float32):
     model.load_weights(list(ffn.items()), strict=False)
     cast_parameters(model, dtype)
     return model, load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+
+
+def export_mlx_lm(
+    directory: str | Path, out: str | Path, dtype: str = "float16", force: bool = False
+) -> Path:
+    """Write a flash model as a plain mlx-lm directory (trunk + rebuilt FFN in ``dtype``, config
+    without the flash entry point, tokenizer). The whole model passes through memory once."""
+    directory, out = Path(directory), Path(out).absolute()
+    model, tokenizer = load_dense(directory, MX_DTYPES[dtype])
+    config = {k: v for k, v in load_config(directory).items() if k != "model_file"}
+    config["torch_dtype"] = dtype
+    with staged(out, force) as tmp:
+        save_model(tmp, model, donate_model=True)
+        save_config(config, tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import add_debug_arg, run_cli
+
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.rebuild",
+        description="Export a flash model directory as a plain mlx-lm model directory "
+        "(dense weights; the whole model passes through memory).",
+    )
+    p.add_argument("flash", help="flash model directory")
+    p.add_argument("out", help="mlx-lm model directory to write")
+    p.add_argument("--dtype", choices=sorted(MX_DTYPES), default="float16")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_debug_arg(p)
+
+    def run(args: argparse.Namespace) -> int:
+        print(export_mlx_lm(args.flash, args.out, args.dtype, args.force))
+        return 0
+
+    return run_cli(run, p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -128,6 +128,32 @@ def test_quantized_store_matches_mlx_quantization(bits, tmp_path):
         assert np.abs(_np(value) - _np(source[name])).max() <= step
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])  # a tied head; a head of its own
+def test_quantize_quantizes_the_trunk_as_mlx_lm_convert_does(arch, tmp_path):
+    """--quantize: every trunk tensor bit-identical to ``mlx_lm.convert -q``'s, the same config
+    entry, and the whole model within 2% of its size (the FFN store groups down columns along
+    d_model, mlx-lm along d_ffn)."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    src, _ = save_tiny_model(arch, tmp_path / "src", dtype=mx.float16)
+    reference = tmp_path / "mlx-q4"
+    mlx_lm_convert(str(src), str(reference), quantize=True, q_group_size=32, q_bits=4)
+    out = convert_quietly(src, tmp_path / "flash", quantize=True, q_group_size=32)
+    ours, theirs = _trunk(out), _trunk(reference)
+    assert ours and set(ours) < set(theirs)
+    assert all(".mlp." in name for name in set(theirs) - set(ours))
+    for name, value in ours.items():
+        assert value.dtype == theirs[name].dtype, name
+        np.testing.assert_array_equal(np.array(value), np.array(theirs[name]), err_msg=name)
+    config, expected = (json.loads((d / "config.json").read_text()) for d in (out, reference))
+    four_bit = {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert config["quantization"] == expected["quantization"] == four_bit
+    assert config["quantization_config"] == expected["quantization_config"]
+    size = sum(f.stat().st_size for f in [*out.glob("model*.safetensors"), out / "ffn_store.bin"])
+    mlx_size = sum(f.stat().st_size for f in reference.glob("model*.safetensors"))
+    assert abs(size / mlx_size - 1) < 0.02, (size, mlx_size)
+
+
 def test_quantized_source_stays_quantized(tmp_path):
     model, config = build_model("llama")
     model, config = quantize_model(model, config, group_size=64, bits=4)
@@ -298,6 +324,34 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
     assert done.returncode == 0 and "exit 0" in done.stderr, done.stderr[-2000:]
     meta = read_manifest(out).extra
     assert meta["calibration"]["tokens"] == 4096 and len(meta["predictor"]["recall"]) == 30
+
+
+def test_export_writes_the_plain_mlx_lm_model(tmp_path):
+    """python -m mlx_flash.rebuild FLASH OUT: an mlx-lm directory with the source's weights (the
+    way to mlx-lm's twin of a model that exists only as a GGUF)."""
+    src, source = save_tiny_model("gemma", tmp_path / "src")
+    flash = convert_quietly(src, tmp_path / "flash")
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.rebuild", str(flash), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "model_file" not in config and config["torch_dtype"] == "float16"
+    model, tokenizer = mlx_lm.load(str(tmp_path / "out"))
+    exported = dict(tree_flatten(model.parameters()))
+    assert exported.keys() == source.keys()
+    for name, value in exported.items():
+        assert value.dtype == mx.float16, name
+        np.testing.assert_array_equal(_np(value), _np(source[name].astype(mx.float16)), name)
+    assert tokenizer.encode("hello") == mlx_lm.load(str(src))[1].encode("hello")
+    again = subprocess.run(
+        [sys.executable, "-m", "mlx_flash.rebuild", str(flash), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1 and "--force" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_output_parents_are_created(tmp_path):

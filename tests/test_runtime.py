@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.generate import batch_generate
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -158,3 +160,22 @@ def test_quantized_store_runs_quantized_and_matches_its_dequantized_weights(bits
     buffers = model.flash.layers[0].buffer.arrays()
     assert buffers["gate"].dtype == mx.uint32  # kept packed, multiplied with mx.quantized_matmul
     np.testing.assert_allclose(_logits(model), _logits(dense), atol=1e-4, rtol=0)
+
+
+def test_quantized_trunk_stays_packed_and_the_plan_counts_what_it_holds(tmp_path):
+    """--quantize quantizes the trunk too: on the CPU (computing in float32) its weights stay
+    packed and their scales keep the stored float16, so the resident trunk is as small as the
+    mlx-lm 4-bit model's; the plan's trunk is exactly the bytes held."""
+    src, _ = save_tiny_model("qwen2", tmp_path / "src", dtype=mx.float16)
+    flash = convert_quietly(src, tmp_path / "flash", quantize=True, q_group_size=32)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, pin_share=0.5)
+    attention = model.layers[0].self_attn.q_proj
+    assert isinstance(attention, nn.QuantizedLinear) and attention.weight.dtype == mx.uint32
+    assert attention.scales.dtype == mx.float16 and model.flash.compute_dtype == mx.float32
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    held = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
+    assert model.flash.plan.trunk == held
+    stored = sum(f.stat().st_size for f in flash.glob("model*.safetensors"))
+    assert held < stored  # the files' headers are the difference: nothing was widened
+    dense, _ = load_dense(flash)
+    np.testing.assert_allclose(_logits(model), _logits(dense), atol=1e-3, rtol=0)
