@@ -14,6 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 import mlx_flash
 from conftest import convert_quietly
 from mlx_flash.rebuild import dense_ffn_weights, load_dense
+from mlx_flash.runtime.costmodel import CostModel
 from mlx_flash.runtime.errors import BudgetError
 from mlx_flash.runtime.ffn import partial_output
 from mlx_flash.runtime.selectors import FixedSelector
@@ -179,3 +180,85 @@ def test_quantized_trunk_stays_packed_and_the_plan_counts_what_it_holds(tmp_path
     assert held < stored  # the files' headers are the difference: nothing was widened
     dense, _ = load_dense(flash)
     np.testing.assert_allclose(_logits(model), _logits(dense), atol=1e-3, rtol=0)
+
+
+def _fixed_model(flash, ids: np.ndarray, **options):
+    return mlx_flash.load(
+        flash,
+        "1GB",
+        ffn_cache=0.5,
+        pin_share=0.0,
+        selector=FixedSelector(lambda *_: ids),
+        **options,
+    )[0]
+
+
+def test_short_multi_token_calls_compute_the_union_of_their_selections(tiny_flash):
+    """A verify step (speculative decoding: 2-16 tokens per sequence) selects like a decode step:
+    it reads only what the union of its tokens' selections lacks, not the whole FFN (the prefill
+    of a longer prompt still streams every neuron)."""
+    _, flash = tiny_flash("llama")
+    ids = np.arange(10, 50)
+    model = _fixed_model(flash, ids)
+    ffn = model.layers[0].mlp
+    x = mx.random.normal((1, 5, 64))
+    y = ffn(x)
+    verify = model.flash.telemetry.passes[-1]
+    assert verify.phase == "verify" and verify.tokens == 5
+    assert verify.layers[0].loaded == ids.size and verify.layers[0].requested == ids.size
+    weights = dense_ffn_weights(flash)
+    rows = {
+        "gate": weights["model.layers.0.mlp.gate_proj.weight"][mx.array(ids)],
+        "up": weights["model.layers.0.mlp.up_proj.weight"][mx.array(ids)],
+        "down": weights["model.layers.0.mlp.down_proj.weight"].T[mx.array(ids)],
+    }
+    expected = partial_output(x.reshape(5, 64), rows, "silu", True, None).reshape(1, 5, 64)
+    np.testing.assert_allclose(np.array(y), np.array(expected), atol=1e-5)
+    ffn(mx.random.normal((1, 17, 64)))
+    prompt = model.flash.telemetry.passes[-1]
+    assert prompt.phase == "prefill" and prompt.layers[0].requested == 128
+
+
+def test_the_cost_model_streams_the_ffn_when_scattered_reads_cost_more(tiny_flash):
+    """Where one read costs a second, reading 20 scattered neurons loses to streaming the FFN in
+    one large read; the result is then the dense FFN's."""
+    _, flash = tiny_flash("llama")
+    scattered = np.arange(0, 120, 6)
+    model = _fixed_model(flash, scattered)
+    model.flash.cost = CostModel((1,), (1.0,), (1e12,))
+    ffn = model.layers[0].mlp
+    x = mx.random.normal((1, 3, 64))
+    y = ffn(x)
+    assert model.flash.telemetry.passes[-1].layers[0].requested == 128
+    dense, _ = load_dense(flash)
+    np.testing.assert_allclose(np.array(y), np.array(dense.layers[0].mlp(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("draft_tokens", [2, 4])
+def test_speculative_decoding_with_the_dense_selector_equals_greedy_decoding(
+    draft_tokens, tiny_flash, tmp_path
+):
+    """mlx-lm's speculative decoding on a flash model: verify steps of 2-5 tokens, cache trims
+    after rejected drafts (a different random model drafts), the same text as plain greedy
+    decoding, and a verify step reads what one decode step does."""
+    src, flash = tiny_flash("qwen2")
+    prompt = "hello world, a prompt longer than sixteen tokens"
+    model, tok = mlx_flash.load(flash, "1GB", ffn_cache=0.4, selector="dense")
+    plain = mlx_lm.generate(model, tok, prompt, max_tokens=24)
+    decode = [p.total.read.bytes for p in model.flash.telemetry.passes if p.phase == "decode"]
+    other, _ = save_tiny_model("qwen2", tmp_path / "other", seed=1)
+    drafted = {}
+    for draft_dir in (src, other):
+        model.flash.telemetry.reset()
+        draft, _ = mlx_lm.load(str(draft_dir))
+        responses = list(
+            mlx_lm.stream_generate(
+                model, tok, prompt, 24, draft_model=draft, num_draft_tokens=draft_tokens
+            )
+        )
+        assert "".join(r.text for r in responses) == plain
+        drafted[draft_dir] = sum(r.from_draft for r in responses)
+        verify = [p for p in model.flash.telemetry.passes if p.phase == "verify"]
+        assert verify and {p.tokens for p in verify} <= set(range(2, draft_tokens + 2))
+        assert max(p.total.read.bytes for p in verify) <= max(decode)
+    assert drafted[src] >= 24 * draft_tokens // (draft_tokens + 1) - 1 > drafted[other]
