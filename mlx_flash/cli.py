@@ -110,16 +110,20 @@ def prepare_generation(
 
 def stream(model, tokenizer, prompt, args: argparse.Namespace, sampler, **kwargs):
     """mlx-lm's ``stream_generate`` with the command's --max-tokens and sampler, prefilling in the
-    steps the memory plan assumes."""
+    steps and quantizing the KV cache as the memory plan assumes."""
     from mlx_lm.generate import stream_generate
 
+    options = model.flash.options
     return stream_generate(
         model,
         tokenizer,
         prompt,
         max_tokens=args.max_tokens,
         sampler=sampler,
-        prefill_step_size=model.flash.options.prefill_step_size,
+        prefill_step_size=options.prefill_step_size,
+        kv_bits=options.kv_bits,
+        kv_group_size=options.kv_group_size,
+        quantized_kv_start=options.quantized_kv_start,
         **kwargs,
     )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import setup_arg_parser
+from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer
 
 from .cli import (
@@ -22,8 +23,10 @@ from .cli import (
     run_cli,
     stream,
 )
+from .runtime.errors import FlashError
 from .runtime.files import write_json
 from .runtime.loader import load
+from .runtime.manifest import MANIFEST_FILE
 from .runtime.sizes import format_size
 
 TOOL = "generate"
@@ -35,8 +38,6 @@ UNSUPPORTED = (
     "prompt_cache_file",
     "quantize_activations",
     "use_default_chat_template",
-    "kv_bits",
-    "draft_model",
 )
 
 
@@ -160,6 +161,14 @@ def print_summary(stats: dict) -> None:
         f"Buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; FFN neurons per token: used "
         f"{100 * stats['fraction_used']:.1f}%, loaded {100 * stats['fraction_loaded']:.1f}%"
     )
+    if "speculative" in stats:
+        spec = stats["speculative"]
+        print(
+            f"Speculative: {spec['accepted_draft_tokens']} draft tokens accepted "
+            f"({100 * spec['acceptance_rate']:.0f}% of the text) in {spec['verify_steps']} verify "
+            f"steps; flash {spec['flash_bytes_per_generated_token'] / 1e6:.3f} MB per generated "
+            "token"
+        )
     for i, t in enumerate(stats.get("per_token", [])):
         print(
             f"  token {i:4d}: {t['bytes_read'] / 1e6:8.3f} MB in {t['reads']:5d} reads, I/O "
@@ -169,20 +178,27 @@ def print_summary(stats: dict) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.draft_model is not None and args.max_kv_size is not None:
+        parser.error(
+            "--max-kv-size cannot be combined with --draft-model: speculative decoding needs a "
+            "KV cache it can trim (mlx-lm ignores --max-kv-size there)"
+        )
     model_path, tokenizer_config = prepare_generation(parser, args, UNSUPPORTED)
     prompt = build_prompt(load_tokenizer(model_path, tokenizer_config), args)
-    # plan the KV cache for this prompt and answer unless told otherwise
+    # plan the KV cache for this prompt and answer (and the verify steps' logits with a draft)
     options = {"max_context": len(prompt) + args.max_tokens, **load_options(args, TOOL)}
+    if args.draft_model is not None:
+        options["num_draft_tokens"] = args.num_draft_tokens
     model, tokenizer = load(model_path, tokenizer_config=tokenizer_config, **options)
     for token in args.extra_eos_token:
         tokenizer.add_eos_token(token)
-    sampler = make_args_sampler(args, tokenizer)
-    response, text = None, []
+    draft = load_draft(args.draft_model, tokenizer) if args.draft_model else None
+    response, text, drafted = None, [], 0
     if args.verbose:
         print("=" * 10)
-    max_kv_size = model.flash.options.max_kv_size
-    for response in stream(model, tokenizer, prompt, args, sampler, max_kv_size=max_kv_size):
+    for response in generate_tokens(model, tokenizer, prompt, args, draft):
         text.append(response.text)
+        drafted += response.from_draft
         if args.verbose:
             print(response.text, end="", flush=True)
     if not args.verbose:
@@ -190,11 +206,63 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         print()
         stats = collect_stats(model, response, model_path, args.stats_per_token)
+        if draft is not None:
+            stats["speculative"] = speculative_stats(model, args, response, drafted)
         print_summary(stats)
         if args.stats_json:
             write_json(args.stats_json, stats)
     model.flash.close()
     return 0
+
+
+def generate_tokens(model, tokenizer, prompt: list[int], args: argparse.Namespace, draft):
+    """mlx-lm's stream_generate with the command's sampler, KV cache and draft model."""
+    sampler = make_args_sampler(args, tokenizer)
+    if draft is None:
+        max_kv_size = model.flash.options.max_kv_size
+        return stream(model, tokenizer, prompt, args, sampler, max_kv_size=max_kv_size)
+    return stream(
+        model,
+        tokenizer,
+        prompt,
+        args,
+        sampler,
+        draft_model=draft,
+        num_draft_tokens=args.num_draft_tokens,
+    )
+
+
+def load_draft(path: str, tokenizer):
+    """The --draft-model: a plain mlx-lm model directory or another flash model directory (with
+    its own stored settings), whose tokenizer must be the model's (as mlx_lm.generate checks)."""
+    directory = Path(path)
+    if (directory / MANIFEST_FILE).is_file():
+        draft, draft_tokenizer = load(directory)
+    elif (directory / "config.json").is_file():
+        draft, draft_tokenizer = mlx_lm_load(str(directory))
+    else:
+        raise FlashError(f"--draft-model {path}: not an mlx-lm or flash model directory")
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise FlashError(
+            f"--draft-model {path}: its tokenizer has {draft_tokenizer.vocab_size} tokens, the "
+            f"model's {tokenizer.vocab_size}: speculative decoding needs the same tokenizer"
+        )
+    return draft
+
+
+def speculative_stats(model, args: argparse.Namespace, response, drafted: int) -> dict:
+    """What speculative decoding did: draft tokens accepted, verify steps, and the flash bytes
+    read per generated token by decode and verify steps together."""
+    passes = [p for p in model.flash.telemetry.passes if p.phase in ("decode", "verify")]
+    read = sum(p.total.read.bytes for p in passes)
+    return {
+        "draft_model": args.draft_model,
+        "num_draft_tokens": args.num_draft_tokens,
+        "accepted_draft_tokens": drafted,
+        "acceptance_rate": drafted / max(1, response.generation_tokens),
+        "verify_steps": sum(p.phase == "verify" for p in passes),
+        "flash_bytes_per_generated_token": read / max(1, response.generation_tokens),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

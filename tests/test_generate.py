@@ -110,7 +110,11 @@ def test_quiet_output_and_prompt_from_stdin(stories_flash):
             "argument --memory-budget: memory_budget cannot read size",
         ),
         (["--ffn-cache", "150%"], 2, "argument --ffn-cache: ffn_cache share '150%' must be in"),
-        (["--kv-bits", "4"], 2, "--kv-bits is not supported by mlx_flash yet"),
+        (["--prompt-cache-file", "c"], 2, "--prompt-cache-file is not supported by mlx_flash yet"),
+        (["--kv-bits", "7"], 2, "argument --kv-bits: kv_bits must be one of 2, 3, 4, 5, 6, 8"),
+        (["--kv-bits", "4", "--kv-group-size", "32"], 1, "kv_group_size 32 does not divide"),
+        (["--draft-model", "nowhere"], 1, "--draft-model nowhere: not an mlx-lm or flash"),
+        (["--draft-model", "d", "--max-kv-size", "64"], 2, "--max-kv-size cannot be combined"),
         (["--memory-budget", "1KB"], 1, "error: memory budget 1.00 KB is too small"),
     ],
 )
@@ -119,6 +123,50 @@ def test_bad_arguments_give_a_clear_line(stories_flash, args, status, message):
     assert done.returncode == status
     assert message in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == status - 1
+
+
+def _text(output: str) -> str:
+    return output.split("==========")[1].strip()
+
+
+def test_speculative_decoding_gives_the_greedy_text(stories_flash, tmp_path):
+    """--draft-model: a plain mlx-lm directory (the flash model exported) or another flash
+    directory drafts; with the dense selector the text is plain greedy decoding's, and the stats
+    say how many draft tokens were accepted and what a generated token read."""
+    exported = tmp_path / "plain"
+    done = run(str(stories_flash), str(exported), "--dtype", "float32", module="mlx_flash.rebuild")
+    assert done.returncode == 0, done.stderr
+    prompt = ["--model", str(stories_flash), "--prompt", "Once upon a time", "--max-tokens", "40"]
+    prompt += ["--ffn-cache", "0.34", "--selector", "dense"]
+    plain = run(*prompt)
+    assert plain.returncode == 0, plain.stderr
+    for draft in (exported, stories_flash):
+        stats_file = tmp_path / "stats.json"
+        spec = run(*prompt, "--draft-model", str(draft), "--stats-json", str(stats_file))
+        assert spec.returncode == 0, spec.stderr
+        assert _text(spec.stdout) == _text(plain.stdout)
+        stats = json.loads(stats_file.read_text())
+        speculative = stats["speculative"]
+        assert speculative["num_draft_tokens"] == 3 and speculative["verify_steps"] >= 10
+        assert speculative["accepted_draft_tokens"] >= 20  # the same weights agree on most
+        assert stats["peak_memory_bytes"] <= stats["memory_budget"]["used"]
+
+
+def test_quantized_kv_cache_flags(relu2_flash, tmp_path):
+    """--kv-bits/--kv-group-size/--quantized-kv-start mean what they mean to mlx_lm.generate; the
+    plan counts the quantized cache (and, at the switch, both copies) and MLX stays within it."""
+    prompt = ["--model", str(relu2_flash), "--prompt", "The history of the city", "--max-tokens"]
+    prompt += ["48", "--max-context", "4096", "--stats-json"]
+    plans = {}
+    for bits in (None, "4"):
+        quantize = [] if bits is None else ["--kv-bits", bits, "--quantized-kv-start", "16"]
+        done = run(*prompt, str(tmp_path / "s.json"), *quantize, "--kv-group-size", "32")
+        assert done.returncode == 0, done.stderr
+        stats = json.loads((tmp_path / "s.json").read_text())
+        assert stats["generation_tokens"] == 48
+        assert stats["peak_memory_bytes"] <= stats["memory_budget"]["used"]
+        plans[bits] = stats["memory_budget"]["kv_cache"]
+    assert plans["4"] < plans[None] / 3
 
 
 def test_missing_and_non_flash_models_are_refused(tmp_path):

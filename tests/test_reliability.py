@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step, stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 import mlx_flash
@@ -819,8 +819,9 @@ def test_large_vocabulary_half_precision_store_stays_within_the_plan(dtype, tmp_
     chunks attend to the whole context; sampling with top-p and top-k sorts the vocabulary. Peak
     active memory stays within ``plan.used``."""
     monkeypatch.setitem(CONFIGS, "qwen2", LARGE_VOCABULARY)
-    src, _ = save_tiny_model("qwen2", tmp_path / "src", dtype=dtype)
+    src = save_tiny_model("qwen2", tmp_path / "src", dtype=dtype)[0]
     flash = convert_quietly(src, tmp_path / "flash")
+    gc.collect()  # what the conversion left (reference cycles) must not count as the baseline
     mx.clear_cache()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
@@ -833,6 +834,62 @@ def test_large_vocabulary_half_precision_store_stays_within_the_plan(dtype, tmp_
     sampler = make_sampler(0.8, 0.9, top_k=50)
     run = _generate_measuring(model, prompt, 8, prefill_step_size=128, sampler=sampler)
     assert run["tokens"] == 8
+    peak = mx.get_peak_memory() - base
+    assert peak <= plan.used, (peak, plan.describe())
+
+
+def test_verify_steps_with_a_large_vocabulary_stay_within_the_plan(tmp_path, monkeypatch):
+    """Speculative decoding samples every position of a verify step (the last token and 4 draft
+    tokens): five rows of logits and sampler sorts over a 65536-token vocabulary, which the plan
+    counts when told ``num_draft_tokens`` (float32 store: no load transient hides it)."""
+    monkeypatch.setitem(CONFIGS, "qwen2", LARGE_VOCABULARY)
+    src = save_tiny_model("qwen2", tmp_path / "src")[0]
+    flash = convert_quietly(src, tmp_path / "flash")
+    gc.collect()  # what the conversion left (reference cycles) must not count as the baseline
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    model, _ = mlx_flash.load(
+        flash, "1GB", max_context=256, prefill_step_size=64, ffn_cache=0.5, num_draft_tokens=4
+    )
+    plan, sampler = model.flash.plan, make_sampler(0.8, 0.9, top_k=50)
+    assert plan.load_transient == 0
+    cache = make_prompt_cache(model)
+    model(mx.array([[3, 5, 7, 9]]), cache=cache)
+    for step in range(8):  # what mlx-lm's speculative_generate_step asks of the main model
+        logits = model(mx.array([[11 + step] * 5]), cache=cache)[:, -5:, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.eval(sampler(logprobs.squeeze(0)), logprobs)
+        trim_prompt_cache(cache, 2)
+    peak = mx.get_peak_memory() - base
+    assert peak <= plan.used, (peak, plan.describe())
+    assert [p.phase for p in model.flash.telemetry.passes[1:]] == ["verify"] * 8
+
+
+def test_quantized_kv_cache_stays_within_the_plan(tmp_path, monkeypatch):
+    """kv_bits: mlx-lm quantizes the cache once it holds ``quantized_kv_start`` tokens (after
+    the prefill step that gets there); the plan counts the full and the quantized copies at
+    that moment and the quantized cache after, far below the full one's."""
+    monkeypatch.setitem(CONFIGS, "llama", dict(CONFIGS["llama"], head_dim=32))
+    src = save_tiny_model("llama", tmp_path / "src")[0]
+    flash = convert_quietly(src, tmp_path / "flash")
+    options = dict(max_context=1024, prefill_step_size=64, ffn_cache=0.5)
+    full = mlx_flash.load(flash, "1GB", **options)[0].flash.plan.kv_cache
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    kv = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=128)
+    model, _ = mlx_flash.load(flash, "1GB", **options, **kv)
+    plan = model.flash.plan
+    assert plan.kv_cache < full / 3
+    cache = make_prompt_cache(model)
+    prompt = mx.array([1] + [(7 * i) % 250 + 3 for i in range(900)])
+    steps = generate_step(
+        prompt, model, max_tokens=64, prompt_cache=cache, prefill_step_size=64, **kv
+    )
+    assert sum(1 for _ in steps) == 64
+    assert all(isinstance(c, QuantizedKVCache) for c in cache)
     peak = mx.get_peak_memory() - base
     assert peak <= plan.used, (peak, plan.describe())
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from .errors import BudgetError
+from .errors import BudgetError, OptionError
 from .manifest import FLOAT_TENSORS, SAFETENSORS_DTYPES, Manifest, check_trunk_file
 from .options import FlashOptions
 from .sizes import format_size, parse_size, physical_memory
@@ -43,11 +43,29 @@ class ModelFacts:
     load_transient: int  # the largest stored tensor the loader casts (alive next to its cast)
     # per layer: bytes per token, tokens kept (None: all)
     kv_layers: tuple[tuple[int, int | None], ...]
+    # with kv_bits: per layer bytes per token once quantized, and the cached tokens from which
+    # mlx-lm quantizes (quantized_kv_start) and by which it has (that plus one prefill step)
+    kv_quantized: tuple[int, ...] = ()
+    kv_switch: tuple[int, int] | None = None
 
     def kv_bytes(self, tokens: int) -> int:
-        """KV cache bytes once ``tokens`` tokens are cached (mlx-lm grows caches in steps)."""
+        """KV cache bytes once ``tokens`` tokens are cached (mlx-lm grows caches in steps). With a
+        quantized cache, the most held on the way: when mlx-lm quantizes the cache, the full and
+        the quantized copies live together."""
+        if self.kv_switch is None or tokens < self.kv_switch[0]:
+            return self._kv(tokens, [per for per, _ in self.kv_layers])
+        switch = min(tokens, self.kv_switch[1])
+        both = self._kv(switch, [per for per, _ in self.kv_layers])
+        both += self._kv(switch, self.kv_quantized)
+        return max(both, self._kv(tokens, self.kv_quantized))
+
+    def _kv(self, tokens: int, per_token: Iterable[int]) -> int:
         held = -(-tokens // KVCache.step) * KVCache.step
-        return sum(per * (held if cap is None else min(held, cap)) for per, cap in self.kv_layers)
+        caps = (cap for _, cap in self.kv_layers)
+        return sum(
+            per * (held if cap is None else min(held, cap))
+            for per, cap in zip(per_token, caps, strict=True)
+        )
 
 
 def model_facts(
@@ -70,6 +88,7 @@ def model_facts(
         trunk=sum(held for held, _ in trunk),
         load_transient=max((transient for _, transient in trunk), default=0),
         kv_layers=kv_layers(model, dtype.size, options),
+        **quantized_kv(model, dtype.size, options),
     )
 
 
@@ -102,8 +121,7 @@ def kv_layers(model, itemsize: int, options: FlashOptions) -> tuple[tuple[int, i
     are read. A rotating cache (sliding-window layers, ``max_kv_size``) keeps its size plus
     one prefill step.
     """
-    caches = make_prompt_cache(model, options.max_kv_size)
-    model(mx.zeros((1, 1), dtype=mx.int32), cache=caches)
+    caches = _lazy_caches(model, options)
     out = []
     for c in caches:
         keys = getattr(c, "keys", None)
@@ -114,6 +132,43 @@ def kv_layers(model, itemsize: int, options: FlashOptions) -> tuple[tuple[int, i
         rotating = isinstance(c, RotatingKVCache)
         out.append((per_token, c.max_size + options.prefill_step_size if rotating else None))
     return tuple(out)
+
+
+def _lazy_caches(model, options: FlashOptions) -> list:
+    """The model's own KV caches after one token run through it lazily (shapes, no memory)."""
+    caches = make_prompt_cache(model, options.max_kv_size)
+    model(mx.zeros((1, 1), dtype=mx.int32), cache=caches)
+    return caches
+
+
+def quantized_kv(model, itemsize: int, options: FlashOptions) -> dict:
+    """With ``kv_bits``: per layer KV bytes per token once mlx-lm's ``to_quantized`` has
+    quantized the cache (asked of it, lazily), and when that happens. mlx-lm cannot quantize a
+    rotating cache (``max_kv_size``, sliding-window layers): refused here, before it fails."""
+    if options.kv_bits is None:
+        return {}
+    per_token = []
+    for c in _lazy_caches(model, options):
+        if isinstance(c, RotatingKVCache) or not hasattr(c, "to_quantized"):
+            raise OptionError(
+                f"kv_bits: mlx-lm cannot quantize this model's {type(c).__name__} "
+                "(a rotating cache: max_kv_size, or sliding-window layers)"
+            )
+        if c.keys.shape[-1] % options.kv_group_size:
+            raise OptionError(
+                f"kv_group_size {options.kv_group_size} does not divide the KV head size "
+                f"{c.keys.shape[-1]}"
+            )
+        q = c.to_quantized(group_size=options.kv_group_size, bits=options.kv_bits)
+        arrays = [*q.keys, *q.values]
+        words = sum(a.nbytes for a in arrays if a.dtype == mx.uint32)
+        floats = sum(a.size for a in arrays if a.dtype != mx.uint32) * itemsize
+        per_token.append((words + floats) // c.keys.shape[-2])
+    start = options.quantized_kv_start
+    return {
+        "kv_quantized": tuple(per_token),
+        "kv_switch": (start, start + options.prefill_step_size),
+    }
 
 
 def prefill_temporaries(facts: ModelFacts, options: FlashOptions) -> int:
@@ -131,16 +186,19 @@ def prefill_temporaries(facts: ModelFacts, options: FlashOptions) -> int:
     scores = facts.heads * step * keys
     mask = -(-step * keys // itemsize)
     growth = facts.kv_bytes(context_tokens(options)) // facts.n_layers
-    return (hidden + ffn + scores + mask) * itemsize + growth + sampling_temporaries(facts)
+    sampling = sampling_temporaries(facts, 1 + options.num_draft_tokens)
+    return (hidden + ffn + scores + mask) * itemsize + growth + sampling
 
 
-def sampling_temporaries(facts: ModelFacts) -> int:
-    """Peak bytes of sampling one token: its logits, log-probabilities and the sampler's sorts.
+def sampling_temporaries(facts: ModelFacts, rows: int) -> int:
+    """Peak bytes of sampling ``rows`` tokens at once (speculative decoding samples the last token
+    and every draft token of a verify step): logits, log-probabilities and the sampler's sorts.
 
-    Measured on a 262144-token vocabulary: greedy 2, min-p 4, top-p with top-k 10.25 float32
-    arrays of the vocabulary's size (``SAMPLING_BYTES_PER_LOGIT`` allows 11).
+    Measured on a 262144-token vocabulary, per row: greedy 2, min-p 4, top-p with top-k 10.25
+    float32 arrays of the vocabulary's size, 6 to 9 when verifying 2 to 8 draft tokens
+    (``SAMPLING_BYTES_PER_LOGIT`` allows 11).
     """
-    return SAMPLING_BYTES_PER_LOGIT * facts.vocab
+    return SAMPLING_BYTES_PER_LOGIT * facts.vocab * rows
 
 
 def context_tokens(options: FlashOptions) -> int:

@@ -24,6 +24,8 @@ from .sizes import parse_share, parse_size
 SELECTORS = ("auto", "dense", "proxy", "gate", "oracle", "predictor")
 COMPUTE_ROWS = ("resident", "selected")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
+KV_GROUP_SIZES = (32, 64, 128)
 
 
 def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
@@ -54,7 +56,7 @@ def _whole(low: int, high: int | None = None):
 def _one_of(names: tuple[str, ...]):
     def check(value: Any) -> str:
         if value not in names:
-            raise ValueError(f"must be one of {', '.join(names)}; got {value!r}")
+            raise ValueError(f"must be one of {', '.join(map(str, names))}; got {value!r}")
         return value
 
     return check
@@ -173,11 +175,33 @@ class FlashOptions:
         lambda v: None if v is None else _whole(1)(v),
         metavar="N",
     )
+    kv_bits: int | None = option(
+        None,
+        "quantize the KV cache to this many bits (mlx-lm's meaning; the plan counts it)",
+        lambda v: None if v is None else _one_of(KV_BITS)(_whole(1)(v)),
+        metavar="BITS",
+    )
+    kv_group_size: int = option(
+        64, "group size of the KV cache's quantization", _one_of(KV_GROUP_SIZES), metavar="N"
+    )
+    quantized_kv_start: int = option(
+        5000,
+        "with --kv-bits, quantize the KV cache once it holds this many tokens",
+        _whole(0),
+        metavar="TOKENS",
+    )
     prefill_step_size: int = option(
         512,
         "prompt tokens per prefill step (the memory plan assumes this many)",
         _whole(1),
         metavar="TOKENS",
+    )
+    num_draft_tokens: int = option(
+        0,
+        "draft tokens speculative decoding verifies per step (the plan counts their logits); "
+        "generate sets it from mlx-lm's --num-draft-tokens when given --draft-model",
+        _whole(0, 64),
+        cli=False,
     )
     compute_dtype: str | None = option(
         None,
