@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +169,47 @@ def test_quantized_kv_cache_flags(relu2_flash, tmp_path):
         assert stats["peak_memory_bytes"] <= stats["memory_budget"]["used"]
         plans[bits] = stats["memory_budget"]["kv_cache"]
     assert plans["4"] < plans[None] / 3
+
+
+def _with_chat_template(flash: Path, tmp_path: Path) -> Path:
+    """A copy of a tiny flash model whose tokenizer has a chat template (with a variable)."""
+    flash = Path(shutil.copytree(flash, tmp_path / "chat"))
+    config = json.loads((flash / "tokenizer_config.json").read_text())
+    template = "{{ greeting | default('') }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    config["chat_template"] = template
+    (flash / "tokenizer_config.json").write_text(json.dumps(config))
+    return flash
+
+
+def test_chat_template_config_reaches_the_template(tiny_flash, tmp_path):
+    flash = _with_chat_template(tiny_flash("qwen2")[1], tmp_path)
+    tokens = []
+    for extra in ([], ["--chat-template-config", '{"greeting": "Hi! "}']):
+        stats = tmp_path / "stats.json"
+        done = run("--model", str(flash), "--max-tokens", "2", "--stats-json", str(stats), *extra)
+        assert done.returncode == 0, done.stderr
+        tokens.append(json.loads(stats.read_text())["prompt_tokens"])
+    assert tokens[1] == tokens[0] + len("Hi! ")  # one byte, one token
+
+
+def test_chat_honours_mlx_lm_chats_sampling_flags(tiny_flash, tmp_path):
+    """chat takes mlx_lm.chat's sampling flags (and generate's --top-k/--min-p): top-k 1 at any
+    temperature is greedy, a seed repeats a sampled answer; two turns share one prompt cache."""
+    flash = _with_chat_template(tiny_flash("qwen2")[1], tmp_path)
+
+    def chat(*flags: str) -> str:
+        done = run(
+            "--model", str(flash), "--max-tokens", "16", *flags,
+            stdin="hello there\nand again\nq\n", module="mlx_flash.chat",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("\n") >= 2  # one line per turn
+        return done.stdout
+
+    greedy = chat("--temp", "0")
+    assert chat("--temp", "1.5", "--top-k", "1") == greedy
+    sampled = chat("--temp", "1.5", "--top-p", "0.95", "--seed", "7")
+    assert chat("--temp", "1.5", "--top-p", "0.95", "--seed", "7") == sampled != greedy
 
 
 def test_missing_and_non_flash_models_are_refused(tmp_path):
