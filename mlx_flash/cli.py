@@ -56,7 +56,7 @@ def add_flash_args(parser: argparse.ArgumentParser, tool: str) -> None:
 def load_options(args: argparse.Namespace, tool: str) -> dict[str, Any]:
     """``mlx_flash.load`` keywords from the flash flags: the command's defaults, then what was given
     (the model directory's stored settings fill the rest)."""
-    given = {f.name: getattr(args, f.name, None) for f in option_fields()}
+    given = {f.name: getattr(args, f.name, None) for f in option_fields() if f.metadata["cli"]}
     return {**tool_defaults(tool), **{k: v for k, v in given.items() if v is not None}}
 
 

@@ -64,10 +64,12 @@ def test_flash_defaults_override_mlx_lms_and_unsupported_flags_are_refused():
     assert args.model is None and args.prefill_step_size is None  # not a hub model; not 2048
     assert FlashOptions.build(cli.load_options(args, "generate")).prefill_step_size == 512
     with pytest.raises(SystemExit):
-        cli.refuse(parser, parser.parse_args(["--draft-model", "x"]), generate.UNSUPPORTED)
+        cli.refuse(parser, parser.parse_args(["--prompt-cache-file", "x"]), generate.UNSUPPORTED)
     assert chat.build_parser().parse_args([]).model is None
     chat_flags = _flags(chat.build_parser())
     assert {"--min-p", "--top-k", "--temp", "--top-p", "--max-kv-size"} <= chat_flags
+    assert {"--kv-bits", "--kv-group-size", "--quantized-kv-start"} <= chat_flags
+    assert cli.load_options(parser.parse_args(["--num-draft-tokens", "5"]), "generate") == {}
 
 
 @pytest.mark.parametrize(
@@ -79,6 +81,9 @@ def test_flash_defaults_override_mlx_lms_and_unsupported_flags_are_refused():
         ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
         ({"memory_budget": "lots"}, "memory_budget cannot read size"),
         ({"threads": 0}, "threads must be in 1..64"),
+        ({"kv_bits": 7}, "kv_bits must be one of 2, 3, 4, 5, 6, 8; got 7"),
+        ({"kv_group_size": 16}, "kv_group_size must be one of 32, 64, 128; got 16"),
+        ({"num_draft_tokens": -1}, "num_draft_tokens must be in 0..64"),
         ({"bogus": 1}, "unknown option 'bogus'"),
     ],
 )
