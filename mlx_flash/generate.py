@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.generate import setup_arg_parser
 from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer
@@ -167,7 +168,7 @@ def print_summary(stats: dict) -> None:
             f"Speculative: {spec['accepted_draft_tokens']} draft tokens accepted "
             f"({100 * spec['acceptance_rate']:.0f}% of the text) in {spec['verify_steps']} verify "
             f"steps; flash {spec['flash_bytes_per_generated_token'] / 1e6:.3f} MB per generated "
-            "token"
+            f"token; draft weights {format_size(spec['draft_weight_bytes'])} (not in the plan)"
         )
     for i, t in enumerate(stats.get("per_token", [])):
         print(
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print()
         stats = collect_stats(model, response, model_path, args.stats_per_token)
         if draft is not None:
-            stats["speculative"] = speculative_stats(model, args, response, drafted)
+            stats["speculative"] = speculative_stats(model, draft, args, response, drafted)
         print_summary(stats)
         if args.stats_json:
             write_json(args.stats_json, stats)
@@ -250,13 +251,15 @@ def load_draft(path: str, tokenizer):
     return draft
 
 
-def speculative_stats(model, args: argparse.Namespace, response, drafted: int) -> dict:
-    """What speculative decoding did: draft tokens accepted, verify steps, and the flash bytes
-    read per generated token by decode and verify steps together."""
+def speculative_stats(model, draft, args: argparse.Namespace, response, drafted: int) -> dict:
+    """What speculative decoding did: draft tokens accepted, verify steps, the flash bytes read per
+    generated token by decode and verify steps together, and the draft's weights (MLX's peak
+    counts them; the flash model's plan does not)."""
     passes = [p for p in model.flash.telemetry.passes if p.phase in ("decode", "verify")]
     read = sum(p.total.read.bytes for p in passes)
     return {
         "draft_model": args.draft_model,
+        "draft_weight_bytes": sum(p.nbytes for _, p in tree_flatten(draft.parameters())),
         "num_draft_tokens": args.num_draft_tokens,
         "accepted_draft_tokens": drafted,
         "acceptance_rate": drafted / max(1, response.generation_tokens),
