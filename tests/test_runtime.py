@@ -77,6 +77,18 @@ def test_batched_generation_matches_mlx_lm(tiny_flash):
     assert any(p.tokens == 2 and p.phase == "decode" for p in model.flash.telemetry.passes)
 
 
+def _layer0_rows_output(flash, x: mx.array, ids: np.ndarray) -> np.ndarray:
+    """Layer 0's FFN (a tiny llama) computed from the rebuilt weights of the neurons ``ids``."""
+    weights, take = dense_ffn_weights(flash), mx.array(ids)
+    rows = {
+        "gate": weights["model.layers.0.mlp.gate_proj.weight"][take],
+        "up": weights["model.layers.0.mlp.up_proj.weight"][take],
+        "down": weights["model.layers.0.mlp.down_proj.weight"].T[take],
+    }
+    flat = x.reshape(-1, x.shape[-1])
+    return np.array(partial_output(flat, rows, "silu", True, None).reshape(x.shape))
+
+
 def test_injected_selection_computes_the_window(tiny_flash):
     """With window k, the FFN multiplies exactly the union of the last k selections."""
     _, flash = tiny_flash("llama")
@@ -107,14 +119,7 @@ def test_injected_selection_computes_the_window(tiny_flash):
         y = ffn(x)
         buf = ffn.buffer
         assert sorted(buf.neurons.tolist()) == expected_rows.tolist()
-        weights = dense_ffn_weights(flash)
-        rows = {
-            "gate": weights["model.layers.0.mlp.gate_proj.weight"][mx.array(expected_rows)],
-            "up": weights["model.layers.0.mlp.up_proj.weight"][mx.array(expected_rows)],
-            "down": weights["model.layers.0.mlp.down_proj.weight"].T[mx.array(expected_rows)],
-        }
-        manual = partial_output(x.reshape(1, 64), rows, "silu", True, None).reshape(1, 1, 64)
-        np.testing.assert_allclose(np.array(y), np.array(manual), atol=1e-5)
+        np.testing.assert_allclose(y, _layer0_rows_output(flash, x, expected_rows), atol=1e-5)
     stats = model.flash.telemetry.passes
     assert [p.total.loaded for p in stats] == [40, 20, 10]  # only neurons not buffered are read
     assert [p.total.dropped for p in stats] == [0, 0, 20]  # 0..19 left the 2-token window
@@ -206,14 +211,7 @@ def test_short_multi_token_calls_compute_the_union_of_their_selections(tiny_flas
     verify = model.flash.telemetry.passes[-1]
     assert verify.phase == "verify" and verify.tokens == 5
     assert verify.layers[0].loaded == ids.size and verify.layers[0].requested == ids.size
-    weights = dense_ffn_weights(flash)
-    rows = {
-        "gate": weights["model.layers.0.mlp.gate_proj.weight"][mx.array(ids)],
-        "up": weights["model.layers.0.mlp.up_proj.weight"][mx.array(ids)],
-        "down": weights["model.layers.0.mlp.down_proj.weight"].T[mx.array(ids)],
-    }
-    expected = partial_output(x.reshape(5, 64), rows, "silu", True, None).reshape(1, 5, 64)
-    np.testing.assert_allclose(np.array(y), np.array(expected), atol=1e-5)
+    np.testing.assert_allclose(y, _layer0_rows_output(flash, x, ids), atol=1e-5)
     ffn(mx.random.normal((1, 17, 64)))
     prompt = model.flash.telemetry.passes[-1]
     assert prompt.phase == "prefill" and prompt.layers[0].requested == 128
