@@ -297,9 +297,7 @@ def load(
     built: list[FlashRuntime] = []
     try:
         model, config = _load_trunk(directory, opts, built)
-        cast_parameters(model, model.flash.compute_dtype)
-        for layer in model.flash.layers:  # after the cast: its transient used their room
-            layer.allocate()
+        _materialise(model)
         try:
             tokenizer = load_tokenizer(
                 directory, tokenizer_config, eos_token_ids=config.get("eos_token_id")
@@ -337,6 +335,14 @@ def _load_trunk(directory: Path, options: FlashOptions, built: list) -> tuple[An
     except RuntimeError as e:  # MLX could not read a trunk file (its header was fine)
         raise FlashFormatError(f"{directory}: cannot read the trunk weights ({e})") from e
     return model, config
+
+
+def _materialise(model) -> None:
+    """Load and cast the trunk, then allocate the neuron buffers: the cast's transient (one stored
+    tensor) uses the room they take after."""
+    cast_parameters(model, model.flash.compute_dtype)
+    for layer in model.flash.layers:
+        layer.allocate()
 
 
 def cast_parameters(model, dtype: mx.Dtype) -> None:
