@@ -14,7 +14,6 @@ from mlx_lm.models.cache import make_prompt_cache
 import mlx_flash
 from conftest import convert_quietly
 from mlx_flash.rebuild import dense_ffn_weights, load_dense
-from mlx_flash.runtime.costmodel import CostModel
 from mlx_flash.runtime.errors import BudgetError
 from mlx_flash.runtime.ffn import partial_output
 from mlx_flash.runtime.selectors import FixedSelector
@@ -217,19 +216,37 @@ def test_short_multi_token_calls_compute_the_union_of_their_selections(tiny_flas
     assert prompt.phase == "prefill" and prompt.layers[0].requested == 128
 
 
-def test_the_cost_model_streams_the_ffn_when_scattered_reads_cost_more(tiny_flash):
-    """Where one read costs a second, reading 20 scattered neurons loses to streaming the FFN in
-    one large read; the result is then the dense FFN's."""
+def test_a_union_whose_reads_cost_the_whole_ffn_computes_the_exact_ffn(tiny_flash):
+    """Every other neuron and the last: the reader would read through the one-record gaps, so the
+    union's reads cost what streaming the FFN does, and the call computes the exact FFN; the
+    next call's window owes nothing to it."""
     _, flash = tiny_flash("llama")
-    scattered = np.arange(0, 120, 6)
-    model = _fixed_model(flash, scattered)
-    model.flash.cost = CostModel((1,), (1.0,), (1e12,))
+    model = _fixed_model(flash, np.r_[np.arange(0, 128, 2), 127])
     ffn = model.layers[0].mlp
     x = mx.random.normal((1, 3, 64))
     y = ffn(x)
     assert model.flash.telemetry.passes[-1].layers[0].requested == 128
     dense, _ = load_dense(flash)
     np.testing.assert_allclose(np.array(y), np.array(dense.layers[0].mlp(x)), atol=1e-5)
+
+
+def test_the_same_short_prompt_gives_the_same_result_whatever_ran_before(tiny_flash):
+    """A short prompt (or a verify step) restarts the window from its own tokens: what an
+    earlier generation left buffered is not computed."""
+    _, flash = tiny_flash("llama")
+    chosen = {0: np.arange(0, 40), 1: np.arange(60, 100)}
+
+    def choose(layer, x):  # rows depend on the input, as a real selector's do
+        return chosen[int(np.array(x).sum() > 0)]
+
+    model = mlx_flash.load(
+        flash, "1GB", ffn_cache=0.9, pin_share=0.0, selector=FixedSelector(choose), window=4
+    )[0]
+    ffn, x = model.layers[0].mlp, mx.ones((1, 4, 64))
+    first = np.array(ffn(x))
+    ffn(-mx.ones((1, 1, 64)))  # a decode step that buffers other neurons
+    np.testing.assert_allclose(np.array(ffn(x)), first, atol=1e-6)
+    np.testing.assert_allclose(first, _layer0_rows_output(flash, x, chosen[1]), atol=1e-5)
 
 
 @pytest.mark.parametrize("draft_tokens", [2, 4])

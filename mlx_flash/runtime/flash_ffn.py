@@ -39,6 +39,7 @@ import numpy as np
 from .buffer import NeuronBuffer
 from .errors import FlashError
 from .ffn import partial_output
+from .store import plan_runs
 from .telemetry import LayerStats
 from .window import SlidingWindow
 
@@ -90,11 +91,6 @@ class ThreadGuard:
             "this flash model is in use by another thread: use it from one thread at a time "
             "(a lock around generation) or load one model per thread"
         )
-
-
-def _runs(ids: np.ndarray) -> int:
-    """Reads of sorted neuron ids when adjacent ids are read together."""
-    return int(np.count_nonzero(np.diff(ids) > 1)) + 1 if ids.size else 0
 
 
 MAX_UNION_TOKENS = 16  # calls with more tokens per sequence are prompts: the whole FFN streams
@@ -166,14 +162,18 @@ class FlashFFN(nn.Module):
             return out
 
     def _decode(self, x: mx.array, phase: str) -> tuple[list[mx.array], LayerStats]:
-        """Compute the selection's neurons; for several tokens, the union of their selections,
-        unless streaming the whole FFN costs less (``_union_pays``)."""
+        """Compute the selection's neurons; for several tokens, the union of their selections
+        (the window restarts from them, so a short prompt does not compute what an earlier
+        generation left), unless streaming the whole FFN costs no more (``_union_pays``)."""
         rt, st = self._runtime, self._state
         selection = rt.selector(st.index, x)
         if rt.observe is not None:
             rt.observe(st.index, x, selection)
-        if phase == "verify" and not self._union_pays(self._unpinned(selection.ids)):
-            return self._dense(x, selection.gate)
+        if phase == "verify":
+            if not self._union_pays(self._unpinned(selection.ids)):
+                return self._dense(x, selection.gate)
+            if st.window is not None:  # the call's tokens are the window's history now
+                st.window.restart()
         keep = selection.ids if rt.compute_rows == "selected" else None
         stats = LayerStats(requested=selection.ids.size)
         outs = self._compute_pinned(x, selection.gate, keep, stats)
@@ -259,26 +259,26 @@ class FlashFFN(nn.Module):
         return [y]
 
     def _union_pays(self, needed: np.ndarray) -> bool:
-        """Whether reading what a multi-token selection lacks costs less than streaming the FFN.
+        """Whether reading a multi-token call's union of selections costs less than streaming the
+        whole FFN, which is exact: the union of many tokens' selections spans most of the FFN, and
+        once its reads cost as much, the exact FFN is no dearer.
 
-        Both from the disk's cost model (the probe's, else defaults): the missing neurons in one
-        read per run of adjacent ids, against every neuron neither pinned nor buffered in reads
-        of the reader's run size plus reading again the window's rows the stream evicts (the
-        next tokens need them). With 4 draft tokens, relu2-8m's predictor took the union in
-        95 of 112 layer calls and SmolLM2's gate selector in 253 of 420 (README).
+        Both from the disk's cost model as the reader plans its runs (reading through small gaps),
+        as if nothing were buffered: the choice, and so the result, depends on the call's tokens
+        only, not on what earlier calls left in the buffer.
         """
-        rt, buffer = self._runtime, self._state.buffer
-        if buffer is None:  # the whole FFN is pinned: nothing to read either way
+        if self._state.buffer is None:  # the whole FFN is pinned: nothing to read either way
             return True
-        missing = needed[~buffer.resident(needed)]
-        record, threads = rt.manifest.neuron_bytes(), rt.reader.threads
-        union_s = rt.cost.read_seconds(missing.size * record, _runs(missing), threads)
-        rest = (self._unpinned(np.arange(self._state.d_ffn)).size - buffer.n_used) * record
-        dense_s = rt.cost.read_seconds(rest, max(1.0, rest / rt.cost.run_bytes(threads)), threads)
-        # streaming replaces the window's rows with its last chunk: they are read again later
-        window = np.sort(buffer.neurons)
-        dense_s += rt.cost.read_seconds(window.size * record, _runs(window), threads)
-        return union_s <= dense_s
+        everything = self._unpinned(np.arange(self._state.d_ffn))
+        return self._read_seconds(needed) < self._read_seconds(everything)
+
+    def _read_seconds(self, ids: np.ndarray) -> float:
+        """The cost model's time for the reader to fetch these sorted neuron ids."""
+        rt = self._runtime
+        reader, record = rt.reader, rt.manifest.neuron_bytes()
+        runs = plan_runs(ids, max(1, reader.max_run_bytes // record), reader.gap_bytes // record)
+        nbytes = sum(int(ids[b - 1] - ids[a]) + 1 for a, b in runs) * record
+        return rt.cost.read_seconds(nbytes, len(runs), reader.threads)
 
     def _unpinned(self, ids: np.ndarray) -> np.ndarray:
         st = self._state

@@ -53,6 +53,11 @@ class SlidingWindow:
         self._res = np.zeros(n_neurons, dtype=bool)  # scratch masks, all False between calls
         self._keep = np.zeros(n_neurons, dtype=bool)
 
+    def restart(self) -> None:
+        """Forget the history: the next step's neurons are the only members (a call of several
+        tokens brings its own history; a new prompt owes nothing to an earlier one)."""
+        self._members = np.zeros(0, dtype=np.int64)
+
     def step(self, active_ids: np.ndarray, resident: np.ndarray) -> WindowStep:
         """Record this token's active neurons and say what to load and drop.
 
