@@ -22,7 +22,7 @@ from mlx_lm.utils import save_config
 from tqdm import tqdm
 
 from mlx_flash.integration import write_entry_point
-from mlx_flash.runtime.adapters import FFNSpec, build_model, ffn_prefixes, spec_for
+from mlx_flash.runtime.adapters import FFNSpec, build_model, ffn_prefixes, is_moe, spec_for
 from mlx_flash.runtime.errors import (
     FlashError,
     FlashFormatError,
@@ -402,7 +402,17 @@ def convert(
     out = Path(out).absolute()
     _check_arguments(out, force, layout, dtype, align)
     source = open_source(src)
-    plan = _plan(source, dtype, Quantization(q_bits, q_group_size) if quantize else None, log)
+    asked = Quantization(q_bits, q_group_size) if quantize else None
+    if is_moe(source.config.get("model_type", "")):
+        from .moe import convert_moe
+
+        if calibration is not None:
+            log("  note: MoE models are not calibrated (their own routers choose the experts)")
+        return convert_moe(
+            source, out, dtype=dtype, quantize=asked, align=align, force=force,
+            settings=settings, progress=progress, log=log,
+        )  # fmt: skip
+    plan = _plan(source, dtype, asked, log)
     _check_free_disk(out, _size_estimate(plan, layout, align))
     quant = f" {plan.quant.bits}-bit (group {plan.quant.group_size})" if plan.quant else ""
     log(f"Converting {source.description} -> {out}")
