@@ -24,6 +24,7 @@ from .sizes import parse_share, parse_size
 SELECTORS = ("auto", "dense", "proxy", "gate", "oracle", "predictor")
 COMPUTE_ROWS = ("resident", "selected")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+EXPERT_POLICIES = ("lru", "lfu")  # mlx_flash.runtime.expert_policy
 
 
 def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
@@ -184,6 +185,19 @@ class FlashOptions:
         "dtype to compute in (default: float32 on the CPU, the model's own on a GPU)",
         lambda v: None if v is None else _one_of(COMPUTE_DTYPES)(v),
         metavar="DTYPE",
+    )
+    expert_policy: str = option(
+        "lru",
+        "MoE models: which resident expert to evict, lru or lfu (LFU with ageing); "
+        "the default is provisional",
+        _one_of(EXPERT_POLICIES),
+        metavar="NAME",
+    )
+    routing_trace: str | None = option(
+        None,
+        "MoE models: write the experts each token used, per MoE layer, to FILE (.npz) on close",
+        lambda v: None if v is None else str(v),
+        metavar="FILE",
     )
     telemetry: bool = option(True, "count reads and rows per token", _flag, cli=False)
 
