@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_map_with_path
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
 from tiny_models import write_tiny_tokenizer
@@ -136,6 +136,7 @@ CONFIGS: dict[str, dict] = {
         rope_scaling=None,
     ),
 }
+ROUTING_BIASES = ("e_score_correction_bias", "router.bias")
 REQUIRED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3")
 QUANT = {
     "f32": None,
@@ -150,9 +151,13 @@ def build_moe(arch: str, seed: int = 0, **overrides):
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.random.seed(seed)
-    model.update(
-        tree_map(lambda p: mx.random.normal(p.shape, dtype=mx.float32) * 0.2, model.parameters())
-    )
+
+    def init(path: str, p: mx.array) -> mx.array:
+        # small routing biases, so that the tokens (not the biases) choose the experts
+        scale = 0.01 if path.endswith(ROUTING_BIASES) else 0.2
+        return mx.random.normal(p.shape, dtype=mx.float32) * scale
+
+    model.update(tree_map_with_path(init, model.parameters()))
     mx.eval(model.parameters())
     return model, config
 
