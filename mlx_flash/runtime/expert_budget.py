@@ -90,18 +90,27 @@ def plan_experts(
             f"{format_size(sum(fixed.values()) + least * per_slot)} ({parts}, {least} expert "
             f"slots per MoE layer {format_size(least * per_slot)})"
         )
+    return expert_plan(manifest, facts.itemsize, slots, total, fixed)
+
+
+def expert_plan(
+    manifest: Manifest, itemsize: int, slots: int, total: int = 0, fixed: dict | None = None
+) -> ExpertPlan:
+    """The plan of ``slots`` expert slots per MoE layer beside ``fixed`` bytes (trunk, KV cache,
+    temporaries; none for the bench's FFN-only harness)."""
+    fixed = fixed or {}
     return ExpertPlan(
         total=total,
-        trunk=fixed["trunk"],
-        kv_cache=fixed["KV cache"],
-        temporaries=fixed["temporaries"],
+        trunk=fixed.get("trunk", 0),
+        kv_cache=fixed.get("KV cache", 0),
+        temporaries=fixed.get("temporaries", 0),
         selector=0,
-        neuron_bytes=per_slot // manifest.n_layers,
+        neuron_bytes=slot_bytes(manifest, itemsize) // manifest.n_layers,
         n_layers=manifest.n_layers,
-        d_ffn=moe.n_experts,
+        d_ffn=manifest.moe.n_experts,
         pinned_rows=0,
         window_rows=slots,
-        n_experts=moe.n_experts,
-        top_k=moe.top_k,
-        slot_bytes=per_slot,
+        n_experts=manifest.moe.n_experts,
+        top_k=manifest.moe.top_k,
+        slot_bytes=slot_bytes(manifest, itemsize),
     )

@@ -40,8 +40,9 @@ SORT_PAIRS = 64  # SwitchGLU sorts its (token, k) pairs by expert from this many
 class ExpertCache:
     """One MoE layer's resident experts: ``buffer`` rows are slots, ``policy`` picks evictions."""
 
-    def __init__(self, buffer: NeuronBuffer, policy: Policy) -> None:
-        self.buffer, self.policy = buffer, policy
+    def __init__(self, buffer: NeuronBuffer, policy: Policy, in_place: bool = True) -> None:
+        # in_place=False: delete + append (holes filled by moving whole experts), for the bench
+        self.buffer, self.policy, self.in_place = buffer, policy, in_place
 
     @property
     def capacity(self) -> int:
@@ -66,7 +67,11 @@ class ExpertCache:
             others = np.setdiff1d(self.buffer.neurons, needed, assume_unique=True)
             room = self.capacity - self.buffer.n_used
             drop = self.policy.victims(others, missing.size - room)
-            stats.read += self.buffer.replace(drop, missing)
+            if self.in_place:
+                stats.read += self.buffer.replace(drop, missing)
+            else:
+                self.buffer.delete(drop)
+                stats.read += self.buffer.append(missing)
             stats.dropped += drop.size
         self.policy.touch(needed, counts)
 

@@ -18,7 +18,7 @@ from .budget import model_facts
 from .buffer import NeuronBuffer
 from .costmodel import cost_model_for
 from .errors import FlashFormatError
-from .expert_budget import plan_experts
+from .expert_budget import ExpertPlan, plan_experts
 from .expert_policy import make_policy
 from .experts import ExpertCache, ExpertState, FlashExperts, bind_slots
 from .loader import FlashRuntime, default_compute_dtype
@@ -53,9 +53,24 @@ def prepare_moe_runtime(
     dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
     plan = plan_experts(facts, config, manifest, options)
-    switches = find_switches(model, manifest, directory)
+    return open_experts(
+        directory, manifest, options, plan, dtype, find_switches(model, manifest, directory)
+    )
+
+
+def open_experts(
+    directory: Path,
+    manifest: Manifest,
+    options: FlashOptions,
+    plan: ExpertPlan,
+    dtype: mx.Dtype,
+    switches: list[SwitchGLU],
+) -> FlashRuntime:
+    """The runtime of a MoE store: its reader, and one FlashExperts per MoE layer with
+    ``plan.expert_slots`` slots bound into ``switches`` (the bench passes bare SwitchGLUs)."""
     cost = cost_model_for(directory)
-    threads = options.threads or cost.reader_threads(manifest.layers[0].regions[0].record_size)
+    record = manifest.layers[0].regions[0].record_size
+    threads = options.threads or cost.best_threads(record)  # whole experts: the disk decides
     reader = StoreReader(
         directory,
         manifest,
