@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import generate, stream_generate
 from mlx_lm.utils import _get_classes, load_tokenizer
 
-from mlx_flash.convert.gguf_source import SUPPORTED_ARCHITECTURES, open_gguf
+from mlx_flash.convert.gguf_source import SUPPORTED_ARCHITECTURES, gguf_lookup_name, open_gguf
 from mlx_flash.convert.source import SourceModel
 from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 from tiny_models import CONFIGS, build_model
@@ -171,12 +172,20 @@ GGUF_ARCHS = {
 
 
 def write_like_llama_cpp(
-    path: Path, arch: str, model, config: dict, types: dict[str, int] | None = None
+    path: Path,
+    arch: str,
+    model,
+    config: dict,
+    types: dict[str, int] | None = None,
+    extra: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> None:
-    """A GGUF of ``model`` with llama.cpp's names, Q/K interleave (llama) and +1 norms (Gemma)."""
+    """A GGUF of ``model`` with llama.cpp's names, Q/K interleave (llama) and +1 norms (Gemma);
+    ``extra`` adds metadata (a MoE's expert counts)."""
     from mlx_lm.gguf import permute_weights
 
     writer = gguf.GGUFWriter(str(path), arch)
+    if extra is not None:
+        extra(writer)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -200,7 +209,7 @@ def write_like_llama_cpp(
             )
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1
-        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = table.get_name(gguf_lookup_name(name), try_suffixes=(".weight", ".bias"))
         qtype = gguf.GGMLQuantizationType((types or {}).get(name, gguf.GGMLQuantizationType.F32))
         if qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name, array.astype(np.float16))
