@@ -406,11 +406,9 @@ def convert(
     if is_moe(source.config.get("model_type", "")):
         from .moe import convert_moe
 
-        if calibration is not None:
-            log("  note: MoE models are not calibrated (their own routers choose the experts)")
         return convert_moe(
-            source, out, dtype=dtype, quantize=asked, align=align, force=force,
-            settings=settings, progress=progress, log=log,
+            source, out, dtype=dtype, quantize=asked, align=align, force=force, settings=settings,
+            calibrate=calibration is not None, progress=progress, log=log,
         )  # fmt: skip
     plan = _plan(source, dtype, asked, log)
     _check_free_disk(out, _size_estimate(plan, layout, align))

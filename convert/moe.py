@@ -252,11 +252,14 @@ def convert_moe(
     settings: dict | None,
     progress: bool,
     log: Callable[[str], None],
+    calibrate: bool = False,
 ) -> Path:
     """Convert a MoE ``source`` into the flash model directory ``out`` (see the module docstring).
     Calibration does not apply: the model's own routers choose the experts."""
     from .converter import _check_free_disk
 
+    if calibrate:
+        log("  note: MoE models are not calibrated (their own routers choose the experts)")
     plan = moe_plan(source, dtype, quantize, log)
     _check_free_disk(out, size_estimate(plan))
     log(f"Converting {source.description} -> {out}")
