@@ -69,12 +69,12 @@ def measure(
     directory: Path, trace: Trace, share: float, policy: str, page_cache: bool, warmup: int,
     tokens: int, in_place: bool = True,
 ) -> dict:  # fmt: skip
-    """One configuration of the harness (see the module docstring); its per-token metrics."""
+    """One configuration of the harness (see the module docstring); its per-token metrics. Its
+    slots are freed once nothing refers to the runtime (the caller collects the cycle)."""
     manifest = read_manifest(directory)
     moe, store = manifest.moe, directory / manifest.store_file
     drop_from_page_cache(store)
-    slots = round(share * moe.n_experts)
-    plan = expert_plan(manifest, mx.float32.size, slots)
+    plan = expert_plan(manifest, mx.float32.size, round(share * moe.n_experts))
     switches = [SwitchGLU(manifest.d_model, moe.d_expert, moe.n_experts) for _ in manifest.layers]
     options = FlashOptions(expert_policy=policy, page_cache=page_cache)
     runtime = open_experts(directory, manifest, options, plan, mx.float32, switches)
@@ -82,22 +82,24 @@ def measure(
         for layer in runtime.layers:
             layer.cache.in_place = in_place
         _warm(runtime.layers, trace, warmup)
-        runtime.telemetry.reset()
-        x = 0.1 * mx.random.normal((1, 1, manifest.d_model), key=mx.random.key(0))
-        start = time.perf_counter()
-        for t in range(warmup, warmup + tokens):
-            for i, layer in enumerate(runtime.layers):
-                layer(x, mx.array(trace.at(t, i).astype(np.uint32)).reshape(1, 1, -1))
-        wall = time.perf_counter() - start
+        wall = _timed(runtime, trace, warmup, tokens)
         row = _row(runtime, wall, tokens, share, policy, trace)
         row["warmup"], row["page_cache_after"] = warmup, cached_bytes(store)
         row["slot_update"] = "in place" if in_place else "move"
     finally:
         runtime.close()
-        del runtime
-        gc.collect()
-        mx.clear_cache()
     return row
+
+
+def _timed(runtime, trace: Trace, start: int, tokens: int) -> float:
+    """Seconds to run ``tokens`` tokens of the trace from ``start`` through every MoE layer."""
+    runtime.telemetry.reset()
+    x = 0.1 * mx.random.normal((1, 1, runtime.manifest.d_model), key=mx.random.key(0))
+    begin = time.perf_counter()
+    for t in range(start, start + tokens):
+        for i, layer in enumerate(runtime.layers):
+            layer(x, mx.array(trace.at(t, i).astype(np.uint32)).reshape(1, 1, -1))
+    return time.perf_counter() - begin
 
 
 def _warm(layers: list, trace: Trace, warmup: int) -> None:
@@ -168,6 +170,8 @@ def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
             trace = traces[routing]
             row = measure(directory, trace, share, policy, cached, warmup, tokens, in_place)
             rounds[-1].append(row)
+            gc.collect()  # the last run's slots (runtime <-> layers is a cycle)
+            mx.clear_cache()
             bar.update()
     bar.close()
     return _report(directory, manifest, rounds, args, tokens)
