@@ -448,10 +448,7 @@ def _write_directory(
     """The whole flash model directory but its calibration: store, trunk, config with the
     mlx-lm entry point, tokenizer, and last the manifest that describes them."""
     entries = _write_store(tmp, source, plan, layout, align, progress)
-    _maybe_stop("trunk")
-    _write_trunk(tmp, source, plan)
-    save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
-    source.write_tokenizer(tmp)
+    write_beside_store(tmp, source, plan, settings)
     manifest = Manifest(
         model_type=plan.config["model_type"],
         d_model=plan.d_model,
@@ -469,6 +466,15 @@ def _write_directory(
     )
     manifest.save(tmp)
     return manifest
+
+
+def write_beside_store(tmp: Path, source: SourceModel, plan, settings: dict | None) -> None:
+    """What a flash directory holds besides its store and manifest: the trunk, the config with the
+    mlx-lm entry point, the tokenizer (``plan``: a dense or a MoE plan)."""
+    _maybe_stop("trunk")
+    _write_trunk(tmp, source, plan)
+    save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
+    source.write_tokenizer(tmp)
 
 
 def _check_arguments(out: Path, force: bool, layout: str, dtype: str | None, align: int) -> None:

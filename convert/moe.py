@@ -22,10 +22,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
-from mlx_lm.utils import infer_quant_config, save_config
+from mlx_lm.utils import infer_quant_config
 from tqdm import tqdm
 
-from mlx_flash.integration import write_entry_point
 from mlx_flash.runtime.adapters import build_model
 from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 from mlx_flash.runtime.files import staged
@@ -283,13 +282,10 @@ def _write_directory(
     progress: bool,
 ) -> Manifest:
     """Store, trunk, config with the mlx-lm entry point, tokenizer, and last the manifest."""
-    from .converter import _maybe_stop, _write_trunk
+    from .converter import write_beside_store
 
     entries, layers = _write_store(tmp, source, plan, align, progress)
-    _maybe_stop("trunk")
-    _write_trunk(tmp, source, plan)
-    save_config(write_entry_point(tmp, plan.config, settings), tmp / "config.json")
-    source.write_tokenizer(tmp)
+    write_beside_store(tmp, source, plan, settings)
     manifest = Manifest(
         model_type=plan.config["model_type"],
         d_model=plan.d_model,

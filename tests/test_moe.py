@@ -14,7 +14,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
-from test_reliability import MEMBUDGET_DENSE, MEMBUDGET_FLASH, _membudget, _subprocess_env
+from test_reliability import _membudget, _subprocess_env, membudget_scripts
 
 import mlx_flash
 from conftest import MEMBUDGET, convert_quietly, copy_of
@@ -452,17 +452,7 @@ def test_moe_bigger_than_its_cgroup_generates_the_unconstrained_text(tmp_path):
     flash = convert_quietly(src, tmp_path / "flash")
     experts = read_manifest(flash).ffn_bytes()
     budget, slack = 400_000_000, 350 << 20
-    (tmp_path / "flash.py").write_text(MEMBUDGET_FLASH)
-    (tmp_path / "dense.py").write_text(MEMBUDGET_DENSE)
-    dense = subprocess.run(
-        [sys.executable, str(tmp_path / "dense.py"), str(flash)],
-        capture_output=True,
-        text=True,
-        env=_subprocess_env(),
-        timeout=900,
-    )
-    assert dense.returncode == 0, dense.stderr
-    expected = json.loads(dense.stdout.splitlines()[-1])
+    expected = membudget_scripts(tmp_path, flash)  # plain mlx-lm, no limit
     limit = budget + slack
     assert experts > 1e9 and limit < experts
     rc, run, peak = _membudget(str(limit), tmp_path / "flash.py", str(flash), str(budget))

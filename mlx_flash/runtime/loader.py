@@ -140,14 +140,7 @@ def prepare_runtime(
     threads = options.threads or cost.reader_threads(
         min(r.record_size for r in manifest.layers[0].regions)
     )
-    reader = StoreReader(
-        directory,
-        manifest,
-        threads=threads,
-        page_cache=options.page_cache,
-        max_run_bytes=cost.run_bytes(threads),
-        gap_bytes=cost.gap_bytes(threads),
-    )
+    reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
         if isinstance(selector, str):
@@ -177,6 +170,21 @@ def prepare_runtime(
         reader.close()
         raise
     return runtime
+
+
+def open_store(
+    directory: Path, manifest: Manifest, options: FlashOptions, cost: CostModel, threads: int
+) -> StoreReader:
+    """The store's reader: ``threads`` parallel reads of the cost model's run size (reading
+    through gaps cheaper than another read), through the page cache or not as the options say."""
+    return StoreReader(
+        directory,
+        manifest,
+        threads=threads,
+        page_cache=options.page_cache,
+        max_run_bytes=cost.run_bytes(threads),
+        gap_bytes=cost.gap_bytes(threads),
+    )
 
 
 def _moe_runtime(

@@ -21,11 +21,10 @@ from .errors import FlashFormatError
 from .expert_budget import ExpertPlan, plan_experts
 from .expert_policy import make_policy
 from .experts import ExpertCache, ExpertState, FlashExperts, bind_slots
-from .loader import FlashRuntime, default_compute_dtype
+from .loader import FlashRuntime, default_compute_dtype, open_store
 from .manifest import MX_DTYPES, Manifest, trunk_files
 from .options import FlashOptions
 from .selectors import Choice, Selection
-from .store import StoreReader
 from .telemetry import Telemetry
 from .trace import TraceRecorder
 
@@ -71,13 +70,7 @@ def open_experts(
     cost = cost_model_for(directory)
     record = manifest.layers[0].regions[0].record_size
     threads = options.threads or cost.best_threads(record)  # whole experts: the disk decides
-    reader = StoreReader(
-        directory,
-        manifest,
-        threads=threads,
-        page_cache=options.page_cache,
-        max_run_bytes=cost.run_bytes(threads),
-    )
+    reader = open_store(directory, manifest, options, cost, threads)
     try:
         moe = manifest.moe
         telemetry = Telemetry(manifest.n_layers, moe.n_experts, options.telemetry, experts=True)
