@@ -76,8 +76,8 @@ class ExpertCache:
         self.policy.touch(needed, counts)
 
 
-def bind_slots(switch: SwitchGLU, buffer: NeuronBuffer, layer: ExpertLayer) -> dict[str, mx.array]:
-    """Point ``switch``'s expert parameters at ``buffer``'s slots; returns the bound arrays.
+def bind_slots(switch: SwitchGLU, buffer: NeuronBuffer, layer: ExpertLayer) -> None:
+    """Point ``switch``'s expert parameters at ``buffer``'s slots.
 
     The arrays are evaluated views of the preallocated rows: they keep their identity and memory
     for the whole run, and show whatever the rows hold when a computation runs (hence the fences).
@@ -90,7 +90,6 @@ def bind_slots(switch: SwitchGLU, buffer: NeuronBuffer, layer: ExpertLayer) -> d
             name.partition(".")[2]: a for name, a in bound.items() if name.startswith(linear + ".")
         }
         setattr(switch, linear, _slot_linear(params, layer.quant[linear]))
-    return bound
 
 
 def _slot_linear(params: dict[str, mx.array], quant: LinearQuant | None) -> nn.Module:
