@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .routing import SKEWED, routing_trace
 from .runtime.costmodel import cost_model_for
+from .runtime.errors import FlashFormatError
 from .runtime.expert_budget import expert_plan
 from .runtime.manifest import read_manifest
 from .runtime.moe_runtime import open_experts
@@ -153,7 +154,7 @@ def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
     directory = synthetic_store(args.synthetic, args.synthetic_dir, progress)
     manifest = read_manifest(directory)
     moe, tokens = manifest.moe, args.tokens or 32
-    traces = {"trace": load_trace(args.trace)} if args.trace else {
+    traces = {"trace": _replayed(args.trace, manifest, args.warmup + tokens)} if args.trace else {
         r: routing_trace(r, args.warmup + tokens, manifest.n_layers, moe.n_experts, moe.top_k)
         for r in args.routing.split(",")
     }  # fmt: skip
@@ -175,6 +176,20 @@ def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
             bar.update()
     bar.close()
     return _report(directory, manifest, rounds, args, tokens)
+
+
+def _replayed(path: Path, manifest, tokens: int) -> Trace:
+    """A recorded trace to replay: it must name experts of this store, in its MoE layers, for at
+    least ``tokens`` tokens."""
+    trace = load_trace(path)
+    want = ("experts", manifest.moe.n_experts, manifest.n_layers)
+    if (trace.kind, trace.n_ids, trace.n_layers) != want or trace.tokens < tokens:
+        raise FlashFormatError(
+            f"{path}: a trace of {trace.tokens} tokens of {trace.kind} ({trace.n_ids} per layer, "
+            f"{trace.n_layers} layers); this store needs {tokens} tokens of experts ({want[1]} per "
+            f"layer, {want[2]} layers): --warmup plus --tokens"
+        )
+    return trace
 
 
 def _warmup(routing: str, share: float, moe, asked: int) -> int:

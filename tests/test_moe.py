@@ -349,8 +349,20 @@ def test_synthetic_bench_runs_the_runtime_on_routing_traces(tiny_shape, tmp_path
             assert skewed["mb_per_token"] < uniform["mb_per_token"]
     assert rows["uniform", 0.25, "lru", "cached", "in place"]["tokens_per_s"] > 0
     assert "FFN-only harness" in format_synthetic(report)
-    trace = load_trace(tmp_path / "tiny" / "routing-skewed.npz")
+    trace_file = tmp_path / "tiny" / "routing-skewed.npz"
+    trace = load_trace(trace_file)
     assert (trace.n_layers, trace.n_ids, trace.tokens) == (2, 8, 64 + 256)
+    replayed = run_synthetic(
+        _synthetic_args(tmp_path, trace=trace_file, shares="0.25",
+                        policies="lru", page_cache_rows=False, move_rows=False),
+        progress=False,
+    )  # fmt: skip
+    assert (
+        replayed["rows"][0]["hit_rate"]
+        == rows["skewed", 0.25, "lru", "dontcache", "in place"]["hit_rate"]
+    )
+    with pytest.raises(FlashFormatError, match="routing-skewed.npz: a trace of 320 tokens"):
+        run_synthetic(_synthetic_args(tmp_path, trace=trace_file, tokens=300), progress=False)
 
 
 def test_synthetic_store_refuses_a_disk_too_small_and_says_what_fits(
