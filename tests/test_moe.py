@@ -312,6 +312,18 @@ def test_generate_and_mlx_lm_generate_run_a_moe_directory(tiny_moe_flash, tmp_pa
     assert plain.stdout.strip() and plain.stdout.strip() in stock.stdout
 
 
+def test_evaluate_on_a_moe_directory_matches_its_dense_perplexity(tiny_moe_flash, tmp_path):
+    from mlx_flash.evaluate import evaluate
+
+    _, flash = tiny_moe_flash("olmoe", "q4")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    result = evaluate(flash, text, seq_len=32, max_windows=2, progress=False, ffn_cache=0.25)
+    assert result["selector"] == "router" and result["tokens"] == 2 * 31
+    assert result["perplexity"] == pytest.approx(result["dense_perplexity"], rel=1e-5)
+    assert 0 < result["fraction_loaded"] < result["fraction_used"] == pytest.approx(TOP_K / 8)
+
+
 @pytest.fixture
 def tiny_shape(monkeypatch):
     """A synthetic shape small enough for the fast suite: 2 MoE layers of 8 experts, top-2."""
