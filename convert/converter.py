@@ -24,7 +24,7 @@ from mlx_lm.utils import quantize_model, save_config
 from tqdm import tqdm
 
 from mlx_flash.integration import write_entry_point
-from mlx_flash.runtime.adapters import FFNSpec, ffn_prefixes, spec_for
+from mlx_flash.runtime.adapters import FFNSpec, ffn_prefixes, is_moe, spec_for
 from mlx_flash.runtime.errors import (
     FlashError,
     FlashFormatError,
@@ -329,23 +329,27 @@ def _plan(source: SourceModel, dtype: str | None, quant: Quantization | None, lo
     trunk = {k: v for k, v in params.items() if not k.startswith(inside)}
     plan = _Plan(config, spec, prefixes, trunk, d_model, d_ffn, dtype, quant, has_bias)
     if quant and not source_quant:  # a quantized source's trunk stays as it is
-        plan.trunk_quant, plan.trunk_quant_config = _trunk_quantization(model, plan)
+        plan.trunk_quant, plan.trunk_quant_config = trunk_quantization(
+            model, config, quant, prefixes
+        )
     return plan
 
 
-def _trunk_quantization(model, plan: _Plan) -> tuple[dict[str, tuple[int, int]], dict]:
+def trunk_quantization(
+    model, config: dict, quant: Quantization, prefixes: list[str]
+) -> tuple[dict[str, tuple[int, int]], dict]:
     """The trunk modules ``mlx_lm.convert -q`` quantizes (path -> group size, bits) and the
     config entries it writes, from mlx-lm's own ``quantize_model`` (its predicate, the model's
     ``quant_predicate``) run on the lazily built model: nothing is computed. FFN modules are left
     out: the store holds them, quantized per record."""
     with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
-        model, config = quantize_model(model, plan.config, plan.quant.group_size, plan.quant.bits)
+        model, config = quantize_model(model, config, quant.group_size, quant.bits)
     chosen = {
         path: (m.group_size, m.bits)
         for path, m in model.named_modules()
-        if "scales" in m and not _in_ffn(path, plan.prefixes)
+        if "scales" in m and not _in_ffn(path, prefixes)
     }
-    entry = {k: v for k, v in config["quantization"].items() if not _in_ffn(k, plan.prefixes)}
+    entry = {k: v for k, v in config["quantization"].items() if not _in_ffn(k, prefixes)}
     return chosen, {"quantization": entry, "quantization_config": entry}
 
 
@@ -444,7 +448,15 @@ def convert(
     out = Path(out).absolute()
     _check_arguments(out, force, layout, dtype, align)
     source = open_source(src)
-    plan = _plan(source, dtype, Quantization(q_bits, q_group_size) if quantize else None, log)
+    asked = Quantization(q_bits, q_group_size) if quantize else None
+    if is_moe(source.config.get("model_type", "")):
+        from .moe import convert_moe
+
+        return convert_moe(
+            source, out, dtype=dtype, quantize=asked, align=align, force=force, settings=settings,
+            calibrate=calibration is not None, progress=progress, log=log,
+        )  # fmt: skip
+    plan = _plan(source, dtype, asked, log)
     _check_free_disk(out, _size_estimate(plan, layout, align))
     quant = f" {plan.quant.bits}-bit (group {plan.quant.group_size})" if plan.quant else ""
     log(f"Converting {source.description} -> {out}")
@@ -482,11 +494,7 @@ def _write_directory(
     """The whole flash model directory but its calibration: store, trunk, config with the
     mlx-lm entry point, tokenizer, and last the manifest that describes them."""
     entries = _write_store(tmp, source, plan, layout, align, progress)
-    _maybe_stop("trunk")
-    _write_trunk(tmp, source, plan)
-    config = {**plan.config, **plan.trunk_quant_config}
-    save_config(write_entry_point(tmp, config, settings), tmp / "config.json")
-    source.write_tokenizer(tmp)
+    write_beside_store(tmp, source, plan, settings)
     manifest = Manifest(
         model_type=plan.config["model_type"],
         d_model=plan.d_model,
@@ -504,6 +512,16 @@ def _write_directory(
     )
     manifest.save(tmp)
     return manifest
+
+
+def write_beside_store(tmp: Path, source: SourceModel, plan, settings: dict | None) -> None:
+    """What a flash directory holds besides its store and manifest: the trunk, the config with the
+    mlx-lm entry point, the tokenizer (``plan``: a dense or a MoE plan)."""
+    _maybe_stop("trunk")
+    _write_trunk(tmp, source, plan)
+    config = {**plan.config, **plan.trunk_quant_config}
+    save_config(write_entry_point(tmp, config, settings), tmp / "config.json")
+    source.write_tokenizer(tmp)
 
 
 def _check_arguments(out: Path, force: bool, layout: str, dtype: str | None, align: int) -> None:

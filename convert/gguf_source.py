@@ -67,7 +67,17 @@ _ARCHS = {
     "gemma": _Arch("gemma", permute_qk=False, norm_offset=1.0),
     "gemma2": _Arch("gemma2", permute_qk=False, norm_offset=1.0),
     "gemma3": _Arch("gemma3_text", permute_qk=False, norm_offset=1.0),
+    "qwen2moe": _Arch("qwen2_moe", permute_qk=False, norm_offset=0.0),
+    "qwen3moe": _Arch("qwen3_moe", permute_qk=False, norm_offset=0.0),
+    "olmoe": _Arch("olmoe", permute_qk=False, norm_offset=0.0),
 }
+# mlx-lm's names of stacked experts -> the HF names gguf's table knows (Mixtral is "llama" there)
+_EXPERT_NAMES = (
+    ("block_sparse_moe.switch_mlp.gate_proj", "block_sparse_moe.experts.w1"),
+    ("block_sparse_moe.switch_mlp.down_proj", "block_sparse_moe.experts.w2"),
+    ("block_sparse_moe.switch_mlp.up_proj", "block_sparse_moe.experts.w3"),
+    (".mlp.switch_mlp.", ".mlp.experts."),
+)
 SUPPORTED_ARCHITECTURES = tuple(_ARCHS)
 
 # Layer counts of the 27B Gemmas, whose query scale llama.cpp derives from hidden/heads,
@@ -280,6 +290,7 @@ def _config(meta: _Metadata, tensors: dict[str, ReaderTensor]) -> dict:
     if arch == "gemma2":
         config["attn_logit_softcapping"] = meta.get_float(Keys.LLM.ATTN_LOGIT_SOFTCAPPING, 50.0)
         config["final_logit_softcapping"] = meta.get_float(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, 30.0)
+    config.update(_moe_config(meta))
     if arch == "gemma3":
         # llama.cpp hard-codes these two for gemma3; newer files may state the base frequency.
         config["sliding_window_pattern"] = 6
@@ -287,6 +298,37 @@ def _config(meta: _Metadata, tensors: dict[str, ReaderTensor]) -> dict:
         config["rope_local_base_freq"] = meta.get_float("{arch}.rope.freq_base_swa", 10000.0)
         config["sliding_window"] = meta.get_int(Keys.Attention.SLIDING_WINDOW, 512)
     return config
+
+
+def _moe_config(meta: _Metadata) -> dict:
+    """The expert settings of a mixture-of-experts file (none for dense ones): llama.cpp's
+    ``expert_*`` keys in mlx-lm's names; a llama file with experts is Mixtral."""
+    experts = meta.get_int(Keys.LLM.EXPERT_COUNT, 0, minimum=0)
+    if not experts:
+        return {}
+    used = meta.get_int(Keys.LLM.EXPERT_USED_COUNT, maximum=experts)
+    if meta.arch == "llama":
+        return {"model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": used}
+    config = {"num_experts": experts, "num_experts_per_tok": used}
+    if meta.arch == "qwen3moe":  # llama.cpp renormalises the top-k weights unless told not to
+        config.update(decoder_sparse_step=1, mlp_only_layers=[])
+        config["norm_topk_prob"] = meta.get_bool(Keys.LLM.EXPERT_WEIGHTS_NORM, True)
+    if meta.arch == "olmoe":
+        config["norm_topk_prob"] = meta.get_bool(Keys.LLM.EXPERT_WEIGHTS_NORM, False)
+    if meta.arch in ("qwen2moe", "qwen3moe"):
+        config["moe_intermediate_size"] = meta.get_int(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)
+    if meta.arch == "qwen2moe":
+        shared = Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH
+        config["shared_expert_intermediate_size"] = meta.get_int(shared)
+    return config
+
+
+def gguf_lookup_name(name: str) -> str:
+    """The name to look an mlx-lm parameter up by in gguf's HF -> GGUF table."""
+    for mlx_name, hf_name in _EXPERT_NAMES:
+        if mlx_name in name:
+            return name.replace(mlx_name, hf_name)
+    return name
 
 
 def _round(value: float) -> float:
@@ -349,7 +391,7 @@ def _match_tensors(
     table = get_tensor_name_map(arch_id, config["num_hidden_layers"])
 
     def gguf_name(name: str) -> str | None:
-        return table.get_name(name, try_suffixes=(".weight", ".bias"))
+        return table.get_name(gguf_lookup_name(name), try_suffixes=(".weight", ".bias"))
 
     present = [name for name in _model_shapes(path, config) if gguf_name(name) in tensors]
     # what mlx-lm's sanitize leaves given these tensors (a tied head: no lm_head, in Gemma 3 too)

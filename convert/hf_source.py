@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import load_config
 
-from mlx_flash.runtime.adapters import model_classes, spec_for
+from mlx_flash.runtime.adapters import check_supported, model_classes
 from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 
 from .source import SourceModel
@@ -69,7 +69,8 @@ def open_hf_directory(path: Path) -> SourceModel:
         raise FlashFormatError(f"{config_file}: not valid JSON ({e})") from e
     if "model_type" not in config:
         raise FlashFormatError(f"{config_file}: has no model_type")
-    spec_for(config["model_type"])  # unsupported architectures fail before any weight is touched
+    # unsupported architectures fail before any weight is touched
+    check_supported(config["model_type"])
     files = sorted(glob.glob(str(path / "model*.safetensors")))
     if not files:
         raise FlashFormatError(f"{path}: no model*.safetensors weight files")

@@ -30,6 +30,7 @@ from mlx_lm.utils import load_tokenizer
 from tqdm import tqdm
 
 from .cli import add_debug_arg, add_flash_args, load_options, run_cli, write_outputs
+from .moe_bench import add_synthetic_args, format_model, format_synthetic, run_model, run_synthetic
 from .plots import plot_ablation
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import FlashError, OptionError
@@ -587,9 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--model", required=True, help="flash model directory (the other layout is made and cached)"
+        "--model", help="flash model directory (the other layout is made and cached), or a MoE one"
     )
-    p.add_argument("--tokens", type=int, default=64, help="tokens to generate per configuration")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        help="tokens to generate per configuration (default 64; --synthetic: 32 timed)",
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (raw, no chat template)")
     p.add_argument("--configs", default="1,2,3,4,5", help="which configurations to run, e.g. 1,5")
     p.add_argument(
@@ -619,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run inside a memory cgroup (Linux, root) of SIZE "
         "(default: the implied memory + 1 GiB)",
     )
+    add_synthetic_args(p)
     add_flash_args(p, TOOL)
     add_debug_arg(p)
     return p
@@ -627,10 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.membudget and os.environ.get(CGROUP_ENV) != "1":
         return _rerun_in_cgroup(args, argv)
+    if args.synthetic or (args.model and read_manifest(args.model).moe is not None):
+        return run_moe(args)
+    if not args.model:
+        raise OptionError("--model DIR (or --synthetic NAME) is required")
     report = run_bench(
         args.model,
         prompt=args.prompt,
-        tokens=args.tokens,
+        tokens=args.tokens or 64,
         repeat=args.repeat,
         setups=tuple(int(c) for c in args.configs.split(",")),
         unbundled=args.unbundled,
@@ -639,6 +649,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     )
     print(format_report(report))
     write_outputs(report, args.json, args.plot, plot_ablation)
+    return 0
+
+
+def run_moe(args: argparse.Namespace) -> int:
+    """The MoE benches (``moe_bench``): the synthetic FFN-only harness, or a MoE directory."""
+    if args.synthetic:
+        report = run_synthetic(args)
+        print(format_synthetic(report))
+    else:
+        options = load_options(args, TOOL)
+        if ("ffn_cache" in options) == ("memory_budget" in options):
+            raise OptionError("give exactly one of --ffn-cache and --memory-budget")
+        report = run_model(Path(args.model), args.prompt, args.tokens or 64, args.repeat, options)
+        print(format_model(report))
+    write_outputs(report, args.json, None, plot_ablation)
     return 0
 
 

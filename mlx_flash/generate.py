@@ -108,7 +108,7 @@ def collect_stats(model, response, model_path: Path, per_token: bool) -> dict:
         "page_cache": rt.reader.cache_mode,
     }
     if per_token:
-        neurons = rt.manifest.n_layers * rt.manifest.d_ffn
+        neurons = rt.telemetry.n_layers * rt.telemetry.d_ffn  # or experts, in MoE layers
         stats["per_token"] = [
             {
                 "bytes_read": t.read.bytes,
@@ -158,10 +158,17 @@ def print_summary(stats: dict) -> None:
         f"compute {stats['compute_ms_per_token']:.2f} ms/token"
     )
     print(f"Selector: {describe_choice(stats)}")
+    unit = "experts" if "experts_used_per_token" in stats else "FFN neurons"
     print(
-        f"Buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; FFN neurons per token: used "
+        f"Buffer hit rate {100 * stats['buffer_hit_rate']:.1f}%; {unit} per token: used "
         f"{100 * stats['fraction_used']:.1f}%, loaded {100 * stats['fraction_loaded']:.1f}%"
     )
+    if unit == "experts":
+        print(
+            f"Experts per token, all MoE layers: used {stats['experts_used_per_token']:.1f}, "
+            f"loaded {stats['experts_loaded_per_token']:.1f}; expert-cache hit rate "
+            f"{100 * stats['expert_hit_rate']:.1f}%"
+        )
     if "speculative" in stats:
         spec = stats["speculative"]
         print(

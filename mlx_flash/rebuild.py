@@ -23,14 +23,17 @@ from .runtime.errors import FlashFormatError
 from .runtime.ffn import dense_rows
 from .runtime.files import staged
 from .runtime.loader import cast_parameters
-from .runtime.manifest import MX_DTYPES, read_manifest
+from .runtime.manifest import MX_DTYPES, Manifest, read_manifest
 from .runtime.store import StoreReader
 
 
 def dense_ffn_weights(directory: str | Path) -> dict[str, mx.array]:
-    """FFN weights of every layer as the mlx-lm model names them (float32, dequantized)."""
+    """FFN weights of every layer as the mlx-lm model names them (float32, dequantized); for a MoE
+    store, the stacked experts of every MoE layer."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if manifest.moe is not None:
+        return expert_weights(directory, manifest)
     spec, quant = spec_for(manifest.model_type), manifest.quantization
     weights: dict[str, mx.array] = {}
     with StoreReader(directory, manifest, threads=4) as reader:
@@ -77,6 +80,34 @@ def load_dense(directory: str | Path, dtype: mx.Dtype = mx.float32):
     model.load_weights(list(ffn.items()), strict=False)
     cast_parameters(model, dtype)
     return model, load_tokenizer(directory, eos_token_ids=config.get("eos_token_id"))
+
+
+def expert_weights(directory: Path, manifest: Manifest) -> dict[str, mx.array]:
+    """Every MoE layer's experts as mlx-lm's SwitchGLU names them, stacked ``[E, ...]``, float32
+    (quantized projections dequantized in their own mode)."""
+    weights: dict[str, mx.array] = {}
+    with StoreReader(directory, manifest, threads=4) as reader:
+        for entry, experts in zip(manifest.layers, manifest.moe.layers, strict=True):
+            parts = {
+                name: mx.array(a).reshape(-1, *experts.shapes[name])
+                for name, a in reader.read_layer(entry.index).items()
+            }
+            for linear, quant in experts.quant.items():
+                base = f"{entry.prefix}.{linear}"
+                weight = parts[f"{linear}.weight"]
+                if quant is not None:
+                    weight = mx.dequantize(
+                        weight,
+                        parts[f"{linear}.scales"],
+                        parts.get(f"{linear}.biases"),
+                        group_size=quant.group_size,
+                        bits=quant.bits,
+                        mode=quant.mode,
+                    )
+                weights[f"{base}.weight"] = weight.astype(mx.float32)
+                if f"{linear}.bias" in parts:
+                    weights[f"{base}.bias"] = parts[f"{linear}.bias"]
+    return weights
 
 
 def export_mlx_lm(

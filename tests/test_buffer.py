@@ -120,6 +120,48 @@ def test_random_delete_append_sequences_stay_consistent(sequence):
     assert pointers(buf) == before
 
 
+replace_ops = st.lists(st.tuples(ids_lists, ids_lists, st.booleans()), max_size=25)
+
+
+@settings(derandomize=True, max_examples=150, deadline=None)
+@given(replace_ops)
+def test_random_replace_sequences_stay_consistent(sequence):
+    buf, loader, ref = make()
+    before = pointers(buf)
+    expected: set[int] = set()
+    for drop, load, fail in sequence:
+        after = (expected - set(drop)) | set(load)
+        calls = loader.calls
+        if len(after) > CAPACITY:
+            with pytest.raises(BufferFullError):
+                buf.replace(np.array(drop, dtype=np.int64), np.array(load, dtype=np.int64))
+            assert loader.calls == calls
+        elif fail and after - expected:
+            loader.fail = True
+            with pytest.raises(OSError):
+                buf.replace(np.array(drop, dtype=np.int64), np.array(load, dtype=np.int64))
+            loader.fail = False
+            expected -= set(drop)  # the drop happened, nothing was loaded
+        else:
+            new = {i for i in load if i not in expected or i in drop}
+            read = buf.replace(np.array(drop, dtype=np.int64), np.array(load, dtype=np.int64))
+            assert read.records == len(new) and loader.calls == calls + bool(new)
+            expected = after
+        check(buf, ref, expected)
+    assert pointers(buf) == before
+
+
+def test_replace_loads_into_the_dropped_rows_and_moves_nothing():
+    buf, _, ref = make()
+    buf.append(np.arange(CAPACITY))
+    survivors = np.arange(3, CAPACITY)
+    slots = buf.slots_of(survivors)
+    buf.replace(np.array([0, 1, 2]), np.array([30, 31, 32]))
+    np.testing.assert_array_equal(buf.slots_of(survivors), slots)  # nobody moved
+    assert sorted(buf.slots_of(np.array([30, 31, 32])).tolist()) == [0, 1, 2]
+    check(buf, ref, set(survivors.tolist()) | {30, 31, 32})
+
+
 def test_arrays_are_views_of_preallocated_storage():
     buf, _, ref = make()
     buf.append([3, 7])

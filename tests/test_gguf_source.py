@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -20,7 +21,7 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 
 import mlx_flash
 from conftest import convert_quietly
-from mlx_flash.convert.gguf_source import SUPPORTED_ARCHITECTURES, open_gguf
+from mlx_flash.convert.gguf_source import SUPPORTED_ARCHITECTURES, gguf_lookup_name, open_gguf
 from mlx_flash.convert.source import SourceModel
 from mlx_flash.runtime.errors import FlashFormatError, UnsupportedModelError
 from tiny_models import CONFIGS, build_model, has_untied_head
@@ -181,14 +182,17 @@ def write_like_llama_cpp(
     types: dict[str, int] | None = None,
     tokenizer: bool = False,
     extra: dict[str, np.ndarray] | None = None,
+    metadata: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> None:
     """A GGUF of ``model`` with llama.cpp's names, Q/K interleave (llama) and +1 norms (Gemma).
 
     ``tokenizer``: add a byte-level vocabulary (so the file converts); ``extra``: more tensors,
-    by GGUF name."""
+    by GGUF name; ``metadata``: adds metadata (a MoE's expert counts)."""
     from mlx_lm.gguf import permute_weights
 
     writer = gguf.GGUFWriter(str(path), arch)
+    if metadata is not None:
+        metadata(writer)
     if tokenizer:
         _add_byte_level_vocabulary(writer, config["vocab_size"])
     for name, array in (extra or {}).items():
@@ -216,7 +220,7 @@ def write_like_llama_cpp(
             )
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1
-        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = table.get_name(gguf_lookup_name(name), try_suffixes=(".weight", ".bias"))
         qtype = gguf.GGMLQuantizationType((types or {}).get(name, gguf.GGMLQuantizationType.F32))
         if qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name, array.astype(np.float16))

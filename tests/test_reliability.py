@@ -940,6 +940,22 @@ MEMBUDGET_DENSE = textwrap.dedent(
 )
 
 
+def membudget_scripts(tmp_path: Path, flash: Path) -> dict:
+    """Write the flash and dense scripts beside ``tmp_path``; the dense one's report on
+    ``flash``, run without a memory limit."""
+    (tmp_path / "flash.py").write_text(MEMBUDGET_FLASH)
+    (tmp_path / "dense.py").write_text(MEMBUDGET_DENSE)
+    dense = subprocess.run(
+        [sys.executable, str(tmp_path / "dense.py"), str(flash)],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=900,
+    )
+    assert dense.returncode == 0, dense.stderr
+    return json.loads(dense.stdout.splitlines()[-1])
+
+
 def _membudget(limit: str, script: Path, *args: str) -> tuple[int, dict | None, int]:
     """(exit status, the script's JSON report or None, the cgroup's peak bytes) of a run under
     ``limit``."""
@@ -967,17 +983,7 @@ def test_smollm2_runs_in_457_mib_where_plain_mlx_lm_is_killed(smollm2_gguf, tmp_
     plain mlx-lm generates on the same weights; plain mlx-lm on those weights, rebuilt dense, is
     killed for memory."""
     flash = convert_quietly(smollm2_gguf, tmp_path / "smollm2-f32", dtype="float32")
-    (tmp_path / "flash.py").write_text(MEMBUDGET_FLASH)
-    (tmp_path / "dense.py").write_text(MEMBUDGET_DENSE)
-    dense = subprocess.run(
-        [sys.executable, str(tmp_path / "dense.py"), str(flash)],
-        capture_output=True,
-        text=True,
-        env=_subprocess_env(),
-        timeout=900,
-    )
-    assert dense.returncode == 0, dense.stderr
-    expected = json.loads(dense.stdout.splitlines()[-1])
+    expected = membudget_scripts(tmp_path, flash)
     rc, flash_run, flash_peak = _membudget("457M", tmp_path / "flash.py", str(flash), "300MiB")
     assert rc == 0 and flash_run is not None, rc
     rc_dense, dense_run, dense_peak = _membudget("457M", tmp_path / "dense.py", str(flash))

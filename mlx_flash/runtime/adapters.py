@@ -76,14 +76,40 @@ ARCHITECTURES: dict[str, FFNSpec] = {
 }
 
 
+# Mixture-of-experts model types: mlx-lm runs their experts through ``SwitchGLU``, which the runtime
+# replaces (``experts.py``); routers, shared experts and dense layers stay in the trunk.
+MOE_ARCHITECTURES = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "gpt_oss",
+    "deepseek_v3",
+    "deepseek_v2",
+    "glm4_moe",
+)
+
+
+def is_moe(model_type: str) -> bool:
+    """Whether the model's experts stream (a MoE store) rather than its FFN neurons."""
+    return model_type in MOE_ARCHITECTURES
+
+
+def check_supported(model_type: str) -> None:
+    """A clear error listing what is supported, unless ``model_type`` is (dense or MoE)."""
+    if not is_moe(model_type):
+        spec_for(model_type)
+
+
 def spec_for(model_type: str) -> FFNSpec:
-    """The FFN spec of an mlx-lm model type, or a clear error listing what is supported."""
+    """The FFN spec of a dense mlx-lm model type, or a clear error listing what is supported."""
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnsupportedModelError(
             f"architecture {model_type!r} is not supported; supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}"
+            f"{', '.join(sorted(ARCHITECTURES))}; mixture-of-experts: "
+            f"{', '.join(sorted(MOE_ARCHITECTURES))}"
         ) from None
 
 

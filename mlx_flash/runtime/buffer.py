@@ -202,6 +202,42 @@ class NeuronBuffer:
         self.n_used += new.size
         return read
 
+    def replace(self, drop: np.ndarray, load: np.ndarray) -> ReadCount:
+        """``delete(drop)`` then ``append(load)``, but loading into the dropped rows in place.
+
+        Why: a dropped row is refilled by an incoming neuron instead of by a move of the last row,
+        so a full buffer that swaps k rows copies nothing (an expert is megabytes; see the README).
+        Only the slot order differs from delete + append. Capacity is checked before anything
+        changes; if the loader raises, ``drop`` is deleted and nothing is loaded.
+        """
+        drop = unique_ids(drop, self._scratch)
+        drop = drop[self._neuron_slot[drop] >= 0]
+        load = unique_ids(load, self._scratch)
+        new = load[(self._neuron_slot[load] < 0) | np.isin(load, drop)]
+        if self.n_used - drop.size + new.size > self.capacity:
+            raise BufferFullError(
+                f"replacing {drop.size} of {self.n_used} resident neurons by {new.size} would "
+                f"exceed the capacity of {self.capacity}"
+            )
+        if drop.size > new.size:  # more holes than arrivals: the extra ones are filled by moves
+            self.delete(drop[new.size :])
+            drop = drop[: new.size]
+        if new.size == 0:
+            return ReadCount()
+        self._sync()
+        holes = self._neuron_slot[drop]
+        rows = np.concatenate([holes, np.arange(self.n_used, self.n_used + new.size - holes.size)])
+        try:
+            read = self._loader(new, self._rows, rows)
+        except BaseException:
+            self.delete(drop)
+            raise
+        self._neuron_slot[drop] = -1
+        self._slot_neuron[rows] = new
+        self._neuron_slot[new] = rows
+        self.n_used += new.size - holes.size
+        return read
+
     def clear(self) -> int:
         """Drop every resident neuron; how many there were."""
         n = self.n_used

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from . import selectors
-from .adapters import model_classes, set_ffn, spec_for
+from .adapters import check_supported, model_classes, set_ffn, spec_for
 from .budget import (
     BudgetPlan,
     ModelFacts,
@@ -48,6 +48,7 @@ from .options import FlashOptions, read_settings
 from .selectors import Selection, Selector
 from .store import StoreReader
 from .telemetry import Telemetry
+from .trace import TraceRecorder
 from .window import SlidingWindow
 
 
@@ -74,6 +75,7 @@ class FlashRuntime:
     layers: list[FlashFFN] = field(default_factory=list)
     guard: ThreadGuard = field(default_factory=ThreadGuard, repr=False)
     observe: Callable[[int, mx.array, Selection], None] | None = None
+    trace: TraceRecorder | None = None  # MoE routing, saved to options.routing_trace on close
 
     @property
     def activation(self) -> str:
@@ -97,6 +99,8 @@ class FlashRuntime:
 
     def close(self) -> None:
         self.reader.close()
+        if self.trace is not None:
+            self.trace.trace().save(self.options.routing_trace)
 
 
 def check_directory(directory: Path) -> Manifest:
@@ -106,7 +110,7 @@ def check_directory(directory: Path) -> Manifest:
     if problems:
         raise FlashFormatError(problems[0])
     try:
-        spec_for(manifest.model_type)
+        check_supported(manifest.model_type)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{directory / MANIFEST_FILE}: {e}") from e
     return manifest
@@ -122,6 +126,8 @@ def prepare_runtime(
             f"{directory / 'config.json'}: model_type {config.get('model_type')!r} does not match "
             f"the manifest's {manifest.model_type!r}"
         )
+    if manifest.moe is not None:
+        return _moe_runtime(directory, manifest, config, options, model)
     dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
     calibration = read_calibration(directory, manifest)
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
@@ -135,14 +141,7 @@ def prepare_runtime(
     threads = options.threads or cost.reader_threads(
         min(r.record_size for r in manifest.layers[0].regions)
     )
-    reader = StoreReader(
-        directory,
-        manifest,
-        threads=threads,
-        page_cache=options.page_cache,
-        max_run_bytes=cost.run_bytes(threads),
-        gap_bytes=cost.gap_bytes(threads),
-    )
+    reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
         if isinstance(selector, str):
@@ -172,6 +171,30 @@ def prepare_runtime(
         reader.close()
         raise
     return runtime
+
+
+def open_store(
+    directory: Path, manifest: Manifest, options: FlashOptions, cost: CostModel, threads: int
+) -> StoreReader:
+    """The store's reader: ``threads`` parallel reads of the cost model's run size (reading
+    through gaps cheaper than another read), through the page cache or not as the options say."""
+    return StoreReader(
+        directory,
+        manifest,
+        threads=threads,
+        page_cache=options.page_cache,
+        max_run_bytes=cost.run_bytes(threads),
+        gap_bytes=cost.gap_bytes(threads),
+    )
+
+
+def _moe_runtime(
+    directory: Path, manifest: Manifest, config: dict, options: FlashOptions, model
+) -> FlashRuntime:
+    """A mixture-of-experts store's runtime (``moe_runtime``, which builds on this module)."""
+    from .moe_runtime import prepare_moe_runtime
+
+    return prepare_moe_runtime(directory, manifest, config, options, model)
 
 
 def _choose_selector(
@@ -219,6 +242,10 @@ def _exact_gate(options: FlashOptions, choice) -> bool:
 def install(model, runtime: FlashRuntime):
     """Swap every FFN module of a freshly built mlx-lm model for the runtime's FlashFFN modules."""
     manifest = runtime.manifest
+    if manifest.moe is not None:
+        from .moe_runtime import install_experts
+
+        return install_experts(model, runtime)
     if len(model.layers) != manifest.n_layers:
         raise FlashFormatError(
             f"{runtime.directory / 'config.json'}: {len(model.layers)} layers but the store has "

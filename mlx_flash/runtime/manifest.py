@@ -9,6 +9,13 @@ for the unbundled one). A region holds ``n_records`` records of ``record_stride`
 ``offset``; record i belongs to neuron i. A record is a sequence of *parts* (e.g. the gate row, the
 up row, the down column, a per-neuron bias; for quantized stores the packed words, scales and biases
 of each vector).
+
+Mixture-of-experts stores (format version 2, ``moe`` set): the store holds only the MoE layers
+(dense layers, routers and shared experts stay in the trunk), one layer entry per MoE layer in model
+order, one region per layer with one record per expert. A record is the expert's tensors as mlx-lm's
+``SwitchGLU`` holds them (gate, up and down projections: weights, quantization scales and biases,
+per-expert biases), each flattened, kept in the source's quantization. ``moe.layers`` says which
+model layer each entry is, the shape of each part and each projection's quantization.
 """
 
 from __future__ import annotations
@@ -28,27 +35,33 @@ from .errors import FlashFormatError
 from .files import read_json, write_json
 
 FORMAT_NAME = "mlx_flash"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: dense stores only; 2 adds the optional "moe" section
 MANIFEST_FILE = "flash_manifest.json"
 STORE_FILE = "ffn_store.bin"  # must not match mlx-lm's model*.safetensors
 TRUNK_FILE = "model.safetensors"
 
-DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4}
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4, "uint8": 1}
+PACKED = ("uint32", "uint8")  # quantized words and fp4/fp8 scales: held in memory as stored
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def part_bytes(part: Part, itemsize: int) -> int:
     """Bytes one neuron's ``part`` takes in memory when floats are held with ``itemsize`` bytes
-    (packed quantized words stay uint32)."""
-    return part.length * (4 if part.dtype == "uint32" else itemsize)
+    (packed quantized words stay uint32, fp4/fp8 scales uint8)."""
+    return part.length * (DTYPES[part.dtype] if part.dtype in PACKED else itemsize)
 
 
 def numpy_storage_dtype(dtype: str) -> np.dtype:
     """numpy dtype used to move raw bytes of ``dtype`` (bfloat16 has none: it travels as uint16)."""
     return np.dtype(
-        {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}[
-            dtype
-        ]
+        {
+            "float32": np.float32,
+            "float16": np.float16,
+            "bfloat16": np.uint16,
+            "uint32": np.uint32,
+            "uint8": np.uint8,
+        }[dtype]
     )
 
 
@@ -119,6 +132,43 @@ class Quantization:
     group_size: int
 
 
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARAMS = ("weight", "scales", "biases", "bias")
+QUANT_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+MOE_ACTIVATIONS = ("swiglu", "swiglu_oai")  # mlx-lm's SwitchGLU activations (its own code runs)
+
+
+@dataclass(frozen=True)
+class LinearQuant:
+    """How one expert projection is quantized: mlx's ``mode``, ``bits`` and ``group_size``."""
+
+    mode: str
+    bits: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """One MoE layer of the store: the model's layer number, each record part's shape (one expert's
+    tensor, e.g. ``"gate_proj.weight": (768, 256)``) and each projection's quantization (None:
+    float)."""
+
+    layer: int
+    shapes: dict[str, tuple[int, ...]]
+    quant: dict[str, LinearQuant | None]
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """The experts of a mixture-of-experts store (see the module docstring)."""
+
+    n_experts: int
+    top_k: int
+    d_expert: int
+    activation: str
+    layers: tuple[ExpertLayer, ...]
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a flash model directory holds; see the module docstring for the geometry."""
@@ -139,10 +189,16 @@ class Manifest:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    moe: MoELayout | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def n_records(self) -> int:
+        """Records per layer: one per neuron, or one per expert in a MoE store."""
+        return self.d_ffn if self.moe is None else self.moe.n_experts
 
     def neuron_bytes(self) -> int:
         """Record bytes one neuron occupies in a layer (all regions, without padding)."""
@@ -232,11 +288,13 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise FlashFormatError(f"{path}: not an mlx_flash manifest")
     version = _require(data, "format_version", int, path, "")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise FlashFormatError(
             f"{path}: format version {version} is not supported by this mlx_flash (it reads "
-            f"version {FORMAT_VERSION}); re-convert the model or upgrade mlx_flash"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-convert the model or upgrade "
+            "mlx_flash"
         )
+    moe = _parse_moe(data.get("moe"), path) if version >= 2 else None
     layers = tuple(
         _parse_layer(entry, i, path)
         for i, entry in enumerate(_require(data, "layers", list, path, ""))
@@ -246,7 +304,9 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         d_model=_require(data, "d_model", int, path, ""),
         d_ffn=_require(data, "d_ffn", int, path, ""),
         gated=_require(data, "gated", bool, path, ""),
-        activation=_one_of(data, "activation", tuple(ACTIVATIONS), path),
+        activation=_one_of(
+            data, "activation", MOE_ACTIVATIONS if moe else tuple(ACTIVATIONS), path
+        ),
         layout=_one_of(data, "layout", ("bundled", "unbundled"), path),
         dtype=_one_of(data, "dtype", ("float32", "float16", "bfloat16"), path),
         align=_count(data, "align", path, ""),
@@ -258,6 +318,7 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         source=str(data.get("source", "")),
         extra=data.get("extra") if isinstance(data.get("extra"), dict) else {},
         format_version=version,
+        moe=moe,
     )
     if manifest.d_model <= 0 or manifest.d_ffn <= 0:
         raise FlashFormatError(f"{path}: d_model and d_ffn must be positive")
@@ -266,7 +327,10 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
         raise FlashFormatError(f"{path}: unknown checksum algorithm {algorithm!r}")
     if "/" in manifest.store_file or manifest.store_file.startswith("."):
         raise FlashFormatError(f"{path}: store_file must be a plain file name")
-    _check_ffn_parts(manifest, path)
+    if moe is None:
+        _check_ffn_parts(manifest, path)
+    else:
+        _check_expert_parts(manifest, path)
     _check_geometry(manifest, path)
     return manifest
 
@@ -312,15 +376,126 @@ def _parse_quantization(quant: Any, path: Path) -> Quantization | None:
     return quant
 
 
+def _parse_moe(d: Any, path: Path) -> MoELayout | None:
+    """The ``moe`` section of a version-2 manifest (None for dense stores)."""
+    if d is None:
+        return None
+    where = "moe."
+    layers = _require(d, "layers", list, path, where)
+    moe = MoELayout(
+        n_experts=_count(d, "n_experts", path, where),
+        top_k=_count(d, "top_k", path, where),
+        d_expert=_count(d, "d_expert", path, where),
+        activation=_require(d, "activation", str, path, where),
+        layers=tuple(
+            _parse_expert_layer(e, path, f"{where}layers[{i}].") for i, e in enumerate(layers)
+        ),
+    )
+    if not 1 <= moe.top_k <= moe.n_experts or moe.d_expert == 0:
+        raise FlashFormatError(
+            f"{path}: moe has {moe.n_experts} experts, top_k {moe.top_k}, d_expert {moe.d_expert}"
+        )
+    numbers = [e.layer for e in moe.layers]
+    if numbers != sorted(set(numbers)):
+        raise FlashFormatError(f"{path}: moe.layers must name distinct layers in order ({numbers})")
+    return moe
+
+
+def _parse_expert_layer(d: Any, path: Path, where: str) -> ExpertLayer:
+    shapes = _require(d, "shapes", dict, path, where)
+    for name, shape in shapes.items():
+        if not (isinstance(shape, list) and all(type(n) is int and n > 0 for n in shape)):
+            raise FlashFormatError(f"{path}: {where}shapes.{name} is not a list of sizes")
+    quant = _require(d, "quant", dict, path, where)
+    if set(quant) != set(EXPERT_LINEARS):
+        raise FlashFormatError(f"{path}: {where}quant must name {', '.join(EXPERT_LINEARS)}")
+    return ExpertLayer(
+        layer=_count(d, "layer", path, where),
+        shapes={str(k): tuple(v) for k, v in shapes.items()},
+        quant={k: _parse_linear_quant(q, path, f"{where}quant.{k}.") for k, q in quant.items()},
+    )
+
+
+def _parse_linear_quant(d: Any, path: Path, where: str) -> LinearQuant | None:
+    if d is None:
+        return None
+    quant = LinearQuant(
+        mode=_require(d, "mode", str, path, where),
+        bits=_require(d, "bits", int, path, where),
+        group_size=_require(d, "group_size", int, path, where),
+    )
+    if (
+        quant.mode not in QUANT_MODES
+        or quant.bits not in (2, 3, 4, 5, 6, 8)
+        or quant.group_size not in (16, 32, 64, 128)
+    ):
+        raise FlashFormatError(f"{path}: unsupported quantization {quant} at {where}")
+    return quant
+
+
+def _expert_part_dtype(name: str, quant: LinearQuant | None, floats: str) -> str | None:
+    """The dtype a record part must have (None: the part cannot exist with this quantization)."""
+    param = name.partition(".")[2]
+    if param == "weight":
+        return floats if quant is None else "uint32"
+    if param == "scales" and quant is not None:
+        return floats if quant.mode == "affine" else "uint8"
+    if param == "biases" and quant is not None and quant.mode == "affine":
+        return floats
+    return floats if param == "bias" else None
+
+
+def _check_expert_parts(manifest: Manifest, path: Path) -> None:
+    """Each MoE layer's record holds one expert's gate, up and down projections as ``moe`` says:
+    what the runtime's slots assume."""
+    moe = manifest.moe
+    if len(moe.layers) != manifest.n_layers:
+        raise FlashFormatError(
+            f"{path}: moe.layers has {len(moe.layers)} entries for {manifest.n_layers} store layers"
+        )
+    for entry, experts in zip(manifest.layers, moe.layers, strict=True):
+        where = f"{path}: MoE layer {entry.index} (model layer {experts.layer})"
+        parts = {p.name: p for r in entry.regions for p in r.parts}
+        if len(entry.regions) != 1 or set(parts) != set(experts.shapes):
+            raise FlashFormatError(f"{where}: record parts {sorted(parts)} do not match moe.shapes")
+        for name, part in parts.items():
+            linear, _, param = name.partition(".")
+            if linear not in EXPERT_LINEARS or param not in EXPERT_PARAMS:
+                raise FlashFormatError(f"{where}: unknown record part {name!r}")
+            dtype = _expert_part_dtype(name, experts.quant[linear], manifest.dtype)
+            if (part.length, part.dtype) != (math.prod(experts.shapes[name]), dtype):
+                raise FlashFormatError(
+                    f"{where}: record part {name!r} is {part.length} x {part.dtype}, expected "
+                    f"{math.prod(experts.shapes[name])} x {dtype}"
+                )
+        _check_expert_shapes(experts, moe, manifest.d_model, where)
+
+
+def _check_expert_shapes(experts: ExpertLayer, moe: MoELayout, d_model: int, where: str) -> None:
+    """Every projection is there, and its output rows are the expert's (d_expert or d_model)."""
+    for linear, rows in (
+        ("gate_proj", moe.d_expert),
+        ("up_proj", moe.d_expert),
+        ("down_proj", d_model),
+    ):
+        shape = experts.shapes.get(f"{linear}.weight")
+        if shape is None or shape[0] != rows:
+            raise FlashFormatError(
+                f"{where}: {linear}.weight has shape {shape}, expected {rows} output rows"
+            )
+
+
 def _check_geometry(manifest: Manifest, path: Path) -> None:
-    """Every layer holds d_ffn records, and everything lies inside the store file."""
+    """Every layer holds d_ffn records (n_experts in a MoE store), and everything lies inside the
+    store file."""
     end = manifest.store_size
+    what = "d_ffn" if manifest.moe is None else "n_experts"
     for layer in manifest.layers:
         for r in layer.regions:
-            if r.n_records != manifest.d_ffn:
+            if r.n_records != manifest.n_records:
                 raise FlashFormatError(
                     f"{path}: layer {layer.index} has {r.n_records} records, expected "
-                    f"d_ffn={manifest.d_ffn}"
+                    f"{what}={manifest.n_records}"
                 )
             if r.offset + r.nbytes > end:
                 raise FlashFormatError(

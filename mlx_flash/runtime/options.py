@@ -26,6 +26,7 @@ COMPUTE_ROWS = ("resident", "selected")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
 KV_GROUP_SIZES = (32, 64, 128)
+EXPERT_POLICIES = ("lru", "lfu")  # mlx_flash.runtime.expert_policy
 
 
 def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
@@ -208,6 +209,19 @@ class FlashOptions:
         "dtype to compute in (default: float32 on the CPU, the model's own on a GPU)",
         lambda v: None if v is None else _one_of(COMPUTE_DTYPES)(v),
         metavar="DTYPE",
+    )
+    expert_policy: str = option(
+        "lru",
+        "MoE models: which resident expert to evict, lru or lfu (LFU with ageing); "
+        "the default is provisional",
+        _one_of(EXPERT_POLICIES),
+        metavar="NAME",
+    )
+    routing_trace: str | None = option(
+        None,
+        "MoE models: write the experts each token used, per MoE layer, to FILE (.npz) on close",
+        lambda v: None if v is None else str(v),
+        metavar="FILE",
     )
     telemetry: bool = option(True, "count reads and rows per token", _flag, cli=False)
 

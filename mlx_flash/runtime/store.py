@@ -43,7 +43,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FlashFormatError, StoreReadError
-from .manifest import LayerEntry, Manifest, Part, Region, check_store_file, numpy_storage_dtype
+from .manifest import (
+    PACKED,
+    LayerEntry,
+    Manifest,
+    Part,
+    Region,
+    check_store_file,
+    numpy_storage_dtype,
+)
 from .uncached import DIRECT_ALIGN, UncachedFile
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -269,20 +277,20 @@ class StoreReader:
     def read_layer(
         self, layer: int, parts: Sequence[str] | None = None, floats: type | None = np.float32
     ) -> dict[str, np.ndarray]:
-        """Every neuron of ``layer``: each part (default all) as a [d_ffn, length] array; float
-        parts converted to ``floats`` (None: raw store values), packed quantized words as uint32."""
+        """Every record of ``layer``: each part (default all) as a [records, length] array; float
+        parts converted to ``floats`` (None: raw store values), packed quantized words as stored."""
         entry = self._layer(layer)
 
         def dtype(p: Part) -> np.dtype:
             raw = numpy_storage_dtype(p.dtype)
-            return raw if floats is None or p.dtype == "uint32" else np.dtype(floats)
+            return raw if floats is None or p.dtype in PACKED else np.dtype(floats)
 
         dest = {
-            p.name: np.empty((self.manifest.d_ffn, p.length), dtype(p))
+            p.name: np.empty((self.manifest.n_records, p.length), dtype(p))
             for p in entry.parts()
             if parts is None or p.name in parts
         }
-        ids = np.arange(self.manifest.d_ffn)
+        ids = np.arange(self.manifest.n_records)
         self.read_neurons(layer, ids, dest, ids)
         return dest
 
@@ -345,7 +353,7 @@ class StoreReader:
             raise ValueError(f"dest names parts layer {layer} does not have: {sorted(unknown)}")
         if ids.size == 0:
             return ReadCount()
-        sids, srows = _sorted_request(ids, rows, self.manifest.d_ffn)
+        sids, srows = _sorted_request(ids, rows, self.manifest.n_records)
         jobs: list[Callable[[], int]] = []
         for region in entry.regions:
             plan = self._plan(region, dest, srows)

@@ -61,6 +61,8 @@ class Telemetry:
     d_ffn: int
     enabled: bool = True
     passes: list[Pass] = field(default_factory=list)
+    # MoE: layers are the MoE layers, d_ffn the experts per layer; ``summary`` adds expert keys
+    experts: bool = False
 
     def begin(self, phase: str, tokens: int) -> None:
         if self.enabled:
@@ -75,13 +77,20 @@ class Telemetry:
 
     def summary(self, phase: str = "decode") -> dict[str, float]:
         """Means per token over the passes of ``phase`` (fractions are of all FFN neurons of all
-        layers)."""
+        layers; for MoE models of all experts of all MoE layers, and experts used and loaded are
+        summed over the MoE layers)."""
         chosen = [p for p in self.passes if p.phase == phase]
         tokens = sum(p.tokens for p in chosen)
         total = sum((p.total for p in chosen), LayerStats())
         per = max(1, tokens)
         neurons = per * self.n_layers * self.d_ffn
+        experts = {
+            "experts_used_per_token": total.requested / per,
+            "experts_loaded_per_token": total.loaded / per,
+            "expert_hit_rate": total.hits / total.requested if total.requested else 0.0,
+        }
         return {
+            **(experts if self.experts else {}),
             "tokens": tokens,
             "flash_bytes_per_token": total.read.bytes / per,
             "reads_per_token": total.read.reads / per,
