@@ -134,6 +134,10 @@ class FlashExperts(nn.Module):
     def cache(self) -> ExpertCache:
         return self._state.cache
 
+    def allocate(self) -> None:
+        """The loader's hook after the trunk's cast: the slots already exist (bound into mlx-lm's
+        SwitchGLU when the layer was built), so there is nothing left to allocate."""
+
     @property
     def switch(self) -> SwitchGLU:
         """mlx-lm's SwitchGLU, its parameters bound to the slots."""
