@@ -262,6 +262,7 @@ def calibrate(
         proxy, proxy_info, curves = _proxy(
             directory, manifest, inputs, errors, channels, pool, forced, log
         )
+        del inputs  # their mappings (every layer's inputs) must not outlive the scratch files
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     info = {

@@ -32,7 +32,10 @@ from mlx_flash.runtime.selectors import keep_counts
 from mlx_flash.runtime.store import StoreReader
 
 WINDOW = 4  # the runtime's default k
-BATCH_WINDOWS = 2  # windows per forward: the logits of 2 x 256 tokens x the vocabulary are held
+# windows per forward: as many as keep their logits (tokens x vocabulary, float32) near this size,
+# which a calibration under the runtime's own memory budget must afford
+LOGITS_BYTES = 32 << 20
+LOSS_POSITIONS = 32
 Score = Callable[[int, dict, mx.array, mx.array], mx.array]  # (layer, parts, x, h) -> keep mask
 
 
@@ -67,7 +70,9 @@ class _GuardFFN(nn.Module):
         out = project_out(h, parts, m.quantization)
         if "down_bias" in m.layers[layer].blobs:
             out = out + mx.array(self._reader.read_blob(layer, "down_bias", np.float32))
-        return out.astype(x.dtype).reshape(x.shape)
+        out = out.astype(x.dtype).reshape(x.shape)
+        mx.eval(out)  # the layer's weights go now: a lazy forward would hold every layer's at once
+        return out
 
 
 def _windowed(mask: mx.array, window: int) -> mx.array:
@@ -137,14 +142,18 @@ class Guard:
         if proxy is not None:
             proxy = dataclasses.replace(proxy.astype(mx.float32), unpack=True)
         self.manifest, self.makers = manifest, scorers(manifest, proxy, predictors)
-        self._reader = StoreReader(directory, manifest, threads=4)
+        # uncached: each forward reads the whole store once, more than a budget leaves to cache
+        self._reader = StoreReader(directory, manifest, threads=4, page_cache=False)
         self._ffns = [_GuardFFN(self._reader, manifest, i) for i in range(manifest.n_layers)]
         self._model = trunk_model(directory, manifest, lambda i: self._ffns[i])
+        # freed buffers go back to the OS: the guard's forwards must fit where the runtime does
+        self._cache_limit = mx.set_cache_limit(0)
 
     def __enter__(self) -> Guard:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        mx.set_cache_limit(self._cache_limit)
         self._reader.close()
 
     def loss(
@@ -198,12 +207,20 @@ class Guard:
 
 
 def _mean_loss(model, windows: np.ndarray) -> float:
-    """Mean next-token cross-entropy over ``windows``."""
-    total, count = 0.0, 0
-    for b in range(0, len(windows), BATCH_WINDOWS):
-        batch = mx.array(windows[b : b + BATCH_WINDOWS])
+    """Mean next-token cross-entropy over ``windows``, a few windows per forward and the loss of a
+    few positions at a time (its temporaries are logits-sized)."""
+    total, count, b, step = 0.0, 0, 0, 1  # the first window alone: its logits give the size
+    while b < len(windows):
+        batch = mx.array(windows[b : b + step])
         logits = model(batch[:, :-1]).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
-        total += loss.item()
-        count += batch[:, 1:].size
+        mx.eval(logits)
+        targets = batch[:, 1:]
+        for p in range(0, targets.shape[1], LOSS_POSITIONS):
+            part = slice(p, p + LOSS_POSITIONS)
+            loss = nn.losses.cross_entropy(logits[:, part], targets[:, part], reduction="sum")
+            total += loss.item()
+        count += targets.size
+        b += step
+        step = max(1, LOGITS_BYTES // (logits.nbytes // len(batch)))
+        del logits
     return total / count

@@ -137,6 +137,7 @@ METRICS = (
     "prompt_tps",
     "peak_memory",
     "fraction_loaded",
+    "lookahead_recall",
     "limit_ms_per_token",
     "disk_ms_per_token",
 )
@@ -200,6 +201,7 @@ def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) 
         "fraction_loaded": summary["fraction_loaded"],
         "fraction_computed": summary["fraction_computed"],
         "buffer_hit_rate": summary["buffer_hit_rate"],
+        "lookahead_recall": summary["lookahead_recall"],
         "tokens_per_s": last.generation_tps,
         "prompt_tps": last.prompt_tps,
         "peak_memory": peak,
@@ -387,8 +389,8 @@ def _layout_dirs(
 
 def _budget_as_ffn_share(model_dir: Path, options: dict) -> dict:
     """``options`` with ``memory_budget`` replaced by the FFN share it leaves with the chosen
-    selector, so that every setup holds the same share."""
-    model, _ = load(model_dir, **options)
+    selector, so that every setup holds the same share (read uncached, as the setups are)."""
+    model, _ = load(model_dir, **{**options, "page_cache": False})
     share = model.flash.plan.ffn_share
     model.flash.close()
     del model
@@ -467,6 +469,7 @@ def _memory(plan: dict) -> dict:
         "kv_cache": plan["kv_cache"],
         "temporaries": plan["temporaries"],
         "selector": plan["selector"],
+        "lookahead": plan["lookahead"],
         "buffers": plan["buffers"],
         "total": plan["used"],
     }
@@ -487,7 +490,8 @@ def format_report(report: dict) -> str:
         f"{format_size(mem['buffers'])}; + trunk {format_size(mem['trunk'])} (attention, "
         "embeddings, head: in memory in every configuration) + KV cache "
         f"{format_size(mem['kv_cache'])} + selector {format_size(mem['selector'])} + temporaries "
-        f"{format_size(mem['temporaries'])} = {format_size(mem['total'])} in total",
+        f"{format_size(mem['temporaries'])} + look-ahead (page cache) "
+        f"{format_size(mem['lookahead'])} = {format_size(mem['total'])} in total",
         "FFN I/O per generated token (bytes from disk, page cache bypassed); ratios to "
         f"{base} within each round:",
         f"{'config':<13}{'MB/tok':>9}{'x':>7}{'reads':>8}{'KB/read':>9}{'I/O ms':>9}{'x':>7}"

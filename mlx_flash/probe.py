@@ -154,13 +154,16 @@ def measure_cell(
         # page aligned, as O_DIRECT needs; freed by the GC
         buf = mmap.mmap(-1, max(chunk, mmap.PAGESIZE))
         bufs, n = [memoryview(buf)[:chunk]], 0
+        # as the store reader reads: O_DIRECT from its size on, where it is used at all
+        direct = src.direct_for(chunk) and chunk % DIRECT_ALIGN == 0
+        fd, flags = (src.direct_fd, 0) if direct else (src.fd, src.flags)
         try:
             barrier.wait()
             deadline = start[0] + seconds
             for off in offsets[i::threads]:
                 if time.perf_counter() > deadline:
                     break
-                if os.preadv(src.read_fd, bufs, off, src.flags) != chunk:
+                if os.preadv(fd, bufs, off, flags) != chunk:
                     raise OSError(f"short read at offset {off}")
                 n += 1
         except BaseException as e:  # reported by the caller; the barrier must not hang the others

@@ -21,6 +21,7 @@ from mlx_flash.rebuild import dense_ffn_weights
 from mlx_flash.runtime.manifest import read_manifest
 from mlx_flash.runtime.selectors import FixedSelector
 from mlx_flash.runtime.sizes import parse_share
+from mlx_flash.runtime.uncached import DIRECT_ALIGN
 
 
 def sparse_selector(d_model: int = 64, d_ffn: int = 172, share: float = 0.3) -> FixedSelector:
@@ -83,7 +84,12 @@ def test_report_structure(report):
     assert mem["ffn_share"] == pytest.approx(0.5, abs=0.01)
     assert (
         mem["total"]
-        == mem["trunk"] + mem["kv_cache"] + mem["temporaries"] + mem["selector"] + mem["buffers"]
+        == mem["trunk"]
+        + mem["kv_cache"]
+        + mem["temporaries"]
+        + mem["selector"]
+        + mem["buffers"]
+        + mem["lookahead"]
     )
     assert report["physical_limit_ms"] == rows[-1]["limit_ms_per_token"]
     json.dumps(report)  # the --json output
@@ -95,10 +101,14 @@ def test_report_structure(report):
 
 def test_naive_reads_the_whole_ffn_and_exact_configs_match_plain_mlx_lm(report, stories):
     naive, hybrid = report["configs"][:2]
-    ffn = read_manifest(stories).ffn_bytes()
-    assert naive["ffn_bytes_per_token"] == ffn and naive["fraction_loaded"] == 1.0
+    manifest = read_manifest(stories)
+    ffn = manifest.ffn_bytes()
+    # long runs are read O_DIRECT: each may take up to an aligned block more on either side
+    padding = 2 * DIRECT_ALIGN * naive["reads_per_token"]
+    assert ffn <= naive["ffn_bytes_per_token"] <= ffn + padding
+    assert naive["fraction_loaded"] == 1.0
     # the FFN cache share stays
-    assert hybrid["ffn_bytes_per_token"] == pytest.approx(ffn / 2, rel=0.02)
+    assert hybrid["ffn_bytes_per_token"] == pytest.approx(ffn / 2, rel=0.1)
     assert naive["mean_read_bytes"] > 16 * 1024  # large sequential reads, not neuron by neuron
     plain, pinned = report["references"]
     assert plain["tokens"] == pinned["tokens"] == naive["tokens"] == hybrid["tokens"]

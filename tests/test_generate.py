@@ -28,6 +28,7 @@ STATS_KEYS = {
     "reads_per_token",
     "io_ms_per_token",
     "compute_ms_per_token",
+    "lookahead_recall",
     "buffer_hit_rate",
     "fraction_used",
     "fraction_loaded",

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +369,34 @@ def test_direct_io_reads_unaligned_records(tmp_path):
     check_rows(dest, truth[1], ids, rows, 300)
 
 
+def test_uncached_reads_go_direct_from_their_size_on(tmp_path, monkeypatch):
+    """Beside RWF_DONTCACHE, staged runs of at least DIRECT_MIN_BYTES are read O_DIRECT (aligned,
+    no flags) and short scattered runs with the flag; the rows are the same either way."""
+    import mlx_flash.runtime.uncached as uncached
+
+    monkeypatch.setattr(uncached, "DIRECT_MIN_BYTES", 4096)
+    manifest, truth = build_store(tmp_path, d_model=24, d_ffn=300, part_gap=4)  # 296-byte records
+    reader = StoreReader(tmp_path, manifest, threads=1, page_cache=False, max_run_bytes=1 << 16)
+    if reader.cache_mode != "dontcache" or reader._file.direct_min is None:
+        reader.close()
+        pytest.skip(f"needs RWF_DONTCACHE and O_DIRECT here (mode {reader.cache_mode})")
+    reads = []
+    with reader:
+        original = reader._preadv
+        reader._preadv = lambda fd, bufs, off, flags: (
+            reads.append((fd == reader._file.direct_fd, flags, off, sum(len(b) for b in bufs))),
+            original(fd, bufs, off, flags),
+        )[1]
+        ids = np.array([7, 8, *range(100, 140)])  # a scattered pair, then a long staged run
+        dest = make_dest(manifest, 64)
+        reader.read_neurons(1, ids, dest, np.arange(ids.size))
+    check_rows(dest, truth[1], ids, np.arange(ids.size), 64)
+    (short, long) = sorted(reads, key=lambda r: r[3])
+    assert short[:2] == (False, uncached.RWF_DONTCACHE) and short[3] < 4096
+    assert long[:2] == (True, 0) and long[2] % uncached.DIRECT_ALIGN == 0
+    assert long[3] % uncached.DIRECT_ALIGN == 0 and long[3] >= 40 * 296
+
+
 def _cached_bytes(path: Path) -> int:
     out = subprocess.run(
         ["fincore", "--bytes", "--noheadings", str(path)],
@@ -382,7 +411,7 @@ def _cached_bytes(path: Path) -> int:
 @pytest.mark.parametrize("bypass", ["auto", "direct"])
 def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
     # 6 KiB records, 12 MiB
-    manifest, _ = build_store(tmp_path, d_model=512, d_ffn=1024, n_layers=2)
+    manifest, truth = build_store(tmp_path, d_model=512, d_ffn=1024, n_layers=2)
     store = tmp_path / STORE_FILE
     fd = os.open(store, os.O_RDONLY)
     try:
@@ -405,6 +434,15 @@ def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
                         reader.read_neurons(
                             layer, rng.choice(1024, 200, replace=False), dest, range(200)
                         )
+                # the look-ahead: advised records are in the cache until that layer's next read
+                ahead = reader.advise(1, rng.choice(1024, 300, replace=False))
+                assert (ahead > 0) == (reader.cache_mode == "dontcache")
+                if ahead:
+                    time.sleep(0.2)  # the kernel reads them in the background
+                    assert _cached_bytes(store) >= 0.5 * ahead
+                ids, fresh = rng.choice(1024, 200, replace=False), make_dest(manifest, 200)
+                reader.read_neurons(1, ids, fresh, range(200))
+                check_rows(fresh, truth[1], ids, range(200), 200)
             cached, size = _cached_bytes(store), manifest.store_size
             if page_cache:
                 assert cached > 0.9 * size  # the check can see cached pages

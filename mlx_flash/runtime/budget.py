@@ -1,8 +1,9 @@
 """The memory plan: split a budget between the trunk, the KV cache, temporaries, the selector and
 the neuron buffers.
 
-The budget bounds the bytes MLX holds for the model (not the Python process). Everything the model
-needs besides the FFN is fixed; what is left becomes per-layer neuron rows, split into pinned rows
+The budget bounds the bytes MLX holds for the model (not the Python process), and the page cache
+the look-ahead fills when the store is read uncached. Everything the model needs besides the FFN is
+fixed; what is left becomes per-layer neuron rows, split into pinned rows
 (resident for the whole run) and the sliding-window buffer. The model's facts are asked of the
 built mlx-lm model (its KV caches) and of the trunk files (their tensors), not guessed from config
 keys.
@@ -27,6 +28,7 @@ DEFAULT_BUDGET_SHARE = 0.5  # of physical RAM, when the user names no budget
 _SAFETENSORS_NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16"}
 QUANTIZATION_PARTS = (".scales", ".biases")  # of a quantized module's packed weight
 SAMPLING_BYTES_PER_LOGIT = 44  # logits, log-probabilities and sorts (sampling_temporaries)
+LOOKAHEAD_MAX_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ class BudgetPlan:
     window_rows: int  # per layer
     # loading: one stored tensor beside its cast, before the buffers, KV cache and temporaries exist
     load_transient: int = 0
+    lookahead: int = 0  # page cache the look-ahead may fill
 
     @property
     def buffers(self) -> int:
@@ -243,7 +246,7 @@ class BudgetPlan:
     def used(self) -> int:
         """What MLX holds at most: while loading, or while running."""
         running = self.trunk + self.kv_cache + self.temporaries + self.selector + self.buffers
-        return max(running, self.loading)
+        return max(running + self.lookahead, self.loading)
 
     @property
     def ffn_share(self) -> float:
@@ -265,6 +268,7 @@ class BudgetPlan:
             f"{f(self.buffers)} ({self.pinned_rows} pinned + {self.window_rows} window rows of "
             f"{self.d_ffn} per layer, {100 * self.ffn_share:.0f}% of the FFN), selector "
             f"{f(self.selector)}, temporaries {f(self.temporaries)}"
+            + (f", look-ahead {f(self.lookahead)}" if self.lookahead else "")
         )
 
 
@@ -276,12 +280,21 @@ def minimum_bytes(facts: ModelFacts, options: FlashOptions, selector: int, row_b
     return max(running, facts.trunk + selector + facts.load_transient)
 
 
+def lookahead_bytes(facts: ModelFacts, options: FlashOptions) -> int:
+    """Page cache the look-ahead may fill (``lookahead.py``): the next layer's expected records,
+    up to half a layer's FFN and at most ``LOOKAHEAD_MAX_BYTES``; 0 when it does not run."""
+    if not options.lookahead or options.page_cache:
+        return 0
+    return min(LOOKAHEAD_MAX_BYTES, facts.d_ffn * 3 * facts.d_model * facts.itemsize // 2)
+
+
 def _fixed(facts: ModelFacts, options: FlashOptions, selector: int) -> dict[str, int]:
     return {
         "trunk": facts.trunk,
         "kv_cache": facts.kv_bytes(context_tokens(options)),
         "temporaries": prefill_temporaries(facts, options),
         "selector": selector,
+        "lookahead": lookahead_bytes(facts, options),
     }
 
 
@@ -316,6 +329,7 @@ def plan_memory(
             "kv_cache": "KV cache",
             "temporaries": "temporaries",
             "selector": "selector",
+            "lookahead": "look-ahead",
         }
         parts = ", ".join(f"{labels[k]} {format_size(v)}" for k, v in fixed.items())
         buffers = format_size(min_rows * row_bytes * facts.n_layers)
@@ -343,4 +357,5 @@ def plan_memory(
         pinned,
         window,
         facts.load_transient,
+        fixed["lookahead"],
     )

@@ -185,11 +185,20 @@ class FlashFFN(nn.Module):
             stats.read += st.buffer.append(step.load)
             stats.hits += step.hits
             stats.dropped += step.drop.size
+            if rt.lookahead is not None:
+                stats.advised = rt.lookahead.recalled(st.index, step.load)
+                rt.lookahead.advise_next(st.index, x)  # read while this layer computes
             outs += self._compute(x, st.buffer, selection.gate, keep, stats)
         elif needed.size:
             outs += self._stream(x, needed, selection.gate, stats)
         self._forget(stats)
         return outs, stats
+
+    def to_read(self, ids: np.ndarray) -> np.ndarray:
+        """Of the sorted ``ids``, those neither pinned nor in the window's buffer."""
+        ids = self._unpinned(ids)
+        buffer = self._state.buffer
+        return ids if buffer is None else ids[~buffer.resident(ids)]
 
     def _prefill(self, x: mx.array) -> tuple[list[mx.array], LayerStats]:
         rt, st = self._runtime, self._state

@@ -35,6 +35,7 @@ from .calibration import Calibration, read_calibration
 from .costmodel import CostModel, cost_model_for
 from .errors import FlashError, FlashFormatError, UnsupportedModelError
 from .flash_ffn import FlashFFN, LayerState, ThreadGuard
+from .lookahead import LookAhead
 from .manifest import (
     MANIFEST_FILE,
     MX_DTYPES,
@@ -76,6 +77,7 @@ class FlashRuntime:
     guard: ThreadGuard = field(default_factory=ThreadGuard, repr=False)
     observe: Callable[[int, mx.array, Selection], None] | None = None
     trace: TraceRecorder | None = None  # MoE routing, saved to options.routing_trace on close
+    lookahead: LookAhead | None = None  # reads of the next layer started early (lookahead.py)
 
     @property
     def activation(self) -> str:
@@ -167,6 +169,8 @@ def prepare_runtime(
             _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
             for i in range(manifest.n_layers)
         ]
+        if plan.lookahead and selector.needs_input and reader.advises:
+            runtime.lookahead = LookAhead(selector, reader, runtime.layers, plan.lookahead)
     except BaseException:
         reader.close()
         raise

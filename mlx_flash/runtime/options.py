@@ -163,6 +163,12 @@ class FlashOptions:
     page_cache: bool = option(
         True, "read the store through the OS page cache (--no-page-cache bypasses it)", _flag
     )
+    lookahead: bool = option(
+        True,
+        "while a layer computes, have the kernel read what the next layer's selector expects it "
+        "to need (store read uncached on Linux; --no-lookahead turns it off)",
+        _flag,
+    )
     max_context: int = option(
         2048,
         "tokens of context the KV cache is planned for",

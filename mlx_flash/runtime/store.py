@@ -17,8 +17,15 @@ Two ways a run lands in the destination:
   staging buffer and copied or converted once into the destination (float16 -> float32, bfloat16 ->
   float32 by a 16-bit shift, ...).
 
-With ``page_cache=False`` reads bypass the OS page cache (``mlx_flash.runtime.uncached``); with
-``O_DIRECT`` they go through the aligned staging buffer.
+With ``page_cache=False`` reads bypass the OS page cache (``mlx_flash.runtime.uncached``); staged
+runs long enough for ``O_DIRECT`` go through the aligned staging buffer.
+
+Queue depth without io_uring: where ``posix_fadvise`` exists and the page cache is bypassed by flag
+(Linux ``RWF_DONTCACHE``), a call first advises the kernel that it will need all of its short
+(buffered) runs (``WILLNEED``: the kernel queues every one of them at once), then reads them, then
+drops them again (``DONTNEED``), so they are read with the device's queue full and nothing is left
+in the page cache. ``advise`` starts the same for a later call (the look-ahead): what it advised is
+dropped after the next read of that layer.
 
 Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing
 from ``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate
@@ -202,6 +209,7 @@ class StoreReader:
         # write-only scratch for padding, shared by threads
         self._sink = memoryview(bytearray(self._sink_size))
         self._local = threading.local()
+        self._advised: dict[int, list[tuple[int, int]]] = {}  # layer -> byte ranges (advise)
         try:
             self._open(page_cache, bypass)
         except BaseException:
@@ -213,6 +221,7 @@ class StoreReader:
     def _open(self, page_cache: bool, bypass: str) -> None:
         self._file = UncachedFile(self.path, page_cache, bypass)
         self.cache_mode = self._file.mode
+        self.advises = self.cache_mode == "dontcache" and hasattr(os, "posix_fadvise")
         if self.manifest.store_size:
             self._mm = mmap.mmap(self._file.fd, 0, access=mmap.ACCESS_READ)
         if self.threads > 1:
@@ -267,6 +276,25 @@ class StoreReader:
             with self._totals_lock:
                 self.totals += done
         return done
+
+    def advise(self, layer: int, ids: Sequence[int] | np.ndarray) -> int:
+        """Ask the kernel to start reading the records of neurons ``ids`` of ``layer`` (every
+        part), for a read of that layer soon; returns the bytes advised (0 where the reader does not
+        advise). They stay in the page cache until that read, at most one layer's worth."""
+        if not self.advises or np.size(ids) == 0:
+            return 0
+        entry = self._layer(layer)
+        sids = np.unique(np.asarray(ids, dtype=np.int64))
+        ranges = []
+        for region in entry.regions:
+            stride = region.record_stride
+            cap = max(1, self.max_run_bytes // stride)
+            for a, b in plan_runs(sids, cap, self.gap_bytes // stride):
+                start = region.offset + int(sids[a]) * stride
+                ranges.append((start, (int(sids[b - 1] - sids[a]) + 1) * stride))
+        self._fadvise(ranges, os.POSIX_FADV_WILLNEED)
+        self._advised.setdefault(layer, []).extend(ranges)
+        return sum(n for _, n in ranges)
 
     def reset_totals(self) -> ReadCount:
         """The totals so far; counting starts again from zero."""
@@ -355,11 +383,27 @@ class StoreReader:
             return ReadCount()
         sids, srows = _sorted_request(ids, rows, self.manifest.n_records)
         jobs: list[Callable[[], int]] = []
+        buffered: list[tuple[int, int]] = []  # byte ranges read without O_DIRECT
         for region in entry.regions:
             plan = self._plan(region, dest, srows)
             if plan is not None:
-                jobs += self._jobs(layer, plan, sids, srows, dest)
-        return self._execute(jobs)
+                jobs += self._jobs(layer, plan, sids, srows, dest, buffered)
+        if not self.advises:
+            return self._execute(jobs)
+        if len(buffered) > 1:
+            self._fadvise(buffered, os.POSIX_FADV_WILLNEED)
+        try:
+            return self._execute(jobs)
+        finally:
+            self._fadvise(buffered + self._advised.pop(layer, []), os.POSIX_FADV_DONTNEED)
+
+    def _fadvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
+        """Advice on whole pages around each range (the kernel drops only the pages a
+        ``DONTNEED`` range covers entirely)."""
+        page = mmap.PAGESIZE
+        for offset, nbytes in ranges:
+            start = offset - offset % page
+            os.posix_fadvise(self._file.fd, start, _round_up(offset + nbytes, page) - start, advice)
 
     def _plan(
         self, region: Region, dest: Mapping[str, np.ndarray], rows: np.ndarray
@@ -392,9 +436,11 @@ class StoreReader:
         sids: np.ndarray,
         srows: np.ndarray,
         dest: Mapping[str, np.ndarray],
+        buffered: list[tuple[int, int]],
     ) -> list[Callable[[], int]]:
         """One job per run: a ready preadv (scatter) or a read-and-convert (staged). Records in a
-        run's gaps are read into the sink (scatter) or skipped when copying (staged)."""
+        run's gaps are read into the sink (scatter) or skipped when copying (staged). Appends the
+        byte ranges of runs read without O_DIRECT to ``buffered``."""
         bounds = plan_runs(sids, plan.max_records, plan.max_gap)
         offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
         spans = [int(sids[b - 1] - sids[a]) + 1 for a, b in bounds]
@@ -403,6 +449,9 @@ class StoreReader:
             records = self._record_iovecs(plan, dest, srows)
         jobs: list[Callable[[], int]] = []
         for (a, b), span in zip(bounds, spans, strict=True):
+            size = plan.span(span)
+            if not self._file.direct_for(size) or span <= plan.scatter:
+                buffered.append((offsets[a], size))
             if span > plan.scatter:
                 at = sids[a:b] - sids[a]
                 jobs.append(
@@ -410,8 +459,7 @@ class StoreReader:
                 )
                 continue
             bufs = self._run_iovecs(plan, records, sids, a, b)
-            size = plan.span(1) + (span - 1) * plan.region.record_stride
-            jobs.append(partial(self._read, layer, self._file.read_fd, bufs, offsets[a], size))
+            jobs.append(partial(self._buffered_read, layer, bufs, offsets[a], size))
         return jobs
 
     def _run_iovecs(self, plan: _RegionPlan, records: list, sids: np.ndarray, a: int, b: int):
@@ -506,27 +554,32 @@ class StoreReader:
         """Read [offset, offset+nbytes) into this thread's staging buffer: (buffer, data
         position, bytes read)."""
         staging = self._staging()
-        if self.cache_mode != "direct":
+        if not self._file.direct_for(nbytes):
             return (
                 staging,
                 0,
-                self._read(layer, self._file.fd, [memoryview(staging)[:nbytes]], offset, nbytes),
+                self._buffered_read(layer, [memoryview(staging)[:nbytes]], offset, nbytes),
             )
         start = offset - offset % DIRECT_ALIGN
         length = _round_up(offset + nbytes, DIRECT_ALIGN) - start
         # O_DIRECT stops at end of file
         expect = min(start + length, self.manifest.store_size) - start
+        bufs = [memoryview(staging)[:length]]
         return (
             staging,
             offset - start,
-            self._read(layer, self._file.read_fd, [memoryview(staging)[:length]], start, expect),
+            self._read(layer, self._file.direct_fd, 0, bufs, start, expect),
         )
 
-    def _read(self, layer: int, fd: int, bufs: list, offset: int, expect: int) -> int:
+    def _buffered_read(self, layer: int, bufs: list, offset: int, expect: int) -> int:
+        """A read with no alignment rules (the page cache bypassed by flag where it is)."""
+        return self._read(layer, self._file.fd, self._file.flags, bufs, offset, expect)
+
+    def _read(self, layer: int, fd: int, flags: int, bufs: list, offset: int, expect: int) -> int:
         """One preadv of ``expect`` bytes; an OSError or a short read becomes StoreReadError
         naming file, layer, offset."""
         try:
-            got = self._preadv(fd, bufs, offset, self._file.flags)
+            got = self._preadv(fd, bufs, offset, flags)
         except OSError as e:
             raise StoreReadError(
                 f"{self.path}: reading layer {layer} at offset {offset} ({expect} bytes) failed: "

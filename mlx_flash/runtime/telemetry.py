@@ -18,6 +18,7 @@ class LayerStats:
     computed: int = 0  # neuron rows multiplied
     read: ReadCount = field(default_factory=ReadCount)  # what was read from flash
     seconds: float = 0.0  # wall time of the call, reads included
+    advised: int = 0  # of the neurons read, those the look-ahead had advised (lookahead.py)
 
     @property
     def loaded(self) -> int:
@@ -37,6 +38,7 @@ class LayerStats:
             self.computed + other.computed,
             self.read + other.read,
             self.seconds + other.seconds,
+            self.advised + other.advised,
         )
 
 
@@ -100,4 +102,5 @@ class Telemetry:
             "fraction_used": total.requested / neurons,
             "fraction_loaded": total.loaded / neurons,
             "fraction_computed": total.computed / neurons,
+            "lookahead_recall": total.advised / total.loaded if total.loaded else 0.0,
         }
