@@ -57,7 +57,7 @@ def test_round_trip_float32_is_exact(arch, tmp_path):
 
 TIEABLE = sorted(  # architectures whose output head is tied or not, as mlx-lm decides
     arch
-    for arch in CONFIGS
+    for arch in set(CONFIGS) - {"minicpm"}  # its sanitize always adds a head: mlx-lm cannot tie it
     if has_untied_head(build_model(arch, tied=True)[0])
     != has_untied_head(build_model(arch, tied=False)[0])
 )

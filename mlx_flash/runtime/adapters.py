@@ -73,6 +73,23 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "starcoder2": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu"),
     "nemotron": FFNSpec("mlp", up="up_proj", down="down_proj", activation="relu2"),
     "internlm2": FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu"),
+    "granite": _LLAMA,
+    "cohere": _LLAMA,
+    "cohere2": _LLAMA,
+    "exaone": FFNSpec("mlp", gate="c_fc_0", up="c_fc_1", down="c_proj", activation="silu"),
+    "exaone4": _LLAMA,
+    "smollm3": _LLAMA,
+    "olmo3": _LLAMA,
+    "minicpm": _LLAMA,
+    "stablelm": _LLAMA,
+    "glm4": FFNSpec(
+        "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
+    ),
+    "helium": _LLAMA,
+    "ernie4_5": _LLAMA,
+    "seed_oss": _LLAMA,
+    "hunyuan_v1_dense": _LLAMA,
+    "lfm2": FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu"),
 }
 
 
