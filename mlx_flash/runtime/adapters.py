@@ -52,6 +52,9 @@ class FFNSpec:
 
 
 _LLAMA = FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu")
+_FUSED = FFNSpec(  # one Linear whose output is [gate | up]
+    "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
+)
 _GEMMA2 = FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx")
 
 ARCHITECTURES: dict[str, FFNSpec] = {
@@ -64,9 +67,7 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "gemma2": _GEMMA2,
     "gemma3_text": _GEMMA2,
     "gemma3": _GEMMA2,
-    "phi3": FFNSpec(
-        "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
-    ),
+    "phi3": _FUSED,
     "phi": FFNSpec("mlp", up="fc1", down="fc2", activation="gelu_approx"),
     "gpt2": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu_approx"),
     "gpt_neox": FFNSpec("mlp", up="dense_h_to_4h", down="dense_4h_to_h", activation="gelu_approx"),
@@ -82,14 +83,40 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "olmo3": _LLAMA,
     "minicpm": _LLAMA,
     "stablelm": _LLAMA,
-    "glm4": FFNSpec(
-        "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
-    ),
+    "glm4": _FUSED,
     "helium": _LLAMA,
     "ernie4_5": _LLAMA,
     "seed_oss": _LLAMA,
     "hunyuan_v1_dense": _LLAMA,
     "lfm2": FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu"),
+    "internlm3": _LLAMA,
+    "mimo": _LLAMA,
+    "plamo": _LLAMA,
+    "nanbeige": _LLAMA,
+    "telechat3": _LLAMA,
+    "youtu_llm": _LLAMA,
+    "iquestloopcoder": _LLAMA,
+    "muse_glimmer": _LLAMA,
+    "ministral3": _LLAMA,
+    "baichuan_m1": _LLAMA,
+    "llama4_text": FFNSpec(
+        "feed_forward", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"
+    ),
+    "spark2_5": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu"),
+    "qwen": FFNSpec("mlp", gate="w2", up="w1", down="c_proj", activation="silu"),
+    "talkie": FFNSpec("mlp", gate="mlp_gate", up="mlp_linear", down="mlp_resid", activation="silu"),
+    "glm": _FUSED,
+    "plamo3": _FUSED,
+    "gpt_bigcode": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu"),
+    "gptj": FFNSpec("mlp", up="fc_in", down="fc_out", activation="gelu_approx"),
+    "nanochat": FFNSpec("mlp", up="c_fc", down="c_proj", activation="relu2"),
+    "minicpm3": _LLAMA,
+    "afm7": _LLAMA,
+    "falcon_h1": FFNSpec(
+        "feed_forward", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"
+    ),
+    "xverse": _LLAMA,  # mlx-lm builds these as llama
+    "iquestcoder": _LLAMA,
 }
 
 
