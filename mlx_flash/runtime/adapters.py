@@ -115,6 +115,11 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "falcon_h1": FFNSpec(
         "feed_forward", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"
     ),
+    "recurrent_gemma": FFNSpec(
+        "mlp_block", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
+    ),
+    "plamo2": _FUSED,
+    "olmo_hybrid": _LLAMA,
     "xverse": _LLAMA,  # mlx-lm builds these as llama
     "iquestcoder": _LLAMA,
 }
