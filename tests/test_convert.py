@@ -20,7 +20,7 @@ from conftest import MEMBUDGET, convert_quietly
 from mlx_flash.convert.converter import FAIL_AT_ENV
 from mlx_flash.convert.verify import verify
 from mlx_flash.rebuild import dense_ffn_weights
-from mlx_flash.runtime.adapters import ARCHITECTURES
+from mlx_flash.runtime.adapters import ARCHITECTURES, MOE_ARCHITECTURES, REFUSED
 from mlx_flash.runtime.errors import FlashError, UnsupportedModelError
 from mlx_flash.runtime.manifest import MANIFEST_FILE, read_manifest
 from tiny_models import CONFIGS, build_model, has_untied_head, save_tiny_model
@@ -230,8 +230,20 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     config = json.loads((src / "config.json").read_text())
     config["model_type"] = "mamba"
     (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="supported: .*llama"):
+    with pytest.raises(UnsupportedModelError, match=r"'mamba' is not supported \(no FFN.*llama"):
         convert_quietly(src, tmp_path / "flash")
+
+
+def test_every_mlx_lm_family_is_supported_or_refused_with_a_reason():
+    """A family mlx-lm adds shows up here, to be added to the adapter table or refused."""
+    import mlx_lm.models
+
+    helpers = {"activations", "base", "bitlinear_layers", "cache", "gated_delta", "mla", "pipeline"}
+    helpers |= {"rope_utils", "ssm", "switch_layers"}
+    families = {p.stem for p in Path(mlx_lm.models.__path__[0]).glob("*.py")} - helpers
+    families.discard("__init__")
+    assert families - set(ARCHITECTURES) - set(MOE_ARCHITECTURES) - set(REFUSED) == set()
+    assert not set(REFUSED) & (set(ARCHITECTURES) | set(MOE_ARCHITECTURES))
 
 
 def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):

@@ -52,6 +52,10 @@ class FFNSpec:
 
 
 _LLAMA = FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="silu")
+_LLAMA_FF = FFNSpec(
+    "feed_forward", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"
+)
+_W123 = FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu")
 _FUSED = FFNSpec(  # one Linear whose output is [gate | up]
     "mlp", fused_gate_up="gate_up_proj", up="gate_up_proj", down="down_proj", activation="silu"
 )
@@ -73,7 +77,7 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "gpt_neox": FFNSpec("mlp", up="dense_h_to_4h", down="dense_4h_to_h", activation="gelu_approx"),
     "starcoder2": FFNSpec("mlp", up="c_fc", down="c_proj", activation="gelu"),
     "nemotron": FFNSpec("mlp", up="up_proj", down="down_proj", activation="relu2"),
-    "internlm2": FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu"),
+    "internlm2": _W123,
     "granite": _LLAMA,
     "cohere": _LLAMA,
     "cohere2": _LLAMA,
@@ -88,7 +92,7 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "ernie4_5": _LLAMA,
     "seed_oss": _LLAMA,
     "hunyuan_v1_dense": _LLAMA,
-    "lfm2": FFNSpec("feed_forward", gate="w1", up="w3", down="w2", activation="silu"),
+    "lfm2": _W123,
     "internlm3": _LLAMA,
     "mimo": _LLAMA,
     "plamo": _LLAMA,
@@ -99,9 +103,7 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "muse_glimmer": _LLAMA,
     "ministral3": _LLAMA,
     "baichuan_m1": _LLAMA,
-    "llama4_text": FFNSpec(
-        "feed_forward", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"
-    ),
+    "llama4_text": _LLAMA_FF,
     "spark2_5": FFNSpec("mlp", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu"),
     "qwen": FFNSpec("mlp", gate="w2", up="w1", down="c_proj", activation="silu"),
     "talkie": FFNSpec("mlp", gate="mlp_gate", up="mlp_linear", down="mlp_resid", activation="silu"),
@@ -112,9 +114,7 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "nanochat": FFNSpec("mlp", up="c_fc", down="c_proj", activation="relu2"),
     "minicpm3": _LLAMA,
     "afm7": _LLAMA,
-    "falcon_h1": FFNSpec(
-        "feed_forward", gate="gate_proj", up="up_proj", down="down_proj", activation="silu"
-    ),
+    "falcon_h1": _LLAMA_FF,
     "recurrent_gemma": FFNSpec(
         "mlp_block", gate="gate_proj", up="up_proj", down="down_proj", activation="gelu_approx"
     ),
@@ -139,6 +139,86 @@ MOE_ARCHITECTURES = (
 )
 
 
+_MOE = "mixture of experts, not among the MoE architectures the runtime streams"
+_MULTIMODAL = (
+    "a multimodal wrapper: its FFN is the one of text_config's model type, and this table is keyed "
+    "by the outer one"
+)
+
+# mlx-lm model types that are refused, and why (what the FFN spec cannot express).
+REFUSED: dict[str, str] = {
+    "afmoe": _MOE,
+    "apertus": "its activation (xIELU) has learned per-layer parameters",
+    "bailing_hybrid": _MOE,
+    "bailing_moe": _MOE,
+    "bailing_moe_linear": _MOE,
+    "bailing_moe_v3": _MOE,
+    "bitnet": "its FFN is BitLinear: ternary packed weights, per-tensor scales, not Linear rows",
+    "dbrx": _MOE,
+    "deepseek": _MOE,
+    "deepseek_v32": _MOE,
+    "deepseek_v41": _MOE,
+    "dots1": _MOE,
+    "ernie4_5_moe": _MOE,
+    "exaone_moe": _MOE,
+    "gear": "its activation is chosen per checkpoint (hidden_activation), not per model type",
+    "gemma3n": (
+        "its activation keeps a token's neurons above the mean + k std of the whole layer (it "
+        "needs every neuron), and FFN widths vary per layer"
+    ),
+    "gemma4": _MULTIMODAL,
+    "gemma4_text": (
+        "FFN widths vary per layer (double-wide in KV-shared layers), and a layer may add an "
+        "expert block beside its MLP"
+    ),
+    "glm4_moe_lite": _MOE,
+    "glm_moe_dsa": _MOE,
+    "granitemoe": _MOE,
+    "granitemoehybrid": _MOE,
+    "hunyuan": _MOE,
+    "jamba": _MOE,
+    "kimi_k25": _MULTIMODAL,
+    "kimi_k3": _MOE,
+    "kimi_linear": _MOE,
+    "kimi_vl": _MULTIMODAL,
+    "Klear": _MOE,
+    "laguna": _MOE,
+    "lfm2-vl": _MULTIMODAL,
+    "lfm2_moe": _MOE,
+    "lille-130m": "its FFN module applies its own learned RMSNorm before gate and up",
+    "llama4": _MOE,
+    "longcat_flash": _MOE,
+    "longcat_flash_ngram": _MOE,
+    "mamba": "no FFN: state-space layers only",
+    "mamba2": "no FFN: state-space layers only",
+    "mellum": _MOE,
+    "mimo_v2_flash": _MOE,
+    "minimax": _MOE,
+    "minimax_m3_vl": _MOE,
+    "mistral3": _MULTIMODAL,
+    "mistral4": _MOE,
+    "muse_spark": _MOE,
+    "nemotron-nas": "FFN widths vary per layer; some layers have no FFN or a single Linear instead",
+    "nemotron_h": _MOE,
+    "olmo": "its FFN is computed inline in the transformer block: there is no module to replace",
+    "openelm": "FFN widths vary per layer (ffn_multipliers)",
+    "phi3small": "its GeGELU clamps both halves and reads gate and up from interleaved columns",
+    "phimoe": _MOE,
+    "phixtral": _MOE,
+    "pixtral": _MULTIMODAL,
+    "prism_hadamard_qwen35": "Hadamard-rotated quantized Linears (and a multimodal wrapper)",
+    "qwen2_vl": _MULTIMODAL,
+    "qwen3_5": _MULTIMODAL,
+    "qwen3_5_moe": _MOE,
+    "qwen3_next": _MOE,
+    "qwen3_vl": _MULTIMODAL,
+    "qwen3_vl_moe": _MOE,
+    "rwkv7": "its FFN (channel mixing) mixes in the previous token with learned weights first",
+    "solar_open": _MOE,
+    "step3p5": _MOE,
+}
+
+
 def is_moe(model_type: str) -> bool:
     """Whether the model's experts stream (a MoE store) rather than its FFN neurons."""
     return model_type in MOE_ARCHITECTURES
@@ -155,8 +235,9 @@ def spec_for(model_type: str) -> FFNSpec:
     try:
         return ARCHITECTURES[model_type]
     except KeyError:
+        why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
         raise UnsupportedModelError(
-            f"architecture {model_type!r} is not supported; supported: "
+            f"architecture {model_type!r} is not supported{why}; supported: "
             f"{', '.join(sorted(ARCHITECTURES))}; mixture-of-experts: "
             f"{', '.join(sorted(MOE_ARCHITECTURES))}"
         ) from None
