@@ -50,7 +50,7 @@ from .runtime.manifest import (
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
 from .runtime.sizes import format_size, parse_size
 from .runtime.store import MAX_THREADS, ReadCount, StoreReader
-from .runtime.uncached import DIRECT_ALIGN, UncachedFile
+from .runtime.uncached import DIRECT_ALIGN, UncachedFile, set_nocache
 
 DEFAULT_CHUNKS = tuple(4096 << i for i in range(9))  # 4 KiB .. 1 MiB
 DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
@@ -65,6 +65,8 @@ def make_probe_file(directory: Path, size: int) -> Path:
     block = 8 << 20
     try:
         with open(path, "wb") as f:
+            if sys.platform == "darwin":  # no way to drop a file's pages there: never cache them
+                set_nocache(f.fileno())
             for offset in range(0, size, block):
                 f.write(rng.bytes(min(block, size - offset)))
             f.flush()

@@ -1,38 +1,21 @@
-"""Tiny random models of every supported architecture, built from mlx-lm's own model classes.
-
-Sizes are small but FFN widths are multiples of 64 so quantization applies.
-"""
+"""Tiny random models of every supported architecture, built from mlx-lm's own model classes
+(``mlx_flash.tiny``: sizes, initialisation, writing)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
-from mlx_lm.utils import _get_classes, save_config, save_model
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
 
-D, FFN, LAYERS, VOCAB = 64, 128, 2, 256
-
-_COMMON = dict(
-    hidden_size=D,
-    num_hidden_layers=LAYERS,
-    intermediate_size=FFN,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    norm_eps=1e-5,
-    layer_norm_eps=1e-5,
-    vocab_size=VOCAB,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
+from mlx_flash.tiny import COMMON as _COMMON
+from mlx_flash.tiny import FFN, LAYERS, TINY_LLAMA, VOCAB, D, randomize, save_model_dir
 
 _ROPE = {"rope_theta": 10000.0, "rope_type": "default"}
 
 CONFIGS: dict[str, dict] = {
-    "llama": dict(_COMMON, model_type="llama"),
+    "llama": TINY_LLAMA,
     "mistral": dict(_COMMON, model_type="mistral"),
     "qwen2": dict(_COMMON, model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(_COMMON, model_type="qwen3"),
@@ -268,11 +251,7 @@ def build_model(arch: str, seed: int = 0, tied: bool | None = None):
     if tied and hasattr(model, "sanitize"):
         headless = {k: v for k, v in tree_flatten(model.parameters()) if k != "lm_head.weight"}
         model.sanitize(headless)
-    mx.random.seed(seed)
-    model.update(
-        tree_map(lambda p: mx.random.normal(p.shape, dtype=mx.float32) * 0.2, model.parameters())
-    )
-    mx.eval(model.parameters())
+    randomize(model, seed)
     return model, config
 
 
@@ -287,29 +266,4 @@ def save_tiny_model(
 ) -> tuple[Path, dict]:
     """Write a tiny random model as an mlx-lm directory; returns (path, its weights)."""
     model, config = build_model(arch, seed, tied)
-    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
-    path.mkdir(parents=True, exist_ok=True)
-    save_model(path, model)
-    config["torch_dtype"] = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[
-        dtype
-    ]
-    save_config(config, path / "config.json")
-    write_tiny_tokenizer(path)
-    return path, dict(tree_flatten(model.parameters()))
-
-
-def write_tiny_tokenizer(path: Path) -> None:
-    """A byte-level tokenizer of VOCAB entries, enough for mlx-lm's load_tokenizer and generate."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(sorted(alphabet)[: VOCAB - 1])}
-    vocab["<eos>"] = VOCAB - 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        '{"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", '
-        '"model_max_length": 256}'
-    )
+    return path, save_model_dir(model, config, path, dtype)
