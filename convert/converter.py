@@ -367,6 +367,37 @@ def _size_estimate(plan: _Plan, layout: str, align: int) -> int:
     return store + elements * DTYPES[plan.dtype]
 
 
+def planned_manifest(
+    source: SourceModel, dtype: str | None = None, layout: str = "bundled", align: int = 0
+) -> tuple[Manifest, _Plan]:
+    """The manifest converting ``source`` would write (no calibration, no checksums), and the
+    plan, from shapes alone: what ``mlx_flash.forecast`` plans memory and reads with."""
+    plan = _plan(source, dtype, None, lambda _: None)
+    specs = _part_specs(plan.d_model, plan.spec.gated, plan.has_bias, plan.dtype, plan.quant)
+    layers, offset = [], 0
+    for i, prefix in enumerate(plan.prefixes):
+        regions = plan_regions(specs, layout, align, offset, plan.d_ffn)
+        end = regions[-1].offset + regions[-1].record_stride * plan.d_ffn
+        layers.append(LayerEntry(i, prefix, offset, end - offset, "", tuple(regions)))
+        offset = -(-end // REGION_ALIGN) * REGION_ALIGN
+    manifest = Manifest(
+        model_type=plan.config["model_type"],
+        d_model=plan.d_model,
+        d_ffn=plan.d_ffn,
+        gated=plan.spec.gated,
+        activation=plan.spec.activation,
+        layout=layout,
+        dtype=plan.dtype,
+        align=align,
+        store_file=STORE_FILE,
+        store_size=offset,
+        layers=tuple(layers),
+        quantization=plan.quant,
+        source=source.description,
+    )
+    return manifest, plan
+
+
 def _write_store(
     tmp: Path, source: SourceModel, plan: _Plan, layout: str, align: int, progress: bool
 ) -> list[LayerEntry]:
