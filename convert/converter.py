@@ -36,6 +36,7 @@ from mlx_flash.runtime.manifest import (
     DTYPES,
     MX_DTYPES,
     STORE_FILE,
+    Blob,
     LayerEntry,
     Manifest,
     Quantization,
@@ -374,12 +375,17 @@ def planned_manifest(
     plan, from shapes alone: what ``mlx_flash.forecast`` plans memory and reads with."""
     plan = _plan(source, dtype, None, lambda _: None)
     specs = _part_specs(plan.d_model, plan.spec.gated, plan.has_bias, plan.dtype, plan.quant)
-    layers, offset = [], 0
+    down_bias = f"{plan.prefixes[0]}.{plan.spec.down}.bias" in source.tensors
+    layers, end = [], 0
     for i, prefix in enumerate(plan.prefixes):
-        regions = plan_regions(specs, layout, align, offset, plan.d_ffn)
+        start = -(-end // REGION_ALIGN) * REGION_ALIGN
+        regions = plan_regions(specs, layout, align, start, plan.d_ffn)
         end = regions[-1].offset + regions[-1].record_stride * plan.d_ffn
-        layers.append(LayerEntry(i, prefix, offset, end - offset, "", tuple(regions)))
-        offset = -(-end // REGION_ALIGN) * REGION_ALIGN
+        blobs = {}
+        if down_bias:  # written after the records, as the store writer does
+            blobs["down_bias"] = Blob(end, plan.d_model, plan.dtype)
+            end += plan.d_model * DTYPES[plan.dtype]
+        layers.append(LayerEntry(i, prefix, start, end - start, "", tuple(regions), blobs))
     manifest = Manifest(
         model_type=plan.config["model_type"],
         d_model=plan.d_model,
@@ -390,7 +396,7 @@ def planned_manifest(
         dtype=plan.dtype,
         align=align,
         store_file=STORE_FILE,
-        store_size=offset,
+        store_size=end,
         layers=tuple(layers),
         quantization=plan.quant,
         source=source.description,
