@@ -140,7 +140,12 @@ def frequency(subject: Subject, name: str, options: FlashOptions) -> tuple[np.nd
             kept = 1.0 - options.sparsity
         shape = (m.n_layers, m.d_ffn)
         return np.full(shape, kept), f"no calibration: every neuron kept with p={kept:g}"
-    trained = cal.sparsity if name != "predictor" else None
+    trained = m.extra.get("predictor", {})
+    if name == "predictor" and "predicted" in trained:  # it keeps more than is active (recall ~1)
+        over = np.array(trained["predicted"]) / np.maximum(np.array(trained["active"]), 1e-9)
+        note = "calibration frequencies scaled by the predictors' predicted/active share"
+        return np.clip(cal.frequency * over[:, None], 0.0, 1.0), note
+    trained = None if name == "predictor" else cal.sparsity
     asked = options.sparsity if options.sparsity is not None else trained
     if asked is None or trained is None or asked == trained:
         what = "natural zeros" if trained is None else f"sparsity {trained:g}"
@@ -157,8 +162,10 @@ def forecast_selector(
     name: str,
     disk: CostModel,
     costs: Costs,
+    call_s: float,
 ) -> dict:
-    """One selector: its memory plan (or why it does not fit) and expected per-token cost."""
+    """One selector: its memory plan (or why it does not fit) and expected per-token cost
+    (``call_s``: the store reader's fixed cost per call)."""
     options = FlashOptions.build({**given, "selector": name}, TOOL)
     m, itemsize = subject.manifest, facts.itemsize
     exact_gate = name in ("gate", "oracle")
@@ -177,6 +184,7 @@ def forecast_selector(
         row_bytes=row,
         threads=options.threads or disk.reader_threads(min(r.record_size for r in region)),
         trunk_gemv=trunk_gemv(subject, facts),
+        call_s=call_s,
     )
     if name == "dense":
         cost, note = dense_cost(plan, facts, layout, disk, costs), "every neuron"
@@ -201,10 +209,10 @@ def run_forecast(src: str, given: dict, dtype: str | None, path: Path | None) ->
     disk_at = path or subject.directory or cache_root()
     disk = cost_model_for(disk_at)
     measured = measure_compute(facts.d_model, facts.d_ffn, compute)
-    costs = Costs(**{k: v for k, v in measured.as_dict().items() if k != "dtype"})
+    costs = Costs(**{k: v for k, v in measured.as_dict().items() if k not in ("dtype", "call_s")})
     m = subject.manifest
     results = [
-        forecast_selector(subject, facts, given, name, disk, costs)
+        forecast_selector(subject, facts, given, name, disk, costs, measured.call_s)
         for name in selectors_to_forecast(
             subject, options.selector if "selector" in given else None
         )

@@ -11,12 +11,12 @@ import pytest
 
 import mlx_flash
 from mlx_flash import forecast
-from mlx_flash.compute_probe import ComputeCosts
+from mlx_flash.compute_probe import ComputeCosts, measure_compute
 from mlx_flash.convert.converter import open_source, planned_manifest
 from mlx_flash.runtime.manifest import read_manifest
 
 # fixed compute constants: the tests check plans and reads, not this machine's timings
-COSTS = ComputeCosts("float32", 5e9, 1e-4, 2e-4, 2e-4, 2e-4)
+COSTS = ComputeCosts("float32", 5e9, 1e-4, 2e-4, 2e-4, 2e-4, 1e-4)
 
 
 @pytest.fixture(autouse=True)
@@ -137,3 +137,10 @@ def test_cli_prints_the_plan_and_every_assumption(tiny_flash, tmp_path, capsys):
     assert all(f"- {a}" in out for a in data["assumptions"])
     moe = forecast.main([str(tmp_path / "nothing-here.gguf")])
     assert moe == 1 and "no such GGUF file" in capsys.readouterr().err
+
+
+def test_compute_micro_benchmark_measures_every_constant():
+    costs = measure_compute(64, 128, mx.float32, repeats=2)
+    assert costs.dtype == "float32" and costs.bytes_per_s > 1e8
+    assert costs.layer_s > 0 and costs.flash_layer_s >= 0 and costs.chunk_s >= 0
+    assert 0 < costs.call_s < 0.1

@@ -14,6 +14,9 @@ compute micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does 
   is read unless the last ``window`` tokens selected it, and at least what the window buffer cannot
   hold is read. Reads coalesce neighbours and gaps shorter than the cost model's gap; gap bytes
   count as read. Resident rows are computed (``compute_rows`` "resident"), else the selected.
+
+Each reader call (a chunk, or a layer's selection) costs the reader's fixed cost per call plus its
+reads at no more threads than it has reads (the cost model's time for them).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Layout:
     row_bytes: int  # one neuron's rows in the buffers (compute dtype)
     threads: int  # the reader's threads
     trunk_gemv: int  # trunk bytes a step multiplies (all but an untied input embedding)
+    call_s: float  # the reader's fixed cost per call (compute_probe)
 
 
 def dense_cost(
@@ -73,21 +77,23 @@ def dense_cost(
 ) -> TokenCost:
     """Every neuron of every layer, pinned rows resident, the rest streamed (module docstring)."""
     needed, cap = plan.d_ffn - plan.pinned_rows, plan.window_rows
-    run = disk.run_bytes(layout.threads)
     if needed <= cap:  # the buffer holds the whole remainder: nothing read once warm
-        loaded = reads = 0.0
-        chunks = 1
-    else:
-        chunks = math.ceil(needed / cap)
-        last = needed - cap * (chunks - 1)
-        loaded = needed - (last + cap) / 2
-        per_chunk = [math.ceil(n * layout.record_stride / run) for n in [cap] * (chunks - 1)]
-        per_chunk.append(math.ceil(last * layout.record_stride / run))
-        reads = sum(per_chunk) - (per_chunk[-1] + per_chunk[0]) / 2
-    return _token_cost(
-        facts, layout, disk, costs, loaded, reads, loaded * layout.record_read, plan.d_ffn, chunks,
-        0,
-    )  # fmt: skip
+        return _token_cost(facts, layout, costs, [], plan.d_ffn * facts.n_layers, 1, 0)
+    chunks = math.ceil(needed / cap)
+    last = needed - cap * (chunks - 1)
+    run = disk.run_bytes(layout.threads)
+    full, short = (_call(n, layout, disk, run) for n in (cap, last))
+    # one chunk stays between tokens: alternately the short last one and a full one
+    calls = [full] * (chunks - 2) + [_mean(full, short)]
+    per_token = [c for c in calls for _ in range(facts.n_layers)]
+    return _token_cost(facts, layout, costs, per_token, plan.d_ffn * facts.n_layers, chunks, 0)
+
+
+def _call(records: float, layout: Layout, disk: CostModel, run: int) -> Read:
+    """One reader call for a contiguous run of ``records`` neurons, read in pieces of ``run``."""
+    nbytes = records * layout.record_read
+    reads = math.ceil(records * layout.record_stride / run)
+    return Read(records, nbytes, reads, _seconds(nbytes, reads, layout, disk))
 
 
 def sparse_cost(
@@ -103,50 +109,76 @@ def sparse_cost(
 ) -> TokenCost:
     """A selector choosing each neuron with ``frequency`` [layers, d_ffn] (module docstring)."""
     gap = disk.gap_bytes(layout.threads) // layout.record_stride
-    loaded = reads = read_bytes = rows = 0.0
+    distances = np.arange(1, gap + 2)
+    calls, rows = [], 0.0
     for f in frequency:
         f = np.sort(np.clip(f, 0.0, 1.0))[::-1]
         rest = f[plan.pinned_rows :]
-        union = float(np.sum(1.0 - (1.0 - rest) ** (window + 1)))
-        new = max(
-            float(np.sum(rest * (1.0 - rest) ** window)), float(rest.sum()) - plan.window_rows
-        )
+        depth = _window_depth(rest, window, plan.window_rows)
+        new = float(np.sum(rest * (1.0 - rest) ** depth))
         share = new / plan.d_ffn
-        distances = np.arange(1, gap + 2)
         merged = share * (1.0 - share) ** (distances - 1)  # the previous read neuron is d back
-        loaded += new
-        reads += new * (1.0 - merged.sum())
-        read_bytes += new * (
-            layout.record_read + layout.record_stride * float(np.sum((distances - 1) * merged))
-        )
+        reads = new * (1.0 - float(merged.sum()))
+        gaps = layout.record_stride * float(np.sum((distances - 1) * merged))
+        nbytes = new * (layout.record_read + gaps)
+        calls.append(Read(new, nbytes, reads, _seconds(nbytes, reads, layout, disk)))
+        union = float(np.sum(1.0 - (1.0 - rest) ** (depth + 1)))
         resident = plan.pinned_rows + min(plan.window_rows, union)
         rows += resident if compute_rows == "resident" else float(f.sum())
-    return _token_cost(facts, layout, disk, costs, loaded, reads, read_bytes, rows, 1,
-                       selector_bytes, per_layer_rows=False)  # fmt: skip
+    return _token_cost(facts, layout, costs, calls, rows, 1, selector_bytes)
+
+
+def _window_depth(frequency: np.ndarray, window: int, capacity: int) -> int:
+    """Tokens back the buffer keeps: ``window``, or fewer when their selections (with the current
+    token's) outgrow its rows; 0 when even one token's do (everything is read)."""
+    for depth in range(window, 0, -1):
+        if np.sum(1.0 - (1.0 - frequency) ** (depth + 1)) <= capacity:
+            return depth
+    return 0
+
+
+@dataclass(frozen=True)
+class Read:
+    """One reader call: neurons, bytes, reads and seconds."""
+
+    records: float
+    nbytes: float
+    reads: float
+    seconds: float
+
+
+def _mean(a: Read, b: Read) -> Read:
+    return Read(*((x + y) / 2 for x, y in zip(asdict(a).values(), asdict(b).values(), strict=True)))
+
+
+def _seconds(nbytes: float, reads: float, layout: Layout, disk: CostModel) -> float:
+    """A call's time: the reader's fixed cost, and its reads at no more threads than reads."""
+    threads = max(1, min(layout.threads, math.ceil(reads)))
+    return layout.call_s + disk.read_seconds(nbytes, reads, threads)
 
 
 def _token_cost(
     facts: ModelFacts,
     layout: Layout,
-    disk: CostModel,
     costs: Costs,
-    loaded: float,
-    reads: float,
-    read_bytes: float,
+    calls: list[Read],
     rows: float,
     chunks: int,
     selector_bytes: int,
-    per_layer_rows: bool = True,
 ) -> TokenCost:
-    """Per-layer figures (``rows``: per layer, or summed over layers) to a token's cost."""
+    """A token's reader calls, computed rows (all layers) and streamed chunks per layer."""
     n = facts.n_layers
-    if per_layer_rows:
-        loaded, reads, read_bytes, rows = loaded * n, reads * n, read_bytes * n, rows * n
     weights = layout.trunk_gemv + rows * layout.row_bytes + selector_bytes
     compute = (
         costs.step_s
         + n * (costs.layer_s + costs.flash_layer_s + chunks * costs.chunk_s)
         + weights / costs.bytes_per_s
     )
-    io = disk.read_seconds(read_bytes, reads, layout.threads)
-    return TokenCost(loaded, read_bytes, reads, io, compute, rows)
+    return TokenCost(
+        loaded=sum(c.records for c in calls),
+        bytes=sum(c.nbytes for c in calls),
+        reads=sum(c.reads for c in calls),
+        io_s=sum(c.seconds for c in calls),
+        compute_s=compute,
+        computed_rows=rows,
+    )
