@@ -10,9 +10,7 @@ compute dtype (and never fits anything to runs of the model it forecasts):
   weights: tiny llamas (``mlx_flash.tiny``) of 2 and 6 layers through plain mlx-lm;
 - ``flash_layer_s`` and ``chunk_s``: what the runtime adds per FlashFFN layer (its FFN resident)
   and per chunk streamed through a buffer (delete, append, compute), read time excluded: the
-  6-layer tiny llama converted and run by the runtime;
-- ``call_s``: the store reader's fixed cost per call, from the same streamed run, whose reads
-  (one small read per call, from the page cache) cost next to nothing else.
+  6-layer tiny llama converted and run by the runtime.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ class ComputeCosts:
     layer_s: float  # per transformer layer, besides its weights
     flash_layer_s: float  # per FlashFFN layer, added to layer_s
     chunk_s: float  # per buffer chunk streamed in a layer (read time excluded)
-    call_s: float  # per store-reader call
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +52,7 @@ def measure_compute(d_model: int, d_ffn: int, dtype: mx.Dtype, repeats: int = 9)
     plain = {n: _step_seconds(_plain_model(n), repeats) for n in LAYERS}
     layer_s = (plain[LAYERS[1]] - plain[LAYERS[0]]) / (LAYERS[1] - LAYERS[0])
     step_s = max(0.0, plain[LAYERS[0]] - LAYERS[0] * layer_s)
-    resident, streamed, reads, call_s = _flash_steps(LAYERS[1], dtype, repeats)
+    resident, streamed, reads = _flash_steps(LAYERS[1], dtype, repeats)
     chunks = LAYERS[1] * FFN // STREAM_ROWS
     return ComputeCosts(
         dtype=str(dtype).split(".")[-1],
@@ -64,7 +61,6 @@ def measure_compute(d_model: int, d_ffn: int, dtype: mx.Dtype, repeats: int = 9)
         layer_s=max(0.0, layer_s),
         flash_layer_s=max(0.0, (resident - plain[LAYERS[1]]) / LAYERS[1]),
         chunk_s=max(0.0, (streamed - reads - resident) / chunks),
-        call_s=call_s,
     )
 
 
@@ -116,9 +112,8 @@ def _flash_steps(layers: int, dtype: mx.Dtype, repeats: int) -> tuple[float, flo
         streamed = _step_seconds(model, repeats)
         decode = [p for p in model.flash.telemetry.passes if p.phase == "decode"]
         reads = statistics.median(p.total.read.seconds for p in decode)
-        call = statistics.median(p.total.read.seconds / p.total.read.reads for p in decode)
         model.flash.close()
-    return resident, streamed, reads, call
+    return resident, streamed, reads
 
 
 def print_nothing(_: str) -> None:

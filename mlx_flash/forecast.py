@@ -6,9 +6,10 @@ directory, an mlx-lm/Hugging Face directory, a GGUF file (its header is read, no
 hub id (only its config.json is fetched). The memory plan is the loader's own (``budget``), made
 from the shapes of mlx-lm's lazily built model; per-token reads and time follow the runtime's
 behaviour (``runtime/expected.py``) with the disk's cost model (the cached ``mlx_flash.probe`` of
-the disk holding ``--path``, else its defaults) and a short compute micro-benchmark
-(``compute_probe``). Selectors are forecast from the store's calibration when SRC is a calibrated
-flash directory, else at a stated typical sparsity. Every assumption is printed.
+the disk holding ``--path``, else its defaults), the store reader timed on that disk
+(``reader_probe``) and a short compute micro-benchmark (``compute_probe``). Selectors are
+forecast from the store's calibration when SRC is a calibrated flash directory, else at a stated
+typical sparsity. Every assumption is printed.
 
     python -m mlx_flash.forecast SmolLM2-135M-Instruct.Q4_1.gguf --memory-budget 400MB
     python -m mlx_flash.forecast ~/models/my-flash-model --memory-budget 2GB --json forecast.json
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,7 +35,7 @@ from .runtime.budget import ModelFacts, model_facts, plan_memory, shape_facts
 from .runtime.calibration import Calibration, natural_zeros, read_calibration
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import BudgetError, UnsupportedModelError
-from .runtime.expected import Costs, Layout, dense_cost, sparse_cost
+from .runtime.expected import Costs, Layout, ReaderCost, dense_cost, sparse_cost
 from .runtime.files import cache_root, write_json
 from .runtime.loader import default_compute_dtype, row_bytes
 from .runtime.manifest import DTYPES, MANIFEST_FILE, MX_DTYPES, Manifest, read_manifest, trunk_files
@@ -162,10 +163,10 @@ def forecast_selector(
     name: str,
     disk: CostModel,
     costs: Costs,
-    call_s: float,
+    reader: ReaderCost,
 ) -> dict:
     """One selector: its memory plan (or why it does not fit) and expected per-token cost
-    (``call_s``: the store reader's fixed cost per call)."""
+    (``reader``: what a store-reader call costs on this disk)."""
     options = FlashOptions.build({**given, "selector": name}, TOOL)
     m, itemsize = subject.manifest, facts.itemsize
     exact_gate = name in ("gate", "oracle")
@@ -182,9 +183,9 @@ def forecast_selector(
         record_read=sum(p.nbytes for r in region for p in r.parts if p.name not in skip),
         record_stride=sum(r.record_stride for r in region),
         row_bytes=row,
-        threads=options.threads or disk.reader_threads(min(r.record_size for r in region)),
+        threads=reader.threads,
         trunk_gemv=trunk_gemv(subject, facts),
-        call_s=call_s,
+        reader=reader,
     )
     if name == "dense":
         cost, note = dense_cost(plan, facts, layout, disk, costs), "every neuron"
@@ -199,6 +200,7 @@ def forecast_selector(
 def run_forecast(src: str, given: dict, dtype: str | None, path: Path | None) -> dict:
     """The whole forecast as JSON data (see ``format_forecast``)."""
     from .compute_probe import measure_compute
+    from .reader_probe import measure_reader
 
     subject = open_subject(src, dtype)
     if subject.directory is not None:
@@ -206,13 +208,17 @@ def run_forecast(src: str, given: dict, dtype: str | None, path: Path | None) ->
     options = FlashOptions.build(given, TOOL)
     compute = MX_DTYPES[options.compute_dtype or default_compute_dtype(subject.manifest)]
     facts = subject_facts(subject, compute, options)
-    disk_at = path or subject.directory or cache_root()
+    disk_at = path or (subject.directory.parent if subject.directory else cache_root())
     disk = cost_model_for(disk_at)
     measured = measure_compute(facts.d_model, facts.d_ffn, compute)
-    costs = Costs(**{k: v for k, v in measured.as_dict().items() if k not in ("dtype", "call_s")})
+    costs = Costs(**{k: v for k, v in measured.as_dict().items() if k != "dtype"})
+    region = subject.manifest.layers[0].regions
+    threads = options.threads or disk.reader_threads(min(r.record_size for r in region))
+    disk_at.mkdir(parents=True, exist_ok=True)
+    reader = measure_reader(disk_at, sum(r.record_stride for r in region), threads, disk)
     m = subject.manifest
     results = [
-        forecast_selector(subject, facts, given, name, disk, costs, measured.call_s)
+        forecast_selector(subject, facts, given, name, disk, costs, reader)
         for name in selectors_to_forecast(
             subject, options.selector if "selector" in given else None
         )
@@ -224,6 +230,7 @@ def run_forecast(src: str, given: dict, dtype: str | None, path: Path | None) ->
                   "neuron_bytes": m.neuron_bytes(), "store_bytes": m.store_size,
                   "compute_dtype": measured.dtype, "converted": subject.directory is not None},
         "disk": {"at": str(disk_at), **disk.to_json()},
+        "reader": asdict(reader),
         "compute": measured.as_dict(),
         "selectors": results,
         "assumptions": assumptions(subject, options, disk),
@@ -235,8 +242,10 @@ def assumptions(subject: Subject, options: FlashOptions, disk: CostModel) -> lis
     out = [
         "decode only: prompt processing is not forecast; a step is compute then reads, not "
         "overlapped",
-        f"reads bypass the page cache (the probe's cost model, {disk.source}); with --page-cache "
-        "(the default) a store that fits in free RAM is read from memory once warm",
+        "reads bypass the page cache: each reader call costs what the store reader's calls cost "
+        f"when timed on this disk just now (reader_probe); run and gap sizes and threads from the "
+        f"probe's cost model ({disk.source}); with --page-cache (the default) a store that fits "
+        "in free RAM is read from memory once warm",
         "compute: matrix-vector products at the micro-benchmark's rate over the weights a step "
         "multiplies (trunk but an untied input embedding, computed FFN rows, the selector), plus "
         "fixed costs per step, layer, FlashFFN layer and streamed chunk timed on tiny llamas",
@@ -260,13 +269,15 @@ def assumptions(subject: Subject, options: FlashOptions, disk: CostModel) -> lis
 
 def format_forecast(result: dict) -> str:
     """The forecast as text: the model, the constants, one line per selector, the assumptions."""
-    m, c = result["model"], result["compute"]
+    m, c, r = result["model"], result["compute"], result["reader"]
     lines = [
         f"Forecast for {result['source']}: {m['model_type']}, {m['layers']} layers, d_model "
         f"{m['d_model']}, d_ffn {m['d_ffn']}; store {m['store_dtype']} {m['layout']}, "
         f"{m['neuron_bytes']} B per neuron, {format_size(m['store_bytes'])}; compute "
         f"{m['compute_dtype']}",
-        f"Disk: {result['disk']['source']}",
+        f"Disk: {result['disk']['source']}; reader calls: {1e3 * r['call_s']:.2f} ms + "
+        f"{1e6 * r['read_s']:.1f} us per read + {r['bytes_per_s'] / 1e9:.2f} GB/s at "
+        f"{r['threads']} threads",
         f"Compute: {c['bytes_per_s'] / 1e9:.1f} GB/s matrix-vector; per step "
         f"{1e3 * c['step_s']:.2f} ms, per layer {1e3 * c['layer_s']:.2f} + "
         f"{1e3 * c['flash_layer_s']:.2f} ms (FlashFFN), per streamed chunk "

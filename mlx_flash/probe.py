@@ -78,7 +78,7 @@ def make_probe_file(directory: Path, size: int) -> Path:
     return path
 
 
-def _record_store(path: Path, record: int) -> Manifest:
+def record_store(path: Path, record: int) -> Manifest:
     """The probe file seen as one layer of ``record``-byte neurons, so the store reader itself
     can read it."""
     n = path.stat().st_size // record
@@ -113,7 +113,7 @@ def measure_batches(
     per call, per thread count, page cache bypassed: what one layer's sparse load costs, thread
     wake-ups and Python included. The fastest thread count is what the runtime uses (on few cores,
     more threads cost more CPU than the deeper disk queue saves)."""
-    manifest = _record_store(path, record)
+    manifest = record_store(path, record)
     rng = np.random.default_rng(3)
     dest = {"up": np.empty((batch, record // 4), np.float32)}
     samples: dict[int, list[float]] = {}

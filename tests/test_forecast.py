@@ -13,17 +13,23 @@ import mlx_flash
 from mlx_flash import forecast
 from mlx_flash.compute_probe import ComputeCosts, measure_compute
 from mlx_flash.convert.converter import open_source, planned_manifest
+from mlx_flash.reader_probe import measure_reader
+from mlx_flash.runtime.costmodel import CostModel
+from mlx_flash.runtime.expected import ReaderCost
 from mlx_flash.runtime.manifest import read_manifest
 
 # fixed compute constants: the tests check plans and reads, not this machine's timings
-COSTS = ComputeCosts("float32", 5e9, 1e-4, 2e-4, 2e-4, 2e-4, 1e-4)
+COSTS = ComputeCosts("float32", 5e9, 1e-4, 2e-4, 2e-4, 2e-4)
+READER = ReaderCost(3e-4, 2e-5, 8e8, 8)
 
 
 @pytest.fixture(autouse=True)
 def fixed_compute(monkeypatch):
     import mlx_flash.compute_probe as probe
+    import mlx_flash.reader_probe as reader
 
     monkeypatch.setattr(probe, "measure_compute", lambda *a, **k: COSTS)
+    monkeypatch.setattr(reader, "measure_reader", lambda *a, **k: READER)
 
 
 def _selector(result: dict, name: str) -> dict:
@@ -143,4 +149,10 @@ def test_compute_micro_benchmark_measures_every_constant():
     costs = measure_compute(64, 128, mx.float32, repeats=2)
     assert costs.dtype == "float32" and costs.bytes_per_s > 1e8
     assert costs.layer_s > 0 and costs.flash_layer_s >= 0 and costs.chunk_s >= 0
-    assert 0 < costs.call_s < 0.1
+
+
+def test_reader_probe_times_contiguous_and_scattered_calls(tmp_path):
+    reader = measure_reader(tmp_path, 4096, 4, CostModel.defaults(), repeats=2)
+    assert reader.threads == 4 and reader.bytes_per_s > 1e6
+    assert reader.seconds(1 << 20, 4) > reader.seconds(64 << 10, 1) > 0
+    assert not list(tmp_path.iterdir())  # its probe file is gone

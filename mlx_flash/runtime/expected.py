@@ -2,8 +2,9 @@
 the runtime.
 
 Why: ``mlx_flash.forecast`` says how fast a model will run before it is converted. It takes the
-plan from ``budget.plan_memory`` (what the loader plans), the disk's cost model (the probe) and the
-compute micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does per token:
+plan from ``budget.plan_memory`` (what the loader plans), the disk's cost model (the probe: run and
+gap sizes), the store reader's measured cost per call (``reader_probe``) and the compute
+micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does per token:
 
 - dense: pinned rows stay; the rest streams through the window buffer in chunks of its capacity
   (``FlashFFN._stream``), one chunk staying between tokens — alternately the short last chunk and a
@@ -15,8 +16,8 @@ compute micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does 
   hold is read. Reads coalesce neighbours and gaps shorter than the cost model's gap; gap bytes
   count as read. Resident rows are computed (``compute_rows`` "resident"), else the selected.
 
-Each reader call (a chunk, or a layer's selection) costs the reader's fixed cost per call plus its
-reads at no more threads than it has reads (the cost model's time for them).
+Each reader call (a chunk, or a layer's selection) costs what ``reader_probe`` measured the store
+reader's calls to cost on this disk: per call, per read and per byte.
 """
 
 from __future__ import annotations
@@ -61,6 +62,23 @@ class TokenCost:
 
 
 @dataclass(frozen=True)
+class ReaderCost:
+    """A store-reader call costs ``call_s + reads * read_s + bytes / bytes_per_s`` at ``threads``
+    (measured by ``mlx_flash.reader_probe``)."""
+
+    call_s: float
+    read_s: float
+    bytes_per_s: float
+    threads: int
+
+    def seconds(self, nbytes: float, reads: float) -> float:
+        """Expected time of one call reading ``nbytes`` in ``reads`` reads."""
+        if reads <= 0:
+            return 0.0
+        return self.call_s + reads * self.read_s + nbytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
 class Layout:
     """How a neuron sits in the store and in the buffers."""
 
@@ -69,7 +87,7 @@ class Layout:
     row_bytes: int  # one neuron's rows in the buffers (compute dtype)
     threads: int  # the reader's threads
     trunk_gemv: int  # trunk bytes a step multiplies (all but an untied input embedding)
-    call_s: float  # the reader's fixed cost per call (compute_probe)
+    reader: ReaderCost  # what a store-reader call costs on this disk (reader_probe)
 
 
 def dense_cost(
@@ -82,18 +100,18 @@ def dense_cost(
     chunks = math.ceil(needed / cap)
     last = needed - cap * (chunks - 1)
     run = disk.run_bytes(layout.threads)
-    full, short = (_call(n, layout, disk, run) for n in (cap, last))
+    full, short = (_call(n, layout, run) for n in (cap, last))
     # one chunk stays between tokens: alternately the short last one and a full one
     calls = [full] * (chunks - 2) + [_mean(full, short)]
     per_token = [c for c in calls for _ in range(facts.n_layers)]
     return _token_cost(facts, layout, costs, per_token, plan.d_ffn * facts.n_layers, chunks, 0)
 
 
-def _call(records: float, layout: Layout, disk: CostModel, run: int) -> Read:
+def _call(records: float, layout: Layout, run: int) -> Read:
     """One reader call for a contiguous run of ``records`` neurons, read in pieces of ``run``."""
     nbytes = records * layout.record_read
     reads = math.ceil(records * layout.record_stride / run)
-    return Read(records, nbytes, reads, _seconds(nbytes, reads, layout, disk))
+    return Read(records, nbytes, reads, layout.reader.seconds(nbytes, reads))
 
 
 def sparse_cost(
@@ -121,7 +139,7 @@ def sparse_cost(
         reads = new * (1.0 - float(merged.sum()))
         gaps = layout.record_stride * float(np.sum((distances - 1) * merged))
         nbytes = new * (layout.record_read + gaps)
-        calls.append(Read(new, nbytes, reads, _seconds(nbytes, reads, layout, disk)))
+        calls.append(Read(new, nbytes, reads, layout.reader.seconds(nbytes, reads)))
         union = float(np.sum(1.0 - (1.0 - rest) ** (depth + 1)))
         resident = plan.pinned_rows + min(plan.window_rows, union)
         rows += resident if compute_rows == "resident" else float(f.sum())
@@ -149,12 +167,6 @@ class Read:
 
 def _mean(a: Read, b: Read) -> Read:
     return Read(*((x + y) / 2 for x, y in zip(asdict(a).values(), asdict(b).values(), strict=True)))
-
-
-def _seconds(nbytes: float, reads: float, layout: Layout, disk: CostModel) -> float:
-    """A call's time: the reader's fixed cost, and its reads at no more threads than reads."""
-    threads = max(1, min(layout.threads, math.ceil(reads)))
-    return layout.call_s + disk.read_seconds(nbytes, reads, threads)
 
 
 def _token_cost(
