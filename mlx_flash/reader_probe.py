@@ -4,9 +4,9 @@ Why: a decode step reads through ``StoreReader`` — per call a thread hand-off 
 a ``preadv``, per byte the disk and a copy out of the staging buffer — and on a machine with few
 cores that costs more than the disk alone (the probe's cost model). So the forecast times the
 reader itself, page cache bypassed, on a fresh probe file of the model's record size, in both
-patterns the runtime issues: contiguous runs (dense streaming) and scattered records (sparse
-selectors), at the runtime's threads and read sizes. A call costs ``call_s + reads * read_s +
-bytes / bytes_per_s`` (least squares on the timed calls).
+patterns the runtime issues: contiguous runs (dense streaming) and scattered records and short runs
+(sparse selectors), at the runtime's threads and read sizes. A call costs
+``call_s + reads * read_s + bytes / bytes_per_s`` (least squares on the timed calls).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .runtime.store import StoreReader
 
 FILE_BYTES = 96 << 20
 CONTIGUOUS_BYTES = (128 << 10, 1 << 20, 4 << 20)
-SCATTERED_RECORDS = (8, 32, 128)
+SCATTERED = ((8, 1), (32, 1), (128, 1), (16, 4), (16, 16))  # (runs, records per run), far apart
 
 
 def measure_reader(
@@ -50,9 +50,10 @@ def measure_reader(
                 for _ in range(repeats):
                     start = int(rng.integers(0, n - k))
                     samples.append(_timed(reader, np.arange(start, start + k), dest))
-            for k in SCATTERED_RECORDS:
-                for _ in range(repeats):  # far apart: no two coalesce
-                    ids = np.sort(rng.choice(n // 64, k, replace=False)) * 64
+            for runs, length in SCATTERED:
+                for _ in range(repeats):  # runs far apart: no two coalesce
+                    starts = np.sort(rng.choice(n // 64, runs, replace=False)) * 64
+                    ids = (starts[:, None] + np.arange(length)).ravel()
                     samples.append(_timed(reader, ids, dest))
     finally:
         shutil.rmtree(path.parent)
