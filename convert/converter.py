@@ -36,6 +36,7 @@ from mlx_flash.runtime.manifest import (
     DTYPES,
     MX_DTYPES,
     STORE_FILE,
+    Blob,
     LayerEntry,
     Manifest,
     Quantization,
@@ -365,6 +366,42 @@ def _size_estimate(plan: _Plan, layout: str, align: int) -> int:
     store = (layer + REGION_ALIGN + plan.d_model * 4) * len(plan.prefixes)
     elements = sum(math.prod(shape) for shape in plan.trunk.values())
     return store + elements * DTYPES[plan.dtype]
+
+
+def planned_manifest(
+    source: SourceModel, dtype: str | None = None, layout: str = "bundled", align: int = 0
+) -> tuple[Manifest, _Plan]:
+    """The manifest converting ``source`` would write (no calibration, no checksums), and the
+    plan, from shapes alone: what ``mlx_flash.forecast`` plans memory and reads with."""
+    plan = _plan(source, dtype, None, lambda _: None)
+    specs = _part_specs(plan.d_model, plan.spec.gated, plan.has_bias, plan.dtype, plan.quant)
+    down_bias = f"{plan.prefixes[0]}.{plan.spec.down}.bias" in source.tensors
+    layers, end = [], 0
+    for i, prefix in enumerate(plan.prefixes):
+        start = -(-end // REGION_ALIGN) * REGION_ALIGN
+        regions = plan_regions(specs, layout, align, start, plan.d_ffn)
+        end = regions[-1].offset + regions[-1].record_stride * plan.d_ffn
+        blobs = {}
+        if down_bias:  # written after the records, as the store writer does
+            blobs["down_bias"] = Blob(end, plan.d_model, plan.dtype)
+            end += plan.d_model * DTYPES[plan.dtype]
+        layers.append(LayerEntry(i, prefix, start, end - start, "", tuple(regions), blobs))
+    manifest = Manifest(
+        model_type=plan.config["model_type"],
+        d_model=plan.d_model,
+        d_ffn=plan.d_ffn,
+        gated=plan.spec.gated,
+        activation=plan.spec.activation,
+        layout=layout,
+        dtype=plan.dtype,
+        align=align,
+        store_file=STORE_FILE,
+        store_size=end,
+        layers=tuple(layers),
+        quantization=plan.quant,
+        source=source.description,
+    )
+    return manifest, plan
 
 
 def _write_store(

@@ -50,7 +50,7 @@ from .runtime.manifest import (
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type, on_ram_disk
 from .runtime.sizes import format_size, parse_size
 from .runtime.store import MAX_THREADS, ReadCount, StoreReader
-from .runtime.uncached import DIRECT_ALIGN, UncachedFile
+from .runtime.uncached import DIRECT_ALIGN, UncachedFile, set_nocache
 
 DEFAULT_CHUNKS = tuple(4096 << i for i in range(9))  # 4 KiB .. 1 MiB
 DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
@@ -65,6 +65,8 @@ def make_probe_file(directory: Path, size: int) -> Path:
     block = 8 << 20
     try:
         with open(path, "wb") as f:
+            if sys.platform == "darwin":  # no way to drop a file's pages there: never cache them
+                set_nocache(f.fileno())
             for offset in range(0, size, block):
                 f.write(rng.bytes(min(block, size - offset)))
             f.flush()
@@ -76,7 +78,7 @@ def make_probe_file(directory: Path, size: int) -> Path:
     return path
 
 
-def _record_store(path: Path, record: int) -> Manifest:
+def record_store(path: Path, record: int) -> Manifest:
     """The probe file seen as one layer of ``record``-byte neurons, so the store reader itself
     can read it."""
     n = path.stat().st_size // record
@@ -111,7 +113,7 @@ def measure_batches(
     per call, per thread count, page cache bypassed: what one layer's sparse load costs, thread
     wake-ups and Python included. The fastest thread count is what the runtime uses (on few cores,
     more threads cost more CPU than the deeper disk queue saves)."""
-    manifest = _record_store(path, record)
+    manifest = record_store(path, record)
     rng = np.random.default_rng(3)
     dest = {"up": np.empty((batch, record // 4), np.float32)}
     samples: dict[int, list[float]] = {}

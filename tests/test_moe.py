@@ -434,7 +434,7 @@ def test_moe_gguf_converts_and_streams_the_model_it_was_written_from(arch, tmp_p
 
     from mlx_flash.convert.gguf_source import open_gguf
     from mlx_flash.convert.moe import convert_moe
-    from tiny_models import write_tiny_tokenizer
+    from mlx_flash.tiny import write_tiny_tokenizer
 
     model, config = build_moe(arch)
     path = tmp_path / "m.gguf"

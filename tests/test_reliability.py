@@ -286,7 +286,7 @@ DAMAGE = {
             _edit_json(d / "config.json", model_type="mamba"),
         ),
         MANIFEST_FILE,
-        "'mamba' is not supported; supported: ",
+        "'mamba' is not supported (no FFN: state-space layers only); supported: ",
         UnsupportedModelError,
         False,
     ),

@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_map_with_path
 from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
 
-from tiny_models import write_tiny_tokenizer
+from mlx_flash.tiny import write_tiny_tokenizer
 
 D, FFN, EXPERT_FFN, VOCAB = 64, 128, 64, 256
 N_EXPERTS, TOP_K = 8, 2

@@ -80,6 +80,22 @@ def model_facts(
 ) -> ModelFacts:
     """The facts of a freshly built (lazy, unevaluated) mlx-lm model computing in ``dtype``."""
     trunk = [trunk_facts(path, dtype) for path in trunk_files]
+    held = sum(h for h, _ in trunk)
+    transient = max((t for _, t in trunk), default=0)
+    return shape_facts(model, config, manifest, held, transient, dtype, options)
+
+
+def shape_facts(
+    model,
+    config: dict,
+    manifest: Manifest,
+    trunk: int,
+    load_transient: int,
+    dtype: mx.Dtype,
+    options: FlashOptions,
+) -> ModelFacts:
+    """``model_facts`` with the trunk's bytes given (held, and the loader's cast transient): a
+    forecast has shapes, not trunk files."""
     return ModelFacts(
         n_layers=len(model.layers),
         d_model=manifest.d_model,
@@ -87,8 +103,8 @@ def model_facts(
         vocab=config.get("vocab_size", 0),
         heads=config.get("num_attention_heads") or config.get("n_head") or 1,
         itemsize=dtype.size,
-        trunk=sum(held for held, _ in trunk),
-        load_transient=max((transient for _, transient in trunk), default=0),
+        trunk=trunk,
+        load_transient=load_transient,
         kv_layers=kv_layers(model, dtype.size, options),
         **quantized_kv(model, dtype.size, options),
     )

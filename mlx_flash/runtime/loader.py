@@ -138,7 +138,7 @@ def prepare_runtime(
     exact_gate = _exact_gate(options, choice)
     skip = selectors.GATE_PARTS if exact_gate else ()
     parts = _buffer_parts(manifest, dtype, skip)
-    plan = plan_memory(facts, options, selector_bytes, _row_bytes(manifest, dtype.size, skip))
+    plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
     cost = cost_model_for(directory)
     threads = options.threads or cost.reader_threads(
         min(r.record_size for r in manifest.layers[0].regions)
@@ -219,7 +219,7 @@ def _choose_selector(
         cannot hold beside it, at its row size; None when the budget cannot hold it at all."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
-        row = _row_bytes(manifest, facts.itemsize, skip)
+        row = row_bytes(manifest, facts.itemsize, skip)
         if budget_bytes(options) < minimum_bytes(facts, options, held, row):
             return None
         share = buffer_rows(facts, options, held, row) / manifest.d_ffn
@@ -428,7 +428,7 @@ def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
     }
 
 
-def _row_bytes(manifest: Manifest, itemsize: int, skip: tuple[str, ...]) -> int:
+def row_bytes(manifest: Manifest, itemsize: int, skip: tuple[str, ...]) -> int:
     """One neuron's bytes in a layer's buffers."""
     return sum(part_bytes(p, itemsize) for p in manifest.layers[0].parts() if p.name not in skip)
 

@@ -8,6 +8,9 @@ much of a file is cached afterwards, so a reader can see that the bypass held.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import shutil
 import subprocess
@@ -50,10 +53,10 @@ def drop_from_page_cache(path: str | Path) -> None:
 
 
 def cached_bytes(path: str | Path) -> int | None:
-    """Bytes of ``path`` in the page cache (util-linux ``fincore``), None where that cannot be
-    told."""
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``, else ``mincore(2)``, which macOS
+    has), None where that cannot be told."""
     if shutil.which("fincore") is None:
-        return None
+        return mincore_bytes(path)
     out = subprocess.run(
         ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
         capture_output=True,
@@ -63,3 +66,35 @@ def cached_bytes(path: str | Path) -> int | None:
         return int(out.stdout.split()[0]) if out.returncode == 0 else None
     except (IndexError, ValueError):
         return None
+
+
+def mincore_bytes(path: str | Path) -> int | None:
+    """Bytes of ``path`` in memory, from ``mincore(2)`` over a read-only mapping of it (mapping
+    faults nothing in); None where libc has no mincore."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (
+            [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+        )
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return None
+        try:
+            pages = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+            if libc.mincore(addr, size, pages) != 0:
+                return None
+            return min(size, sum(p & 1 for p in pages) * mmap.PAGESIZE)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)

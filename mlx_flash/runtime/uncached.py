@@ -57,9 +57,7 @@ class UncachedFile:
         """ "auto" prefers F_NOCACHE (macOS), then RWF_DONTCACHE, then O_DIRECT, else warns and
         caches."""
         if bypass == "nocache" or (bypass == "auto" and sys.platform == "darwin"):
-            import fcntl
-
-            fcntl.fcntl(self.fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+            set_nocache(self.fd)
             return "nocache"
         if bypass in ("auto", "dontcache") and self._dontcache_supported():
             return "dontcache"
@@ -107,3 +105,10 @@ class UncachedFile:
             if fd is not None:
                 os.close(fd)
         self.fd = self.direct_fd = None  # type: ignore[assignment]
+
+
+def set_nocache(fd: int) -> None:
+    """macOS: keep this descriptor's reads and writes out of the page cache (``F_NOCACHE``)."""
+    import fcntl
+
+    fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
