@@ -202,6 +202,7 @@ def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) 
         "fraction_computed": summary["fraction_computed"],
         "buffer_hit_rate": summary["buffer_hit_rate"],
         "lookahead_recall": summary["lookahead_recall"],
+        "lookahead_recall_per_layer": rt.telemetry.lookahead_recall_per_layer(),
         "tokens_per_s": last.generation_tps,
         "prompt_tps": last.prompt_tps,
         "peak_memory": peak,

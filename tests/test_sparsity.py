@@ -21,6 +21,7 @@ from mlx_flash.rebuild import dense_ffn_weights
 from mlx_flash.runtime.calibration import (
     LEVELS,
     Calibration,
+    OperatingPoint,
     Predictors,
     read_calibration,
     read_predictors,
@@ -28,12 +29,14 @@ from mlx_flash.runtime.calibration import (
 from mlx_flash.runtime.errors import BudgetError, FlashError
 from mlx_flash.runtime.ffn import partial_output
 from mlx_flash.runtime.manifest import read_manifest
+from mlx_flash.runtime.options import FlashOptions
 from mlx_flash.runtime.proxy import Proxy, ProxyFormat, compress, outliers
 from mlx_flash.runtime.selectors import (
     DenseSelector,
     GateSelector,
     PredictorSelector,
     ProxySelector,
+    choose,
     keep_counts,
 )
 from tiny_models import save_tiny_model
@@ -321,12 +324,40 @@ def test_auto_passes_over_a_selector_the_budget_cannot_hold(llama_calibrated, tm
     between = (proxy + gate) // 2
     with pytest.raises(BudgetError):
         mlx_flash.load(directory, between, selector="gate", sparsity=0.5)
-    assert mlx_flash.load(directory, between)[0].flash.selector.name == "proxy"
-    assert mlx_flash.load(directory, gate)[0].flash.selector.name == "gate"
+    # the proxy, unless the disk's cost model expects streaming every neuron to be quicker
+    choice = mlx_flash.load(directory, between)[0].flash.choice
+    assert choice.name == "proxy" or (choice.name == "dense" and "reads faster" in choice.reason)
+    assert mlx_flash.load(directory, gate)[0].flash.selector.name in ("gate", "dense")
+
+
+def test_auto_takes_the_quickest_reads_and_dense_when_streaming_is_quicker(llama_calibrated):
+    """``choose`` on the cost model's seconds per token: the quickest qualifying point, and dense
+    (exact) only when streaming every neuron is quicker still."""
+    points = [
+        OperatingPoint("gate", 0.3, "resident", 4, 0.01),
+        OperatingPoint("proxy", 0.5, "resident", 4, 0.009),
+    ]
+    manifest = read_manifest(llama_calibrated)
+    quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
+    quality["points"] = [dataclasses.asdict(p) for p in points]
+    manifest = dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality})
+    calibration = read_calibration(llama_calibrated, manifest)
+    options = FlashOptions.build({})
+    seconds = {"gate": 0.2, "proxy": 0.1}
+    for dense, expected in ((0.3, "proxy"), (0.1, "proxy"), (0.05, "dense")):
+        seconds["dense"] = dense
+        choice = choose(options, manifest, calibration, lambda name, s: seconds[name])
+        assert choice.name == expected, dense
+    assert "reads faster here than proxy at sparsity 0.5" in choice.reason
+    seconds["proxy"] = None  # the budget cannot hold the proxy: the gate
+    seconds["dense"] = 1.0
+    assert choose(options, manifest, calibration, lambda name, s: seconds[name]).name == "gate"
 
 
 def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
-    model, _ = mlx_flash.load(relu2_calibrated, "1GB", ffn_cache=0.5, pin_share=0.5)
+    model, _ = mlx_flash.load(
+        relu2_calibrated, "1GB", selector="predictor", ffn_cache=0.5, pin_share=0.5
+    )
     frequency = read_calibration(relu2_calibrated, read_manifest(relu2_calibrated)).frequency
     for i, layer in enumerate(model.flash.layers):
         pinned = layer.pinned_ids

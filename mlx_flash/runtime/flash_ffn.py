@@ -182,12 +182,15 @@ class FlashFFN(nn.Module):
         if needed.size and needed.size <= st.buffer.capacity:
             step = st.window.step(needed, st.buffer.neurons)
             st.buffer.delete(step.drop)
-            stats.read += st.buffer.append(step.load)
+            read = st.buffer.append(step.load)
+            stats.read += read
             stats.hits += step.hits
             stats.dropped += step.drop.size
             if rt.lookahead is not None:
-                stats.advised = rt.lookahead.recalled(st.index, step.load)
-                rt.lookahead.advise_next(st.index, x)  # read while this layer computes
+                advised = rt.lookahead.recalled(st.index, step.load)
+                stats.advised = advised or 0
+                # the kernel reads the next layer's while this one computes
+                rt.lookahead.advise_next(st.index, x, read.seconds, advised is not None)
             outs += self._compute(x, st.buffer, selection.gate, keep, stats)
         elif needed.size:
             outs += self._stream(x, needed, selection.gate, stats)

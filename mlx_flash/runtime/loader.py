@@ -133,16 +133,16 @@ def prepare_runtime(
     dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
     calibration = read_calibration(directory, manifest)
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
-    choice = _choose_selector(options, directory, manifest, calibration, facts)
+    cost = cost_model_for(directory)
+    threads = options.threads or cost.reader_threads(
+        min(r.record_size for r in manifest.layers[0].regions)
+    )
+    choice = _choose_selector(options, directory, manifest, calibration, facts, cost, threads)
     selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
     exact_gate = _exact_gate(options, choice)
     skip = selectors.GATE_PARTS if exact_gate else ()
     parts = _buffer_parts(manifest, dtype, skip)
     plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
-    cost = cost_model_for(directory)
-    threads = options.threads or cost.reader_threads(
-        min(r.record_size for r in manifest.layers[0].regions)
-    )
     reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
@@ -207,26 +207,49 @@ def _choose_selector(
     manifest: Manifest,
     calibration: Calibration | None,
     facts: ModelFacts,
+    disk: CostModel,
+    threads: int,
 ) -> selectors.Choice:
     """The operating point to run. A Selector object is used as given; a name is resolved by
     ``selectors.choose``, which passes over a selector the budget cannot hold."""
     if not isinstance(options.selector, str):
         rows = options.compute_rows or "resident"
         return selectors.Choice(options.selector.name, options.sparsity, rows, None, "given")
+    gap = disk.gap_bytes(threads) // manifest.neuron_bytes()  # records the reader reads through
 
     def cost(name: str, sparsity: float | None) -> float | None:
-        """Bytes per token the selector is expected to read: its kept neurons that the buffers
-        cannot hold beside it, at its row size; None when the budget cannot hold it at all."""
+        """Seconds per token the disk's cost model expects the selector's reads to take: of its
+        kept neurons, those the buffers cannot hold beside it, read as the reader plans them (short
+        gaps read through; every neuron in long runs for ``dense``); None when the budget cannot
+        hold the selector at all."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
         if budget_bytes(options) < minimum_bytes(facts, options, held, row):
             return None
-        share = buffer_rows(facts, options, held, row) / manifest.d_ffn
-        kept = 1.0 - (0.5 if sparsity is None else sparsity)
-        return facts.n_layers * manifest.d_ffn * kept * row * (1.0 - share)
+        missed = 1.0 - buffer_rows(facts, options, held, row) / manifest.d_ffn
+        if name == "dense":
+            nbytes = missed * manifest.d_ffn * row
+            reads = nbytes / disk.run_bytes(threads)
+        else:
+            kept = 1.0 - (0.5 if sparsity is None else sparsity)
+            records, reads = sparse_reads(kept * missed, gap)
+            nbytes, reads = records * manifest.d_ffn * row, reads * manifest.d_ffn
+        return facts.n_layers * disk.read_seconds(nbytes, max(reads, 1.0), threads)
 
     return selectors.choose(options, manifest, calibration, cost)
+
+
+def sparse_reads(density: float, gap: int) -> tuple[float, float]:
+    """Records read (the gaps read through included) and reads, per neuron of a layer, when each
+    neuron is wanted independently with probability ``density`` and the reader reads through gaps
+    of up to ``gap`` records: a gap of k records follows a wanted one with probability
+    ``density * (1 - density)^k``, and a read ends at a longer gap."""
+    if density <= 0.0:
+        return 0.0, 0.0
+    q = 1.0 - density
+    through = sum(k * q**k * density for k in range(1, gap + 1))
+    return density * (1.0 + through), density * q ** (gap + 1)
 
 
 def _selector_bytes(

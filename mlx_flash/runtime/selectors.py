@@ -16,8 +16,9 @@ over the tokens, so every token gets every neuron any of them needs.
 - ``predictor`` (ReLU-family FFNs, the paper's): per layer a low-rank network trained at
   calibration predicts which neurons are non-zero; its weights stay in DRAM.
 - ``auto``: the operating point (selector, sparsity, rows computed) calibration measured to lose at
-  most ``max_quality_loss`` perplexity on held-back text and that reads and computes the fewest
-  neurons within the budget; dense when none qualifies (``choose``).
+  most ``max_quality_loss`` perplexity on held-back text whose reads the disk's cost model expects
+  to take least time within the budget (then: that computes the fewest neurons); dense when none
+  qualifies, or when streaming every neuron in long reads is quicker (``choose``).
 
 The top-k selectors keep, per token, ``round((1 - s) * d_ffn)`` neurons of a layer whose sparsity is
 ``s``: calibration's per-layer allocation for the global target (``Calibration.layer_sparsities``).
@@ -212,8 +213,9 @@ def choose(
     calibration: Calibration | None,
     cost: Callable[[str, float | None], float | None],
 ) -> Choice:
-    """The operating point ``options`` stand for. ``cost(name, sparsity)``: the bytes per token
-    that selector is expected to read under the budget, None when the budget cannot hold it."""
+    """The operating point ``options`` stand for. ``cost(name, sparsity)``: the seconds per token
+    that selector's reads are expected to take under the budget, None when the budget cannot hold
+    it."""
     rows = options.compute_rows or "resident"
     if options.selector == "auto":
         return _choose_auto(options, manifest, calibration, cost)
@@ -287,11 +289,20 @@ def _choose_auto(
             0.0,
             f"no measured setting within {100 * bound:g}% fits{detail}: runs dense",
         )
-    # the fewest bytes read per token is fastest; then the fewest neurons multiplied
+    # the quickest reads per token; then the fewest neurons multiplied
     best = min(
         good,
-        key=lambda p: (round(reads[p]), -(p.sparsity or 1.0), p.compute_rows != "selected"),
+        key=lambda p: (reads[p], -(p.sparsity or 1.0), p.compute_rows != "selected"),
     )
+    dense = cost("dense", None)
+    if dense is not None and dense < reads[best]:
+        return Choice(
+            "dense",
+            None,
+            rows,
+            0.0,
+            f"streaming every neuron reads faster here than {_describe(best)}: runs dense (exact)",
+        )
     reason = (
         f"measured {100 * best.loss:+.1f}% perplexity on held-back text (bound {100 * bound:g}%)"
     )

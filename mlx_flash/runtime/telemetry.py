@@ -77,6 +77,12 @@ class Telemetry:
     def reset(self) -> None:
         self.passes.clear()
 
+    def lookahead_recall_per_layer(self, phase: str = "decode") -> list[float]:
+        """Per layer, the share of the neurons it read that the look-ahead had advised."""
+        chosen = [p for p in self.passes if p.phase == phase]
+        totals = [sum((p.layers[i] for p in chosen), LayerStats()) for i in range(self.n_layers)]
+        return [t.advised / t.loaded if t.loaded else 0.0 for t in totals]
+
     def summary(self, phase: str = "decode") -> dict[str, float]:
         """Means per token over the passes of ``phase`` (fractions are of all FFN neurons of all
         layers; for MoE models of all experts of all MoE layers, and experts used and loaded are
