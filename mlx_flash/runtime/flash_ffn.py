@@ -145,7 +145,9 @@ class FlashFFN(nn.Module):
             xf = x.reshape(-1, x.shape[-1])
             if st.index == 0:
                 rt.telemetry.begin(phase, xf.shape[0])
-            mx.eval(xf)
+            at_rest = self._at_rest()
+            if not at_rest:
+                mx.eval(xf)
             start = time.perf_counter()
             selects = phase == "decode" or (phase == "verify" and rt.selector.needs_input)
             outs, stats = self._decode(xf, phase) if selects else self._prefill(xf)
@@ -153,7 +155,8 @@ class FlashFFN(nn.Module):
             if st.down_bias is not None:
                 out = out + st.down_bias
             out = out.astype(x.dtype).reshape(x.shape)
-            mx.eval(out)
+            if not at_rest:  # else nothing will change the rows ``out`` reads: it may stay lazy
+                mx.eval(out)
             for buffer in (st.pinned, st.buffer):  # everything fenced in this call fed ``out``
                 if buffer is not None:
                     buffer.settled()
@@ -196,6 +199,18 @@ class FlashFFN(nn.Module):
             outs += self._stream(x, needed, selection.gate, stats)
         self._forget(stats)
         return outs, stats
+
+    def _at_rest(self) -> bool:
+        """Whether this call can neither read nor change a buffer: the whole FFN pinned and loaded,
+        and a selector that needs no input. Then nothing has to be waited for, and the call stays
+        lazy like mlx-lm's MLP (no synchronisation)."""
+        st = self._state
+        return (
+            st.buffer is None
+            and not self._runtime.selector.needs_input
+            and st.pinned is not None
+            and st.pinned.n_used == st.pinned_ids.size
+        )
 
     def to_read(self, ids: np.ndarray) -> np.ndarray:
         """Of the sorted ``ids``, those neither pinned nor in the window's buffer."""
