@@ -220,21 +220,16 @@ def _choose_selector(
     def cost(name: str, sparsity: float | None) -> float | None:
         """Seconds per token the disk's cost model expects the selector's reads to take: of its
         kept neurons, those the buffers cannot hold beside it, read as the reader plans them (short
-        gaps read through; every neuron in long runs for ``dense``); None when the budget cannot
-        hold the selector at all."""
+        gaps read through); None when the budget cannot hold the selector at all."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
         if budget_bytes(options) < minimum_bytes(facts, options, held, row):
             return None
         missed = 1.0 - buffer_rows(facts, options, held, row) / manifest.d_ffn
-        if name == "dense":
-            nbytes = missed * manifest.d_ffn * row
-            reads = nbytes / disk.run_bytes(threads)
-        else:
-            kept = 1.0 - (0.5 if sparsity is None else sparsity)
-            records, reads = sparse_reads(kept * missed, gap)
-            nbytes, reads = records * manifest.d_ffn * row, reads * manifest.d_ffn
+        kept = 1.0 - (0.5 if sparsity is None else sparsity)
+        records, reads = sparse_reads(kept * missed, gap)
+        nbytes, reads = records * manifest.d_ffn * row, reads * manifest.d_ffn
         return facts.n_layers * disk.read_seconds(nbytes, max(reads, 1.0), threads)
 
     return selectors.choose(options, manifest, calibration, cost)

@@ -18,7 +18,9 @@ over the tokens, so every token gets every neuron any of them needs.
 - ``auto``: the operating point (selector, sparsity, rows computed) calibration measured to lose at
   most ``max_quality_loss`` perplexity on held-back text whose reads the disk's cost model expects
   to take least time within the budget (then: that computes the fewest neurons); dense when none
-  qualifies, or when streaming every neuron in long reads is quicker (``choose``).
+  qualifies (``choose``). Not against dense streaming: the estimate cannot see how many of a
+  token's neurons the window already holds (most of them, on ReLU-family models), so it would
+  send sparse models to dense streaming where the selection pays.
 
 The top-k selectors keep, per token, ``round((1 - s) * d_ffn)`` neurons of a layer whose sparsity is
 ``s``: calibration's per-layer allocation for the global target (``Calibration.layer_sparsities``).
@@ -294,15 +296,6 @@ def _choose_auto(
         good,
         key=lambda p: (reads[p], -(p.sparsity or 1.0), p.compute_rows != "selected"),
     )
-    dense = cost("dense", None)
-    if dense is not None and dense < reads[best]:
-        return Choice(
-            "dense",
-            None,
-            rows,
-            0.0,
-            f"streaming every neuron reads faster here than {_describe(best)}: runs dense (exact)",
-        )
     reason = (
         f"measured {100 * best.loss:+.1f}% perplexity on held-back text (bound {100 * bound:g}%)"
     )
