@@ -69,6 +69,13 @@ def test_pauses_while_the_selector_costs_more_than_the_reads_it_hides(monkeypatc
     assert len(reader.advised) == 1
     ahead.advise_next(0, mx.zeros((1, 4)), read_s=0.001, advised=False)  # tries again
     assert len(reader.advised) == 2
+    # a selector far cheaper than the reads pauses all the same when what it advises is not read
+    blind = LookAhead(_selector(picks, cost_s=0.002), _Reader(), [_Layer([])] * 2, max_bytes=1000)
+    blind.advise_next(0, mx.zeros((1, 4)), read_s=0.01, advised=False)
+    assert blind.recalled(1, np.array([7, 8, 9, 10])) == 0
+    blind.advise_next(0, mx.zeros((1, 4)), read_s=0.01, advised=False)
+    blind.advise_next(0, mx.zeros((1, 4)), read_s=0.01, advised=False)  # paused: nothing advised
+    assert len(blind._reader.advised) == 2
     cheap = LookAhead(_selector(picks), reader, [_Layer([])] * 2, max_bytes=1000)
     for _ in range(5):  # a selector far cheaper than the reads never pauses
         cheap.advise_next(0, mx.zeros((1, 4)), read_s=1.0, advised=False)

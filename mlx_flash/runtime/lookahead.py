@@ -8,11 +8,11 @@ select (README, The I/O engine). Those not yet in DRAM are advised to the kernel
 reader copies what arrived instead of waiting for the disk, and drops it from the page cache right
 after. What is advised per layer is capped by the memory plan (``budget.lookahead_bytes``).
 
-It pays only while the extra selector call costs less than the reads it can hide: a proxy scored
-by a CPU's slow quantized matmul can cost more than a layer's reads. So both are timed (moving
-averages; reads only of layers nothing was advised for, such as layer 0, whose reads show what
-there is to hide) and the look-ahead pauses while the selector is the dearer, trying again every
-``RETRY_CALLS`` calls.
+It pays only while the extra selector call costs less than the reads it hides: the share of a
+layer's reads it had advised (its recall; the neurons a token newly needs are the hard ones to
+foresee) times what those reads cost unadvised. So all three are tracked (moving averages; read
+times only of layers nothing was advised for, such as layer 0) and the look-ahead pauses while the
+selector call is the dearer, trying again every ``RETRY_CALLS`` calls.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class LookAhead:
         self._advised: dict[int, np.ndarray] = {}
         self._select_s: float | None = None
         self._read_s: float | None = None  # of layers read with nothing advised
+        self._recall: float | None = None
         self._paused = 0  # calls left before trying again
 
     def advise_next(self, layer: int, x: mx.array, read_s: float, advised: bool) -> None:
@@ -59,7 +60,8 @@ class LookAhead:
         self._select_s = _average(self._select_s, time.perf_counter() - start)
         self._reader.advise(nxt, ids)
         self._advised[nxt] = ids
-        if self._read_s is not None and self._select_s > self._read_s:
+        recall = 1.0 if self._recall is None else self._recall
+        if self._read_s is not None and self._select_s > recall * self._read_s:
             self._paused = RETRY_CALLS
 
     def recalled(self, layer: int, loaded: np.ndarray) -> int | None:
@@ -68,7 +70,10 @@ class LookAhead:
         advised = self._advised.pop(layer, None)
         if advised is None:
             return None
-        return int(np.isin(loaded, advised, assume_unique=True).sum())
+        hits = int(np.isin(loaded, advised, assume_unique=True).sum())
+        if loaded.size:
+            self._recall = _average(self._recall, hits / loaded.size)
+        return hits
 
 
 def _average(mean: float | None, sample: float) -> float:
