@@ -35,6 +35,7 @@ from .plots import plot_ablation
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import FlashError, OptionError
 from .runtime.files import cache_root
+from .runtime.limit import LIMIT
 from .runtime.loader import load
 from .runtime.manifest import Manifest, read_manifest
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type
@@ -138,13 +139,10 @@ METRICS = (
     "peak_memory",
     "fraction_loaded",
     "limit_ms_per_token",
-    "disk_ms_per_token",
 )
 
 
-def run_setup(
-    setup: Setup, directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
-) -> dict:
+def run_setup(setup: Setup, directory: Path, prompt: list[int], tokens: int, options: dict) -> dict:
     """Load ``directory`` as ``setup`` says, generate ``tokens`` greedy tokens cold from disk;
     its metrics."""
     store = directory / read_manifest(directory).store_file
@@ -164,7 +162,7 @@ def run_setup(
         rt.close()
         del model
         gc.collect()
-    return _with_time_split(result, cost)
+    return _with_time_split(result)
 
 
 def _greedy(model, tokenizer, prompt: list[int], tokens: int) -> tuple[list[int], object]:
@@ -195,6 +193,7 @@ def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) 
         "ffn_bytes_per_token": summary["flash_bytes_per_token"],
         "reads_per_token": summary["reads_per_token"],
         "io_ms_per_token": summary["io_ms_per_token"],
+        "limit_ms_per_token": summary["limit_ms_per_token"],
         "ffn_compute_ms_per_token": summary["compute_ms_per_token"],
         "fraction_used": summary["fraction_used"],
         "fraction_loaded": summary["fraction_loaded"],
@@ -207,9 +206,8 @@ def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) 
     }
 
 
-def _with_time_split(result: dict, cost: CostModel) -> dict:
-    """``result`` with the mean read size, the time per token and its split, and the physical
-    limit for its reads."""
+def _with_time_split(result: dict) -> dict:
+    """``result`` with the mean read size and the time per token and its split."""
     reads = result["reads_per_token"]
     result["mean_read_bytes"] = result["ffn_bytes_per_token"] / reads if reads else 0.0
     result["ms_per_token"] = (
@@ -218,19 +216,13 @@ def _with_time_split(result: dict, cost: CostModel) -> dict:
     result["other_ms_per_token"] = (
         result["ms_per_token"] - result["io_ms_per_token"] - result["ffn_compute_ms_per_token"]
     )
-    # the physical limit: these bytes at the probe's best rate for reads of this size; and the
-    # disk's time for them at the thread count used (the rest of the measured I/O time is the
-    # reader's CPU work)
-    result["limit_ms_per_token"] = 1e3 * cost.read_seconds(result["ffn_bytes_per_token"], reads)
-    result["disk_ms_per_token"] = 1e3 * cost.read_seconds(
-        result["ffn_bytes_per_token"], reads, result["threads"]
-    )
     return result
 
 
 def setup_options(setup: Setup, options: dict) -> dict:
     """``mlx_flash.load`` keywords for ``setup``: the asked options with what the setup leaves out
-    turned off, the FFN cache share fixed, the store read uncached."""
+    turned off, the FFN cache share fixed, the store read uncached; ``--record-trace`` records
+    the full configuration's selections only."""
     return {
         **options,
         "memory_budget": UNLIMITED,
@@ -238,12 +230,11 @@ def setup_options(setup: Setup, options: dict) -> dict:
         "pin_share": options.get("pin_share", 0.5) if setup.pins else 0.0,
         "window": options.get("window", 4) if setup.keeps_window else 0,
         "selector": options.get("selector", "auto") if setup.sparse else "dense",
+        "record_trace": options.get("record_trace") if setup == SETUPS[-1] else None,
     }
 
 
-def _references(
-    directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
-) -> list[dict]:
+def _references(directory: Path, prompt: list[int], tokens: int, options: dict) -> list[dict]:
     """Two bounds on tokens/s with no reads: plain mlx-lm with the whole model in memory (same
     weights), and the flash runtime with the whole FFN pinned (what its per-layer work costs
     without I/O)."""
@@ -262,7 +253,7 @@ def _references(
     }
     del model
     gc.collect()
-    pinned = run_setup(IN_MEMORY, directory, prompt, tokens, {**options, "ffn_cache": 1.0}, cost)
+    pinned = run_setup(IN_MEMORY, directory, prompt, tokens, {**options, "ffn_cache": 1.0})
     return [
         plain,
         {
@@ -346,11 +337,11 @@ def run_bench(
     cost = cost_model_for(model_dir)
     if "memory_budget" in options:
         options = _budget_as_ffn_share(model_dir, options)
-    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options, cost)  # warm-up: the full stack
+    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options)  # warm-up: the full stack
 
-    rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, cost, repeat, progress)
+    rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, repeat, progress)
     rows = _median_rows(rounds)
-    refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
+    refs = _references(model_dir, prompt_ids, tokens, options) if reference else []
     for ref in refs:
         ref["same_tokens_as_naive"] = _same_tokens(ref["tokens"], rows[0]["tokens"])
     return {
@@ -401,7 +392,6 @@ def _run_rounds(
     prompt: list[int],
     tokens: int,
     options: dict,
-    cost: CostModel,
     repeat: int,
     progress: bool,
 ) -> list[list[dict]]:
@@ -412,7 +402,7 @@ def _run_rounds(
         results = []
         for s in chosen:
             bar.set_postfix_str(s.name)
-            results.append(run_setup(s, dirs[s.layout], prompt, tokens, options, cost))
+            results.append(run_setup(s, dirs[s.layout], prompt, tokens, options))
             bar.update()
         rounds.append(results)
     bar.close()
@@ -512,17 +502,17 @@ def format_report(report: dict) -> str:
         else float("nan")
     )
     out += [
-        f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); limit = the "
-        "bytes at the probe's best rate for that read size; FFN ms = FFN compute, selector, "
+        f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); {LIMIT}; "
+        "FFN ms = FFN compute, selector, "
         "window and buffer work; other = attention, head, sampling, Python; loaded = FFN neurons "
         f"read per token; same = greedy tokens equal to {base}'s",
         f"physical limit ({report['machine']['cost_model']}): config {last['index']} reads "
         f"{last['ffn_bytes_per_token'] / 1e6:.3f} MB/token in "
-        f"{last['mean_read_bytes'] / 1e3:.1f} KB reads -> "
+        f"{last['mean_read_bytes'] / 1e3:.1f} KB reads; the records it needs take "
         f"{last['limit_ms_per_token']:.2f} ms/token at best; measured "
-        f"{last['io_ms_per_token']:.2f} ms ({gap:.1f}x the limit): the disk's share at "
-        f"{last['threads']} threads is {last['disk_ms_per_token']:.2f} ms, the rest is the "
-        f"reader's CPU work (planning, thread wake-ups, copies) and reads waiting on one another",
+        f"{last['io_ms_per_token']:.2f} ms ({gap:.1f}x the limit at {last['threads']} threads): "
+        "the rest is the reader's CPU work (planning, thread wake-ups, copies), gap bytes it "
+        "read through and reads waiting on one another",
     ]
     for ref in report["references"]:
         out.append(

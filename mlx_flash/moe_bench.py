@@ -33,6 +33,7 @@ from .routing import SKEWED, routing_trace
 from .runtime.costmodel import cost_model_for
 from .runtime.errors import FlashFormatError
 from .runtime.expert_budget import expert_plan
+from .runtime.limit import LIMIT
 from .runtime.manifest import read_manifest
 from .runtime.moe_runtime import open_experts
 from .runtime.options import FlashOptions
@@ -113,7 +114,7 @@ def _warm(layers: list, trace: Trace, warmup: int) -> None:
 
 
 def _row(runtime, wall: float, tokens: int, share: float, policy: str, trace: Trace) -> dict:
-    s, cost = runtime.telemetry.summary("decode"), runtime.cost
+    s = runtime.telemetry.summary("decode")
     bytes_, reads = s["flash_bytes_per_token"], s["reads_per_token"]
     return {
         "routing": trace.meta.get("routing", "trace"),
@@ -131,8 +132,7 @@ def _row(runtime, wall: float, tokens: int, share: float, policy: str, trace: Tr
         "experts_loaded_per_token": s["experts_loaded_per_token"],
         "io_ms_per_token": s["io_ms_per_token"],
         "compute_ms_per_token": s["compute_ms_per_token"],
-        "limit_ms_per_token": 1e3 * cost.read_seconds(bytes_, reads),
-        "disk_ms_per_token": 1e3 * cost.read_seconds(bytes_, reads, runtime.reader.threads),
+        "limit_ms_per_token": s["limit_ms_per_token"],
     }
 
 
@@ -205,7 +205,7 @@ def _report(directory: Path, manifest, rounds: list[list[dict]], args, tokens: i
     rows = []
     for i, first in enumerate(rounds[0]):
         row = dict(first)
-        for key in (*ROW_KEYS, "limit_ms_per_token", "disk_ms_per_token", "reads_per_token"):
+        for key in (*ROW_KEYS, "limit_ms_per_token", "reads_per_token"):
             row[key] = statistics.median(r[i][key] for r in rounds)
         row["rounds"] = {k: [r[i][k] for r in rounds] for k in ("tokens_per_s", "hit_rate")}
         twin = _twin(rounds[0], first)
@@ -280,8 +280,7 @@ def format_synthetic(report: dict) -> str:
         )
     out.append(
         f"columns: hit = expert-cache hit rate; I/O ms = time in the store reader per token; "
-        f"limit = the same bytes at the probe's best rate for that read size "
-        f"({report['cost_model']}); FFN ms = the rest of the MoE layers' time (compute, "
+        f"{LIMIT} ({report['cost_model']}); FFN ms = the rest of the MoE layers' time (compute, "
         "bookkeeping); ratio = tokens/s against the named row of the same round; reads: "
         "uncached (page cache bypassed) or cached; mv = evicted slots refilled by moving the last "
         "experts (delete + append) instead of in place"
@@ -310,7 +309,7 @@ def run_model(
 
     def one(setup: Setup, **extra) -> dict:
         run_options = {**options, "expert_policy": setup.name, **extra}
-        return run_setup(setup, model_dir, prompt_ids, tokens, run_options, cost)
+        return run_setup(setup, model_dir, prompt_ids, tokens, run_options)
 
     rounds = [
         [one(s) for s in setups]
@@ -355,7 +354,7 @@ def format_model(report: dict) -> str:
             f"{'yes' if r['same_tokens_as_in_memory'] else 'NO':>6}"
         )
     out.append(
-        f"all experts in memory: {mem['tokens_per_s']:.2f} tok/s; limit = the bytes at the "
-        f"probe's best rate ({report['cost_model']}); same = the greedy tokens of the in-memory run"
+        f"all experts in memory: {mem['tokens_per_s']:.2f} tok/s; {LIMIT} "
+        f"({report['cost_model']}); same = the greedy tokens of the in-memory run"
     )
     return "\n".join(out)

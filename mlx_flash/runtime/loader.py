@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from .calibration import Calibration, read_calibration
 from .costmodel import CostModel, cost_model_for
 from .errors import FlashError, FlashFormatError, UnsupportedModelError
 from .flash_ffn import FlashFFN, LayerState, ThreadGuard
+from .limit import metered_loader
 from .manifest import (
     MANIFEST_FILE,
     MX_DTYPES,
@@ -75,7 +75,9 @@ class FlashRuntime:
     layers: list[FlashFFN] = field(default_factory=list)
     guard: ThreadGuard = field(default_factory=ThreadGuard, repr=False)
     observe: Callable[[int, mx.array, Selection], None] | None = None
-    trace: TraceRecorder | None = None  # MoE routing, saved to options.routing_trace on close
+    # the ids each decode token used per layer (experts, or selected neurons), saved to
+    # options.record_trace on close
+    trace: TraceRecorder | None = None
 
     @property
     def activation(self) -> str:
@@ -100,7 +102,7 @@ class FlashRuntime:
     def close(self) -> None:
         self.reader.close()
         if self.trace is not None:
-            self.trace.trace().save(self.options.routing_trace)
+            self.trace.trace().save(self.options.record_trace)
 
 
 def check_directory(directory: Path) -> Manifest:
@@ -135,8 +137,27 @@ def prepare_runtime(
     selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
     exact_gate = _exact_gate(options, choice)
     skip = selectors.GATE_PARTS if exact_gate else ()
-    parts = _buffer_parts(manifest, dtype, skip)
-    plan = plan_memory(facts, options, selector_bytes, _row_bytes(manifest, dtype.size, skip))
+    parts = buffer_parts(manifest, dtype, skip)
+    plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
+    hot = calibration.frequency if calibration is not None else None
+    return open_dense(directory, manifest, options, plan, dtype, choice, parts, calibration, hot)
+
+
+def open_dense(
+    directory: Path,
+    manifest: Manifest,
+    options: FlashOptions,
+    plan: BudgetPlan,
+    dtype: mx.Dtype,
+    choice: selectors.Choice,
+    parts: dict,
+    calibration: Calibration | None = None,
+    hot: np.ndarray | None = None,
+) -> FlashRuntime:
+    """The runtime of a dense store: its reader, the selector (``options.selector``: a name built
+    as ``choice`` says, or a Selector object) and one FlashFFN per layer with ``plan``'s rows of
+    ``parts`` (allocated on first use). ``hot``: per layer and neuron, how often it was active
+    (the most active are pinned); the synthetic bench passes its trace's counts."""
     cost = cost_model_for(directory)
     threads = options.threads or cost.reader_threads(
         min(r.record_size for r in manifest.layers[0].regions)
@@ -160,9 +181,11 @@ def prepare_runtime(
             dtype,
             cost,
         )
+        if options.record_trace:
+            record_selections(runtime)
         # a selector that reads no input takes every neuron: pinning hot ones saves nothing, and a
         # contiguous pinned block leaves the rest to stream in large reads (the bench's hybrid)
-        hot = calibration if selector.needs_input else None
+        hot = hot if selector.needs_input else None
         runtime.layers = [
             _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
             for i in range(manifest.n_layers)
@@ -171,6 +194,27 @@ def prepare_runtime(
         reader.close()
         raise
     return runtime
+
+
+def record_selections(runtime: FlashRuntime) -> None:
+    """Record every single-token decode step's selected neurons, per layer, into
+    ``runtime.trace`` (saved to ``options.record_trace`` on close), through the ``observe``
+    hook. Multi-token calls (verify steps, batches) select a union and are left out."""
+    m = runtime.manifest
+    meta = {
+        "model": str(runtime.directory),
+        "selector": runtime.selector.name,
+        "sparsity": runtime.choice.sparsity,
+        "window": runtime.options.window,
+    }
+    recorder = TraceRecorder("neurons", m.d_ffn, m.n_layers, meta)
+    runtime.trace = recorder
+
+    def observe(layer: int, x: mx.array, selection: Selection) -> None:
+        if x.shape[0] == 1:
+            recorder.add(layer, selection.ids.reshape(1, -1))
+
+    runtime.observe = observe
 
 
 def open_store(
@@ -215,7 +259,7 @@ def _choose_selector(
         cannot hold beside it, at its row size; None when the budget cannot hold it at all."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
-        row = _row_bytes(manifest, facts.itemsize, skip)
+        row = row_bytes(manifest, facts.itemsize, skip)
         if budget_bytes(options) < minimum_bytes(facts, options, held, row):
             return None
         share = buffer_rows(facts, options, held, row) / manifest.d_ffn
@@ -414,7 +458,7 @@ def _load_config(directory: Path) -> dict:
     return config
 
 
-def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
+def buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
     """Each buffered part's (row width, MLX dtype): floats in the compute dtype, packed words as
     is."""
     return {
@@ -424,7 +468,7 @@ def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
     }
 
 
-def _row_bytes(manifest: Manifest, itemsize: int, skip: tuple[str, ...]) -> int:
+def row_bytes(manifest: Manifest, itemsize: int, skip: tuple[str, ...]) -> int:
     """One neuron's bytes in a layer's buffers."""
     return sum(part_bytes(p, itemsize) for p in manifest.layers[0].parts() if p.name not in skip)
 
@@ -455,11 +499,12 @@ def _bound_mlx_cache(plan: BudgetPlan) -> None:
         mx.set_cache_limit(previous)
 
 
-def _pinned_ids(calibration: Calibration | None, layer: int, rows: int) -> np.ndarray:
-    """The neurons to pin: the most frequently active at calibration (sorted), else the first."""
-    if calibration is None:
+def _pinned_ids(hot: np.ndarray | None, layer: int, rows: int) -> np.ndarray:
+    """The neurons to pin: the most frequently active (``hot``: calibration's frequencies,
+    sorted), else the first."""
+    if hot is None:
         return np.arange(rows, dtype=np.int64)
-    hottest = np.argsort(-calibration.frequency[layer], kind="stable")[:rows]
+    hottest = np.argsort(-hot[layer], kind="stable")[:rows]
     return np.sort(hottest).astype(np.int64)
 
 
@@ -467,7 +512,7 @@ def _make_layer(runtime: FlashRuntime, index: int, parts: dict, pinned_ids: np.n
     """A layer's FlashFFN; its buffers are allocated by ``FlashFFN.allocate`` (rows stay empty
     until the first token)."""
     plan, manifest, reader = runtime.plan, runtime.manifest, runtime.reader
-    load_rows = partial(reader.read_neurons, index)
+    load_rows = metered_loader(runtime, index)
 
     def allocate(state: LayerState) -> None:
         if plan.pinned_rows:
