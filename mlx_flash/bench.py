@@ -614,6 +614,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run inside a memory cgroup (Linux, root) of SIZE "
         "(default: the implied memory + 1 GiB)",
     )
+    p.add_argument(
+        "--probe-age",
+        type=float,
+        default=6.0,
+        metavar="HOURS",
+        help="use the disk's saved probe if made within HOURS, else probe it first (about a "
+        "minute); the probe used is written beside --json (default 6; 0 always probes)",
+    )
     add_synthetic_args(p)
     add_flash_args(p, TOOL)
     add_debug_arg(p)
@@ -623,10 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.membudget and os.environ.get(CGROUP_ENV) != "1":
         return _rerun_in_cgroup(args, argv)
-    if args.synthetic or (args.model and read_manifest(args.model).moe is not None):
-        return run_moe(args)
-    if not args.model:
+    if not (args.model or args.synthetic):
         raise OptionError("--model DIR (or --synthetic NAME) is required")
+    probe = _probe(args)
+    if args.synthetic or read_manifest(args.model).moe is not None:
+        return run_moe(args, probe)
     report = run_bench(
         args.model,
         prompt=args.prompt,
@@ -638,13 +647,36 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         **load_options(args, TOOL),
     )
     print(format_report(report))
-    write_outputs(report, args.json, args.plot, plot_ablation)
+    _write(report, args, probe)
     return 0
 
 
-def run_moe(args: argparse.Namespace) -> int:
-    """The MoE benches (``moe_bench``): the synthetic FFN-only harness, or a MoE directory."""
-    if args.synthetic:
+def _probe(args: argparse.Namespace) -> dict:
+    """The probe of the disk the bench reads, made within --probe-age (else made now)."""
+    from .probe import recent_probe
+
+    where = Path(args.model) if args.model else args.synthetic_dir or cache_root() / "synthetic"
+    where.mkdir(parents=True, exist_ok=True)
+    return recent_probe(where, 3600 * args.probe_age)
+
+
+def _write(report: dict, args: argparse.Namespace, probe: dict, plot: bool = True) -> None:
+    """--json (and --plot: the dense ablation's), and beside the JSON the probe its limit came
+    from (``NAME.probe.json``)."""
+    report["probe"] = {"created": probe["created"], "path": probe["path"]}
+    write_outputs(report, args.json, args.plot if plot else None, plot_ablation)
+    if args.json:
+        write_outputs(probe, args.json.with_suffix(".probe.json"), None, plot_ablation)
+
+
+def run_moe(args: argparse.Namespace, probe: dict) -> int:
+    """The synthetic FFN-only harnesses (``dense_bench``, ``moe_bench``), or a MoE directory."""
+    from .dense_bench import dense_synthetic, format_dense_synthetic, run_dense_synthetic
+
+    if args.synthetic and dense_synthetic(args.synthetic):
+        report = run_dense_synthetic(args)
+        print(format_dense_synthetic(report))
+    elif args.synthetic:
         report = run_synthetic(args)
         print(format_synthetic(report))
     else:
@@ -653,7 +685,7 @@ def run_moe(args: argparse.Namespace) -> int:
             raise OptionError("give exactly one of --ffn-cache and --memory-budget")
         report = run_model(Path(args.model), args.prompt, args.tokens or 64, args.repeat, options)
         print(format_model(report))
-    write_outputs(report, args.json, None, plot_ablation)
+    _write(report, args, probe, plot=False)
     return 0
 
 

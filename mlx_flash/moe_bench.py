@@ -49,14 +49,21 @@ ROW_KEYS = ("tokens_per_s", "mb_per_token", "hit_rate", "io_ms_per_token", "comp
 
 def add_synthetic_args(p: argparse.ArgumentParser) -> None:
     """The flags of the synthetic FFN-only harness."""
-    g = p.add_argument_group("mixture-of-experts (--synthetic)")
-    g.add_argument("--synthetic", choices=sorted(SHAPES), help="bench a synthetic MoE store")
+    g = p.add_argument_group("synthetic stores at real shapes (--synthetic)")
+    g.add_argument(
+        "--synthetic", choices=sorted(SHAPES), help="bench a synthetic MoE or dense (7B) store"
+    )
     g.add_argument("--synthetic-dir", type=Path, help="where to build it (default: the cache)")
     g.add_argument("--routing", default="uniform,skewed", help="routing models: uniform,skewed")
-    g.add_argument("--trace", type=Path, help="a routing trace file to replay instead")
+    g.add_argument(
+        "--trace", type=Path, help="a trace (--record-trace) to replay: experts instead of the "
+        "routing models (MoE), neuron selections scaled to the shape (dense, required)",
+    )  # fmt: skip
     g.add_argument("--shares", default="0.25,0.5", help="shares of the experts in the slots")
     g.add_argument("--policies", default="lru,lfu", help="eviction policies to compare")
-    g.add_argument("--warmup", type=int, default=256, help="tokens that warm the cache untimed")
+    g.add_argument(
+        "--warmup", type=int, help="tokens that warm the cache untimed (default: MoE 256, dense 8)"
+    )
     g.add_argument(
         "--page-cache-rows", action="store_true", help="also run each routing at the first share "
         "with LRU through the page cache",
@@ -154,6 +161,8 @@ def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
     directory = synthetic_store(args.synthetic, args.synthetic_dir, progress)
     manifest = read_manifest(directory)
     moe, tokens = manifest.moe, args.tokens or 32
+    if args.warmup is None:
+        args.warmup = 256
     traces = {"trace": _replayed(args.trace, manifest, args.warmup + tokens)} if args.trace else {
         r: routing_trace(r, args.warmup + tokens, manifest.n_layers, moe.n_experts, moe.top_k)
         for r in args.routing.split(",")
