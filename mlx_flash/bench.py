@@ -583,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens",
         type=int,
-        help="tokens to generate per configuration (default 64; --synthetic: 32 timed)",
+        help="tokens to generate per configuration (default 64; --synthetic: 32 timed for MoE, 16 "
+        "for dense)",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (raw, no chat template)")
     p.add_argument("--configs", default="1,2,3,4,5", help="which configurations to run, e.g. 1,5")
