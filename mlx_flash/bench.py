@@ -35,6 +35,7 @@ from .plots import plot_ablation
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import FlashError, OptionError
 from .runtime.files import cache_root
+from .runtime.limit import LIMIT
 from .runtime.loader import load
 from .runtime.manifest import Manifest, read_manifest
 from .runtime.pagecache import cached_bytes, drop_from_page_cache, file_system_type
@@ -139,13 +140,10 @@ METRICS = (
     "fraction_loaded",
     "lookahead_recall",
     "limit_ms_per_token",
-    "disk_ms_per_token",
 )
 
 
-def run_setup(
-    setup: Setup, directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
-) -> dict:
+def run_setup(setup: Setup, directory: Path, prompt: list[int], tokens: int, options: dict) -> dict:
     """Load ``directory`` as ``setup`` says, generate ``tokens`` greedy tokens cold from disk;
     its metrics."""
     store = directory / read_manifest(directory).store_file
@@ -165,7 +163,7 @@ def run_setup(
         rt.close()
         del model
         gc.collect()
-    return _with_time_split(result, cost)
+    return _with_time_split(result)
 
 
 def _greedy(model, tokenizer, prompt: list[int], tokens: int) -> tuple[list[int], object]:
@@ -196,6 +194,7 @@ def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) 
         "ffn_bytes_per_token": summary["flash_bytes_per_token"],
         "reads_per_token": summary["reads_per_token"],
         "io_ms_per_token": summary["io_ms_per_token"],
+        "limit_ms_per_token": summary["limit_ms_per_token"],
         "ffn_compute_ms_per_token": summary["compute_ms_per_token"],
         "fraction_used": summary["fraction_used"],
         "fraction_loaded": summary["fraction_loaded"],
@@ -210,9 +209,8 @@ def _measured(setup: Setup, rt, ids: list[int], last, summary: dict, peak: int) 
     }
 
 
-def _with_time_split(result: dict, cost: CostModel) -> dict:
-    """``result`` with the mean read size, the time per token and its split, and the physical
-    limit for its reads."""
+def _with_time_split(result: dict) -> dict:
+    """``result`` with the mean read size and the time per token and its split."""
     reads = result["reads_per_token"]
     result["mean_read_bytes"] = result["ffn_bytes_per_token"] / reads if reads else 0.0
     result["ms_per_token"] = (
@@ -221,19 +219,13 @@ def _with_time_split(result: dict, cost: CostModel) -> dict:
     result["other_ms_per_token"] = (
         result["ms_per_token"] - result["io_ms_per_token"] - result["ffn_compute_ms_per_token"]
     )
-    # the physical limit: these bytes at the probe's best rate for reads of this size; and the
-    # disk's time for them at the thread count used (the rest of the measured I/O time is the
-    # reader's CPU work)
-    result["limit_ms_per_token"] = 1e3 * cost.read_seconds(result["ffn_bytes_per_token"], reads)
-    result["disk_ms_per_token"] = 1e3 * cost.read_seconds(
-        result["ffn_bytes_per_token"], reads, result["threads"]
-    )
     return result
 
 
 def setup_options(setup: Setup, options: dict) -> dict:
     """``mlx_flash.load`` keywords for ``setup``: the asked options with what the setup leaves out
-    turned off, the FFN cache share fixed, the store read uncached."""
+    turned off, the FFN cache share fixed, the store read uncached; ``--record-trace`` records
+    the full configuration's selections only."""
     return {
         **options,
         "memory_budget": UNLIMITED,
@@ -241,12 +233,11 @@ def setup_options(setup: Setup, options: dict) -> dict:
         "pin_share": options.get("pin_share", 0.5) if setup.pins else 0.0,
         "window": options.get("window", 4) if setup.keeps_window else 0,
         "selector": options.get("selector", "auto") if setup.sparse else "dense",
+        "record_trace": options.get("record_trace") if setup == SETUPS[-1] else None,
     }
 
 
-def _references(
-    directory: Path, prompt: list[int], tokens: int, options: dict, cost: CostModel
-) -> list[dict]:
+def _references(directory: Path, prompt: list[int], tokens: int, options: dict) -> list[dict]:
     """Two bounds on tokens/s with no reads: plain mlx-lm with the whole model in memory (same
     weights), and the flash runtime with the whole FFN pinned (what its per-layer work costs
     without I/O)."""
@@ -265,7 +256,7 @@ def _references(
     }
     del model
     gc.collect()
-    pinned = run_setup(IN_MEMORY, directory, prompt, tokens, {**options, "ffn_cache": 1.0}, cost)
+    pinned = run_setup(IN_MEMORY, directory, prompt, tokens, {**options, "ffn_cache": 1.0})
     return [
         plain,
         {
@@ -349,11 +340,11 @@ def run_bench(
     cost = cost_model_for(model_dir)
     if "memory_budget" in options:
         options = _budget_as_ffn_share(model_dir, options)
-    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options, cost)  # warm-up: the full stack
+    run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options)  # warm-up: the full stack
 
-    rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, cost, repeat, progress)
+    rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, repeat, progress)
     rows = _median_rows(rounds)
-    refs = _references(model_dir, prompt_ids, tokens, options, cost) if reference else []
+    refs = _references(model_dir, prompt_ids, tokens, options) if reference else []
     for ref in refs:
         ref["same_tokens_as_naive"] = _same_tokens(ref["tokens"], rows[0]["tokens"])
     return {
@@ -404,7 +395,6 @@ def _run_rounds(
     prompt: list[int],
     tokens: int,
     options: dict,
-    cost: CostModel,
     repeat: int,
     progress: bool,
 ) -> list[list[dict]]:
@@ -415,7 +405,7 @@ def _run_rounds(
         results = []
         for s in chosen:
             bar.set_postfix_str(s.name)
-            results.append(run_setup(s, dirs[s.layout], prompt, tokens, options, cost))
+            results.append(run_setup(s, dirs[s.layout], prompt, tokens, options))
             bar.update()
         rounds.append(results)
     bar.close()
@@ -517,17 +507,17 @@ def format_report(report: dict) -> str:
         else float("nan")
     )
     out += [
-        f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); limit = the "
-        "bytes at the probe's best rate for that read size; FFN ms = FFN compute, selector, "
+        f"columns: x = {base} / config (bytes, I/O time) or config / {base} (tok/s); {LIMIT}; "
+        "FFN ms = FFN compute, selector, "
         "window and buffer work; other = attention, head, sampling, Python; loaded = FFN neurons "
         f"read per token; same = greedy tokens equal to {base}'s",
         f"physical limit ({report['machine']['cost_model']}): config {last['index']} reads "
         f"{last['ffn_bytes_per_token'] / 1e6:.3f} MB/token in "
-        f"{last['mean_read_bytes'] / 1e3:.1f} KB reads -> "
+        f"{last['mean_read_bytes'] / 1e3:.1f} KB reads; the records it needs take "
         f"{last['limit_ms_per_token']:.2f} ms/token at best; measured "
-        f"{last['io_ms_per_token']:.2f} ms ({gap:.1f}x the limit): the disk's share at "
-        f"{last['threads']} threads is {last['disk_ms_per_token']:.2f} ms, the rest is the "
-        f"reader's CPU work (planning, thread wake-ups, copies) and reads waiting on one another",
+        f"{last['io_ms_per_token']:.2f} ms ({gap:.1f}x the limit at {last['threads']} threads): "
+        "the rest is the reader's CPU work (planning, thread wake-ups, copies), gap bytes it "
+        "read through and reads waiting on one another",
     ]
     for ref in report["references"]:
         out.append(
@@ -598,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens",
         type=int,
-        help="tokens to generate per configuration (default 64; --synthetic: 32 timed)",
+        help="tokens to generate per configuration (default 64; --synthetic: 32 timed for MoE, 16 "
+        "for dense)",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (raw, no chat template)")
     p.add_argument("--configs", default="1,2,3,4,5", help="which configurations to run, e.g. 1,5")
@@ -629,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run inside a memory cgroup (Linux, root) of SIZE "
         "(default: the implied memory + 1 GiB)",
     )
+    p.add_argument(
+        "--probe-age",
+        type=float,
+        default=6.0,
+        metavar="HOURS",
+        help="use the disk's saved probe if made within HOURS, else probe it first (about a "
+        "minute); the probe used is written beside --json (default 6; 0 always probes)",
+    )
     add_synthetic_args(p)
     add_flash_args(p, TOOL)
     add_debug_arg(p)
@@ -638,10 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.membudget and os.environ.get(CGROUP_ENV) != "1":
         return _rerun_in_cgroup(args, argv)
-    if args.synthetic or (args.model and read_manifest(args.model).moe is not None):
-        return run_moe(args)
-    if not args.model:
+    if not (args.model or args.synthetic):
         raise OptionError("--model DIR (or --synthetic NAME) is required")
+    probe = _probe(args)
+    if args.synthetic or read_manifest(args.model).moe is not None:
+        return run_moe(args, probe)
     report = run_bench(
         args.model,
         prompt=args.prompt,
@@ -653,13 +653,36 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         **load_options(args, TOOL),
     )
     print(format_report(report))
-    write_outputs(report, args.json, args.plot, plot_ablation)
+    _write(report, args, probe)
     return 0
 
 
-def run_moe(args: argparse.Namespace) -> int:
-    """The MoE benches (``moe_bench``): the synthetic FFN-only harness, or a MoE directory."""
-    if args.synthetic:
+def _probe(args: argparse.Namespace) -> dict:
+    """The probe of the disk the bench reads, made within --probe-age (else made now)."""
+    from .probe import recent_probe
+
+    where = Path(args.model) if args.model else args.synthetic_dir or cache_root() / "synthetic"
+    where.mkdir(parents=True, exist_ok=True)
+    return recent_probe(where, 3600 * args.probe_age)
+
+
+def _write(report: dict, args: argparse.Namespace, probe: dict, plot: bool = True) -> None:
+    """--json (and --plot: the dense ablation's), and beside the JSON the probe its limit came
+    from (``NAME.probe.json``)."""
+    report["probe"] = {"created": probe["created"], "path": probe["path"]}
+    write_outputs(report, args.json, args.plot if plot else None, plot_ablation)
+    if args.json:
+        write_outputs(probe, args.json.with_suffix(".probe.json"), None, plot_ablation)
+
+
+def run_moe(args: argparse.Namespace, probe: dict) -> int:
+    """The synthetic FFN-only harnesses (``dense_bench``, ``moe_bench``), or a MoE directory."""
+    from .dense_bench import dense_synthetic, format_dense_synthetic, run_dense_synthetic
+
+    if args.synthetic and dense_synthetic(args.synthetic):
+        report = run_dense_synthetic(args)
+        print(format_dense_synthetic(report))
+    elif args.synthetic:
         report = run_synthetic(args)
         print(format_synthetic(report))
     else:
@@ -668,7 +691,7 @@ def run_moe(args: argparse.Namespace) -> int:
             raise OptionError("give exactly one of --ffn-cache and --memory-budget")
         report = run_model(Path(args.model), args.prompt, args.tokens or 64, args.repeat, options)
         print(format_model(report))
-    write_outputs(report, args.json, None, plot_ablation)
+    _write(report, args, probe, plot=False)
     return 0
 
 

@@ -33,6 +33,7 @@ from .routing import SKEWED, routing_trace
 from .runtime.costmodel import cost_model_for
 from .runtime.errors import FlashFormatError
 from .runtime.expert_budget import expert_plan
+from .runtime.limit import LIMIT
 from .runtime.manifest import read_manifest
 from .runtime.moe_runtime import open_experts
 from .runtime.options import FlashOptions
@@ -48,14 +49,21 @@ ROW_KEYS = ("tokens_per_s", "mb_per_token", "hit_rate", "io_ms_per_token", "comp
 
 def add_synthetic_args(p: argparse.ArgumentParser) -> None:
     """The flags of the synthetic FFN-only harness."""
-    g = p.add_argument_group("mixture-of-experts (--synthetic)")
-    g.add_argument("--synthetic", choices=sorted(SHAPES), help="bench a synthetic MoE store")
+    g = p.add_argument_group("synthetic stores at real shapes (--synthetic)")
+    g.add_argument(
+        "--synthetic", choices=sorted(SHAPES), help="bench a synthetic MoE or dense (7B) store"
+    )
     g.add_argument("--synthetic-dir", type=Path, help="where to build it (default: the cache)")
     g.add_argument("--routing", default="uniform,skewed", help="routing models: uniform,skewed")
-    g.add_argument("--trace", type=Path, help="a routing trace file to replay instead")
+    g.add_argument(
+        "--trace", type=Path, help="a trace (--record-trace) to replay: experts instead of the "
+        "routing models (MoE), neuron selections scaled to the shape (dense, required)",
+    )  # fmt: skip
     g.add_argument("--shares", default="0.25,0.5", help="shares of the experts in the slots")
     g.add_argument("--policies", default="lru,lfu", help="eviction policies to compare")
-    g.add_argument("--warmup", type=int, default=256, help="tokens that warm the cache untimed")
+    g.add_argument(
+        "--warmup", type=int, help="tokens that warm the cache untimed (default: MoE 256, dense 8)"
+    )
     g.add_argument(
         "--page-cache-rows", action="store_true", help="also run each routing at the first share "
         "with LRU through the page cache",
@@ -113,7 +121,7 @@ def _warm(layers: list, trace: Trace, warmup: int) -> None:
 
 
 def _row(runtime, wall: float, tokens: int, share: float, policy: str, trace: Trace) -> dict:
-    s, cost = runtime.telemetry.summary("decode"), runtime.cost
+    s = runtime.telemetry.summary("decode")
     bytes_, reads = s["flash_bytes_per_token"], s["reads_per_token"]
     return {
         "routing": trace.meta.get("routing", "trace"),
@@ -131,8 +139,7 @@ def _row(runtime, wall: float, tokens: int, share: float, policy: str, trace: Tr
         "experts_loaded_per_token": s["experts_loaded_per_token"],
         "io_ms_per_token": s["io_ms_per_token"],
         "compute_ms_per_token": s["compute_ms_per_token"],
-        "limit_ms_per_token": 1e3 * cost.read_seconds(bytes_, reads),
-        "disk_ms_per_token": 1e3 * cost.read_seconds(bytes_, reads, runtime.reader.threads),
+        "limit_ms_per_token": s["limit_ms_per_token"],
     }
 
 
@@ -154,6 +161,8 @@ def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
     directory = synthetic_store(args.synthetic, args.synthetic_dir, progress)
     manifest = read_manifest(directory)
     moe, tokens = manifest.moe, args.tokens or 32
+    if args.warmup is None:
+        args.warmup = 256
     traces = {"trace": _replayed(args.trace, manifest, args.warmup + tokens)} if args.trace else {
         r: routing_trace(r, args.warmup + tokens, manifest.n_layers, moe.n_experts, moe.top_k)
         for r in args.routing.split(",")
@@ -205,7 +214,7 @@ def _report(directory: Path, manifest, rounds: list[list[dict]], args, tokens: i
     rows = []
     for i, first in enumerate(rounds[0]):
         row = dict(first)
-        for key in (*ROW_KEYS, "limit_ms_per_token", "disk_ms_per_token", "reads_per_token"):
+        for key in (*ROW_KEYS, "limit_ms_per_token", "reads_per_token"):
             row[key] = statistics.median(r[i][key] for r in rounds)
         row["rounds"] = {k: [r[i][k] for r in rounds] for k in ("tokens_per_s", "hit_rate")}
         twin = _twin(rounds[0], first)
@@ -280,8 +289,7 @@ def format_synthetic(report: dict) -> str:
         )
     out.append(
         f"columns: hit = expert-cache hit rate; I/O ms = time in the store reader per token; "
-        f"limit = the same bytes at the probe's best rate for that read size "
-        f"({report['cost_model']}); FFN ms = the rest of the MoE layers' time (compute, "
+        f"{LIMIT} ({report['cost_model']}); FFN ms = the rest of the MoE layers' time (compute, "
         "bookkeeping); ratio = tokens/s against the named row of the same round; reads: "
         "uncached (page cache bypassed) or cached; mv = evicted slots refilled by moving the last "
         "experts (delete + append) instead of in place"
@@ -310,7 +318,7 @@ def run_model(
 
     def one(setup: Setup, **extra) -> dict:
         run_options = {**options, "expert_policy": setup.name, **extra}
-        return run_setup(setup, model_dir, prompt_ids, tokens, run_options, cost)
+        return run_setup(setup, model_dir, prompt_ids, tokens, run_options)
 
     rounds = [
         [one(s) for s in setups]
@@ -355,7 +363,7 @@ def format_model(report: dict) -> str:
             f"{'yes' if r['same_tokens_as_in_memory'] else 'NO':>6}"
         )
     out.append(
-        f"all experts in memory: {mem['tokens_per_s']:.2f} tok/s; limit = the bytes at the "
-        f"probe's best rate ({report['cost_model']}); same = the greedy tokens of the in-memory run"
+        f"all experts in memory: {mem['tokens_per_s']:.2f} tok/s; {LIMIT} "
+        f"({report['cost_model']}); same = the greedy tokens of the in-memory run"
     )
     return "\n".join(out)

@@ -32,11 +32,32 @@ def sparse_selector(d_model: int = 64, d_ffn: int = 172, share: float = 0.3) -> 
     return FixedSelector(lambda layer, x: np.argsort(-np.array((x @ proj).max(axis=0)))[:k])
 
 
+def save_recent_probe(directory) -> dict:
+    """A probe of ``directory``'s disk, saved as made now (the defaults' model), so that the bench
+    uses it instead of probing."""
+    from datetime import datetime, timezone
+
+    from mlx_flash.runtime.costmodel import PROBE_FORMAT, PROBE_VERSION, CostModel, probe_path
+    from mlx_flash.runtime.files import write_json
+
+    probe = {
+        "format": PROBE_FORMAT,
+        "version": PROBE_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "path": str(directory),
+        "model": CostModel.defaults().to_json(),
+    }
+    probe_path(directory).parent.mkdir(parents=True, exist_ok=True)
+    write_json(probe_path(directory), probe)
+    return probe
+
+
 @pytest.fixture(scope="module")
 def stories(stories_flash, tmp_path_factory):
     """stories260K, with the bench's cache (its unbundled copy) in a temporary folder."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MLX_FLASH_CACHE", str(tmp_path_factory.mktemp("bench-cache")))
+    save_recent_probe(stories_flash)
     yield stories_flash
     mp.undo()
 
@@ -153,6 +174,8 @@ def test_cli_writes_json_and_plot(stories, tmp_path, capsys):
     assert "1. naive" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [r["index"] for r in data["configs"]] == [1, 5]
+    probe = json.loads((tmp_path / "bench.probe.json").read_text())  # the limit's source, beside
+    assert data["probe"]["created"] == probe["created"] and "model" in probe
     if _has_matplotlib():
         assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -223,3 +246,14 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_the_bench_probes_the_disk_unless_a_probe_is_recent(stories, monkeypatch):
+    from mlx_flash import probe
+
+    saved = save_recent_probe(stories)
+    assert probe.recent_probe(stories, 3600) == saved
+    made = []
+    monkeypatch.setattr(probe, "run_probe", lambda d, **kw: made.append(d) or {**saved, "new": 1})
+    assert probe.recent_probe(stories, 0)["new"] == 1 and made == [stories]  # too old: probe now
+    assert probe.recent_probe(stories, 3600)["new"] == 1  # and saved for the runtime

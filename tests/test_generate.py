@@ -27,6 +27,7 @@ STATS_KEYS = {
     "flash_bytes_per_token",
     "reads_per_token",
     "io_ms_per_token",
+    "limit_ms_per_token",
     "compute_ms_per_token",
     "lookahead_recall",
     "buffer_hit_rate",

@@ -177,7 +177,7 @@ def test_mlx_memory_stays_within_the_plan(tiny_moe_flash):
 def test_routing_trace_records_each_tokens_experts(tiny_moe_flash, tmp_path):
     _, flash = tiny_moe_flash("olmoe", "f32")
     path = tmp_path / "routing.npz"
-    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, routing_trace=str(path))
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, record_trace=str(path))
     _logits(model)
     model.flash.close()
     trace = load_trace(path)

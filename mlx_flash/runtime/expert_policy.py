@@ -6,7 +6,7 @@
 
 The default is provisional: it was chosen on uniform routing and on a routing model calibrated to
 published Qwen3-30B-A3B decode traces (README, Mixture-of-experts models), not on traces of a real
-MoE run here; record some with ``--routing-trace`` and compare. A call's own experts are never
+MoE run here; record some with ``--record-trace`` and compare. A call's own experts are never
 evicted: callers pass only the others as candidates.
 """
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from .calibration import Calibration, read_calibration
 from .costmodel import CostModel, cost_model_for
 from .errors import FlashError, FlashFormatError, UnsupportedModelError
 from .flash_ffn import FlashFFN, LayerState, ThreadGuard
+from .limit import metered_loader
 from .lookahead import LookAhead
 from .manifest import (
     MANIFEST_FILE,
@@ -76,7 +76,9 @@ class FlashRuntime:
     layers: list[FlashFFN] = field(default_factory=list)
     guard: ThreadGuard = field(default_factory=ThreadGuard, repr=False)
     observe: Callable[[int, mx.array, Selection], None] | None = None
-    trace: TraceRecorder | None = None  # MoE routing, saved to options.routing_trace on close
+    # the ids each decode token used per layer (experts, or selected neurons), saved to
+    # options.record_trace on close
+    trace: TraceRecorder | None = None
     lookahead: LookAhead | None = None  # reads of the next layer started early (lookahead.py)
 
     @property
@@ -102,7 +104,7 @@ class FlashRuntime:
     def close(self) -> None:
         self.reader.close()
         if self.trace is not None:
-            self.trace.trace().save(self.options.routing_trace)
+            self.trace.trace().save(self.options.record_trace)
 
 
 def check_directory(directory: Path) -> Manifest:
@@ -133,16 +135,33 @@ def prepare_runtime(
     dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
     calibration = read_calibration(directory, manifest)
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
-    cost = cost_model_for(directory)
-    threads = options.threads or cost.reader_threads(
-        min(r.record_size for r in manifest.layers[0].regions)
-    )
+    cost, threads = _disk(directory, manifest, options)
     choice = _choose_selector(options, directory, manifest, calibration, facts, cost, threads)
     selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
     exact_gate = _exact_gate(options, choice)
     skip = selectors.GATE_PARTS if exact_gate else ()
-    parts = _buffer_parts(manifest, dtype, skip)
+    parts = buffer_parts(manifest, dtype, skip)
     plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
+    hot = calibration.frequency if calibration is not None else None
+    return open_dense(directory, manifest, options, plan, dtype, choice, parts, calibration, hot)
+
+
+def open_dense(
+    directory: Path,
+    manifest: Manifest,
+    options: FlashOptions,
+    plan: BudgetPlan,
+    dtype: mx.Dtype,
+    choice: selectors.Choice,
+    parts: dict,
+    calibration: Calibration | None = None,
+    hot: np.ndarray | None = None,
+) -> FlashRuntime:
+    """The runtime of a dense store: its reader, the selector (``options.selector``: a name built
+    as ``choice`` says, or a Selector object) and one FlashFFN per layer with ``plan``'s rows of
+    ``parts`` (allocated on first use). ``hot``: per layer and neuron, how often it was active
+    (the most active are pinned); the synthetic bench passes its trace's counts."""
+    cost, threads = _disk(directory, manifest, options)
     reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
@@ -162,9 +181,11 @@ def prepare_runtime(
             dtype,
             cost,
         )
+        if options.record_trace:
+            record_selections(runtime)
         # a selector that reads no input takes every neuron: pinning hot ones saves nothing, and a
         # contiguous pinned block leaves the rest to stream in large reads (the bench's hybrid)
-        hot = calibration if selector.needs_input else None
+        hot = hot if selector.needs_input else None
         runtime.layers = [
             _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
             for i in range(manifest.n_layers)
@@ -175,6 +196,34 @@ def prepare_runtime(
         reader.close()
         raise
     return runtime
+
+
+def record_selections(runtime: FlashRuntime) -> None:
+    """Record every single-token decode step's selected neurons, per layer, into
+    ``runtime.trace`` (saved to ``options.record_trace`` on close), through the ``observe``
+    hook. Multi-token calls (verify steps, batches) select a union and are left out."""
+    m = runtime.manifest
+    meta = {
+        "model": str(runtime.directory),
+        "selector": runtime.selector.name,
+        "sparsity": runtime.choice.sparsity,
+        "window": runtime.options.window,
+    }
+    recorder = TraceRecorder("neurons", m.d_ffn, m.n_layers, meta)
+    runtime.trace = recorder
+
+    def observe(layer: int, x: mx.array, selection: Selection) -> None:
+        if x.shape[0] == 1:
+            recorder.add(layer, selection.ids.reshape(1, -1))
+
+    runtime.observe = observe
+
+
+def _disk(directory: Path, manifest: Manifest, options: FlashOptions) -> tuple[CostModel, int]:
+    """The store's disk model (its probe, else defaults) and the reader's thread count."""
+    cost = cost_model_for(directory)
+    smallest = min(r.record_size for r in manifest.layers[0].regions)
+    return cost, options.threads or cost.reader_threads(smallest)
 
 
 def open_store(
@@ -436,7 +485,7 @@ def _load_config(directory: Path) -> dict:
     return config
 
 
-def _buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
+def buffer_parts(manifest: Manifest, dtype: mx.Dtype, skip: tuple[str, ...]):
     """Each buffered part's (row width, MLX dtype): floats in the compute dtype, packed words as
     is."""
     return {
@@ -477,11 +526,12 @@ def _bound_mlx_cache(plan: BudgetPlan) -> None:
         mx.set_cache_limit(previous)
 
 
-def _pinned_ids(calibration: Calibration | None, layer: int, rows: int) -> np.ndarray:
-    """The neurons to pin: the most frequently active at calibration (sorted), else the first."""
-    if calibration is None:
+def _pinned_ids(hot: np.ndarray | None, layer: int, rows: int) -> np.ndarray:
+    """The neurons to pin: the most frequently active (``hot``: calibration's frequencies,
+    sorted), else the first."""
+    if hot is None:
         return np.arange(rows, dtype=np.int64)
-    hottest = np.argsort(-calibration.frequency[layer], kind="stable")[:rows]
+    hottest = np.argsort(-hot[layer], kind="stable")[:rows]
     return np.sort(hottest).astype(np.int64)
 
 
@@ -489,7 +539,7 @@ def _make_layer(runtime: FlashRuntime, index: int, parts: dict, pinned_ids: np.n
     """A layer's FlashFFN; its buffers are allocated by ``FlashFFN.allocate`` (rows stay empty
     until the first token)."""
     plan, manifest, reader = runtime.plan, runtime.manifest, runtime.reader
-    load_rows = partial(reader.read_neurons, index)
+    load_rows = metered_loader(runtime, index)
 
     def allocate(state: LayerState) -> None:
         if plan.pinned_rows:

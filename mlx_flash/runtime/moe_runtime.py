@@ -8,7 +8,6 @@ these models (attention, routers, shared experts, dense layers) is trunk, loaded
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +20,7 @@ from .errors import FlashFormatError
 from .expert_budget import ExpertPlan, plan_experts
 from .expert_policy import make_policy
 from .experts import ExpertCache, ExpertState, FlashExperts, bind_slots
+from .limit import metered_loader
 from .loader import FlashRuntime, default_compute_dtype, open_store
 from .manifest import MX_DTYPES, Manifest, trunk_files
 from .options import FlashOptions
@@ -78,7 +78,7 @@ def open_experts(
             directory, manifest, options, None, reader, plan, Routers(), ROUTED, telemetry, dtype,
             cost,
         )  # fmt: skip
-        if options.routing_trace:
+        if options.record_trace:
             meta = {"model": str(directory), "layers": [e.layer for e in moe.layers]}
             runtime.trace = TraceRecorder("experts", moe.n_experts, manifest.n_layers, meta)
         runtime.layers = [_make_layer(runtime, i, switch) for i, switch in enumerate(switches)]
@@ -125,7 +125,7 @@ def _make_layer(runtime: FlashRuntime, index: int, switch: SwitchGLU) -> FlashEx
         p.name: (p.length, packed.get(p.dtype, runtime.compute_dtype))
         for p in manifest.layers[index].parts()
     }
-    load = partial(runtime.reader.read_neurons, index)
+    load = metered_loader(runtime, index)
     buffer = NeuronBuffer(runtime.plan.expert_slots, parts, load, moe.n_experts)
     bind_slots(switch, buffer, moe.layers[index])
     cache = ExpertCache(buffer, make_policy(runtime.options.expert_policy, moe.n_experts))

@@ -223,11 +223,13 @@ class FlashOptions:
         _one_of(EXPERT_POLICIES),
         metavar="NAME",
     )
-    routing_trace: str | None = option(
+    record_trace: str | None = option(
         None,
-        "MoE models: write the experts each token used, per MoE layer, to FILE (.npz) on close",
+        "write the ids each decode token used, per layer, to FILE (.npz) on close: the selected "
+        "FFN neurons (dense models) or the experts (MoE); the bench replays it with --trace",
         lambda v: None if v is None else str(v),
         metavar="FILE",
+        aliases=("routing_trace",),
     )
     telemetry: bool = option(True, "count reads and rows per token", _flag, cli=False)
 

@@ -49,6 +49,7 @@ class Pass:
     phase: str  # "prefill" or "decode"
     tokens: int
     layers: list[LayerStats]
+    limit_s: float = 0.0  # the physical limit of its reads (``limit``)
 
     @property
     def total(self) -> LayerStats:
@@ -73,6 +74,11 @@ class Telemetry:
     def record(self, layer: int, stats: LayerStats) -> None:
         if self.enabled and self.passes:
             self.passes[-1].layers[layer] = stats
+
+    def add_limit(self, seconds: float) -> None:
+        """Add a read's physical limit (``limit.limit_seconds``) to the current pass."""
+        if self.enabled and self.passes:
+            self.passes[-1].limit_s += seconds
 
     def reset(self) -> None:
         self.passes.clear()
@@ -103,6 +109,7 @@ class Telemetry:
             "flash_bytes_per_token": total.read.bytes / per,
             "reads_per_token": total.read.reads / per,
             "io_ms_per_token": 1e3 * total.read.seconds / per,
+            "limit_ms_per_token": 1e3 * sum(p.limit_s for p in chosen) / per,
             "compute_ms_per_token": 1e3 * total.compute_s / per,
             "buffer_hit_rate": total.hits / total.requested if total.requested else 0.0,
             "fraction_used": total.requested / neurons,

@@ -1,7 +1,7 @@
 """Routing traces: per token and per layer, the ids a model used (experts, or FFN neurons).
 
 Why: cache policies and benchmarks should run on what real models do; one file format serves
-traces recorded from a run (``--routing-trace FILE``) and traces drawn from a routing model
+traces recorded from a run (``--record-trace FILE``) and traces drawn from a routing model
 (``mlx_flash.bench --synthetic``), for experts now and for neurons later.
 
 File: a numpy ``.npz`` holding ``format`` ("mlx_flash-trace"), ``version`` (1), ``kind`` ("experts"
