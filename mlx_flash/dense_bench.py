@@ -193,6 +193,7 @@ def _row(setup: Setup, runtime, wall: float, tokens: int) -> dict:
         "io_ms_per_token": s["io_ms_per_token"],
         "limit_ms_per_token": s["limit_ms_per_token"],
         "ffn_compute_ms_per_token": s["compute_ms_per_token"],
+        "lookahead_recall": s["lookahead_recall"],
         "other_ms_per_token": ms - s["io_ms_per_token"] - s["compute_ms_per_token"],
         "ms_per_token": ms,
         "tokens_per_s": tokens / wall,
