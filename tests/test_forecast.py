@@ -148,7 +148,9 @@ def test_cli_prints_the_plan_and_every_assumption(tiny_flash, tmp_path, capsys):
 def test_compute_micro_benchmark_measures_every_constant():
     costs = measure_compute(64, 128, mx.float32, repeats=2)
     assert costs.dtype == "float32" and costs.bytes_per_s > 1e8
-    assert costs.layer_s > 0 and costs.flash_layer_s >= 0 and costs.chunk_s >= 0
+    # differences of timings: a loaded machine can make one of them zero (clipped), never all
+    assert min(costs.layer_s, costs.step_s, costs.flash_layer_s, costs.chunk_s) >= 0
+    assert costs.step_s + costs.layer_s > 0
 
 
 def test_reader_probe_times_contiguous_and_scattered_calls(tmp_path):
