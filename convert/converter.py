@@ -386,7 +386,14 @@ def planned_manifest(
             blobs["down_bias"] = Blob(end, plan.d_model, plan.dtype)
             end += plan.d_model * DTYPES[plan.dtype]
         layers.append(LayerEntry(i, prefix, start, end - start, "", tuple(regions), blobs))
-    manifest = Manifest(
+    return _manifest(plan, source, layout, align, layers, end), plan
+
+
+def _manifest(
+    plan: _Plan, source: SourceModel, layout: str, align: int, layers: list, store_size: int
+) -> Manifest:
+    """The manifest of a store written (or planned) from ``plan``, without calibration."""
+    return Manifest(
         model_type=plan.config["model_type"],
         d_model=plan.d_model,
         d_ffn=plan.d_ffn,
@@ -396,12 +403,11 @@ def planned_manifest(
         dtype=plan.dtype,
         align=align,
         store_file=STORE_FILE,
-        store_size=end,
+        store_size=store_size,
         layers=tuple(layers),
         quantization=plan.quant,
         source=source.description,
     )
-    return manifest, plan
 
 
 def _write_store(
@@ -532,21 +538,8 @@ def _write_directory(
     mlx-lm entry point, tokenizer, and last the manifest that describes them."""
     entries = _write_store(tmp, source, plan, layout, align, progress)
     write_beside_store(tmp, source, plan, settings)
-    manifest = Manifest(
-        model_type=plan.config["model_type"],
-        d_model=plan.d_model,
-        d_ffn=plan.d_ffn,
-        gated=plan.spec.gated,
-        activation=plan.spec.activation,
-        layout=layout,
-        dtype=plan.dtype,
-        align=align,
-        store_file=STORE_FILE,
-        store_size=(tmp / STORE_FILE).stat().st_size,
-        layers=tuple(entries),
-        quantization=plan.quant,
-        source=source.description,
-    )
+    store_size = (tmp / STORE_FILE).stat().st_size
+    manifest = _manifest(plan, source, layout, align, entries, store_size)
     manifest.save(tmp)
     return manifest
 

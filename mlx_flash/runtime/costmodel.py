@@ -204,6 +204,18 @@ def load_probe(file: str | Path) -> CostModel:
     return CostModel.from_json(data["model"])
 
 
+def sparse_reads(density: float, gap: int) -> tuple[float, float]:
+    """Records read (the gaps read through included) and reads, per neuron of a layer, when each
+    neuron is wanted independently with probability ``density`` and the reader reads through gaps
+    of up to ``gap`` records: a gap of k records follows a wanted one with probability
+    ``density * (1 - density)^k``, and a read ends at a longer gap."""
+    if density <= 0.0:
+        return 0.0, 0.0
+    q = 1.0 - density
+    through = sum(k * q**k * density for k in range(1, gap + 1))
+    return density * (1.0 + through), density * q ** (gap + 1)
+
+
 def cost_model_for(path: str | Path) -> CostModel:
     """The probed model of the device holding ``path``, or the defaults when it was never probed."""
     try:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .budget import BudgetPlan, ModelFacts
-from .costmodel import CostModel
+from .costmodel import CostModel, sparse_reads
 
 
 @dataclass(frozen=True)
@@ -127,18 +127,14 @@ def sparse_cost(
 ) -> TokenCost:
     """A selector choosing each neuron with ``frequency`` [layers, d_ffn] (module docstring)."""
     gap = disk.gap_bytes(layout.threads) // layout.record_stride
-    distances = np.arange(1, gap + 2)
     calls, rows = [], 0.0
     for f in frequency:
         f = np.sort(np.clip(f, 0.0, 1.0))[::-1]
         rest = f[plan.pinned_rows :]
         depth = _window_depth(rest, window, plan.window_rows)
         new = float(np.sum(rest * (1.0 - rest) ** depth))
-        share = new / plan.d_ffn
-        merged = share * (1.0 - share) ** (distances - 1)  # the previous read neuron is d back
-        reads = new * (1.0 - float(merged.sum()))
-        gaps = layout.record_stride * float(np.sum((distances - 1) * merged))
-        nbytes = new * (layout.record_read + gaps)
+        records, reads = (plan.d_ffn * x for x in sparse_reads(new / plan.d_ffn, gap))
+        nbytes = new * layout.record_read + (records - new) * layout.record_stride
         calls.append(Read(new, nbytes, reads, layout.reader.seconds(nbytes, reads)))
         union = float(np.sum(1.0 - (1.0 - rest) ** (depth + 1)))
         resident = plan.pinned_rows + min(plan.window_rows, union)

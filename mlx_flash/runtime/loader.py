@@ -31,7 +31,7 @@ from .budget import (
 )
 from .buffer import NeuronBuffer
 from .calibration import Calibration, read_calibration
-from .costmodel import CostModel, cost_model_for
+from .costmodel import CostModel, cost_model_for, sparse_reads
 from .errors import FlashError, FlashFormatError, UnsupportedModelError
 from .flash_ffn import FlashFFN, LayerState, ThreadGuard
 from .limit import metered_loader
@@ -282,18 +282,6 @@ def _choose_selector(
         return facts.n_layers * disk.read_seconds(nbytes, max(reads, 1.0), threads)
 
     return selectors.choose(options, manifest, calibration, cost)
-
-
-def sparse_reads(density: float, gap: int) -> tuple[float, float]:
-    """Records read (the gaps read through included) and reads, per neuron of a layer, when each
-    neuron is wanted independently with probability ``density`` and the reader reads through gaps
-    of up to ``gap`` records: a gap of k records follows a wanted one with probability
-    ``density * (1 - density)^k``, and a read ends at a longer gap."""
-    if density <= 0.0:
-        return 0.0, 0.0
-    q = 1.0 - density
-    through = sum(k * q**k * density for k in range(1, gap + 1))
-    return density * (1.0 + through), density * q ** (gap + 1)
 
 
 def _selector_bytes(
