@@ -58,20 +58,24 @@ class _GuardFFN(nn.Module):
         self._reader, self._manifest, self._layer = reader, manifest, layer
         self.keep: Score | None = None  # None: every neuron (dense)
         self.window = 1
+        self.computed = self.seen = 0  # neuron rows multiplied, and neurons x tokens passed
 
     def __call__(self, x: mx.array) -> mx.array:
         m, layer = self._manifest, self._layer
         parts = {k: mx.array(v) for k, v in self._reader.read_layer(layer).items()}
         xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
         h = hidden(xf, parts, m.activation, m.gated, m.quantization)
+        computed = mx.array(h.size)
         if self.keep is not None:
-            mask = self.keep(layer, parts, xf, h).reshape(*x.shape[:-1], -1)
-            h = h * _windowed(mask, self.window).reshape(h.shape)
+            mask = _windowed(self.keep(layer, parts, xf, h).reshape(*x.shape[:-1], -1), self.window)
+            h, computed = h * mask.reshape(h.shape), mask.sum()
         out = project_out(h, parts, m.quantization)
         if "down_bias" in m.layers[layer].blobs:
             out = out + mx.array(self._reader.read_blob(layer, "down_bias", np.float32))
         out = out.astype(x.dtype).reshape(x.shape)
-        mx.eval(out)  # the layer's weights go now: a lazy forward would hold every layer's at once
+        # the layer's weights go now: a lazy forward would hold every layer's at once
+        mx.eval(out, computed)
+        self.computed, self.seen = self.computed + computed.item(), self.seen + h.size
         return out
 
 
@@ -122,7 +126,7 @@ def points_to_measure(available: dict) -> list[tuple[str, float | None, str]]:
         points += [("predictor", None, rows) for rows in ("resident", "selected")]
     if "proxy" in available:
         points += [("proxy", s, "resident") for s in (0.2, 0.3, 0.4, 0.5)]
-        points += [("proxy", 0.3, "selected")]
+        points += [("proxy", s, "selected") for s in (0.2, 0.3)]
     if "gate" in available:
         points += [("gate", 0.3, "resident")]
     return points
@@ -169,7 +173,12 @@ class Guard:
         for i, f in enumerate(self._ffns):
             on = name is not None and (layers is None or i in layers)
             f.keep, f.window = (self.makers[name](keep) if on else None), window
+            f.computed = f.seen = 0
         return _mean_loss(self._model, windows)
+
+    def rows_share(self) -> float:
+        """The share of the FFNs' neuron rows the last ``loss`` multiplied per token."""
+        return sum(f.computed for f in self._ffns) / max(1, sum(f.seen for f in self._ffns))
 
     def sensitivity(self, windows: np.ndarray, name: str, sparsity: float) -> np.ndarray:
         """Per layer, the loss increase when only that layer runs ``name`` at ``sparsity``."""
@@ -187,11 +196,13 @@ class Guard:
         ``points_to_measure`` lists for what can be built."""
         settings = points_to_measure(self.makers)
         bar = tqdm([None, *settings], desc="quality guard", unit="setting", disable=not progress)
-        losses = [self._point_loss(windows, setting, calibration) for setting in bar]
-        dense = math.exp(losses[0])
+        measured = [
+            (self._point_loss(windows, setting, calibration), self.rows_share()) for setting in bar
+        ]
+        dense = math.exp(measured[0][0])
         points = [
-            OperatingPoint(name, sparsity, rows, WINDOW, math.exp(loss) / dense - 1)
-            for (name, sparsity, rows), loss in zip(settings, losses[1:], strict=True)
+            OperatingPoint(name, sparsity, rows, WINDOW, math.exp(loss) / dense - 1, share)
+            for (name, sparsity, rows), (loss, share) in zip(settings, measured[1:], strict=True)
         ]
         return dense, points
 

@@ -32,7 +32,12 @@ from .cli import add_debug_arg, add_flash_args, load_options, run_cli
 from .runtime import selectors
 from .runtime.adapters import build_model, is_moe
 from .runtime.budget import ModelFacts, model_facts, plan_memory, shape_facts
-from .runtime.calibration import Calibration, natural_zeros, read_calibration
+from .runtime.calibration import (
+    Calibration,
+    natural_zeros,
+    read_calibration,
+    selection_frequency,
+)
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import BudgetError, UnsupportedModelError
 from .runtime.expected import Costs, Layout, ReaderCost, dense_cost, sparse_cost
@@ -141,19 +146,7 @@ def frequency(subject: Subject, name: str, options: FlashOptions) -> tuple[np.nd
             kept = 1.0 - options.sparsity
         shape = (m.n_layers, m.d_ffn)
         return np.full(shape, kept), f"no calibration: every neuron kept with p={kept:g}"
-    trained = m.extra.get("predictor", {})
-    if name == "predictor" and "predicted" in trained:  # it keeps more than is active (recall ~1)
-        over = np.array(trained["predicted"]) / np.maximum(np.array(trained["active"]), 1e-9)
-        note = "calibration frequencies scaled by the predictors' predicted/active share"
-        return np.clip(cal.frequency * over[:, None], 0.0, 1.0), note
-    trained = None if name == "predictor" else cal.sparsity
-    asked = options.sparsity if options.sparsity is not None else trained
-    if asked is None or trained is None or asked == trained:
-        what = "natural zeros" if trained is None else f"sparsity {trained:g}"
-        return cal.frequency, f"calibration frequencies ({what})"
-    scale = (1.0 - asked) / (1.0 - trained)
-    note = f"calibration frequencies at sparsity {trained:g}, scaled to {asked:g}"
-    return np.clip(cal.frequency * scale, 0.0, 1.0), note
+    return selection_frequency(m, cal, name, options.sparsity)
 
 
 def forecast_selector(
@@ -178,15 +171,7 @@ def forecast_selector(
         plan = plan_memory(facts, options, held, row)
     except BudgetError as e:
         return {**out, "fits": False, "error": str(e)}
-    region = m.layers[0].regions
-    layout = Layout(
-        record_read=sum(p.nbytes for r in region for p in r.parts if p.name not in skip),
-        record_stride=sum(r.record_stride for r in region),
-        row_bytes=row,
-        threads=reader.threads,
-        trunk_gemv=trunk_gemv(subject, facts),
-        reader=reader,
-    )
+    layout = Layout.of_store(m, skip, row, trunk_gemv(subject, facts), reader)
     if name == "dense":
         cost, note = dense_cost(plan, facts, layout, disk, costs), "every neuron"
     else:

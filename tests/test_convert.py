@@ -339,7 +339,10 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
     )
     assert done.returncode == 0 and "exit 0" in done.stderr, done.stderr[-2000:]
     meta = read_manifest(out).extra
-    assert meta["calibration"]["tokens"] == 4096 and len(meta["predictor"]["recall"]) == 30
+    # a gated model gets the proxy (predictors serve ReLU-family FFNs) and the guard's points
+    assert meta["calibration"]["tokens"] == 4096 and "predictor" not in meta
+    assert meta["proxy"]["bits"] in (2, 4) and (out / meta["proxy"]["file"]).is_file()
+    assert {p["selector"] for p in meta["quality"]["points"]} >= {"proxy"}
 
 
 def test_export_writes_the_plain_mlx_lm_model(tmp_path):

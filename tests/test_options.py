@@ -11,6 +11,7 @@ import pytest
 import mlx_flash
 from mlx_flash import bench, chat, cli, evaluate, generate, settings
 from mlx_flash.runtime.errors import FlashFormatError, OptionError
+from mlx_flash.runtime.manifest import read_manifest
 from mlx_flash.runtime.options import FlashOptions, option_fields, read_settings
 
 COMMANDS = {
@@ -146,8 +147,15 @@ def test_one_load_reads_the_calibration_once_and_plans_once(stories_calibrated, 
 
     counting("plan_memory")
     counting("read_calibration")
-    model, _ = mlx_flash.load(stories_calibrated, "1GB", selector="auto")
-    assert model.flash.selector.name != "dense" and calls == {
+    model, _ = mlx_flash.load(stories_calibrated, "1GB", selector="proxy", sparsity=0.5)
+    assert model.flash.selector.name == "proxy" and calls == {
         "plan_memory": 1,
         "read_calibration": 1,
     }
+    # auto plans each point measured within the bound and dense streaming, to weigh their reads
+    calls.update(plan_memory=0, read_calibration=0)
+    model, _ = mlx_flash.load(stories_calibrated, "1GB", selector="auto")
+    points = read_manifest(stories_calibrated).extra["quality"]["points"]
+    within = sum(p["loss"] <= 0.02 for p in points)
+    assert 0 < within < len(points)
+    assert calls == {"plan_memory": 1 + within + 1, "read_calibration": 1}

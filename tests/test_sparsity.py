@@ -18,6 +18,7 @@ from mlx_flash.convert.__main__ import main as convert_main
 from mlx_flash.convert.calibrate import builtin_text_path, calibrate
 from mlx_flash.convert.predictor import auto_ranks, choose_cut, score_predictor, train_predictor
 from mlx_flash.rebuild import dense_ffn_weights
+from mlx_flash.runtime import selectors
 from mlx_flash.runtime.calibration import (
     LEVELS,
     Calibration,
@@ -241,39 +242,81 @@ def test_convert_cli_calibration_flags(tmp_path, tiny_text):
 
 def _with_points(directory, tmp_path, points):
     """A copy of ``directory`` whose quality guard says ``points`` (selector, sparsity, rows,
-    loss), to test how auto chooses."""
+    loss[, rows_share]), to test how auto chooses."""
     copy = copy_of(directory, tmp_path)
     manifest = read_manifest(copy)
     quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
     quality["points"] = [
-        {"selector": n, "sparsity": s, "compute_rows": r, "window": 4, "loss": loss}
-        for n, s, r, loss in points
+        dataclasses.asdict(OperatingPoint(n, s, r, 4, *measured)) for n, s, r, *measured in points
     ]
     dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality}).save(copy)
     return copy
 
 
+def _choose(manifest, calibration, points, seconds=None, **options):
+    """auto over ``points`` (as ``_with_points``) with reads taking ``seconds[selector]``, else
+    ``1 - sparsity`` (sparser, quicker; dense 1 s)."""
+    quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
+    quality["points"] = [
+        dataclasses.asdict(OperatingPoint(n, s, r, 4, *measured)) for n, s, r, *measured in points
+    ]
+    manifest = dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality})
+
+    def cost(p):
+        return seconds[p.selector] if seconds else 1.0 - (p.sparsity or 0.0)
+
+    return choose(FlashOptions.build(options), manifest, calibration, cost)
+
+
 def test_auto_takes_the_sparsest_point_within_the_bound_else_dense(llama_calibrated, tmp_path):
+    manifest = read_manifest(llama_calibrated)
+    calibration = read_calibration(llama_calibrated, manifest)
     points = [
         ("gate", 0.3, "resident", 0.01),
         ("gate", 0.5, "resident", 0.05),
         ("predictor", 0.5, "resident", 0.015),
         ("gate", 0.4, "selected", 0.019),
     ]
-    directory = _with_points(llama_calibrated, tmp_path, points)
-    choice = mlx_flash.load(directory, "1GB")[0].flash.choice
+    choice = _choose(manifest, calibration, points)
     assert (choice.name, choice.sparsity, choice.compute_rows) == ("predictor", 0.5, "resident")
     assert choice.loss == 0.015 and "bound 2%" in choice.reason
     # a tighter bound, a fixed sparsity, fixed rows: the best point that still qualifies
-    choice = mlx_flash.load(directory, "1GB", max_quality_loss=0.012)[0].flash.choice
+    choice = _choose(manifest, calibration, points, max_quality_loss=0.012)
     assert (choice.name, choice.sparsity) == ("gate", 0.3)
-    choice = mlx_flash.load(directory, "1GB", compute_rows="selected")[0].flash.choice
+    choice = _choose(manifest, calibration, points, compute_rows="selected")
     assert (choice.name, choice.sparsity, choice.compute_rows) == ("gate", 0.4, "selected")
     # nothing within the bound: dense, saying what was closest
-    choice = mlx_flash.load(directory, "1GB", max_quality_loss=0.001)[0].flash.choice
+    choice = _choose(manifest, calibration, points, max_quality_loss=0.001)
     assert choice.name == "dense" and "best measured: gate at sparsity 0.3" in choice.reason
+    directory = _with_points(llama_calibrated, tmp_path, points)
     model = mlx_flash.load(directory, "1GB", max_quality_loss=0.001)[0]
     assert model.flash.selector.name == "dense"
+
+
+def _auto_cost(monkeypatch, directory, budget, **options):
+    """The cost auto weighed its points with when loading ``directory``."""
+    seen = {}
+
+    def spy(options, manifest, calibration, cost):
+        seen["cost"] = cost
+        return choose(options, manifest, calibration, cost)
+
+    monkeypatch.setattr(selectors, "choose", spy)
+    mlx_flash.load(directory, budget, **options)[0].flash.close()
+    return seen["cost"]
+
+
+def test_auto_weighs_points_by_the_rows_they_were_measured_with(llama_calibrated, monkeypatch):
+    """A point measured with the window's rows resident holds only where the budget keeps that
+    many rows; dense streaming reads less as the buffers grow, and nothing once they hold it all."""
+    union = OperatingPoint("proxy", 0.5, "resident", 4, 0.01, rows_share=0.8)
+    selected = dataclasses.replace(union, compute_rows="selected", rows_share=0.5)
+    dense = OperatingPoint("dense", None, "resident", 4, 0.0)
+    half = _auto_cost(monkeypatch, llama_calibrated, "1GB", ffn_cache=0.5)
+    assert half(union) is None and half(selected) > 0.0
+    most = _auto_cost(monkeypatch, llama_calibrated, "1GB", ffn_cache=0.9)
+    assert most(union) > 0.0 and 0.0 < most(dense) < half(dense)
+    assert _auto_cost(monkeypatch, llama_calibrated, "1GB")(dense) == 0.0
 
 
 def test_forcing_a_selector_beyond_the_bound_warns(llama_calibrated, tmp_path):
@@ -289,7 +332,8 @@ def test_without_calibration_auto_runs_dense_and_says_so(tiny_flash):
 
 
 def test_selectors_that_cannot_be_built_are_refused(llama_calibrated, relu2_calibrated, tiny_flash):
-    assert mlx_flash.load(relu2_calibrated, "1GB")[0].flash.selector.name == "predictor"
+    model = mlx_flash.load(relu2_calibrated, "1GB", ffn_cache=0.5)[0]
+    assert model.flash.selector.name == "predictor"
     # predictors were trained for 0.5: another target is refused
     with pytest.raises(FlashError, match="trained for sparsity 0.5"):
         mlx_flash.load(llama_calibrated, "1GB", selector="predictor", sparsity=0.7)
@@ -314,18 +358,24 @@ def _smallest_budget(directory, selector: str) -> int:
     return hi
 
 
-def test_auto_passes_over_a_selector_the_budget_cannot_hold(llama_calibrated, tmp_path):
-    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto takes the
-    proxy, a tenth of it, though the gate measured better."""
-    points = [("gate", 0.5, "resident", 0.005), ("proxy", 0.5, "resident", 0.01)]
+def test_auto_passes_over_a_selector_the_budget_cannot_hold(
+    llama_calibrated, tmp_path, monkeypatch
+):
+    """A model bigger than memory cannot keep a third of its FFN in DRAM: auto weighs the proxy,
+    a tenth of it, and passes over the gate, though the gate measured better."""
+    points = [("gate", 0.5, "selected", 0.005, 0.5), ("proxy", 0.5, "selected", 0.01, 0.5)]
     directory = _with_points(llama_calibrated, tmp_path, points)
     gate, proxy = _smallest_budget(directory, "gate"), _smallest_budget(directory, "proxy")
     assert proxy < gate
     between = (proxy + gate) // 2
     with pytest.raises(BudgetError):
         mlx_flash.load(directory, between, selector="gate", sparsity=0.5)
-    assert mlx_flash.load(directory, between)[0].flash.selector.name == "proxy"
-    assert mlx_flash.load(directory, gate)[0].flash.selector.name == "gate"
+    measured = [OperatingPoint(n, s, r, 4, *m) for n, s, r, *m in points]
+    cost = _auto_cost(monkeypatch, directory, between)
+    assert cost(measured[0]) is None and cost(measured[1]) > 0.0
+    assert mlx_flash.load(directory, between)[0].flash.selector.name != "gate"
+    cost = _auto_cost(monkeypatch, directory, gate)
+    assert cost(measured[0]) > 0.0
 
 
 def test_auto_takes_the_point_with_the_quickest_reads(llama_calibrated):
@@ -341,12 +391,20 @@ def test_auto_takes_the_point_with_the_quickest_reads(llama_calibrated):
     manifest = dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality})
     calibration = read_calibration(llama_calibrated, manifest)
     options = FlashOptions.build({})
-    seconds = {"gate": 0.2, "proxy": 0.1}
-    assert choose(options, manifest, calibration, lambda name, s: seconds[name]).name == "proxy"
+    seconds = {"gate": 0.2, "proxy": 0.1, "dense": 0.3}
+
+    def chosen() -> str:
+        return choose(options, manifest, calibration, lambda p: seconds[p.selector]).name
+
+    assert chosen() == "proxy"
     seconds["gate"] = 0.05
-    assert choose(options, manifest, calibration, lambda name, s: seconds[name]).name == "gate"
+    assert chosen() == "gate"
     seconds["gate"] = None  # the budget cannot hold the gate: the proxy
-    assert choose(options, manifest, calibration, lambda name, s: seconds[name]).name == "proxy"
+    assert chosen() == "proxy"
+    seconds["dense"] = 0.1  # dense streaming reads no slower: exact wins the tie
+    assert chosen() == "dense"
+    options = FlashOptions.build({"sparsity": 0.5})  # unless a sparsity was asked for
+    assert chosen() == "proxy"
 
 
 def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
@@ -493,33 +551,37 @@ def test_proxy_selector_keeps_each_layers_count_per_token(stories_calibrated):
     assert runtime.choice.loss is not None and runtime.plan.selector == runtime.selector.nbytes
 
 
-def test_auto_runs_a_measured_point_and_generate_says_which(stories_calibrated, tmp_path):
+@pytest.mark.parametrize("model", ["stories", "relu2"])
+def test_auto_runs_a_measured_point_and_generate_says_which(
+    model, stories_calibrated, relu2_calibrated, tmp_path
+):
+    """Half of each FFN in DRAM: relu2-8m's predictor reads a third of what dense streaming does;
+    stories260K's small records read no quicker than its dense stream, so it runs dense (exact).
+    The summary names the choice and why."""
     import subprocess
     import sys
 
+    directory = {"stories": stories_calibrated, "relu2": relu2_calibrated}[model]
     stats = tmp_path / "stats.json"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_flash.generate",
-            "--model",
-            str(stories_calibrated),
-            "--prompt",
-            "Once upon a time",
-            "--max-tokens",
-            "8",
-            "--stats-json",
-            str(stats),
-        ],
+        [sys.executable, "-m", "mlx_flash.generate", "--model", str(directory),
+         "--prompt", "Once upon a time", "--max-tokens", "8", "--ffn-cache", "50%",
+         "--stats-json", str(stats)],
         capture_output=True,
         text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(stats.read_text())
-    assert result["selector"] in ("proxy", "gate") and result["measured_quality_loss"] <= 0.02
-    assert f"Selector: {result['selector']}, sparsity {result['sparsity']:g}" in done.stdout
+    if model == "relu2":
+        assert result["selector"] == "predictor" and result["measured_quality_loss"] <= 0.02
+        assert "bound 2%" in result["selector_reason"]
+        loss = result["measured_quality_loss"]
+        assert f"Selector: predictor, measured loss {100 * loss:+.1f}%" in done.stdout
+    else:
+        assert result["selector"] == "dense" and result["measured_quality_loss"] == 0.0
+        assert "dense streaming reads no slower than proxy" in result["selector_reason"]
+    assert f"({result['selector_reason']})" in done.stdout
 
 
 def test_verify_finds_a_damaged_proxy(stories_calibrated, tmp_path):

@@ -80,6 +80,26 @@ class Calibration:
         return float(np.interp(sparsity, LEVELS, table[layer]))
 
 
+def selection_frequency(
+    manifest: Manifest, calibration: Calibration, name: str, sparsity: float | None
+) -> tuple[np.ndarray, str]:
+    """Per layer and neuron, the chance that selector ``name`` at global ``sparsity`` (None: the
+    calibration's own) selects it on a token, and where that came from: calibration's activation
+    frequencies, scaled to the kept share."""
+    trained = manifest.extra.get("predictor", {})
+    if name == "predictor" and "predicted" in trained:  # it keeps more than is active (recall ~1)
+        over = np.array(trained["predicted"]) / np.maximum(np.array(trained["active"]), 1e-9)
+        note = "calibration frequencies scaled by the predictors' predicted/active share"
+        return np.clip(calibration.frequency * over[:, None], 0.0, 1.0), note
+    base = None if name == "predictor" else calibration.sparsity
+    if sparsity is None or base is None or sparsity == base:
+        what = "natural zeros" if base is None else f"sparsity {base:g}"
+        return calibration.frequency, f"calibration frequencies ({what})"
+    scale = (1.0 - sparsity) / (1.0 - base)
+    note = f"calibration frequencies at sparsity {base:g}, scaled to {sparsity:g}"
+    return np.clip(calibration.frequency * scale, 0.0, 1.0), note
+
+
 @dataclass
 class Predictors:
     """Per layer ``logits = (x @ w_in) @ w_out + bias``; a neuron is predicted active where
@@ -236,6 +256,9 @@ class OperatingPoint:
     compute_rows: str
     window: int
     loss: float
+    # mean share of a layer's neurons multiplied per token (resident rows: the window's union, which
+    # the loss assumes the buffers hold); None in calibrations older than the field
+    rows_share: float | None = None
 
 
 def operating_points(manifest: Manifest) -> list[OperatingPoint]:

@@ -150,10 +150,14 @@ class CostModel:
             size *= 2
         return size
 
+    def nearest(self, threads: int) -> int:
+        """Index of the measured thread count nearest ``threads``."""
+        return min(range(len(self.threads)), key=lambda j: abs(math.log(self.threads[j] / threads)))
+
     def gap_bytes(self, threads: int) -> int:
         """Bytes between two wanted records that cost less to read through than another read does
         (``a_t * b_t``) at ``threads`` threads (the nearest measured count)."""
-        i = min(range(len(self.threads)), key=lambda j: abs(math.log(self.threads[j] / threads)))
+        i = self.nearest(threads)
         return int(self.per_read_s[i] * self.bandwidth[i])
 
     def read_seconds(self, nbytes: float, reads: float, threads: int | None = None) -> float:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .budget import BudgetPlan, ModelFacts
 from .costmodel import CostModel, sparse_reads
+from .manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Costs:
     layer_s: float
     flash_layer_s: float
     chunk_s: float
+
+
+# no compute: the costs of reads alone (``io_s``), as ``auto`` compares operating points
+READS_ONLY = Costs(math.inf, 0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,13 @@ class ReaderCost:
     bytes_per_s: float
     threads: int
 
+    @classmethod
+    def of_disk(cls, disk: CostModel, threads: int) -> ReaderCost:
+        """The disk's cost model alone at ``threads`` (the nearest measured count): no per-call
+        cost, each read its latency, the bytes at its bandwidth."""
+        i = disk.nearest(threads)
+        return cls(0.0, disk.per_read_s[i], disk.bandwidth[i], threads)
+
     def seconds(self, nbytes: float, reads: float) -> float:
         """Expected time of one call reading ``nbytes`` in ``reads`` reads."""
         if reads <= 0:
@@ -88,6 +100,26 @@ class Layout:
     threads: int  # the reader's threads
     trunk_gemv: int  # trunk bytes a step multiplies (all but an untied input embedding)
     reader: ReaderCost  # what a store-reader call costs on this disk (reader_probe)
+
+    @classmethod
+    def of_store(
+        cls,
+        manifest: Manifest,
+        skip: tuple[str, ...],
+        row_bytes: int,
+        trunk_gemv: int,
+        reader: ReaderCost,
+    ) -> Layout:
+        """A store's records (without the parts in ``skip``) and buffer rows of ``row_bytes``."""
+        region = manifest.layers[0].regions
+        return cls(
+            record_read=sum(p.nbytes for r in region for p in r.parts if p.name not in skip),
+            record_stride=sum(r.record_stride for r in region),
+            row_bytes=row_bytes,
+            threads=reader.threads,
+            trunk_gemv=trunk_gemv,
+            reader=reader,
+        )
 
 
 def dense_cost(

@@ -22,17 +22,15 @@ from .adapters import check_supported, model_classes, set_ffn, spec_for
 from .budget import (
     BudgetPlan,
     ModelFacts,
-    budget_bytes,
-    buffer_rows,
     cast_on_load,
-    minimum_bytes,
     model_facts,
     plan_memory,
 )
 from .buffer import NeuronBuffer
-from .calibration import Calibration, read_calibration
-from .costmodel import CostModel, cost_model_for, sparse_reads
-from .errors import FlashError, FlashFormatError, UnsupportedModelError
+from .calibration import Calibration, OperatingPoint, read_calibration, selection_frequency
+from .costmodel import CostModel, cost_model_for
+from .errors import BudgetError, FlashError, FlashFormatError, UnsupportedModelError
+from .expected import READS_ONLY, Layout, ReaderCost, dense_cost, sparse_cost
 from .flash_ffn import FlashFFN, LayerState, ThreadGuard
 from .limit import metered_loader
 from .lookahead import LookAhead
@@ -264,24 +262,46 @@ def _choose_selector(
     if not isinstance(options.selector, str):
         rows = options.compute_rows or "resident"
         return selectors.Choice(options.selector.name, options.sparsity, rows, None, "given")
-    gap = disk.gap_bytes(threads) // manifest.neuron_bytes()  # records the reader reads through
+    cost = expected_reads(options, directory, manifest, calibration, facts, disk, threads)
+    return selectors.choose(options, manifest, calibration, cost)
 
-    def cost(name: str, sparsity: float | None) -> float | None:
-        """Seconds per token the disk's cost model expects the selector's reads to take: of its
-        kept neurons, those the buffers cannot hold beside it, read as the reader plans them (short
-        gaps read through); None when the budget cannot hold the selector at all."""
+
+def expected_reads(
+    options: FlashOptions,
+    directory: Path,
+    manifest: Manifest,
+    calibration: Calibration | None,
+    facts: ModelFacts,
+    disk: CostModel,
+    threads: int,
+) -> selectors.Cost:
+    """``selectors.Cost`` under the options' budget: the seconds per token the disk's cost model
+    expects a point's reads to take (``expected``: pinned rows and the window as the runtime keeps
+    them); None when the budget cannot hold the selector or, for a point measured with the window's
+    rows resident, those rows."""
+    reader = ReaderCost.of_disk(disk, threads)
+
+    def cost(point: OperatingPoint) -> float | None:
+        name = point.selector
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
-        if budget_bytes(options) < minimum_bytes(facts, options, held, row):
+        try:
+            plan = plan_memory(facts, options, held, row)
+        except BudgetError:
             return None
-        missed = 1.0 - buffer_rows(facts, options, held, row) / manifest.d_ffn
-        kept = 1.0 - (0.5 if sparsity is None else sparsity)
-        records, reads = sparse_reads(kept * missed, gap)
-        nbytes, reads = records * manifest.d_ffn * row, reads * manifest.d_ffn
-        return facts.n_layers * disk.read_seconds(nbytes, max(reads, 1.0), threads)
+        layout = Layout.of_store(manifest, skip, row, 0, reader)
+        if name == "dense":
+            return dense_cost(plan, facts, layout, disk, READS_ONLY).io_s
+        union = (point.rows_share or 1.0) * manifest.d_ffn
+        if point.compute_rows == "resident" and plan.pinned_rows + plan.window_rows < union:
+            return None
+        frequency, _ = selection_frequency(manifest, calibration, name, point.sparsity)
+        rows, window = point.compute_rows, options.window
+        expected = sparse_cost(plan, facts, layout, disk, READS_ONLY, frequency, window, rows, held)
+        return expected.io_s
 
-    return selectors.choose(options, manifest, calibration, cost)
+    return cost
 
 
 def _selector_bytes(

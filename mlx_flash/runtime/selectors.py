@@ -15,12 +15,11 @@ over the tokens, so every token gets every neuron any of them needs.
   |act(gate)·up|: the ceiling any selector can reach at a sparsity.
 - ``predictor`` (ReLU-family FFNs, the paper's): per layer a low-rank network trained at
   calibration predicts which neurons are non-zero; its weights stay in DRAM.
-- ``auto``: the operating point (selector, sparsity, rows computed) calibration measured to lose at
-  most ``max_quality_loss`` perplexity on held-back text whose reads the disk's cost model expects
-  to take least time within the budget (then: that computes the fewest neurons); dense when none
-  qualifies (``choose``). Not against dense streaming: the estimate cannot see how many of a
-  token's neurons the window already holds (most of them, on ReLU-family models), so it would
-  send sparse models to dense streaming where the selection pays.
+- ``auto``: of the operating points (selector, sparsity, rows computed) calibration measured to
+  lose at most ``max_quality_loss`` perplexity on held-back text, and dense streaming (exact), the
+  one whose reads the disk's cost model expects to take least time under the budget (then: that
+  computes the fewest neurons); dense when none qualifies (``choose``). A point measured with the
+  window's rows resident qualifies only where the budget holds that many rows.
 
 The top-k selectors keep, per token, ``round((1 - s) * d_ffn)`` neurons of a layer whose sparsity is
 ``s``: calibration's per-layer allocation for the global target (``Calibration.layer_sparsities``).
@@ -38,7 +37,13 @@ import mlx.core as mx
 import numpy as np
 
 from .adapters import ACTIVATIONS
-from .calibration import Calibration, Predictors, operating_points, read_predictors
+from .calibration import (
+    Calibration,
+    OperatingPoint,
+    Predictors,
+    operating_points,
+    read_predictors,
+)
 from .errors import OptionError
 from .ffn import project_in
 from .manifest import Manifest, part_bytes, tensor_bytes
@@ -209,15 +214,13 @@ def available(manifest: Manifest, calibration: Calibration | None) -> dict[str, 
     return why
 
 
-def choose(
-    options,
-    manifest: Manifest,
-    calibration: Calibration | None,
-    cost: Callable[[str, float | None], float | None],
-) -> Choice:
-    """The operating point ``options`` stand for. ``cost(name, sparsity)``: the seconds per token
-    that selector's reads are expected to take under the budget, None when the budget cannot hold
-    it."""
+# (point) -> seconds per token its reads are expected to take under the budget; None when the
+# budget cannot hold the selector, or the rows the point's loss was measured with
+Cost = Callable[[OperatingPoint], float | None]
+
+
+def choose(options, manifest: Manifest, calibration: Calibration | None, cost: Cost) -> Choice:
+    """The operating point ``options`` stand for (``cost``: see ``Cost``)."""
     rows = options.compute_rows or "resident"
     if options.selector == "auto":
         return _choose_auto(options, manifest, calibration, cost)
@@ -260,10 +263,7 @@ def _predictor_choice(options, manifest: Manifest, rows: str) -> Choice:
 
 
 def _choose_auto(
-    options,
-    manifest: Manifest,
-    calibration: Calibration | None,
-    cost: Callable[[str, float | None], float | None],
+    options, manifest: Manifest, calibration: Calibration | None, cost: Cost
 ) -> Choice:
     rows = options.compute_rows or "resident"
     if calibration is None:
@@ -279,7 +279,7 @@ def _choose_auto(
         if not exact:
             return _unmeasured(options, why, rows)
         points = exact
-    reads = {p: cost(p.selector, p.sparsity) for p in points if p.loss <= bound}
+    reads = {p: cost(p) for p in points if p.loss <= bound}
     good = [p for p, read in reads.items() if read is not None]
     if not good:
         best = min(points, key=lambda p: p.loss, default=None)
@@ -296,6 +296,16 @@ def _choose_auto(
         good,
         key=lambda p: (reads[p], -(p.sparsity or 1.0), p.compute_rows != "selected"),
     )
+    dense = cost(OperatingPoint("dense", None, rows, options.window, 0.0))
+    if options.sparsity is None and dense is not None and dense <= reads[best]:
+        return Choice(
+            "dense",
+            None,
+            rows,
+            0.0,
+            f"dense streaming reads no slower than {_describe(best)} under this budget "
+            f"({1e3 * dense:.0f} vs {1e3 * reads[best]:.0f} ms per token expected): runs dense",
+        )
     reason = (
         f"measured {100 * best.loss:+.1f}% perplexity on held-back text (bound {100 * bound:g}%)"
     )
