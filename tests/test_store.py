@@ -353,6 +353,106 @@ def test_thread_counts_and_bypass_modes_agree(tmp_path, layout):
     check_rows(first, truth[0], ids, rows, 64)
 
 
+def _read_both(directory, manifest, layer, ids, rows, capacity, dtype=np.float32, **kwargs):
+    """The same read by the preadv and the mmap read path: their destinations and counts."""
+    out = []
+    for read_path in ("preadv", "mmap"):
+        with StoreReader(directory, manifest, read_path=read_path, **kwargs) as reader:
+            dest = make_dest(manifest, capacity, dtype)
+            out.append((dest, reader.read_neurons(layer, ids, dest, rows)))
+    return out
+
+
+@pytest.mark.parametrize("threads,gap_bytes", [(1, 0), (8, 0), (8, 1 << 20)])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(layout="bundled"),
+        dict(layout="unbundled", align=512),
+        dict(layout="bundled", part_gap=12, d_ffn=300),
+        dict(layout="bundled", dtype="float16", align=64),
+        dict(layout="unbundled", dtype="bfloat16"),
+    ],
+)
+def test_mmap_reads_the_same_rows_and_counts_as_preadv(tmp_path, geometry, threads, gap_bytes):
+    """Byte for byte, float16 and bfloat16 stores converted into float32 included; the counts
+    mean the same (a run copied from the mapping counts as one read of its bytes)."""
+    manifest, truth = build_store(tmp_path, **geometry)
+    rng = np.random.default_rng(6)
+    for n in (1, 9, manifest.d_ffn // 2, manifest.d_ffn):
+        ids, rows = random_request(rng, manifest.d_ffn, manifest.d_ffn, n)
+        (pread, a), (mapped, b) = _read_both(
+            tmp_path, manifest, 1, ids, rows, manifest.d_ffn, threads=threads, gap_bytes=gap_bytes
+        )
+        for name in PARTS:
+            assert pread[name].tobytes() == mapped[name].tobytes(), name
+        assert (a.records, a.bytes, a.reads) == (b.records, b.bytes, b.reads)
+        check_rows(mapped, truth[1], ids, rows, manifest.d_ffn)
+
+
+def test_mmap_reads_raw_and_narrowed_destinations_as_preadv(tmp_path):
+    """Destinations preadv scatters into (the store dtype) are copied from the mapping alike."""
+    manifest, _ = build_store(tmp_path, dtype="float16", part_gap=6)
+    ids, rows = random_request(np.random.default_rng(7), manifest.d_ffn, 64, 40)
+    for dtype in (np.float16, np.float32):
+        (pread, _), (mapped, _) = _read_both(tmp_path, manifest, 0, ids, rows, 64, dtype, threads=4)
+        for name in PARTS:
+            assert pread[name].tobytes() == mapped[name].tobytes(), (dtype, name)
+
+
+def test_mmap_reads_quantized_stores_as_preadv(tmp_path):
+    """Packed quantized words (uint32) and their scales and biases, raw and converted."""
+    from conftest import convert_quietly
+    from tiny_models import save_tiny_model
+
+    src, _ = save_tiny_model("llama", tmp_path / "src")
+    flash = convert_quietly(src, tmp_path / "flash", quantize=True, q_bits=4, q_group_size=32)
+    manifest = read_manifest(flash)
+    parts = {p.name: p for p in manifest.layers[0].parts()}
+    assert "uint32" in {p.dtype for p in parts.values()}
+    ids, rows = random_request(np.random.default_rng(8), manifest.d_ffn, 40, 25)
+    got = []
+    for read_path in ("preadv", "mmap"):
+        with StoreReader(flash, manifest, threads=4, read_path=read_path) as reader:
+            dest = {
+                n: np.zeros((40, p.length), numpy_storage_dtype(p.dtype)) for n, p in parts.items()
+            }
+            reader.read_neurons(1, ids, dest, rows)
+            got.append((dest, reader.read_layer(1), reader.read_layer(1, floats=None)))
+    for pread, mapped in zip(*got, strict=True):
+        assert pread.keys() == mapped.keys() == parts.keys()
+        for name in parts:
+            assert pread[name].tobytes() == mapped[name].tobytes(), name
+
+
+def test_mmap_needs_the_page_cache_and_advises_through_the_mapping(bundled):
+    from mlx_flash import cli, generate
+    from mlx_flash.runtime.errors import OptionError
+    from mlx_flash.runtime.options import FlashOptions
+
+    directory, manifest, truth = bundled
+    message = "read_path mmap reads through the page cache: it cannot be combined with page_cache"
+    with pytest.raises(OptionError, match=message):
+        FlashOptions(read_path="mmap", page_cache=False)
+    args = generate.build_parser().parse_args(["--read-path", "mmap", "--no-page-cache"])
+    with pytest.raises(OptionError, match=message):
+        FlashOptions.build(cli.load_options(args, "generate"))
+    with pytest.raises(OptionError, match="read_path must be one of preadv, mmap"):
+        FlashOptions(read_path="io_uring")
+    args = generate.build_parser().parse_args(["--read-path", "mmap"])
+    assert FlashOptions.build(cli.load_options(args, "generate")).read_path == "mmap"
+    assert FlashOptions().read_path == "preadv"
+    with pytest.raises(ValueError, match="needs page_cache=True"):
+        StoreReader(directory, manifest, page_cache=False, read_path="mmap")
+    with StoreReader(directory, manifest, threads=2, read_path="mmap") as reader:
+        stride = manifest.layers[0].regions[0].record_stride
+        assert reader.advise(1, [3, 4, 9]) == 3 * stride  # runs [3, 4] and [9]
+        dest = make_dest(manifest, 3)
+        reader.read_neurons(1, [3, 4, 9], dest, [2, 0, 1])
+        check_rows(dest, truth[1], [3, 4, 9], [2, 0, 1], 3)
+        assert reader.layer_digest(1) == manifest.layers[1].checksum
+
+
 def test_direct_io_reads_unaligned_records(tmp_path):
     manifest, truth = build_store(tmp_path, d_model=24, d_ffn=300, part_gap=4)  # 296-byte records
     try:
@@ -589,3 +689,27 @@ def test_reads_into_mlx_arrays_without_copy(bundled):
         reader.read_neurons(0, [40, 2, 3], dest, [7, 0, 1])
     for n in PARTS:
         np.testing.assert_array_equal(np.array(buffers[n][[7, 0, 1]]), truth[0][n][[40, 2, 3]])
+
+
+def test_a_model_loaded_with_mmap_computes_what_preadv_does(tiny_flash):
+    """A third of the FFN buffered, so every decode step reads records: same logits, same reads."""
+    mx = pytest.importorskip("mlx.core")
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import mlx_flash
+
+    _, flash = tiny_flash("llama")
+    logits, totals = {}, {}
+    for read_path in ("preadv", "mmap"):
+        model, _ = mlx_flash.load(flash, "1GB", ffn_cache=1 / 3, pin_share=0.0, read_path=read_path)
+        assert model.flash.reader.read_path == read_path
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[3, 17, 42, 99, 7]]), cache=cache)[0]]
+        for token in (5, 64, 120):
+            out.append(model(mx.array([[token]]), cache=cache)[0])
+        logits[read_path] = np.concatenate([np.array(o) for o in out])
+        t = model.flash.reader.totals
+        totals[read_path] = (t.records, t.bytes, t.reads)
+        model.flash.close()
+    np.testing.assert_array_equal(logits["mmap"], logits["preadv"])
+    assert totals["mmap"] == totals["preadv"] and totals["mmap"][1] > 0

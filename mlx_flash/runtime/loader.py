@@ -228,7 +228,8 @@ def open_store(
     directory: Path, manifest: Manifest, options: FlashOptions, cost: CostModel, threads: int
 ) -> StoreReader:
     """The store's reader: ``threads`` parallel reads of the cost model's run size (reading
-    through gaps cheaper than another read), through the page cache or not as the options say."""
+    through gaps cheaper than another read), through the page cache or not and by the read path the
+    options say."""
     return StoreReader(
         directory,
         manifest,
@@ -236,6 +237,7 @@ def open_store(
         page_cache=options.page_cache,
         max_run_bytes=cost.run_bytes(threads),
         gap_bytes=cost.gap_bytes(threads),
+        read_path=options.read_path,
     )
 
 

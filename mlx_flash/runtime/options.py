@@ -27,6 +27,7 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize packs
 KV_GROUP_SIZES = (32, 64, 128)
 EXPERT_POLICIES = ("lru", "lfu")  # mlx_flash.runtime.expert_policy
+READ_PATHS = ("preadv", "mmap")  # mlx_flash.runtime.store
 
 
 def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
@@ -163,6 +164,13 @@ class FlashOptions:
     page_cache: bool = option(
         True, "read the store through the OS page cache (--no-page-cache bypasses it)", _flag
     )
+    read_path: str = option(
+        "preadv",
+        "how records are read: preadv (into the buffer rows) or mmap (copied from the store's "
+        "mapping; needs the page cache)",
+        _one_of(READ_PATHS),
+        metavar="NAME",
+    )
     lookahead: bool = option(
         True,
         "while a layer computes, have the kernel read what the next layer's selector expects it "
@@ -236,6 +244,11 @@ class FlashOptions:
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, check_option(f.name, getattr(self, f.name)))
+        if self.read_path == "mmap" and not self.page_cache:
+            raise OptionError(
+                "read_path mmap reads through the page cache: it cannot be combined with "
+                "page_cache false (--no-page-cache)"
+            )
 
     @classmethod
     def build(
