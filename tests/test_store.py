@@ -593,8 +593,8 @@ def _open_fds() -> int:
 def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
     directory, manifest, _ = bundled
     threads_before, fds_before = threading.active_count(), _open_fds()
-    reader = StoreReader(directory, manifest, threads=8, page_cache=False)
-    # starts pool threads
+    reader = StoreReader(directory, manifest, threads=8)
+    # starts pool threads (through the page cache: uncached short runs are read inline)
     reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))
     assert threading.active_count() > threads_before
     reader.close()
@@ -602,6 +602,16 @@ def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
     assert threading.active_count() == threads_before and _open_fds() == fds_before
     with pytest.raises(StoreReadError, match="closed"):
         reader.read_neurons(0, [1], make_dest(manifest, 1), [0])
+
+
+def test_advised_short_runs_are_read_by_the_calling_thread(bundled):
+    """Where the kernel is told of every short run at once (uncached, advised), the calling thread
+    copies them as they land: no pool thread wakes. Elsewhere the pool reads them."""
+    directory, manifest, _ = bundled
+    before = threading.active_count()
+    with StoreReader(directory, manifest, threads=8, page_cache=False) as reader:
+        reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))
+        assert (threading.active_count() == before) == reader.advises
 
 
 def test_layer_digest_matches_hashlib_and_manifest(tmp_path):

@@ -32,10 +32,11 @@ so ``preadv`` stays the default. macOS is unmeasured.
 
 Queue depth without io_uring: where ``posix_fadvise`` exists and the page cache is bypassed by flag
 (Linux ``RWF_DONTCACHE``), a call first advises the kernel that it will need all of its short
-(buffered) runs (``WILLNEED``: the kernel queues every one of them at once), then reads them, then
-drops them again (``DONTNEED``), so they are read with the device's queue full and nothing is left
-in the page cache. ``advise`` starts the same for a later call (the look-ahead): what it advised is
-dropped after the next read of that layer.
+(buffered) runs (``WILLNEED``: the kernel queues every one of them at once), then reads them in the
+calling thread (they land in parallel; waking pool threads would cost more than the copies), then
+drops them again (one ``DONTNEED`` over their span), so they are read with the device's queue full
+and nothing is left in the page cache. ``advise`` starts the same for a later call (the
+look-ahead): what it advised is dropped after the next read of that layer.
 
 Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing
 from ``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate
@@ -422,9 +423,11 @@ class StoreReader:
         if len(buffered) > 1:
             self._fadvise(buffered, os.POSIX_FADV_WILLNEED)
         try:
-            return self._execute(jobs)
+            # the kernel reads every advised run at once: one thread copies them as they land, with
+            # no worker to wake (on a machine with few cores, wake-ups cost more than the copies)
+            return self._execute(jobs, inline=len(buffered) == len(jobs))
         finally:
-            self._fadvise(buffered + self._advised.pop(layer, []), os.POSIX_FADV_DONTNEED)
+            self._drop(buffered + self._advised.pop(layer, []))
 
     def _fadvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
         """Advice on whole pages around each range (the kernel drops only the pages a
@@ -433,6 +436,14 @@ class StoreReader:
         for offset, nbytes in ranges:
             start = offset - offset % page
             os.posix_fadvise(self._file.fd, start, _round_up(offset + nbytes, page) - start, advice)
+
+    def _drop(self, ranges: list[tuple[int, int]]) -> None:
+        """``DONTNEED`` over the span of the ranges in one call: the span lies in one layer, whose
+        pages in the page cache are only those this call read and the look-ahead advised."""
+        if ranges:
+            start = min(offset for offset, _ in ranges)
+            end = max(offset + nbytes for offset, nbytes in ranges)
+            self._fadvise([(start, end - start)], os.POSIX_FADV_DONTNEED)
 
     def _madvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
         """Advice on the mapping's whole pages around each range (madvise wants a page-aligned
@@ -533,10 +544,11 @@ class StoreReader:
 
     # -- execution ---------------------------------------------------------------------------------
 
-    def _execute(self, jobs: list[Callable[[], int]]) -> ReadCount:
-        """Run the jobs inline (one thread or one job) or on the pool; returns once all are done."""
+    def _execute(self, jobs: list[Callable[[], int]], inline: bool = False) -> ReadCount:
+        """Run the jobs inline (asked for, one thread or one job) or on the pool; returns once all
+        are done."""
         call = _Call(jobs)
-        if self._pool is None or len(jobs) == 1:
+        if inline or self._pool is None or len(jobs) == 1:
             return self._drain(call)
         futures = []
         try:
