@@ -53,7 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
 from pathlib import Path
@@ -92,7 +92,13 @@ class ReadCount:
     calls: int = 0
 
     def __add__(self, other: ReadCount) -> ReadCount:
-        return ReadCount(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+        return ReadCount(
+            self.records + other.records,
+            self.bytes + other.bytes,
+            self.reads + other.reads,
+            self.seconds + other.seconds,
+            self.calls + other.calls,
+        )
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,13 @@ def plan_runs(sids: np.ndarray, cap: int, max_gap: int = 0) -> list[tuple[int, i
     if len(sids) == 0:
         return []
     breaks = np.flatnonzero(np.diff(sids) > max_gap + 1) + 1
+    starts, ends = [0, *breaks.tolist()], [*breaks.tolist(), len(sids)]
+    first, last = sids[starts].tolist(), sids[np.array(ends) - 1].tolist()
     runs = []
-    for a, e in zip([0, *breaks.tolist()], [*breaks.tolist(), len(sids)], strict=True):
+    for a, e, lo, hi in zip(starts, ends, first, last, strict=True):
+        if hi - lo < cap:  # most runs: within the cap
+            runs.append((a, e))
+            continue
         while a < e:  # split at the cap: the run [a, b) spans at most cap records
             b = a + int(np.searchsorted(sids[a:e], sids[a] + cap, side="left"))
             runs.append((a, b))
