@@ -340,6 +340,7 @@ def run_bench(
     cost = cost_model_for(model_dir)
     if "memory_budget" in options:
         options = _budget_as_ffn_share(model_dir, options)
+    options, auto = _sparse_point(model_dir, options)
     run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options)  # warm-up: the full stack
 
     rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, repeat, progress)
@@ -350,7 +351,7 @@ def run_bench(
     return {
         "machine": _machine(model_dir, cost),
         "model": _model_facts(model_dir, manifest, dirs),
-        "settings": _settings(prompt, prompt_ids, tokens, repeat, options, rows),
+        "settings": {**_settings(prompt, prompt_ids, tokens, repeat, options, rows), "auto": auto},
         "memory": _memory(rows[-1]["memory_plan"]),
         "configs": rows,
         "physical_limit_ms": rows[-1]["limit_ms_per_token"],
@@ -377,6 +378,30 @@ def _layout_dirs(
             )
         )
     return dirs
+
+
+def _sparse_point(model_dir: Path, options: dict) -> tuple[dict, str | None]:
+    """``options`` for the sparse setups: where ``auto`` would run dense streaming, the sparse point
+    it passed over (the ablation needs one), with a note saying so; else ``options`` as given."""
+    if options.get("selector", "auto") != "auto":
+        return options, None
+    model, _ = load(model_dir, **{**options, "page_cache": False})
+    choice = model.flash.choice
+    model.flash.close()
+    del model
+    if choice.sparse is None:
+        return options, None
+    point = choice.sparse
+    note = (
+        f"auto runs dense here ({choice.reason}); the selector setups run the point it passed "
+        f"over: {point.name} at sparsity {point.sparsity:g}, {point.compute_rows} rows"
+    )
+    return {
+        **options,
+        "selector": point.name,
+        "sparsity": point.sparsity,
+        "compute_rows": point.compute_rows,
+    }, note
 
 
 def _budget_as_ffn_share(model_dir: Path, options: dict) -> dict:
@@ -477,6 +502,7 @@ def format_report(report: dict) -> str:
         f"({report['configs'][-1]['selector']}), k={s['window']}, pin share "
         f"{s['pin_share']}, {s['threads']} threads, "
         f"median of {s['repeat']} round(s)",
+        *([s["auto"]] if s.get("auto") else []),
         f"memory: FFN cache {100 * mem['ffn_share']:.0f}% of each layer = buffers "
         f"{format_size(mem['buffers'])}; + trunk {format_size(mem['trunk'])} (attention, "
         "embeddings, head: in memory in every configuration) + KV cache "

@@ -32,9 +32,9 @@ def sparse_selector(d_model: int = 64, d_ffn: int = 172, share: float = 0.3) -> 
     return FixedSelector(lambda layer, x: np.argsort(-np.array((x @ proj).max(axis=0)))[:k])
 
 
-def save_recent_probe(directory) -> dict:
-    """A probe of ``directory``'s disk, saved as made now (the defaults' model), so that the bench
-    uses it instead of probing."""
+def save_recent_probe(directory, model=None) -> dict:
+    """A probe of ``directory``'s disk, saved as made now (``model``, default the defaults' cost
+    model), so that the bench uses it instead of probing."""
     from datetime import datetime, timezone
 
     from mlx_flash.runtime.costmodel import PROBE_FORMAT, PROBE_VERSION, CostModel, probe_path
@@ -45,7 +45,7 @@ def save_recent_probe(directory) -> dict:
         "version": PROBE_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "path": str(directory),
-        "model": CostModel.defaults().to_json(),
+        "model": (model or CostModel.defaults()).to_json(),
     }
     probe_path(directory).parent.mkdir(parents=True, exist_ok=True)
     write_json(probe_path(directory), probe)
@@ -257,3 +257,35 @@ def test_the_bench_probes_the_disk_unless_a_probe_is_recent(stories, monkeypatch
     monkeypatch.setattr(probe, "run_probe", lambda d, **kw: made.append(d) or {**saved, "new": 1})
     assert probe.recent_probe(stories, 0)["new"] == 1 and made == [stories]  # too old: probe now
     assert probe.recent_probe(stories, 3600)["new"] == 1  # and saved for the runtime
+
+
+def test_where_auto_runs_dense_the_selector_setups_run_the_point_it_passed_over(
+    stories_calibrated, tmp_path, monkeypatch
+):
+    """Where auto expects dense streaming to read quickest (here: told it reads nothing), the
+    ablation's selector setups run the sparse point it passed over, and say so."""
+    from mlx_flash.runtime import selectors
+
+    choose = selectors.choose
+
+    def dense_reads_nothing(options, manifest, calibration, cost):
+        return choose(
+            options, manifest, calibration, lambda p: 0.0 if p.selector == "dense" else cost(p)
+        )
+
+    monkeypatch.setattr(selectors, "choose", dense_reads_nothing)
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path))
+    save_recent_probe(stories_calibrated)
+    result = bench.run_bench(
+        stories_calibrated,
+        ffn_cache=0.5,
+        prompt="Once upon a time",
+        tokens=4,
+        setups=(2, 5),
+        reference=False,
+        progress=False,
+    )
+    hybrid, full = result["configs"]
+    assert hybrid["selector"] == "dense" and full["selector"] == "proxy"
+    assert result["settings"]["auto"].startswith("auto runs dense here (dense streaming reads")
+    assert "the selector setups run the point it passed over: proxy" in bench.format_report(result)

@@ -166,6 +166,7 @@ def sparse_cost(
         depth = _window_depth(rest, window, plan.window_rows)
         new = float(np.sum(rest * (1.0 - rest) ** depth))
         records, reads = (plan.d_ffn * x for x in sparse_reads(new / plan.d_ffn, gap))
+        reads = max(reads, min(1.0, new))  # a call with records to read reads at least once
         nbytes = new * layout.record_read + (records - new) * layout.record_stride
         calls.append(Read(new, nbytes, reads, layout.reader.seconds(nbytes, reads)))
         union = float(np.sum(1.0 - (1.0 - rest) ** (depth + 1)))

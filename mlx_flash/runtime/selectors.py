@@ -196,6 +196,7 @@ class Choice:
     compute_rows: str
     loss: float | None
     reason: str
+    sparse: Choice | None = None  # auto running dense: the sparse point it weighed and passed over
 
 
 def available(manifest: Manifest, calibration: Calibration | None) -> dict[str, str]:
@@ -296,6 +297,10 @@ def _choose_auto(
         good,
         key=lambda p: (reads[p], -(p.sparsity or 1.0), p.compute_rows != "selected"),
     )
+    reason = (
+        f"measured {100 * best.loss:+.1f}% perplexity on held-back text (bound {100 * bound:g}%)"
+    )
+    sparse = Choice(best.selector, best.sparsity, best.compute_rows, best.loss, reason)
     dense = cost(OperatingPoint("dense", None, rows, options.window, 0.0))
     if options.sparsity is None and dense is not None and dense <= reads[best]:
         return Choice(
@@ -305,11 +310,9 @@ def _choose_auto(
             0.0,
             f"dense streaming reads no slower than {_describe(best)} under this budget "
             f"({1e3 * dense:.0f} vs {1e3 * reads[best]:.0f} ms per token expected): runs dense",
+            sparse,
         )
-    reason = (
-        f"measured {100 * best.loss:+.1f}% perplexity on held-back text (bound {100 * bound:g}%)"
-    )
-    return Choice(best.selector, best.sparsity, best.compute_rows, best.loss, reason)
+    return sparse
 
 
 def _unmeasured(options, why: dict[str, str], rows: str) -> Choice:
