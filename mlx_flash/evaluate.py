@@ -34,6 +34,7 @@ from mlx_lm.perplexity import eval_ppl
 from tqdm import tqdm
 
 from .cli import add_debug_arg, add_flash_args, load_options, run_cli
+from .generate import describe_choice
 from .rebuild import load_dense
 from .runtime.calibration import natural_zeros
 from .runtime.ffn import hidden
@@ -144,6 +145,8 @@ def evaluate(
         "data": str(data),
         "selector": runtime.selector.name,
         "sparsity": sparsity,
+        "measured_quality_loss": runtime.choice.loss,
+        "selector_reason": runtime.choice.reason,
         "window": runtime.options.window,
         "compute_rows": runtime.compute_rows,
         "seq_len": seq_len,
@@ -191,6 +194,7 @@ def _print(r: dict) -> None:
         f"window k={r['window']}, {r['windows']} windows of {r['seq_len']} tokens "
         f"({r['tokens']} scored)"
     )
+    print(f"Selector: {describe_choice(r)}")
     print(
         f"perplexity {r['perplexity']:.3f} vs dense {r['dense_perplexity']:.3f} "
         f"({100 * r['perplexity_change']:+.2f}%)"

@@ -86,7 +86,9 @@ def test_cli_writes_json(relu2_calibrated, text, tmp_path, capsys):
     )
     result = json.loads(out.read_text())
     assert len(result["per_layer"]["recall"]) == 8 and result["window"] == 4
-    assert "perplexity" in capsys.readouterr().out
+    assert result["selector_reason"] == "asked for" and result["measured_quality_loss"] < 0.02
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "Selector: predictor, measured loss" in out
 
 
 def test_cli_reports_a_missing_predictor(relu2_flash, text, capsys):
