@@ -264,11 +264,11 @@ def _choose_selector(
     if not isinstance(options.selector, str):
         rows = options.compute_rows or "resident"
         return selectors.Choice(options.selector.name, options.sparsity, rows, None, "given")
-    cost = expected_reads(options, directory, manifest, calibration, facts, disk, threads)
+    cost = _expected_reads(options, directory, manifest, calibration, facts, disk, threads)
     return selectors.choose(options, manifest, calibration, cost)
 
 
-def expected_reads(
+def _expected_reads(
     options: FlashOptions,
     directory: Path,
     manifest: Manifest,
