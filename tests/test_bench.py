@@ -8,6 +8,7 @@ are exact counts.
 from __future__ import annotations
 
 import json
+import statistics
 
 import mlx.core as mx
 import numpy as np
@@ -73,6 +74,7 @@ def report(stories):
         window=4,
         pin_share=0.5,
         reference=True,
+        repeat=2,
         progress=False,
     )
 
@@ -133,6 +135,11 @@ def test_naive_reads_the_whole_ffn_and_exact_configs_match_plain_mlx_lm(report, 
     assert naive["mean_read_bytes"] > 16 * 1024  # large sequential reads, not neuron by neuron
     plain, pinned = report["references"]
     assert plain["tokens"] == pinned["tokens"] == naive["tokens"] == hybrid["tokens"]
+    # the references run once per round; the runtime's speed relative to mlx-lm's per round
+    rates = [pinned["round_values"]["tokens_per_s"], plain["round_values"]["tokens_per_s"]]
+    assert len(rates[0]) == report["settings"]["repeat"] and pinned["vs_mlx_lm"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(*rates, strict=True))
+    )
 
 
 def test_loads_fall_from_naive_to_window_and_bundling_only_cuts_reads(report):
