@@ -269,20 +269,21 @@ class FlashFFN(nn.Module):
         ``gate``: exact act(gate) of every neuron of the layer, [tokens, d_ffn].
         """
         rt = self._runtime
-        parts, ids = buffer.arrays(), buffer.neurons
+        parts, rows = buffer.arrays(), None  # rows: the slots computed (None: all in use)
         if keep is not None:
             slots = buffer.slots_of(keep)
             slots = np.sort(slots[slots >= 0])
             if slots.size == 0:
                 return []
-            if slots.size < ids.size:
+            if slots.size < buffer.n_used:
                 take = mx.array(slots)
-                parts, ids = {k: v[take] for k, v in parts.items()}, ids[slots]
+                parts, rows = {k: v[take] for k, v in parts.items()}, slots
         if gate is not None:
+            ids = buffer.neurons if rows is None else buffer.neurons[rows]
             gate = gate[:, mx.array(ids)]
         y = partial_output(x, parts, rt.activation, rt.gated, rt.quantization, gate)
         buffer.fence(y)
-        stats.computed += ids.size
+        stats.computed += buffer.n_used if rows is None else rows.size
         return [y]
 
     def _union_pays(self, needed: np.ndarray) -> bool:
@@ -311,6 +312,8 @@ class FlashFFN(nn.Module):
         st = self._state
         if st.pinned is None:
             return ids
+        if st.pinned.n_used == st.pinned.n_neurons:  # the whole FFN: nothing to look up
+            return ids[:0]
         if st.pinned.n_used:
             return ids[~st.pinned.resident(ids)]
         return np.setdiff1d(ids, st.pinned_ids)
