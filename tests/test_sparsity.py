@@ -504,6 +504,15 @@ def test_calibration_writes_the_proxy_the_allocation_and_the_quality_guard(stori
     assert ("proxy", 0.3, "resident") in points and ("gate", 0.3, "resident") in points
     # the window's union computes more rows than the selection alone: it loses less
     assert points[("proxy", 0.3, "resident")] < points[("proxy", 0.3, "selected")]
+    # beside each loss, the share of neurons multiplied: the selection keeps 1 - s of them (rounded
+    # per layer), the window's union of 4 tokens more, the more the sparser the selection
+    share = {
+        (p["selector"], p["sparsity"], p["compute_rows"]): p["rows_share"]
+        for p in quality["points"]
+    }
+    assert share[("proxy", 0.3, "selected")] == pytest.approx(0.7, abs=0.01)
+    assert share[("proxy", 0.2, "selected")] == pytest.approx(0.8, abs=0.01)
+    assert 0.7 < share[("proxy", 0.5, "resident")] < share[("proxy", 0.3, "resident")] <= 1.0
     assert points[("proxy", 0.2, "resident")] < points[("proxy", 0.5, "resident")] + 0.005
     # per-layer sparsities are kept only when they beat the same sparsity everywhere
     allocation, calibration = (
