@@ -353,9 +353,10 @@ def run_bench(
     prompt_ids = tokenizer.encode(prompt)
     options = {"max_context": len(prompt_ids) + tokens + 1, **options}
     cost = cost_model_for(model_dir)
+    # the selector first: the budget's FFN share is the one it leaves beside the selector that runs
+    options, auto = _sparse_point(model_dir, options)
     if "memory_budget" in options:
         options = _budget_as_ffn_share(model_dir, options)
-    options, auto = _sparse_point(model_dir, options)
     run_setup(SETUPS[-1], model_dir, prompt_ids, 2, options)  # warm-up: the full stack
 
     rounds = _run_rounds(chosen, dirs, prompt_ids, tokens, options, repeat, progress)
