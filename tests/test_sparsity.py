@@ -240,27 +240,28 @@ def test_convert_cli_calibration_flags(tmp_path, tiny_text):
 # -- the runtime -----------------------------------------------------------------------------------
 
 
-def _with_points(directory, tmp_path, points):
-    """A copy of ``directory`` whose quality guard says ``points`` (selector, sparsity, rows,
-    loss[, rows_share]), to test how auto chooses."""
-    copy = copy_of(directory, tmp_path)
-    manifest = read_manifest(copy)
+def _measured(manifest, points):
+    """``manifest`` whose quality guard says ``points`` (selector, sparsity, rows, loss[,
+    rows_share])."""
     quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
     quality["points"] = [
         dataclasses.asdict(OperatingPoint(n, s, r, 4, *measured)) for n, s, r, *measured in points
     ]
-    dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality}).save(copy)
+    return dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality})
+
+
+def _with_points(directory, tmp_path, points):
+    """A copy of ``directory`` whose quality guard says ``points`` (as ``_measured``), to test how
+    auto chooses."""
+    copy = copy_of(directory, tmp_path)
+    _measured(read_manifest(copy), points).save(copy)
     return copy
 
 
 def _choose(manifest, calibration, points, seconds=None, **options):
     """auto over ``points`` (as ``_with_points``) with reads taking ``seconds[selector]``, else
     ``1 - sparsity`` (sparser, quicker; dense 1 s)."""
-    quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
-    quality["points"] = [
-        dataclasses.asdict(OperatingPoint(n, s, r, 4, *measured)) for n, s, r, *measured in points
-    ]
-    manifest = dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality})
+    manifest = _measured(manifest, points)
 
     def cost(p):
         return seconds[p.selector] if seconds else 1.0 - (p.sparsity or 0.0)
@@ -381,14 +382,8 @@ def test_auto_passes_over_a_selector_the_budget_cannot_hold(
 def test_auto_takes_the_point_with_the_quickest_reads(llama_calibrated):
     """``choose`` on the cost model's seconds per token: the quickest qualifying point that the
     budget holds."""
-    points = [
-        OperatingPoint("gate", 0.3, "resident", 4, 0.01),
-        OperatingPoint("proxy", 0.5, "resident", 4, 0.009),
-    ]
-    manifest = read_manifest(llama_calibrated)
-    quality = {"tokens": 1, "text": "t", "dense_perplexity": 1.0}
-    quality["points"] = [dataclasses.asdict(p) for p in points]
-    manifest = dataclasses.replace(manifest, extra={**manifest.extra, "quality": quality})
+    points = [("gate", 0.3, "resident", 0.01), ("proxy", 0.5, "resident", 0.009)]
+    manifest = _measured(read_manifest(llama_calibrated), points)
     calibration = read_calibration(llama_calibrated, manifest)
     options = FlashOptions.build({})
     seconds = {"gate": 0.2, "proxy": 0.1, "dense": 0.3}

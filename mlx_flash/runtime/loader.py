@@ -7,6 +7,7 @@ mlx-lm builds the model, the memory plan is made from it and its FFN modules are
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,8 +284,10 @@ def _expected_reads(
     rows resident, those rows."""
     reader = ReaderCost.of_disk(disk, threads)
 
-    def cost(point: OperatingPoint) -> float | None:
-        name = point.selector
+    @functools.cache
+    def planned(name: str) -> tuple[BudgetPlan, Layout, int] | None:
+        """The selector's memory plan, store layout and held bytes (None: the budget cannot
+        hold it); the same for each of its points."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
@@ -292,7 +295,13 @@ def _expected_reads(
             plan = plan_memory(facts, options, held, row)
         except BudgetError:
             return None
-        layout = Layout.of_store(manifest, skip, row, 0, reader)
+        return plan, Layout.of_store(manifest, skip, row, 0, reader), held
+
+    def cost(point: OperatingPoint) -> float | None:
+        name = point.selector
+        if (found := planned(name)) is None:
+            return None
+        plan, layout, held = found
         if name == "dense":
             return dense_cost(plan, facts, layout, disk, READS_ONLY).io_s
         union = (point.rows_share or 1.0) * manifest.d_ffn
