@@ -58,6 +58,10 @@ MAX_TOKENS = 16384  # fitted on: enough for stable quantiles and a few hundred p
 HELD_TOKENS = 8192  # held back for the quality guard (nothing is fitted on them)
 ERROR_TOKENS = 1024  # per layer, the tokens selection errors are measured on
 SENSITIVITY_WINDOWS = 2  # calibration windows each layer's loss sensitivity is measured on
+# the sparsity it is measured at: one layer at 0.5 moves the loss of 512 tokens by less than their
+# noise (a third of SmolLM2's layers measured below zero there), at 0.8 well above it
+SENSITIVITY_SPARSITY = 0.8
+SENSITIVITY_FLOOR = 0.25  # no layer counts as less sensitive than this share of the median
 CHECK_WINDOWS = 4  # windows the per-layer allocation is checked against uniform sparsity on
 CHECK_SPARSITY = 0.4
 HELD_OUT = 0.2  # share of windows kept back: half sets the predictors' cut, half measures them
@@ -367,9 +371,10 @@ def _allocate(
     name = "proxy" if "proxy" in guard.makers else "gate" if "gate" in guard.makers else None
     if name is None:
         return {"used": False}
-    sensitivity = guard.sensitivity(fit[:SENSITIVITY_WINDOWS], name, 0.5)
-    at_half = curves[:, list(selection.GRID).index(0.5)]
-    scale = np.maximum(sensitivity, 1e-6) / np.maximum(at_half, 1e-12)
+    sensitivity = guard.sensitivity(fit[:SENSITIVITY_WINDOWS], name, SENSITIVITY_SPARSITY)
+    at = curves[:, list(selection.GRID).index(SENSITIVITY_SPARSITY)]
+    scale = np.maximum(sensitivity, 0.0) / np.maximum(at, 1e-12)
+    scale = np.maximum(scale, SENSITIVITY_FLOOR * np.median(scale))
     allocation = selection.allocate(curves * scale[:, None])
     check = fit[SENSITIVITY_WINDOWS : SENSITIVITY_WINDOWS + CHECK_WINDOWS]
     n, d_ffn = guard.manifest.n_layers, guard.manifest.d_ffn
@@ -550,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy",
         metavar="FORMAT",
         help="the proxy's format, e.g. q4g64+keep8 (default: the cheapest that ranks neurons "
-        "within 1.25x of the exact score's error)",
+        f"within {selection.PROXY_SLACK:g}x of the exact score's error)",
     )
     add_debug_arg(p)
     return p

@@ -341,7 +341,7 @@ def test_smollm2_float32_converts_in_well_under_its_size(smollm2_gguf, tmp_path)
     meta = read_manifest(out).extra
     # a gated model gets the proxy (predictors serve ReLU-family FFNs) and the guard's points
     assert meta["calibration"]["tokens"] == 4096 and "predictor" not in meta
-    assert meta["proxy"]["bits"] in (2, 4) and (out / meta["proxy"]["file"]).is_file()
+    assert meta["proxy"]["bits"] in (4, 5, 8) and (out / meta["proxy"]["file"]).is_file()
     assert {p["selector"] for p in meta["quality"]["points"]} >= {"proxy"}
 
 
