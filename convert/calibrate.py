@@ -44,7 +44,14 @@ from mlx_flash.runtime.calibration import (
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
 from mlx_flash.runtime.manifest import Manifest, read_manifest
-from mlx_flash.runtime.proxy import Proxy, ProxyFormat, compress, outliers, save_proxy
+from mlx_flash.runtime.proxy import (
+    Proxy,
+    ProxyFormat,
+    compress,
+    outliers,
+    read_proxy,
+    save_proxy,
+)
 from mlx_flash.runtime.selectors import keep_counts
 from mlx_flash.runtime.store import StoreReader
 from mlx_flash.textdata import text_windows
@@ -277,7 +284,8 @@ def calibrate(
         stored, info["predictor"] = _predictors(directory, manifest, trained, sparsity)
     if proxy is not None:
         info["proxy"] = {**save_proxy(directory, proxy), **proxy_info}
-    with Guard(directory, manifest, proxy, stored) as guard:
+    del proxy  # the guard reads it back into its own copy: one copy beside the trunk, not two
+    with Guard(directory, manifest, _saved_proxy(directory, manifest, info), stored) as guard:
         if curves is not None:
             info["allocation"] = _allocate(guard, fit, curves, calibration, log)
         if held.size:
@@ -291,6 +299,14 @@ def calibrate(
     manifest = save_calibration(directory, manifest, calibration, stored, info)
     _report(manifest, log)
     return manifest
+
+
+def _saved_proxy(directory: Path, manifest: Manifest, info: dict) -> Proxy | None:
+    """The proxy calibration wrote (``info["proxy"]`` names it), read back."""
+    if "proxy" not in info:
+        return None
+    m = manifest
+    return read_proxy(directory, info["proxy"], m.n_layers, m.activation, m.gated)
 
 
 def _target(manifest: Manifest, sparsity: float | None) -> float | None:

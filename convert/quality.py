@@ -123,14 +123,14 @@ def scorers(
 def points_to_measure(available: dict) -> list[tuple[str, float | None, str]]:
     """(selector, global sparsity, rows) settings the guard measures for what can be built, each a
     forward over every held-back token. The proxy computing only its selection where a 2% bound
-    lands, and with the window's rows only at 0.5: at lower sparsities the union of a window's
-    selections is nearly the whole FFN (README), a point dense streaming serves as well. The gate,
-    which the proxy outranks at every sparsity, only where no proxy was written."""
+    lands (0.3, 0.4), and with the window's rows only at 0.5: at lower sparsities the union of a
+    window's selections is nearly the whole FFN (README), a point dense streaming serves as well.
+    The gate, which the proxy outranks at every sparsity, only where no proxy was written."""
     points = []
     if "predictor" in available:
         points += [("predictor", None, rows) for rows in ("resident", "selected")]
     if "proxy" in available:
-        points += [("proxy", s, "selected") for s in (0.2, 0.3, 0.4)]
+        points += [("proxy", s, "selected") for s in (0.3, 0.4)]
         points += [("proxy", 0.5, "resident")]
     elif "gate" in available:
         points += [("gate", 0.3, "resident")]
@@ -148,16 +148,15 @@ class Guard:
         proxy: Proxy | None,
         predictors: Predictors | None,
     ):
+        # freed buffers go back to the OS: the guard's forwards must fit where the runtime does
+        self._cache_limit = mx.set_cache_limit(0)
         if proxy is not None:
-            proxy = dataclasses.replace(proxy.astype(mx.float32), unpack=True).bytewise()
+            proxy = dataclasses.replace(proxy.astype(mx.float32), unpack=True)
         self.manifest, self.makers = manifest, scorers(manifest, proxy, predictors)
         # uncached: each forward reads the whole store once, more than a budget leaves to cache
         self._reader = StoreReader(directory, manifest, threads=4, page_cache=False)
         self._ffns = [_GuardFFN(self._reader, manifest, i) for i in range(manifest.n_layers)]
         self._model = trunk_model(directory, manifest, lambda i: self._ffns[i])
-        # the guard's forwards must fit where the runtime does: MLX keeps few freed buffers, enough
-        # to reuse a window's logits and a layer's weights without asking the OS for fresh pages
-        self._cache_limit = mx.set_cache_limit(2 * LOGITS_BYTES)
 
     def __enter__(self) -> Guard:
         return self

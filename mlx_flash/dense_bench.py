@@ -14,7 +14,9 @@ window, pinning and store reader, built by ``loader.open_dense``) runs on one fi
 the sparse configurations' selector answers with the trace's ids for that token and layer. No
 attention, embeddings or head run. The first ``--warmup`` tokens fill the buffers and pinned rows
 (the most frequent neurons of those tokens are pinned), the next ``--tokens`` are timed. Reads
-bypass the page cache and the store is dropped from it before each run.
+bypass the page cache and the store is dropped from it before each run. The buffers hold the
+runtime's compute dtype: on a CPU float32, so the reader converts each float16 record as it lands
+(I/O time); ``--compute-dtype float16`` keeps records as stored, as a Mac's GPU does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .bench import SETUPS, Setup, _median_rows, setup_options
 from .runtime.budget import ModelFacts, plan_memory
 from .runtime.errors import OptionError
 from .runtime.limit import LIMIT
-from .runtime.loader import buffer_parts, open_dense, row_bytes
+from .runtime.loader import buffer_parts, default_compute_dtype, open_dense, row_bytes
 from .runtime.manifest import MX_DTYPES, read_manifest
 from .runtime.options import FlashOptions
 from .runtime.pagecache import drop_from_page_cache
@@ -121,7 +123,7 @@ def measure(
     at = [0]
     replay = FixedSelector(lambda layer, x: trace.at(at[0], layer))
     opts = FlashOptions.build(setup_options(setup, {**_given(options), "selector": replay}))
-    dtype = MX_DTYPES[opts.compute_dtype or "float32"]
+    dtype = MX_DTYPES[opts.compute_dtype or default_compute_dtype(manifest)]
     facts = ModelFacts(
         manifest.n_layers, manifest.d_model, manifest.d_ffn, 0, 1, dtype.size, 0, 0, ()
     )

@@ -112,21 +112,6 @@ def test_proxy_ranks_neurons_like_the_exact_score_and_keeps_outliers_aside():
     assert Proxy(fmt, [layer], "silu", True).nbytes <= fmt.nbytes(2 * f, d)
 
 
-@pytest.mark.parametrize("bits", [3, 5, 6])
-def test_a_proxy_held_bytewise_scores_exactly_as_packed(bits):
-    rng = np.random.default_rng(1)
-    rows = mx.array(rng.normal(size=(96, 128)).astype(np.float32))
-    rows[:3, :64] = 0.5  # groups of one value: scale 0
-    fmt = ProxyFormat(bits, 64, keep=2)
-    packed = Proxy(fmt, [compress(rows, fmt, np.array([7, 9]))], "silu", True, unpack=True)
-    wide = packed.bytewise()
-    assert wide.fmt == ProxyFormat(8, 64, keep=2) and wide.layers[0]["w"].shape == (96, 32)
-    x = mx.array(rng.normal(size=(5, 128)).astype(np.float32))
-    np.testing.assert_array_equal(np.array(wide.scores(0, x)), np.array(packed.scores(0, x)))
-    four = Proxy(ProxyFormat(4, 64), packed.layers, "silu", True)
-    assert four.bytewise() is four  # 2, 4 and 8 bits dequantize quickly as they are
-
-
 def test_allocation_spends_sparsity_where_it_costs_least():
     grid = selection.GRID
     curves = np.stack([grid**2 * c for c in (1.0, 4.0, 0.25)])  # layer 2 is cheapest, then 0
@@ -526,7 +511,6 @@ def test_calibration_writes_the_proxy_the_allocation_and_the_quality_guard(stori
     # the proxy computing its selection, and with the window's rows at 0.5; the gate, which the
     # proxy outranks, is not measured where a proxy was written
     assert set(points) == {
-        ("proxy", 0.2, "selected"),
         ("proxy", 0.3, "selected"),
         ("proxy", 0.4, "selected"),
         ("proxy", 0.5, "resident"),
@@ -537,10 +521,12 @@ def test_calibration_writes_the_proxy_the_allocation_and_the_quality_guard(stori
         (p["selector"], p["sparsity"], p["compute_rows"]): p["rows_share"]
         for p in quality["points"]
     }
-    for s in (0.2, 0.3, 0.4):
+    for s in (0.3, 0.4):
         assert share[("proxy", s, "selected")] == pytest.approx(1 - s, abs=0.01)
     assert 0.6 < share[("proxy", 0.5, "resident")] <= 1.0
-    assert points[("proxy", 0.2, "selected")] < points[("proxy", 0.4, "selected")] + 0.005
+    # a proxy that ranks neurons like the exact score costs stories260K about a percent at these
+    # points (a broken ranking costs tens); their order is within the noise of 2048 tokens
+    assert all(abs(loss) < 0.03 for loss in points.values()), points
     # per-layer sparsities are kept only when they beat the same sparsity everywhere
     allocation, calibration = (
         manifest.extra["allocation"],

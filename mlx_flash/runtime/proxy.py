@@ -120,24 +120,6 @@ class Proxy:
         ]
         return Proxy(self.fmt, cast, self.activation, self.gated, self.unpack)
 
-    def bytewise(self) -> Proxy:
-        """The same weights with codes of 3, 5 or 6 bits held one per byte (8-bit words, the same
-        scales and biases), to ``unpack``: MLX's CPU dequantizes those widths about ten times slower
-        than 4 or 8 bits, and calibration dequantizes every layer for each window it scores."""
-        fmt = self.fmt
-        if fmt.bits in (2, 4, 8):
-            return self
-        layers = []
-        for p in self.layers:
-            rows = mx.dequantize(p["w"], p["scales"], p["biases"], fmt.group_size, fmt.bits)
-            scales, biases = p["scales"][..., None], p["biases"][..., None]
-            grouped = rows.reshape(*scales.shape[:-1], fmt.group_size)
-            codes = mx.where(scales == 0, 0, mx.round((grouped - biases) / scales))
-            words = mx.view(codes.astype(mx.uint8).reshape(rows.shape), mx.uint32)
-            layers.append({**p, "w": words})
-        wide = ProxyFormat(8, fmt.group_size, fmt.keep)
-        return Proxy(wide, layers, self.activation, self.gated, self.unpack)
-
     def scores(self, layer: int, x: mx.array) -> mx.array:
         """|act(g~x)·(u~x)| (gated) or |act(u~x)| of every neuron, [tokens, d_ffn]."""
         p, fmt = self.layers[layer], self.fmt
