@@ -28,6 +28,7 @@ from mlx_flash.runtime.ffn import Parts, dense_rows, hidden, project_in, project
 from mlx_flash.runtime.manifest import Manifest
 from mlx_flash.runtime.proxy import Proxy, ProxyFormat, compress
 
+# cheapest first
 GATED = (ProxyFormat(4, 64, keep=8), ProxyFormat(5, 64, keep=8), ProxyFormat(8, 64, keep=8))
 UNGATED = (ProxyFormat(2, 32, keep=8), *GATED)
 CHEAP = (ProxyFormat(2, 64, keep=8), ProxyFormat(2, 32, keep=8))  # for stores of <= 4 bits

@@ -51,8 +51,8 @@ class ProxyFormat:
         match = re.fullmatch(r"q(\d+)g(\d+)(?:\+keep(\d+))?", name.strip())
         if not match or int(match[1]) not in BITS or int(match[2]) not in GROUPS:
             raise OptionError(
-                f"proxy format {name!r}: expected qBITSgGROUP[+keepN] with bits 2, 3, 4, 5, "
-                "6 or 8 and group 32, 64 or 128 (e.g. q4g64+keep8)"
+                f"proxy format {name!r}: expected qBITSgGROUP[+keepN] with bits in {BITS} and "
+                f"group in {GROUPS} (e.g. q4g64+keep8)"
             )
         return cls(int(match[1]), int(match[2]), int(match[3] or 0))
 
