@@ -284,7 +284,9 @@ def calibrate(
         stored, info["predictor"] = _predictors(directory, manifest, trained, sparsity)
     if proxy is not None:
         info["proxy"] = {**save_proxy(directory, proxy), **proxy_info}
-    del proxy  # the guard reads it back into its own copy: one copy beside the trunk, not two
+    # the guard gets the copy as written and keeps only what it scores with (its packed words, its
+    # float parts in float32); nothing here holds the packed float16 parts while the trunk loads
+    del proxy
     with Guard(directory, manifest, _saved_proxy(directory, manifest, info), stored) as guard:
         if curves is not None:
             info["allocation"] = _allocate(guard, fit, curves, calibration, log)
