@@ -8,7 +8,7 @@ import sys
 
 from mlx_flash.cli import add_debug_arg, run_cli
 
-from .calibrate import add_predictor_args
+from .calibrate import add_calibration_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip calibration (the model then runs dense by default)",
     )
-    add_predictor_args(p)
+    add_calibration_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=None if args.no_calibration else args.calibration,
         sparsity=args.sparsity,
         predictor_rank=args.predictor_rank,
+        placement=args.placement,
     )
     return 0
 

@@ -477,6 +477,7 @@ def convert(
     calibration: str | Path | None = BUILTIN_CALIBRATION,
     sparsity: float | None = None,
     predictor_rank: int | None = None,
+    placement: bool = True,
     settings: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -485,8 +486,9 @@ def convert(
 
     ``calibration``: a text file, or "builtin" (the default) for the packaged English sample, to
     measure activations on and train the predictors with (``calibrate.py``); None skips it (the
-    model then runs dense unless a selector is given). ``sparsity``/``predictor_rank``: see
-    ``calibrate``. ``settings``: options stored with the model (``mlx_flash.settings``).
+    model then runs dense unless a selector is given). ``sparsity``/``predictor_rank``/
+    ``placement``: see ``calibrate``. ``settings``: options stored with the model
+    (``mlx_flash.settings``).
     """
     out = Path(out).absolute()
     _check_arguments(out, force, layout, dtype, align)
@@ -514,8 +516,9 @@ def convert(
 
             text = None if calibration == BUILTIN_CALIBRATION else calibration
             calibrate(
-                tmp, text, sparsity=sparsity, ranks=predictor_rank, progress=progress, log=log
-            )
+                tmp, text, sparsity=sparsity, ranks=predictor_rank, placement=placement,
+                progress=progress, log=log,
+            )  # fmt: skip
         _maybe_stop("finalize")
     trunk = sum(f.stat().st_size for f in trunk_files(out))
     log(

@@ -17,11 +17,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from mlx_flash.runtime.errors import OptionError
 from mlx_flash.runtime.files import staged
-from mlx_flash.runtime.manifest import MANIFEST_FILE, Manifest, read_manifest
+from mlx_flash.runtime.manifest import MANIFEST_FILE, LayerEntry, Manifest, read_manifest
 from mlx_flash.runtime.store import StoreReader
 
 from .writer import StoreWriter
@@ -32,6 +33,32 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def write_store(
+    reader: StoreReader,
+    manifest: Manifest,
+    path: Path,
+    layout: str,
+    orders: list[np.ndarray] | None = None,
+    progress: bool = True,
+) -> list[LayerEntry]:
+    """Write the store ``reader`` reads to ``path`` in ``layout``, layer i's records in the order
+    ``orders[i]`` (new record j is old record ``orders[i][j]``; None: as stored); returns the
+    layers' manifest entries."""
+    entries = []
+    with open(path, "wb") as f:
+        writer = StoreWriter(f, layout, manifest.align)
+        for entry in tqdm(manifest.layers, desc="layers", unit="layer", disable=not progress):
+            vectors = reader.read_layer(entry.index, floats=None)
+            if orders is not None:
+                vectors = {k: v[orders[entry.index]] for k, v in vectors.items()}
+            blobs = {n: (reader.read_blob(entry.index, n), b.dtype) for n, b in entry.blobs.items()}
+            dtypes = {p.name: p.dtype for p in entry.parts()}
+            entries.append(writer.write_layer(entry.index, entry.prefix, vectors, blobs, dtypes))
+        f.flush()
+        os.fsync(f.fileno())
+    return entries
 
 
 def relayout(
@@ -57,23 +84,10 @@ def relayout(
                 shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
             else:
                 _link_or_copy(item, tmp / item.name)
-        entries = []
-        with (
-            StoreReader(src, manifest, threads=4) as reader,
-            open(tmp / manifest.store_file, "wb") as f,
-        ):
-            writer = StoreWriter(f, layout, manifest.align)
-            for entry in tqdm(manifest.layers, desc="layers", unit="layer", disable=not progress):
-                vectors = reader.read_layer(entry.index, floats=None)
-                blobs = {
-                    n: (reader.read_blob(entry.index, n), b.dtype) for n, b in entry.blobs.items()
-                }
-                dtypes = {p.name: p.dtype for p in entry.parts()}
-                entries.append(
-                    writer.write_layer(entry.index, entry.prefix, vectors, blobs, dtypes)
-                )
-            f.flush()
-            os.fsync(f.fileno())
+        with StoreReader(src, manifest, threads=4) as reader:
+            entries = write_store(
+                reader, manifest, tmp / manifest.store_file, layout, progress=progress
+            )
         dataclasses.replace(
             manifest,
             layout=layout,
