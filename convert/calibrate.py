@@ -78,6 +78,7 @@ HELD_OUT = 0.2  # share of windows kept back: half sets the predictors' cut, hal
 NATURAL_MARGIN = 1.3  # natural zeros: predict 1.3x the active share (see convert/predictor.py)
 BATCH_TOKENS = 1024  # tokens per forward pass (each pass reads every layer's FFN once)
 PLACEMENT_TOKENS = 1024  # consecutive tokens placement is fitted (first half) and measured on
+PLACEMENT_MIN_TOKENS = 256  # fewer say too little about which neurons fire together
 QUANTILE_TOKENS = 1024  # tokens whose activations give the quantiles (1.5M values for SmolLM2)
 
 
@@ -322,6 +323,9 @@ def _place(
     """Measure co-activation placement on the first ``PLACEMENT_TOKENS`` calibration tokens and
     rewrite the store in its order if it saves read time; returns the manifest in force."""
     tokens = min(PLACEMENT_TOKENS, len(inputs[0]))
+    if tokens < PLACEMENT_MIN_TOKENS:
+        log(f"  placement: not measured (needs {PLACEMENT_MIN_TOKENS} calibration tokens)")
+        return manifest
     cost = cost_model_for(directory)
     threads = cost.reader_threads(min(r.record_size for r in manifest.layers[0].regions))
     record, window = manifest.neuron_bytes(), FlashOptions().window
