@@ -4,11 +4,12 @@ Runs on a flash model directory (the converter calls it on its staging directory
 ``python -m mlx_flash.convert.calibrate DIR`` re-runs it in place with other text or settings). It
 never holds the whole model: the trunk is loaded as the runtime would, and each layer's FFN is read
 from the store when the forward pass reaches it and dropped after. The FFN inputs of every layer are
-kept on disk (scratch memory maps), then each layer in turn is read once more to compute its
+kept on disk (scratch memory maps); the store may then be rewritten with each layer's neurons in
+co-activation order (``placement.py``), and each layer in turn is read once more to compute its
 activations, record statistics and train its predictor.
 
 Recorded (see ``mlx_flash.runtime.calibration``): per neuron the share of tokens on which it is
-active at the conversion's target sparsity (pinning and placement use it), per layer quantiles of
+active at the conversion's target sparsity (pinning uses it), per layer quantiles of
 |h| and of |act(gate)| (thresholds for any sparsity at run time), the share of exact zeros (natural
 sparsity), and the predictors with their recall and precision on held-back calibration tokens.
 """
