@@ -241,6 +241,41 @@ def test_half_precision_stores_convert_into_float32(tmp_path, dtype, layout):
     check_rows(dest, truth[1], ids, rows, 50)
 
 
+def test_short_runs_of_half_precision_land_raw_and_convert_once_per_part(tmp_path, monkeypatch):
+    """float16 records for float32 rows: the short runs are scattered (one preadv each, into
+    landing arrays, not the rows) and converted in one operation per part for the whole call;
+    a long run in the same call is staged and converted on its own."""
+    import mlx_flash.runtime.store as store
+
+    manifest, truth = build_store(tmp_path, dtype="float16")
+    conversions = []
+    convert = store._convert_into
+    monkeypatch.setattr(
+        store,
+        "_convert_into",
+        lambda dst, rows, src, dt: (conversions.append(1), convert(dst, rows, src, dt)),
+    )
+    short = list(range(0, 40, 4))  # 10 runs of one record
+    ids = short + list(range(44, 44 + store.SCATTER_MAX_RECORDS + 4))  # and one long run
+    rows = np.random.default_rng(3).permutation(len(ids))
+    seen = []
+    with StoreReader(tmp_path, manifest, threads=4) as reader:
+        original = reader._preadv
+        reader._preadv = lambda fd, bufs, off, flags: (
+            seen.append(list(bufs)),
+            original(fd, bufs, off, flags),
+        )[1]
+        dest = make_dest(manifest, len(ids))
+        assert reader.read_neurons(0, ids, dest, rows).reads == 11
+    check_rows(dest, truth[0], ids, rows, len(ids))
+    assert len(conversions) == 2 * len(PARTS)  # the landed parts once, the staged run's once
+    scattered = [bufs for bufs in seen if len(bufs) > 1]
+    assert len(scattered) == 10
+    assert not any(
+        np.shares_memory(np.asarray(b), dest[p]) for bufs in scattered for b in bufs for p in PARTS
+    )
+
+
 def test_bfloat16_into_uint16_dest_is_raw(tmp_path):
     manifest, truth = build_store(tmp_path, dtype="bfloat16")
     dest = {n: np.zeros((4, manifest.d_model), np.uint16) for n in PARTS}

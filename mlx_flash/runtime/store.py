@@ -115,6 +115,8 @@ class _RegionPlan:
     # runs of at most this many records are scattered, longer ones staged (0: all staged)
     scatter: int
     max_gap: int  # records between two wanted ones that a run reads through rather than split
+    # parts whose rows hold another dtype: scattered runs land them raw (``_Landing``)
+    land: tuple[Part, ...] = ()
 
     @property
     def between(self) -> int:
@@ -124,6 +126,39 @@ class _RegionPlan:
     def span(self, n_records: int) -> int:
         """Bytes from the first record's first wanted byte to the last record's last one."""
         return (n_records - 1) * self.region.record_stride + self.tail - self.lead
+
+
+@dataclass(frozen=True)
+class _Landing:
+    """Parts of a call's scattered records whose rows hold another dtype (float16 records in
+    float32 rows): ``preadv`` lands them raw in arrays of their own, one row per record, and one
+    conversion per part moves them into their rows after the reads. Converting each short run on
+    its own would cost a few numpy calls per part and run, more than its read."""
+
+    parts: tuple[Part, ...]
+    arrays: dict[str, np.ndarray]
+    picked: np.ndarray  # positions (in the call's sorted ids) of the records landed, in order
+    rows: np.ndarray  # their destination rows
+
+    @classmethod
+    def of(cls, parts: tuple[Part, ...], runs: list[tuple[int, int]], srows: np.ndarray):
+        """Landing arrays for the records of ``runs`` ([a, b) ranges of the sorted ids)."""
+        picked = np.concatenate([np.arange(a, b) for a, b in runs])
+        arrays = {
+            p.name: np.empty((picked.size, p.length), numpy_storage_dtype(p.dtype)) for p in parts
+        }
+        return cls(parts, arrays, picked, srows[picked])
+
+    def targets(self, n_ids: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """For ``_record_iovecs``: each part's landing array and every id's row in it (ids not
+        landed point at row 0; their iovecs are never used)."""
+        at = np.zeros(n_ids, np.int64)
+        at[self.picked] = np.arange(self.picked.size)
+        return {name: (array, at) for name, array in self.arrays.items()}
+
+    def convert_into(self, dest: Mapping[str, np.ndarray]) -> None:
+        for p in self.parts:
+            _convert_into(dest[p.name], self.rows, self.arrays[p.name], p.dtype)
 
 
 def _round_up(n: int, to: int) -> int:
@@ -423,22 +458,27 @@ class StoreReader:
         sids, srows = _sorted_request(ids, rows, self.manifest.n_records)
         jobs: list[Callable[[], int]] = []
         buffered: list[tuple[int, int]] = []  # byte ranges read without O_DIRECT
+        landings: list[_Landing] = []
         for region in entry.regions:
             plan = self._plan(region, dest, srows)
             if plan is not None:
-                jobs += self._jobs(layer, plan, sids, srows, dest, buffered)
+                jobs += self._jobs(layer, plan, sids, srows, dest, buffered, landings)
         if self.read_path == "mmap":
             self._madvise(buffered, mmap.MADV_WILLNEED)
         if not self.advises:
-            return self._execute(jobs)
-        if len(buffered) > 1:
-            self._fadvise(buffered, os.POSIX_FADV_WILLNEED)
-        try:
-            # the kernel reads every advised run at once: one thread copies them as they land, with
-            # no worker to wake (on a machine with few cores, wake-ups cost more than the copies)
-            return self._execute(jobs, inline=len(buffered) == len(jobs))
-        finally:
-            self._drop(buffered + self._advised.pop(layer, []))
+            done = self._execute(jobs)
+        else:
+            if len(buffered) > 1:
+                self._fadvise(buffered, os.POSIX_FADV_WILLNEED)
+            try:
+                # the kernel reads every advised run at once: one thread copies them as they land,
+                # with no worker to wake (on few cores, wake-ups cost more than the copies)
+                done = self._execute(jobs, inline=len(buffered) == len(jobs))
+            finally:
+                self._drop(buffered + self._advised.pop(layer, []))
+        for landing in landings:
+            landing.convert_into(dest)
+        return done
 
     def _fadvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
         """Advice on whole pages around each range (the kernel drops only the pages a
@@ -482,15 +522,14 @@ class StoreReader:
                 segments.append((None, p.offset - pos))
             segments.append((p.name, p.nbytes))
             pos = p.offset + p.nbytes
-        scatter = (
-            self.read_path == "preadv"
-            and self.cache_mode != "direct"
-            and all(_scatterable(p, dest[p.name]) for p in wanted)
-        )
+        scatter = self.read_path == "preadv" and self.cache_mode != "direct"
+        land = tuple(p for p in wanted if not _scatterable(p, dest[p.name])) if scatter else ()
         cap = max(1, self.max_run_bytes // region.record_stride)
         scatter_records = min(SCATTER_MAX_RECORDS, IOV_MAX // (len(segments) + 1)) if scatter else 0
         gap = self.gap_bytes // region.record_stride
-        return _RegionPlan(region, wanted, tuple(segments), lead, tail, cap, scatter_records, gap)
+        return _RegionPlan(
+            region, wanted, tuple(segments), lead, tail, cap, scatter_records, gap, land
+        )
 
     def _jobs(
         self,
@@ -500,16 +539,26 @@ class StoreReader:
         srows: np.ndarray,
         dest: Mapping[str, np.ndarray],
         buffered: list[tuple[int, int]],
+        landings: list[_Landing],
     ) -> list[Callable[[], int]]:
         """One job per run: a ready preadv (scatter) or a read-and-convert (staged). Records in a
         run's gaps are read into the sink (scatter) or skipped when copying (staged). Appends the
-        byte ranges of runs read without O_DIRECT to ``buffered``."""
+        byte ranges of runs read without O_DIRECT to ``buffered``, and what scattered runs land
+        raw to ``landings``."""
         bounds = plan_runs(sids, plan.max_records, plan.max_gap)
         offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
         spans = [int(sids[b - 1] - sids[a]) + 1 for a, b in bounds]
         records = None
-        if any(span <= plan.scatter for span in spans):
-            records = self._record_iovecs(plan, dest, srows)
+        scattered = [
+            (a, b) for (a, b), span in zip(bounds, spans, strict=True) if span <= plan.scatter
+        ]
+        if scattered:
+            targets = {p.name: (dest[p.name], srows) for p in plan.wanted}
+            if plan.land:
+                landing = _Landing.of(plan.land, scattered, srows)
+                landings.append(landing)
+                targets.update(landing.targets(len(sids)))
+            records = self._record_iovecs(plan, targets)
         jobs: list[Callable[[], int]] = []
         for (a, b), span in zip(bounds, spans, strict=True):
             size = plan.span(span)
@@ -538,16 +587,17 @@ class StoreReader:
         return bufs
 
     def _record_iovecs(
-        self, plan: _RegionPlan, dest: Mapping[str, np.ndarray], rows: np.ndarray
+        self, plan: _RegionPlan, targets: Mapping[str, tuple[np.ndarray, np.ndarray]]
     ) -> list[tuple[memoryview, ...]]:
-        """Per record of the call, the iovecs that receive it: its destination rows, sink slices
-        between."""
+        """Per record of the call, the iovecs that receive it: for each part the row of its target
+        array (``targets[part] = (array, row of each record)``), sink slices between."""
         columns: list[Iterable[memoryview]] = []
         for name, n in plan.segments:
             if name is None:
                 columns.append(repeat(self._sink[:n]))
             else:
-                flat = memoryview(dest[name].reshape(-1).view(np.uint8))
+                array, rows = targets[name]
+                flat = memoryview(array.reshape(-1).view(np.uint8))
                 columns.append([flat[r * n : r * n + n] for r in rows.tolist()])
         if plan.between:
             columns.append(repeat(self._sink[: plan.between]))
