@@ -193,7 +193,9 @@ class FlashFFN(nn.Module):
                 advised = rt.lookahead.recalled(st.index, step.load)
                 stats.advised = advised or 0
                 # the kernel reads the next layer's while this one computes
-                rt.lookahead.advise_next(st.index, x, read.seconds, advised is not None)
+                rt.lookahead.advise_next(
+                    st.index, x, read.seconds, step.load.size, advised is not None
+                )
             outs += self._compute(x, st.buffer, selection.gate, keep, stats)
         elif needed.size:
             outs += self._stream(x, needed, selection.gate, stats)

@@ -8,11 +8,13 @@ select (README, The I/O engine). Those not yet in DRAM are advised to the kernel
 reader copies what arrived instead of waiting for the disk, and drops it from the page cache right
 after. What is advised per layer is capped by the memory plan (``budget.lookahead_bytes``).
 
-It pays only while the extra selector call costs less than the reads it hides: the share of a
-layer's reads it had advised (its recall; the neurons a token newly needs are the hard ones to
-foresee) times what those reads cost unadvised. So all three are tracked (moving averages; read
-times only of layers nothing was advised for, such as layer 0) and the look-ahead pauses while the
-selector call is the dearer, trying again every ``RETRY_CALLS`` calls.
+It pays only while its own work costs less than the read time it saves, and both are measured:
+its work is the selector call and the advice, per call; the saving is what a layer's records cost
+read cold (layers nothing was advised for: layer 0 always, every layer while paused, and every
+layer for the first ``RETRY_CALLS`` calls) minus what they cost advised, per record, times the
+records a layer reads. An advised read still copies its records and waits for those the kernel
+has not read yet, so its recall alone overstates the saving (README, The I/O engine). It pauses
+while its work is the dearer, trying again every ``RETRY_CALLS`` calls.
 """
 
 from __future__ import annotations
@@ -38,17 +40,25 @@ class LookAhead:
         self._selector, self._reader, self._layers = selector, reader, layers
         self._max_records = max(1, max_bytes // reader.manifest.neuron_bytes())
         self._advised: dict[int, np.ndarray] = {}
-        self._select_s: float | None = None
-        self._read_s: float | None = None  # of layers read with nothing advised
-        self._recall: float | None = None
-        self._paused = 0  # calls left before trying again
+        self._work_s: float | None = None  # selector call and advice, per call
+        self._cold_s: float | None = None  # per record read with nothing advised
+        self._warm_s: float | None = None  # per record read after advice
+        self._records: float | None = None  # records a layer reads per call
+        self._paused = RETRY_CALLS  # calls left before advising (again): cold reads first
 
-    def advise_next(self, layer: int, x: mx.array, read_s: float, advised: bool) -> None:
+    def advise_next(
+        self, layer: int, x: mx.array, read_s: float, records: int, advised: bool
+    ) -> None:
         """Advise what layer ``layer + 1`` is expected to read, from ``x`` (this layer's input);
-        ``read_s``: how long this layer's own reads took, ``advised``: whether anything of them
-        had been advised."""
-        if not advised:
-            self._read_s = _average(self._read_s, read_s)
+        ``read_s``: how long this layer's own reads of ``records`` records took, ``advised``:
+        whether anything of them had been advised."""
+        if records:
+            per_record = read_s / records
+            if advised:
+                self._warm_s = _average(self._warm_s, per_record)
+            else:
+                self._cold_s = _average(self._cold_s, per_record)
+            self._records = _average(self._records, records)
         nxt = layer + 1
         if nxt >= len(self._layers):
             return
@@ -57,12 +67,18 @@ class LookAhead:
             return
         start = time.perf_counter()
         ids = self._layers[nxt].to_read(self._selector(nxt, x).ids)[: self._max_records]
-        self._select_s = _average(self._select_s, time.perf_counter() - start)
         self._reader.advise(nxt, ids)
+        self._work_s = _average(self._work_s, time.perf_counter() - start)
         self._advised[nxt] = ids
-        recall = 1.0 if self._recall is None else self._recall
-        if self._read_s is not None and self._select_s > recall * self._read_s:
+        if self._work_s > self.saving_s():
             self._paused = RETRY_CALLS
+
+    def saving_s(self) -> float:
+        """Read time a layer's advice saves, as measured (infinite until both cold and advised
+        reads were)."""
+        if self._cold_s is None or self._warm_s is None:
+            return float("inf")
+        return (self._cold_s - self._warm_s) * self._records
 
     def recalled(self, layer: int, loaded: np.ndarray) -> int | None:
         """How many of ``loaded`` (the neurons ``layer`` read) were advised for it; None when
@@ -70,10 +86,7 @@ class LookAhead:
         advised = self._advised.pop(layer, None)
         if advised is None:
             return None
-        hits = int(np.isin(loaded, advised, assume_unique=True).sum())
-        if loaded.size:
-            self._recall = _average(self._recall, hits / loaded.size)
-        return hits
+        return int(np.isin(loaded, advised, assume_unique=True).sum())
 
 
 def _average(mean: float | None, sample: float) -> float:
