@@ -36,16 +36,16 @@ def spectral_order(active: np.ndarray) -> np.ndarray:
     """A permutation of the neurons (columns of ``active``, [tokens, neurons] bool) that puts
     neurons active on the same tokens near each other; never-active neurons go last.
 
-    The co-activation matrix ``C = A^T A`` is neurons x neurons (121M entries at 7B shape), but its
-    normalised form ``B^T B`` (``B = A D^-1/2``) shares its non-zero eigenvalues with the tokens x
-    tokens ``B B^T``, whose eigenvectors map back through ``B^T``: exact, and cheap for the few
-    thousand tokens calibration uses.
+    The co-activation matrix ``C = A^T A`` is neurons x neurons, but its normalised form ``B^T B``
+    (``B = A D^-1/2``) shares its non-zero eigenvalues with the tokens x tokens ``B B^T``, whose
+    eigenvectors map back through ``B^T``: exact, and cheap for the few thousand tokens calibration
+    uses.
     """
     a = active.astype(np.float32)
     degree = a.T @ a.sum(1)  # row sums of C
     used = degree > 0
     b = a[:, used] / np.sqrt(degree[used])
-    values, vectors = np.linalg.eigh(b @ b.T)
+    _, vectors = np.linalg.eigh(b @ b.T)
     # the largest eigenvalue (1) belongs to sqrt(degree); the Fiedler vector is the next one
     fiedler = b.T @ vectors[:, -2]
     ids = np.flatnonzero(used)
@@ -112,10 +112,11 @@ class Placement:
         return 1.0 - sum(r.seconds for r in self.placed) / before if before else 0.0
 
     def summary(self) -> dict:
-        """The facts the manifest keeps: the gain, reads and modelled ms per token both ways."""
+        """The facts the manifest keeps: the gain; reads, MB and modelled ms per token both ways."""
         out = {"gain": round(self.gain(), 4), "tokens": self.tokens}
         for name, reads in (("stored", self.stored), ("placed", self.placed)):
             out[f"{name}_reads_per_token"] = round(sum(r.reads for r in reads) / self.tokens, 1)
+            out[f"{name}_mb_per_token"] = round(sum(r.nbytes for r in reads) / self.tokens / 1e6, 4)
             out[f"{name}_ms_per_token"] = round(
                 1e3 * sum(r.seconds for r in reads) / self.tokens, 3
             )
