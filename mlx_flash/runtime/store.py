@@ -289,6 +289,11 @@ class StoreReader:
         self._file = UncachedFile(self.path, page_cache, bypass)
         self.cache_mode = self._file.mode
         self.advises = self.cache_mode == "dontcache" and hasattr(os, "posix_fadvise")
+        if self.advises:
+            # the kernel queues every advised run of a call at once, so one more short read costs
+            # little more than its bytes: reading a gap through only adds bytes (README, The I/O
+            # engine)
+            self.gap_bytes = 0
         if self.manifest.store_size:
             self._mm = mmap.mmap(self._file.fd, 0, access=mmap.ACCESS_READ)
             if self.read_path == "mmap":
