@@ -649,6 +649,25 @@ def test_advised_short_runs_are_read_by_the_calling_thread(bundled):
         assert (threading.active_count() == before) == reader.advises
 
 
+def test_advised_reads_read_no_gaps_through(bundled):
+    """An advising reader (uncached on Linux) reads exactly the wanted records, one read per run of
+    adjacent ones, whatever gap it was given; a reader that does not advise merges the gaps."""
+    directory, manifest, truth = bundled
+    stride = manifest.layers[0].regions[0].record_stride
+    ids, rows = [1, 3, 5, 7, 9, 11], range(6)
+    for page_cache in (False, True):
+        with StoreReader(
+            directory, manifest, threads=2, page_cache=page_cache, gap_bytes=4 * stride
+        ) as reader:
+            dest = make_dest(manifest, 6)
+            got = reader.read_neurons(0, ids, dest, rows)
+            check_rows(dest, truth[0], ids, rows, 6)
+            if reader.advises:
+                assert (reader.gap_bytes, got.reads, got.bytes) == (0, 6, 6 * stride)
+            else:
+                assert (got.reads, got.bytes) == (1, 11 * stride)
+
+
 def test_layer_digest_matches_hashlib_and_manifest(tmp_path):
     manifest, _ = build_store(tmp_path, align=4096, n_layers=3)
     data = (tmp_path / STORE_FILE).read_bytes()
