@@ -42,9 +42,9 @@ from mlx_flash.runtime.calibration import (
     operating_points,
     save_calibration,
 )
-from mlx_flash.runtime.costmodel import cost_model_for
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
+from mlx_flash.runtime.loader import disk_model
 from mlx_flash.runtime.manifest import Manifest, read_manifest
 from mlx_flash.runtime.options import FlashOptions
 from mlx_flash.runtime.proxy import (
@@ -327,8 +327,7 @@ def _place(
     if tokens < PLACEMENT_MIN_TOKENS:
         log(f"  placement: not measured (needs {PLACEMENT_MIN_TOKENS} calibration tokens)")
         return manifest
-    cost = cost_model_for(directory)
-    threads = cost.reader_threads(min(r.record_size for r in manifest.layers[0].regions))
+    cost, threads = disk_model(directory, manifest)
     record, window = manifest.neuron_bytes(), FlashOptions().window
     orders, stored, placed = [], [], []
     with StoreReader(directory, manifest, threads=4) as reader:

@@ -134,7 +134,7 @@ def prepare_runtime(
     dtype = MX_DTYPES[options.compute_dtype or default_compute_dtype(manifest)]
     calibration = read_calibration(directory, manifest)
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
-    cost, threads = _disk(directory, manifest, options)
+    cost, threads = disk_model(directory, manifest, options.threads)
     choice = _choose_selector(options, directory, manifest, calibration, facts, cost, threads)
     selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
     exact_gate = _exact_gate(options, choice)
@@ -160,7 +160,7 @@ def open_dense(
     as ``choice`` says, or a Selector object) and one FlashFFN per layer with ``plan``'s rows of
     ``parts`` (allocated on first use). ``hot``: per layer and neuron, how often it was active
     (the most active are pinned); the synthetic bench passes its trace's counts."""
-    cost, threads = _disk(directory, manifest, options)
+    cost, threads = disk_model(directory, manifest, options.threads)
     reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
@@ -218,11 +218,14 @@ def record_selections(runtime: FlashRuntime) -> None:
     runtime.observe = observe
 
 
-def _disk(directory: Path, manifest: Manifest, options: FlashOptions) -> tuple[CostModel, int]:
-    """The store's disk model (its probe, else defaults) and the reader's thread count."""
+def disk_model(
+    directory: Path, manifest: Manifest, threads: int | None = None
+) -> tuple[CostModel, int]:
+    """The store's disk model (its probe, else defaults) and the reader's thread count
+    (``threads``, else the model's for the store's records)."""
     cost = cost_model_for(directory)
     smallest = min(r.record_size for r in manifest.layers[0].regions)
-    return cost, options.threads or cost.reader_threads(smallest)
+    return cost, threads or cost.reader_threads(smallest)
 
 
 def open_store(
