@@ -153,6 +153,17 @@ def bundled(tmp_path):
     return tmp_path, *build_store(tmp_path)
 
 
+def spy_preadv(reader: StoreReader, note) -> None:
+    """Call ``note(fd, bufs, offset, flags)`` before each of ``reader``'s reads."""
+    original = reader._preadv
+
+    def read(fd, bufs, offset, flags):
+        note(fd, bufs, offset, flags)
+        return original(fd, bufs, offset, flags)
+
+    reader._preadv = read
+
+
 @pytest.mark.parametrize("gap_bytes", [0, 100, 1 << 20])
 @pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize(
@@ -216,11 +227,7 @@ def test_scatter_reads_straight_into_destination_rows(bundled):
     dest = make_dest(manifest, 16)
     seen = []
     with StoreReader(directory, manifest, threads=1) as reader:
-        original = reader._preadv
-        reader._preadv = lambda fd, bufs, off, flags: (
-            seen.append(list(bufs)),
-            original(fd, bufs, off, flags),
-        )[1]
+        spy_preadv(reader, lambda fd, bufs, off, flags: seen.append(list(bufs)))
         reader.read_neurons(0, [3, 4], dest, [9, 2])
     (bufs,) = seen
     assert np.shares_memory(np.asarray(bufs[0]), dest["gate"][9]) and np.shares_memory(
@@ -260,11 +267,7 @@ def test_short_runs_of_half_precision_land_raw_and_convert_once_per_part(tmp_pat
     rows = np.random.default_rng(3).permutation(len(ids))
     seen = []
     with StoreReader(tmp_path, manifest, threads=4) as reader:
-        original = reader._preadv
-        reader._preadv = lambda fd, bufs, off, flags: (
-            seen.append(list(bufs)),
-            original(fd, bufs, off, flags),
-        )[1]
+        spy_preadv(reader, lambda fd, bufs, off, flags: seen.append(list(bufs)))
         dest = make_dest(manifest, len(ids))
         assert reader.read_neurons(0, ids, dest, rows).reads == 11
     check_rows(dest, truth[0], ids, rows, len(ids))
@@ -341,11 +344,7 @@ def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch
     ids = [0, 1, 2, 3, 10, 11, 12, 13, 14]  # a run of 4 (scattered) and a run of 5 (staged)
     iovecs = []
     with StoreReader(tmp_path, manifest, threads=1) as reader:
-        original = reader._preadv
-        reader._preadv = lambda fd, bufs, off, flags: (
-            iovecs.append(len(bufs)),
-            original(fd, bufs, off, flags),
-        )[1]
+        spy_preadv(reader, lambda fd, bufs, off, flags: iovecs.append(len(bufs)))
         dest = make_dest(manifest, 64)
         assert reader.read_neurons(1, ids, dest, range(9)).reads == 2
         check_rows(dest, truth[1], ids, range(9), 64)
@@ -517,11 +516,12 @@ def test_uncached_reads_go_direct_from_their_size_on(tmp_path, monkeypatch):
         pytest.skip(f"needs RWF_DONTCACHE and O_DIRECT here (mode {reader.cache_mode})")
     reads = []
     with reader:
-        original = reader._preadv
-        reader._preadv = lambda fd, bufs, off, flags: (
-            reads.append((fd == reader._file.direct_fd, flags, off, sum(len(b) for b in bufs))),
-            original(fd, bufs, off, flags),
-        )[1]
+        spy_preadv(
+            reader,
+            lambda fd, bufs, off, flags: reads.append(
+                (fd == reader._file.direct_fd, flags, off, sum(len(b) for b in bufs))
+            ),
+        )
         ids = np.array([7, 8, *range(100, 140)])  # a scattered pair, then a long staged run
         dest = make_dest(manifest, 64)
         reader.read_neurons(1, ids, dest, np.arange(ids.size))
