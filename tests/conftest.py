@@ -30,6 +30,18 @@ def convert_quietly(src, out: Path, **kwargs) -> Path:
     return convert(src, out, **{**CONVERT, **kwargs})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """The test run's own mlx_flash cache, never the user's: a probe the bench makes of a test's
+    disk (quick, on a small file) would otherwise become the disk's probe for the user's runs,
+    and the user's probe would change what the tests measure. Tests that need a cache of their
+    own set ``MLX_FLASH_CACHE`` again."""
+    path = tmp_path_factory.mktemp("mlx_flash-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLX_FLASH_CACHE", str(path))
+        yield path
+
+
 def copy_of(directory: Path, tmp_path: Path) -> Path:
     """A private copy of a shared flash directory, to damage or re-calibrate."""
     return Path(shutil.copytree(directory, tmp_path / directory.name))
