@@ -725,10 +725,14 @@ def test_rejects_bad_requests(bundled):
         dest = make_dest(manifest, 4)
         with pytest.raises(ValueError, match="duplicate neuron ids"):
             reader.read_neurons(0, [3, 3], dest, [0, 1])
-        with pytest.raises(ValueError, match="duplicate destination rows"):
-            reader.read_neurons(0, [3, 4], dest, [1, 1])
-        with pytest.raises(ValueError, match=r"\[0, 64\)"):
-            reader.read_neurons(0, [64], dest, [0])
+        with pytest.raises(ValueError, match="duplicate neuron ids"):
+            reader.read_neurons(0, [5, 3, 5], dest, [0, 1, 2])
+        for ids in ([3, 4], [4, 3]):  # sorted ids take a shorter path
+            with pytest.raises(ValueError, match="duplicate destination rows"):
+                reader.read_neurons(0, ids, dest, [1, 1])
+        for ids in ([64], [5, -1], [-1, 5]):
+            with pytest.raises(ValueError, match=r"\[0, 64\)"):
+                reader.read_neurons(0, ids, dest, [0, 1][: len(ids)])
         with pytest.raises(ValueError, match=r"rows must be in \[0, 4\)"):
             reader.read_neurons(0, [1], dest, [4])
         with pytest.raises(ValueError, match="bias"):

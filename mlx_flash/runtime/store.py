@@ -123,7 +123,7 @@ class _RegionPlan:
         """Bytes from the end of a record's last wanted part to the first of the next record."""
         return self.region.record_stride - self.tail + self.lead
 
-    def span(self, n_records: int) -> int:
+    def span(self, n_records: int | np.ndarray) -> int | np.ndarray:
         """Bytes from the first record's first wanted byte to the last record's last one."""
         return (n_records - 1) * self.region.record_stride + self.tail - self.lead
 
@@ -173,15 +173,21 @@ def _sorted_request(
         raise ValueError(
             f"ids and rows must be 1-D and of equal length (got {ids.shape} and {rows.shape})"
         )
-    order = np.argsort(ids, kind="stable")
-    sids, srows = ids[order], rows[order]
+    sids, srows = ids, rows
+    if not _increasing(ids):  # a buffer's loads arrive sorted, into consecutive rows
+        order = np.argsort(ids, kind="stable")
+        sids, srows = ids[order], rows[order]
+        if np.any(sids[1:] == sids[:-1]):
+            raise ValueError("duplicate neuron ids in one read")
     if sids[0] < 0 or sids[-1] >= n_records:
         raise ValueError(f"neuron ids must be in [0, {n_records}) (got {sids[0]}..{sids[-1]})")
-    if np.any(sids[1:] == sids[:-1]):
-        raise ValueError("duplicate neuron ids in one read")
-    if np.unique(srows).size != srows.size:
+    if not _increasing(rows) and np.unique(rows).size != rows.size:
         raise ValueError("duplicate destination rows in one read")
     return sids, srows
+
+
+def _increasing(a: np.ndarray) -> bool:
+    return bool(np.all(a[1:] > a[:-1]))
 
 
 def plan_runs(sids: np.ndarray, cap: int, max_gap: int = 0) -> list[tuple[int, int]]:
@@ -192,7 +198,10 @@ def plan_runs(sids: np.ndarray, cap: int, max_gap: int = 0) -> list[tuple[int, i
         return []
     breaks = np.flatnonzero(np.diff(sids) > max_gap + 1) + 1
     starts, ends = [0, *breaks.tolist()], [*breaks.tolist(), len(sids)]
-    first, last = sids[starts].tolist(), sids[np.array(ends) - 1].tolist()
+    first, last = sids[starts], sids[np.array(ends) - 1]
+    if np.all(last - first < cap):  # most calls: no run to split
+        return list(zip(starts, ends, strict=True))
+    first, last = first.tolist(), last.tolist()
     runs = []
     for a, e, lo, hi in zip(starts, ends, first, last, strict=True):
         if hi - lo < cap:  # most runs: within the cap
@@ -552,7 +561,10 @@ class StoreReader:
         raw to ``landings``."""
         bounds = plan_runs(sids, plan.max_records, plan.max_gap)
         offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
-        spans = [int(sids[b - 1] - sids[a]) + 1 for a, b in bounds]
+        starts, ends = np.array(bounds).T
+        spans = sids[ends - 1] - sids[starts] + 1
+        sizes = plan.span(spans).tolist()
+        spans = spans.tolist()
         records = None
         scattered = [
             (a, b) for (a, b), span in zip(bounds, spans, strict=True) if span <= plan.scatter
@@ -565,9 +577,8 @@ class StoreReader:
                 targets.update(landing.targets(len(sids)))
             records = self._record_iovecs(plan, targets)
         jobs: list[Callable[[], int]] = []
-        for (a, b), span in zip(bounds, spans, strict=True):
-            size = plan.span(span)
-            if not self._file.direct_for(size) or span <= plan.scatter:
+        for (a, b), span, size in zip(bounds, spans, sizes, strict=True):
+            if span <= plan.scatter or not self._file.direct_for(size):
                 buffered.append((offsets[a], size))
             if span > plan.scatter:
                 at = sids[a:b] - sids[a]
@@ -582,6 +593,8 @@ class StoreReader:
     def _run_iovecs(self, plan: _RegionPlan, records: list, sids: np.ndarray, a: int, b: int):
         """The iovecs of one scattered run: each wanted record's, a record-sized sink slice for each
         record of a gap, no padding after the last record."""
+        if b == a + 1:  # most runs of a sparse call: one record
+            return records[a][:-1] if plan.between > 0 else records[a]
         gap = self._sink[: plan.region.record_stride]
         bufs = list(records[a])
         for j in range(a + 1, b):
@@ -613,9 +626,10 @@ class StoreReader:
     def _execute(self, jobs: list[Callable[[], int]], inline: bool = False) -> ReadCount:
         """Run the jobs inline (asked for, one thread or one job) or on the pool; returns once all
         are done."""
-        call = _Call(jobs)
         if inline or self._pool is None or len(jobs) == 1:
-            return self._drain(call)
+            # nothing else writes into dest: no hand-out, no locks
+            return ReadCount(bytes=sum(job() for job in jobs), reads=len(jobs))
+        call = _Call(jobs)
         futures = []
         try:
             for _ in range(min(self.threads, len(jobs))):
