@@ -44,7 +44,7 @@ from mlx_flash.runtime.calibration import (
 )
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
-from mlx_flash.runtime.loader import disk_model
+from mlx_flash.runtime.loader import disk_model, open_store
 from mlx_flash.runtime.manifest import Manifest, read_manifest
 from mlx_flash.runtime.options import FlashOptions
 from mlx_flash.runtime.proxy import (
@@ -328,7 +328,9 @@ def _place(
         log(f"  placement: not measured (needs {PLACEMENT_MIN_TOKENS} calibration tokens)")
         return manifest
     cost, threads = disk_model(directory, manifest)
-    record, window = manifest.neuron_bytes(), FlashOptions().window
+    record, options = manifest.neuron_bytes(), FlashOptions()
+    with open_store(directory, manifest, options, cost, threads) as runtime_reader:
+        gap = runtime_reader.gap_bytes  # what the runtime reads through (none where it advises)
     orders, stored, placed = [], [], []
     with StoreReader(directory, manifest, threads=4) as reader:
         bar = tqdm(range(manifest.n_layers), desc="placement", unit="layer", disable=not progress)
@@ -336,7 +338,9 @@ def _place(
             parts = {k: mx.array(v) for k, v in reader.read_layer(i).items()}
             h = np.array(layer_activations(parts, manifest, np.asarray(inputs[i][:tokens]))[0])
             threshold = 0.0 if sparsity is None else float(np.quantile(h, sparsity))
-            order, before, after = fit_layer(h > threshold, window, cost, record, threads)
+            order, before, after = fit_layer(
+                h > threshold, options.window, cost, record, threads, gap
+            )
             orders.append(order)
             stored.append(before)
             placed.append(after)

@@ -78,11 +78,12 @@ def read_cost(
     cost: CostModel,
     record: int,
     threads: int,
+    gap_bytes: int,
 ) -> Reads:
-    """The reads the store reader plans (``plan_runs``: gaps cheaper than a read are read through,
-    runs cut at its largest read) for each token's ``misses`` with neuron i stored at
-    ``position[i]``, and the cost model's time for them."""
-    gap = cost.gap_bytes(threads) // record
+    """The reads the store reader plans (``plan_runs``: gaps of up to ``gap_bytes``, the reader's,
+    are read through, runs cut at its largest read) for each token's ``misses`` with neuron i
+    stored at ``position[i]``, and the cost model's time for them."""
+    gap = gap_bytes // record
     cap = max(1, cost.run_bytes(threads) // record)
     reads = records = 0
     seconds = 0.0
@@ -124,19 +125,19 @@ class Placement:
 
 
 def fit_layer(
-    active: np.ndarray, window: int, cost: CostModel, record: int, threads: int
+    active: np.ndarray, window: int, cost: CostModel, record: int, threads: int, gap_bytes: int
 ) -> tuple[np.ndarray, Reads, Reads]:
     """One layer's placement from its activity on consecutive tokens: the order fitted on all of
     them, and the reads of the second half's misses stored as is and in the order fitted on the
-    first half."""
+    first half (``read_cost``)."""
     half = len(active) // 2
     misses = window_misses(active[half:], window)
     trial = np.argsort(spectral_order(active[:half]))  # neuron -> its place in the store
     identity = np.arange(active.shape[1])
     return (
         spectral_order(active),
-        read_cost(misses, identity, cost, record, threads),
-        read_cost(misses, trial, cost, record, threads),
+        read_cost(misses, identity, cost, record, threads, gap_bytes),
+        read_cost(misses, trial, cost, record, threads, gap_bytes),
     )
 
 

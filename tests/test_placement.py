@@ -85,13 +85,18 @@ def test_read_cost_counts_the_runs_the_reader_plans():
     cost = CostModel.defaults()
     record, threads = 4096, 8
     misses = [np.array([0, 10, 20, 30]), np.array([5])]
-    scattered = read_cost(misses, np.arange(40) * 50, cost, record, threads)  # far apart
+    scattered = read_cost(misses, np.arange(40) * 50, cost, record, threads, 0)  # far apart
     assert scattered.reads == 5 and scattered.nbytes == 5 * record
     together = np.arange(40)
     together[[0, 10, 20, 30]] = [100, 101, 102, 103]  # the four side by side
-    placed = read_cost(misses, together, cost, record, threads)
+    placed = read_cost(misses, together, cost, record, threads, 0)
     assert placed.reads == 2 and placed.nbytes == 5 * record
     assert placed.seconds < scattered.seconds
+    # one record apart: read through only where the reader reads a record-sized gap through
+    neighbours, spaced = [np.arange(4)], np.arange(40) * 2
+    assert read_cost(neighbours, spaced, cost, record, threads, 0).reads == 4
+    through = read_cost(neighbours, spaced, cost, record, threads, record)
+    assert through.reads == 1 and through.nbytes == 7 * record
 
 
 @pytest.fixture(scope="module")
