@@ -44,7 +44,7 @@ from mlx_flash.runtime.calibration import (
 )
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
-from mlx_flash.runtime.loader import disk_model, open_store
+from mlx_flash.runtime.loader import disk_model, reader_gap_bytes
 from mlx_flash.runtime.manifest import Manifest, read_manifest
 from mlx_flash.runtime.options import FlashOptions
 from mlx_flash.runtime.proxy import (
@@ -329,8 +329,7 @@ def _place(
         return manifest
     cost, threads = disk_model(directory, manifest)
     record, options = manifest.neuron_bytes(), FlashOptions()
-    with open_store(directory, manifest, options, cost, threads) as runtime_reader:
-        gap = runtime_reader.gap_bytes  # what the runtime reads through (none where it advises)
+    gap = reader_gap_bytes(directory, manifest, options, cost, threads)
     orders, stored, placed = [], [], []
     with StoreReader(directory, manifest, threads=4) as reader:
         bar = tqdm(range(manifest.n_layers), desc="placement", unit="layer", disable=not progress)

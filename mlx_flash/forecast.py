@@ -228,9 +228,9 @@ def assumptions(subject: Subject, options: FlashOptions, disk: CostModel) -> lis
         "decode only: prompt processing is not forecast; a step is compute then reads, not "
         "overlapped",
         "reads bypass the page cache: each reader call costs what the store reader's calls cost "
-        f"when timed on this disk just now (reader_probe); run and gap sizes and threads from the "
-        f"probe's cost model ({disk.source}); with --page-cache (the default) a store that fits "
-        "in free RAM is read from memory once warm",
+        "when timed on this disk just now (reader_probe), gaps read through as it does; run "
+        f"sizes and threads from the probe's cost model ({disk.source}); with --page-cache (the "
+        "default) a store that fits in free RAM is read from memory once warm",
         "compute: matrix-vector products at the micro-benchmark's rate over the weights a step "
         "multiplies (trunk but an untied input embedding, computed FFN rows, the selector), plus "
         "fixed costs per step, layer, FlashFFN layer and streamed chunk timed on tiny llamas",

@@ -231,7 +231,7 @@ def run_probe(
         shutil.rmtree(path.parent)
     model = CostModel.fit(
         [Cell(c["chunk"], c["threads"], c["bytes_per_s"]) for c in cells],
-        f"probe of {directory} ({datetime.now().date()})",
+        f"probe of {directory} ({datetime.now():%Y-%m-%d %H:%M})",
         batches["best_threads"] if batches else None,
     )
     return {

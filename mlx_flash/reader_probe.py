@@ -55,9 +55,10 @@ def measure_reader(
                     starts = np.sort(rng.choice(n // 64, runs, replace=False)) * 64
                     ids = (starts[:, None] + np.arange(length)).ravel()
                     samples.append(_timed(reader, ids, dest))
+            gap = reader.gap_bytes
     finally:
         shutil.rmtree(path.parent)
-    return _fit(samples, threads)
+    return _fit(samples, threads, gap)
 
 
 def _timed(reader: StoreReader, ids: np.ndarray, dest: dict) -> tuple[float, float, float]:
@@ -67,7 +68,7 @@ def _timed(reader: StoreReader, ids: np.ndarray, dest: dict) -> tuple[float, flo
     return done.reads, done.bytes, time.perf_counter() - start
 
 
-def _fit(samples: list[tuple[float, float, float]], threads: int) -> ReaderCost:
+def _fit(samples: list[tuple[float, float, float]], threads: int, gap_bytes: int) -> ReaderCost:
     """Least squares of seconds = c + reads * r + bytes / b, on relative error; each coefficient
     kept positive."""
     x = np.array([[1.0, reads, nbytes] for reads, nbytes, _ in samples])
@@ -75,4 +76,4 @@ def _fit(samples: list[tuple[float, float, float]], threads: int) -> ReaderCost:
     w = 1.0 / y
     coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
     coef = np.maximum(coef, [0.0, 0.0, 1e-12])
-    return ReaderCost(float(coef[0]), float(coef[1]), float(1.0 / coef[2]), threads)
+    return ReaderCost(float(coef[0]), float(coef[1]), float(1.0 / coef[2]), threads, gap_bytes)

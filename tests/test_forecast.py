@@ -20,7 +20,7 @@ from mlx_flash.runtime.manifest import read_manifest
 
 # fixed compute constants: the tests check plans and reads, not this machine's timings
 COSTS = ComputeCosts("float32", 5e9, 1e-4, 2e-4, 2e-4, 2e-4)
-READER = ReaderCost(3e-4, 2e-5, 8e8, 8)
+READER = ReaderCost(3e-4, 2e-5, 8e8, 8, 0)
 
 
 @pytest.fixture(autouse=True)
@@ -103,6 +103,32 @@ def test_calibrated_selectors_and_a_budget_too_small(tiny_flash, tmp_path):
     assert gate["computed_rows"] < _selector(result, "dense")["computed_rows"]
     small = forecast.run_forecast(str(flash), {"memory_budget": "100KB"}, None, None)
     assert all(not s["fits"] and "too small" in s["error"] for s in small["selectors"])
+
+
+def test_sparse_reads_follow_the_readers_gap_rule(tiny_flash, tmp_path, monkeypatch):
+    """A reader that reads short gaps through makes fewer, longer reads of the same neurons; the
+    forecast counts the reads of the reader it timed, not the disk model's rule."""
+    import dataclasses
+
+    import mlx_flash.reader_probe as reader
+    from conftest import convert_quietly
+
+    src, _ = tiny_flash("llama")
+    flash = convert_quietly(src, tmp_path / "calibrated", calibration="builtin", predictor_rank=8)
+    record = read_manifest(flash).neuron_bytes()
+    gate = {}
+    for gap in (0, 4 * record):
+        monkeypatch.setattr(
+            reader,
+            "measure_reader",
+            lambda *a, g=gap, **k: dataclasses.replace(READER, gap_bytes=g),
+        )
+        options = {"memory_budget": "1GB", "ffn_cache": 0.3}
+        gate[gap] = _selector(forecast.run_forecast(str(flash), options, None, None), "gate")
+    split, through = gate[0], gate[4 * record]
+    assert split["loaded"] == pytest.approx(through["loaded"])  # the same neurons
+    assert through["reads"] < split["reads"] and through["bytes"] > split["bytes"]
+    assert split["bytes"] == pytest.approx(split["loaded"] * (2 / 3) * record)  # up and down only
 
 
 def test_hub_id_reads_only_its_config(tiny_flash, monkeypatch):

@@ -2,8 +2,8 @@
 the runtime.
 
 Why: ``mlx_flash.forecast`` says how fast a model will run before it is converted. It takes the
-plan from ``budget.plan_memory`` (what the loader plans), the disk's cost model (the probe: run and
-gap sizes), the store reader's measured cost per call (``reader_probe``) and the compute
+plan from ``budget.plan_memory`` (what the loader plans), the disk's cost model (the probe: run
+sizes), the store reader's measured cost per call and gap rule (``reader_probe``) and the compute
 micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does per token:
 
 - dense: pinned rows stay; the rest streams through the window buffer in chunks of its capacity
@@ -13,8 +13,9 @@ micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does per toke
 - sparse selectors: a neuron is selected with its calibration frequency (scaled to the asked
   sparsity), independently of other neurons and tokens; the hottest are pinned; a selected neuron
   is read unless the last ``window`` tokens selected it, and at least what the window buffer cannot
-  hold is read. Reads coalesce neighbours and gaps shorter than the cost model's gap; gap bytes
-  count as read. Resident rows are computed (``compute_rows`` "resident"), else the selected.
+  hold is read. Reads coalesce neighbours and the gaps the reader reads through (none where it
+  advises its runs to the kernel); gap bytes count as read. Resident rows are computed
+  (``compute_rows`` "resident"), else the selected.
 
 Each reader call (a chunk, or a layer's selection) costs what ``reader_probe`` measured the store
 reader's calls to cost on this disk: per call, per read and per byte.
@@ -69,19 +70,20 @@ class TokenCost:
 @dataclass(frozen=True)
 class ReaderCost:
     """A store-reader call costs ``call_s + reads * read_s + bytes / bytes_per_s`` at ``threads``
-    (measured by ``mlx_flash.reader_probe``)."""
+    (measured by ``mlx_flash.reader_probe``); it reads gaps of up to ``gap_bytes`` through."""
 
     call_s: float
     read_s: float
     bytes_per_s: float
     threads: int
+    gap_bytes: int
 
     @classmethod
-    def of_disk(cls, disk: CostModel, threads: int) -> ReaderCost:
+    def of_disk(cls, disk: CostModel, threads: int, gap_bytes: int) -> ReaderCost:
         """The disk's cost model alone at ``threads`` (the nearest measured count): no per-call
         cost, each read its latency, the bytes at its bandwidth."""
         i = disk.nearest(threads)
-        return cls(0.0, disk.per_read_s[i], disk.bandwidth[i], threads)
+        return cls(0.0, disk.per_read_s[i], disk.bandwidth[i], threads, gap_bytes)
 
     def seconds(self, nbytes: float, reads: float) -> float:
         """Expected time of one call reading ``nbytes`` in ``reads`` reads."""
@@ -158,7 +160,7 @@ def sparse_cost(
     selector_bytes: int,
 ) -> TokenCost:
     """A selector choosing each neuron with ``frequency`` [layers, d_ffn] (module docstring)."""
-    gap = disk.gap_bytes(layout.threads) // layout.record_stride
+    gap = layout.reader.gap_bytes // layout.record_stride
     calls, rows = [], 0.0
     for f in frequency:
         f = np.sort(np.clip(f, 0.0, 1.0))[::-1]

@@ -245,6 +245,16 @@ def open_store(
     )
 
 
+def reader_gap_bytes(
+    directory: Path, manifest: Manifest, options: FlashOptions, cost: CostModel, threads: int
+) -> int:
+    """Gaps the runtime's reader reads through rather than split a run: the cost model's where it
+    reads each run itself, none where it advises its runs to the kernel first. Asked of the reader
+    ``open_store`` makes, since that depends on how this OS bypasses the page cache."""
+    with open_store(directory, manifest, options, cost, threads) as reader:
+        return reader.gap_bytes
+
+
 def _moe_runtime(
     directory: Path, manifest: Manifest, config: dict, options: FlashOptions, model
 ) -> FlashRuntime:
@@ -285,7 +295,8 @@ def _expected_reads(
     expects a point's reads to take (``expected``: pinned rows and the window as the runtime keeps
     them); None when the budget cannot hold the selector or, for a point measured with the window's
     rows resident, those rows."""
-    reader = ReaderCost.of_disk(disk, threads)
+    gap = reader_gap_bytes(directory, manifest, options, disk, threads)
+    reader = ReaderCost.of_disk(disk, threads, gap)
 
     @functools.cache
     def planned(name: str) -> tuple[BudgetPlan, Layout, int] | None:
