@@ -179,3 +179,21 @@ def test_runtime_takes_threads_from_the_probe(stories_flash, cache):
     assert model.flash.reader.threads == 2
     model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, threads=2)
     assert model.flash.reader.threads == 2
+
+
+def test_planners_take_the_gap_rule_of_the_runtimes_reader(stories_flash):
+    """What auto's and placement's planners read through is what the reader the runtime opens
+    reads through: the probe's gap through the page cache, none where the reader advises its
+    runs to the kernel (uncached on Linux)."""
+    from mlx_flash.runtime.loader import open_store, reader_gap_bytes
+    from mlx_flash.runtime.manifest import read_manifest
+    from mlx_flash.runtime.options import FlashOptions
+
+    manifest, cost = read_manifest(stories_flash), CostModel.defaults()
+    cached = FlashOptions.build({"page_cache": True})
+    assert reader_gap_bytes(stories_flash, manifest, cached, cost, 4) == cost.gap_bytes(4) > 0
+    uncached = FlashOptions.build({"page_cache": False})
+    with open_store(stories_flash, manifest, uncached, cost, 4) as reader:
+        advised = reader.advises
+    gap = reader_gap_bytes(stories_flash, manifest, uncached, cost, 4)
+    assert gap == (0 if advised else cost.gap_bytes(4))
