@@ -34,8 +34,9 @@ def convert_quietly(src, out: Path, **kwargs) -> Path:
 def private_cache(tmp_path_factory) -> Path:
     """The test run's own mlx_flash cache, never the user's: a probe the bench makes of a test's
     disk (quick, on a small file) would otherwise become the disk's probe for the user's runs,
-    and the user's probe would change what the tests measure. Tests that need a cache of their
-    own set ``MLX_FLASH_CACHE`` again."""
+    and the user's probe would change what the tests measure. A test that saves a probe sets
+    ``MLX_FLASH_CACHE`` again, to a cache of its own: later tests plan with the default cost
+    model."""
     path = tmp_path_factory.mktemp("mlx_flash-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLX_FLASH_CACHE", str(path))

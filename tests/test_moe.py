@@ -392,8 +392,11 @@ def test_synthetic_store_refuses_a_disk_too_small_and_says_what_fits(
     assert not (tmp_path / "tiny").exists()
 
 
-def test_bench_on_a_moe_directory_compares_the_policies(tiny_moe_flash, tmp_path):
+def test_bench_on_a_moe_directory_compares_the_policies(tiny_moe_flash, tmp_path, monkeypatch):
     _, flash = tiny_moe_flash("mixtral", "q4")
+    # the bench saves the probe it makes: in a cache of this test's own, not the run's, whose
+    # later tests plan with the default cost model
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     done = _cli("--model", str(flash), "--ffn-cache", "0.25", "--tokens", "8", "--json", str(out),
                 module="mlx_flash.bench")  # fmt: skip
