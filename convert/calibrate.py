@@ -44,7 +44,7 @@ from mlx_flash.runtime.calibration import (
 )
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
-from mlx_flash.runtime.loader import disk_model, reader_gap_bytes
+from mlx_flash.runtime.loader import disk_model, open_store
 from mlx_flash.runtime.manifest import Manifest, read_manifest
 from mlx_flash.runtime.options import FlashOptions
 from mlx_flash.runtime.proxy import (
@@ -329,16 +329,16 @@ def _place(
         return manifest
     cost, threads = disk_model(directory, manifest)
     record, options = manifest.neuron_bytes(), FlashOptions()
-    gap = reader_gap_bytes(directory, manifest, options, cost, threads)
     orders, stored, placed = [], [], []
-    with StoreReader(directory, manifest, threads=4) as reader:
+    # the runtime's reader for the default options: placement plans runs with its gap rule
+    with open_store(directory, manifest, options, cost, threads) as reader:
         bar = tqdm(range(manifest.n_layers), desc="placement", unit="layer", disable=not progress)
         for i in bar:
             parts = {k: mx.array(v) for k, v in reader.read_layer(i).items()}
             h = np.array(layer_activations(parts, manifest, np.asarray(inputs[i][:tokens]))[0])
             threshold = 0.0 if sparsity is None else float(np.quantile(h, sparsity))
             order, before, after = fit_layer(
-                h > threshold, options.window, cost, record, threads, gap
+                h > threshold, options.window, cost, record, threads, reader.gap_bytes
             )
             orders.append(order)
             stored.append(before)

@@ -181,19 +181,31 @@ def test_runtime_takes_threads_from_the_probe(stories_flash, cache):
     assert model.flash.reader.threads == 2
 
 
-def test_planners_take_the_gap_rule_of_the_runtimes_reader(stories_flash):
-    """What auto's and placement's planners read through is what the reader the runtime opens
-    reads through: the probe's gap through the page cache, none where the reader advises its
-    runs to the kernel (uncached on Linux)."""
-    from mlx_flash.runtime.loader import open_store, reader_gap_bytes
+def test_planners_take_the_gap_rule_of_the_runtimes_reader(
+    stories_flash, stories_calibrated, monkeypatch
+):
+    """The reader the runtime opens reads gaps through as the probe says through the page cache,
+    and none where it advises its runs to the kernel (uncached on Linux); auto's planner plans
+    with the gap rule of that same reader."""
+    from mlx_flash.runtime.expected import ReaderCost
+    from mlx_flash.runtime.loader import open_store
     from mlx_flash.runtime.manifest import read_manifest
     from mlx_flash.runtime.options import FlashOptions
 
     manifest, cost = read_manifest(stories_flash), CostModel.defaults()
     cached = FlashOptions.build({"page_cache": True})
-    assert reader_gap_bytes(stories_flash, manifest, cached, cost, 4) == cost.gap_bytes(4) > 0
+    with open_store(stories_flash, manifest, cached, cost, 4) as reader:
+        assert reader.gap_bytes == cost.gap_bytes(4) > 0
     uncached = FlashOptions.build({"page_cache": False})
     with open_store(stories_flash, manifest, uncached, cost, 4) as reader:
-        advised = reader.advises
-    gap = reader_gap_bytes(stories_flash, manifest, uncached, cost, 4)
-    assert gap == (0 if advised else cost.gap_bytes(4))
+        assert reader.gap_bytes == (0 if reader.advises else cost.gap_bytes(4))
+
+    planned = []
+    of_disk = ReaderCost.of_disk
+    monkeypatch.setattr(
+        ReaderCost, "of_disk", lambda *a: planned.append(a[2]) or of_disk(*a), raising=True
+    )
+    for page_cache in (True, False):
+        model, _ = mlx_flash.load(stories_calibrated, "1GB", ffn_cache=0.5, page_cache=page_cache)
+        assert planned.pop() == model.flash.reader.gap_bytes
+        model.flash.close()

@@ -135,14 +135,20 @@ def prepare_runtime(
     calibration = read_calibration(directory, manifest)
     facts = model_facts(model, config, manifest, trunk_files(directory), dtype, options)
     cost, threads = disk_model(directory, manifest, options.threads)
-    choice = _choose_selector(options, directory, manifest, calibration, facts, cost, threads)
-    selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
-    exact_gate = _exact_gate(options, choice)
-    skip = selectors.GATE_PARTS if exact_gate else ()
-    parts = buffer_parts(manifest, dtype, skip)
-    plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
+    reader = open_store(directory, manifest, options, cost, threads)
+    try:
+        choice = _choose_selector(options, directory, manifest, calibration, facts, cost, reader)
+        selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
+        skip = selectors.GATE_PARTS if _exact_gate(options, choice) else ()
+        parts = buffer_parts(manifest, dtype, skip)
+        plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
+    except BaseException:
+        reader.close()
+        raise
     hot = calibration.frequency if calibration is not None else None
-    return open_dense(directory, manifest, options, plan, dtype, choice, parts, calibration, hot)
+    return open_dense(
+        directory, manifest, options, plan, dtype, choice, parts, calibration, hot, reader
+    )
 
 
 def open_dense(
@@ -155,13 +161,16 @@ def open_dense(
     parts: dict,
     calibration: Calibration | None = None,
     hot: np.ndarray | None = None,
+    reader: StoreReader | None = None,
 ) -> FlashRuntime:
-    """The runtime of a dense store: its reader, the selector (``options.selector``: a name built
-    as ``choice`` says, or a Selector object) and one FlashFFN per layer with ``plan``'s rows of
-    ``parts`` (allocated on first use). ``hot``: per layer and neuron, how often it was active
-    (the most active are pinned); the synthetic bench passes its trace's counts."""
+    """The runtime of a dense store: its reader (``reader``, else opened here; closed on
+    failure), the selector (``options.selector``: a name built as ``choice`` says, or a Selector
+    object) and one FlashFFN per layer with ``plan``'s rows of ``parts`` (allocated on first use).
+    ``hot``: per layer and neuron, how often it was active (the most active are pinned); the
+    synthetic bench passes its trace's counts."""
     cost, threads = disk_model(directory, manifest, options.threads)
-    reader = open_store(directory, manifest, options, cost, threads)
+    if reader is None:
+        reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
         if isinstance(selector, str):
@@ -245,16 +254,6 @@ def open_store(
     )
 
 
-def reader_gap_bytes(
-    directory: Path, manifest: Manifest, options: FlashOptions, cost: CostModel, threads: int
-) -> int:
-    """Gaps the runtime's reader reads through rather than split a run: the cost model's where it
-    reads each run itself, none where it advises its runs to the kernel first. Asked of the reader
-    ``open_store`` makes, since that depends on how this OS bypasses the page cache."""
-    with open_store(directory, manifest, options, cost, threads) as reader:
-        return reader.gap_bytes
-
-
 def _moe_runtime(
     directory: Path, manifest: Manifest, config: dict, options: FlashOptions, model
 ) -> FlashRuntime:
@@ -271,14 +270,14 @@ def _choose_selector(
     calibration: Calibration | None,
     facts: ModelFacts,
     disk: CostModel,
-    threads: int,
+    reader: StoreReader,
 ) -> selectors.Choice:
     """The operating point to run. A Selector object is used as given; a name is resolved by
     ``selectors.choose``, which passes over a selector the budget cannot hold."""
     if not isinstance(options.selector, str):
         rows = options.compute_rows or "resident"
         return selectors.Choice(options.selector.name, options.sparsity, rows, None, "given")
-    cost = _expected_reads(options, directory, manifest, calibration, facts, disk, threads)
+    cost = _expected_reads(options, directory, manifest, calibration, facts, disk, reader)
     return selectors.choose(options, manifest, calibration, cost)
 
 
@@ -289,14 +288,13 @@ def _expected_reads(
     calibration: Calibration | None,
     facts: ModelFacts,
     disk: CostModel,
-    threads: int,
+    reader: StoreReader,
 ) -> selectors.Cost:
     """``selectors.Cost`` under the options' budget: the seconds per token the disk's cost model
     expects a point's reads to take (``expected``: pinned rows and the window as the runtime keeps
-    them); None when the budget cannot hold the selector or, for a point measured with the window's
-    rows resident, those rows."""
-    gap = reader_gap_bytes(directory, manifest, options, disk, threads)
-    reader = ReaderCost.of_disk(disk, threads, gap)
+    them, runs planned with ``reader``'s gap rule); None when the budget cannot hold the
+    selector or, for a point measured with the window's rows resident, those rows."""
+    reader_cost = ReaderCost.of_disk(disk, reader.threads, reader.gap_bytes)
 
     @functools.cache
     def planned(name: str) -> tuple[BudgetPlan, Layout, int] | None:
@@ -309,7 +307,7 @@ def _expected_reads(
             plan = plan_memory(facts, options, held, row)
         except BudgetError:
             return None
-        return plan, Layout.of_store(manifest, skip, row, 0, reader), held
+        return plan, Layout.of_store(manifest, skip, row, 0, reader_cost), held
 
     def cost(point: OperatingPoint) -> float | None:
         name = point.selector
