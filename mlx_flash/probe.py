@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,6 +56,9 @@ from .runtime.uncached import DIRECT_ALIGN, UncachedFile, set_nocache
 
 DEFAULT_CHUNKS = tuple(4096 << i for i in range(9))  # 4 KiB .. 1 MiB
 DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
+RUN_SIZES = tuple(256 << 10 << i for i in range(5))  # 256 KiB .. 4 MiB
+RUN_CALL_BYTES = 8 << 20
+RUN_TOLERANCE = 0.05
 
 
 def make_probe_file(directory: Path, size: int) -> Path:
@@ -135,6 +139,47 @@ def measure_batches(
         "batch": batch,
         "ms_per_batch": {str(t): v for t, v in ms.items()},
         "best_threads": min(ms, key=ms.get),
+    }
+
+
+def measure_runs(
+    path: Path,
+    threads: int,
+    seconds: float,
+    repeat: int,
+    bypass: str,
+    progress: bool = True,
+) -> dict:
+    """The store reader reading a contiguous ``RUN_CALL_BYTES`` per call (a layer streamed whole)
+    at the runtime's ``threads``, with its long runs cut at each of ``RUN_SIZES``: more, shorter
+    reads keep more threads busy, fewer, longer ones cost fewer hand-offs and copies, and on few
+    cores the second can win where the disk alone (the grid) favours the first. The runtime cuts
+    at the smallest size within ``RUN_TOLERANCE`` of the fastest (staging memory grows with it)."""
+    record = 4096
+    manifest = record_store(path, record)
+    rng = np.random.default_rng(4)
+    k = RUN_CALL_BYTES // record
+    dest = {"up": np.empty((k, record // 4), np.float32)}
+    samples: dict[int, list[float]] = {}
+    for size in tqdm(RUN_SIZES * repeat, desc="reader runs", unit="cell", disable=not progress):
+        with StoreReader(
+            path.parent, manifest, threads, page_cache=False, bypass=bypass, max_run_bytes=size
+        ) as reader:
+            t0, times = time.perf_counter(), []
+            while time.perf_counter() - t0 < seconds:
+                start = int(rng.integers(0, manifest.d_ffn - k))
+                began = time.perf_counter()
+                reader.read_neurons(0, np.arange(start, start + k), dest, np.arange(k))
+                times.append(time.perf_counter() - began)
+        samples.setdefault(size, []).append(float(np.median(times)))
+    ms = {size: 1e3 * float(np.median(v)) for size, v in samples.items()}
+    fastest = min(ms.values())
+    best = min(size for size, v in ms.items() if v <= (1 + RUN_TOLERANCE) * fastest)
+    return {
+        "call_bytes": RUN_CALL_BYTES,
+        "threads": threads,
+        "ms_per_call": {str(size): v for size, v in ms.items()},
+        "best_run_bytes": best,
     }
 
 
@@ -226,14 +271,19 @@ def run_probe(
             if batch
             else None
         )
+        model = CostModel.fit(
+            [Cell(c["chunk"], c["threads"], c["bytes_per_s"]) for c in cells],
+            f"probe of {directory} ({datetime.now():%Y-%m-%d %H:%M})",
+            batches["best_threads"] if batches else None,
+        )
+        runs = None
+        if batch and size >= 2 * RUN_CALL_BYTES:
+            reader_threads = model.reader_threads(4096)
+            runs = measure_runs(path, reader_threads, seconds, repeat, bypass, progress)
+            model = replace(model, long_run_bytes=runs["best_run_bytes"])
         after = cached_bytes(path)
     finally:
         shutil.rmtree(path.parent)
-    model = CostModel.fit(
-        [Cell(c["chunk"], c["threads"], c["bytes_per_s"]) for c in cells],
-        f"probe of {directory} ({datetime.now():%Y-%m-%d %H:%M})",
-        batches["best_threads"] if batches else None,
-    )
     return {
         "format": PROBE_FORMAT,
         "version": PROBE_VERSION,
@@ -251,6 +301,7 @@ def run_probe(
         "page_cache_after": after,
         "cells": cells,
         "batches": batches,
+        "runs": runs,
         "model": model.to_json(),
         "fit_error": _fit_error(model, cells),
     }
@@ -499,6 +550,16 @@ def format_probe(probe: dict) -> str:
         lines.append(
             " ".join(f"{t} thr {ms:.2f}" for t, ms in batches["ms_per_batch"].items())
             + f"  -> the runtime reads with {batches['best_threads']} threads"
+        )
+    runs = probe.get("runs")
+    if runs:
+        lines.append(
+            f"store reader, {_kib(runs['call_bytes'])} contiguous per call (a layer streamed "
+            f"whole) at {runs['threads']} threads, ms per call by the size long runs are cut at:"
+        )
+        lines.append(
+            " ".join(f"{_kib(int(n))} {ms:.2f}" for n, ms in runs["ms_per_call"].items())
+            + f"  -> the runtime cuts at {_kib(runs['best_run_bytes'])}"
         )
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ known costs, and the runtime takes its thread count from a saved probe (defaults
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -45,6 +46,26 @@ def test_probe_measures_every_cell_uncached(disk_dir):
     assert model.batch_threads == batches["best_threads"] == model.reader_threads(4096)
     text = probe.format_probe(result)
     assert "4 KiB" in text and "64 KiB" in text and "fitted cost model" in text
+
+
+def test_probe_times_the_readers_long_runs(disk_dir):
+    """With room for a layer-sized call the probe times the reader streaming it at each run size;
+    the runtime cuts long runs at the smallest size within the tolerance of the fastest."""
+    size = 2 * probe.RUN_CALL_BYTES
+    result = probe.run_probe(
+        disk_dir, size, chunks=[65536], threads=[1, 2], seconds=0.02, progress=False
+    )
+    runs = result["runs"]
+    ms = {int(n): v for n, v in runs["ms_per_call"].items()}
+    assert sorted(ms) == list(probe.RUN_SIZES) and all(v > 0 for v in ms.values())
+    best = runs["best_run_bytes"]
+    assert ms[best] <= (1 + probe.RUN_TOLERANCE) * min(ms.values())
+    assert all(v > (1 + probe.RUN_TOLERANCE) * min(ms.values()) for n, v in ms.items() if n < best)
+    model = CostModel.from_json(result["model"])
+    assert runs["threads"] == model.reader_threads(4096)
+    assert model.long_run_bytes == best == model.run_bytes(1) == model.run_bytes(32)
+    assert "contiguous per call" in probe.format_probe(result)
+    assert list(disk_dir.iterdir()) == []
 
 
 def test_probe_refuses_a_ram_disk(monkeypatch, disk_dir):
@@ -179,6 +200,10 @@ def test_runtime_takes_threads_from_the_probe(stories_flash, cache):
     assert model.flash.reader.threads == 2
     model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5, threads=2)
     assert model.flash.reader.threads == 2
+    # a probe that timed the reader streaming a layer: long runs are cut where it was fastest
+    _save_probe(replace(batched, long_run_bytes=2 << 20), flash)
+    model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.5)
+    assert model.flash.reader.max_run_bytes == 2 << 20 != fitted.run_bytes(2)
 
 
 def test_planners_take_the_gap_rule_of_the_runtimes_reader(

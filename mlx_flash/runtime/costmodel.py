@@ -76,6 +76,8 @@ class CostModel:
     source: str = "defaults"
     # fastest thread count for a layer's batch of small reads, CPU cost included
     batch_threads: int | None = None
+    # size the reader cuts long runs at, fastest for a layer streamed whole, CPU cost included
+    long_run_bytes: int | None = None
 
     @classmethod
     def fit(cls, cells: Iterable[Cell], source: str, batch_threads: int | None = None) -> CostModel:
@@ -137,12 +139,16 @@ class CostModel:
         return max(self._at(i, max(1.0, read_bytes)) for i in range(len(self.threads)))
 
     def run_bytes(self, threads: int, share: float = 0.9) -> int:
-        """Smallest power-of-two read (64 KiB .. 4 MiB) reaching ``share`` of the bandwidth at
-        ``threads``.
+        """The size long runs are cut at: the probe's timing of the reader when it made one
+        (``long_run_bytes``, at the runtime's threads), else the smallest power-of-two read (64 KiB
+        .. 4 MiB) reaching ``share`` of the bandwidth at ``threads``.
 
         Why: a long run (a whole layer streamed) is split into reads of this size, so that its
-        pieces keep every thread busy instead of a few 1 MiB reads leaving most of them idle.
+        pieces keep threads busy; on few cores each piece's hand-off and copy also cost, which only
+        timing the reader sees.
         """
+        if self.long_run_bytes:
+            return self.long_run_bytes
         size = 64 << 10
         while size < 4 << 20 and self.throughput(size, threads) < share * self.throughput(
             1 << 40, threads
@@ -176,6 +182,7 @@ class CostModel:
             "bandwidth_bytes_per_s": list(self.bandwidth),
             "source": self.source,
             "batch_threads": self.batch_threads,
+            "long_run_bytes": self.long_run_bytes,
         }
 
     @classmethod
@@ -186,6 +193,7 @@ class CostModel:
             tuple(float(b) for b in d["bandwidth_bytes_per_s"]),
             str(d.get("source", "probe")),
             d.get("batch_threads"),
+            d.get("long_run_bytes"),
         )
 
 
