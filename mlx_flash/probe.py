@@ -59,6 +59,7 @@ DEFAULT_THREADS = (1, 2, 4, 8, 16, 32, 64)
 RUN_SIZES = tuple(256 << 10 << i for i in range(5))  # 256 KiB .. 4 MiB
 RUN_CALL_BYTES = 8 << 20
 RUN_TOLERANCE = 0.05
+RUN_REPEAT = 3
 
 
 def make_probe_file(directory: Path, size: int) -> Path:
@@ -144,26 +145,28 @@ def measure_batches(
 
 def measure_runs(
     path: Path,
-    threads: int,
+    threads: Sequence[int],
     seconds: float,
     repeat: int,
     bypass: str,
     progress: bool = True,
 ) -> dict:
     """The store reader reading a contiguous ``RUN_CALL_BYTES`` per call (a layer streamed whole)
-    at the runtime's ``threads``, with its long runs cut at each of ``RUN_SIZES``: more, shorter
-    reads keep more threads busy, fewer, longer ones cost fewer hand-offs and copies, and on few
-    cores the second can win where the disk alone (the grid) favours the first. The runtime cuts
-    at the smallest size within ``RUN_TOLERANCE`` of the fastest (staging memory grows with it)."""
+    at each of ``threads``, with its long runs cut at each of ``RUN_SIZES``: more, shorter reads
+    keep more threads busy, fewer, longer ones cost fewer hand-offs and copies, and on few cores the
+    second can win where the disk alone (the grid) favours the first. Sizes are interleaved, each
+    cell keeps its median over at least ``RUN_REPEAT`` rounds (the differences are tens of per
+    cent, a shared disk's noise as large)."""
     record = 4096
     manifest = record_store(path, record)
     rng = np.random.default_rng(4)
     k = RUN_CALL_BYTES // record
     dest = {"up": np.empty((k, record // 4), np.float32)}
-    samples: dict[int, list[float]] = {}
-    for size in tqdm(RUN_SIZES * repeat, desc="reader runs", unit="cell", disable=not progress):
+    cells = [(t, size) for t in threads for size in RUN_SIZES] * max(repeat, RUN_REPEAT)
+    samples: dict[tuple[int, int], list[float]] = {}
+    for t, size in tqdm(cells, desc="reader runs", unit="cell", disable=not progress):
         with StoreReader(
-            path.parent, manifest, threads, page_cache=False, bypass=bypass, max_run_bytes=size
+            path.parent, manifest, t, page_cache=False, bypass=bypass, max_run_bytes=size
         ) as reader:
             t0, times = time.perf_counter(), []
             while time.perf_counter() - t0 < seconds:
@@ -171,16 +174,29 @@ def measure_runs(
                 began = time.perf_counter()
                 reader.read_neurons(0, np.arange(start, start + k), dest, np.arange(k))
                 times.append(time.perf_counter() - began)
-        samples.setdefault(size, []).append(float(np.median(times)))
-    ms = {size: 1e3 * float(np.median(v)) for size, v in samples.items()}
-    fastest = min(ms.values())
-    best = min(size for size, v in ms.items() if v <= (1 + RUN_TOLERANCE) * fastest)
-    return {
-        "call_bytes": RUN_CALL_BYTES,
-        "threads": threads,
-        "ms_per_call": {str(size): v for size, v in ms.items()},
-        "best_run_bytes": best,
-    }
+        samples.setdefault((t, size), []).append(float(np.median(times)))
+    ms: dict[str, dict[str, float]] = {}
+    for (t, size), v in samples.items():
+        ms.setdefault(str(t), {})[str(size)] = 1e3 * float(np.median(v))
+    return {"call_bytes": RUN_CALL_BYTES, "ms_per_call": ms}
+
+
+def fast_batch_threads(batches: dict) -> list[int]:
+    """Thread counts within ``RUN_TOLERANCE`` of the fastest sparse batch (``measure_batches``)."""
+    ms = {int(t): v for t, v in batches["ms_per_batch"].items()}
+    return [t for t, v in ms.items() if v <= (1 + RUN_TOLERANCE) * min(ms.values())]
+
+
+def choose_reader(batches: dict, runs: dict) -> tuple[int, int]:
+    """The reader's threads and long-run size: of the thread counts within ``RUN_TOLERANCE`` of
+    the fastest sparse batch (``measure_batches``), the one that streams a layer fastest; then the
+    smallest run size within ``RUN_TOLERANCE`` of its fastest (staging memory grows with it)."""
+    runs_ms = {int(t): {int(n): v for n, v in by.items()} for t, by in runs["ms_per_call"].items()}
+    fast = [t for t in fast_batch_threads(batches) if t in runs_ms]
+    threads = min(fast, key=lambda t: min(runs_ms[t].values()))
+    by_size = runs_ms[threads]
+    best = min(by_size.values())
+    return threads, min(n for n, v in by_size.items() if v <= (1 + RUN_TOLERANCE) * best)
 
 
 def measure_cell(
@@ -277,10 +293,14 @@ def run_probe(
             batches["best_threads"] if batches else None,
         )
         runs = None
-        if batch and size >= 2 * RUN_CALL_BYTES:
-            reader_threads = model.reader_threads(4096)
-            runs = measure_runs(path, reader_threads, seconds, repeat, bypass, progress)
-            model = replace(model, long_run_bytes=runs["best_run_bytes"])
+        if batches and size >= 2 * RUN_CALL_BYTES:
+            runs = measure_runs(
+                path, fast_batch_threads(batches), seconds, repeat, bypass, progress
+            )
+            runs["threads"], runs["best_run_bytes"] = choose_reader(batches, runs)
+            model = replace(
+                model, batch_threads=runs["threads"], long_run_bytes=runs["best_run_bytes"]
+            )
         after = cached_bytes(path)
     finally:
         shutil.rmtree(path.parent)
@@ -549,18 +569,22 @@ def format_probe(probe: dict) -> str:
         )
         lines.append(
             " ".join(f"{t} thr {ms:.2f}" for t, ms in batches["ms_per_batch"].items())
-            + f"  -> the runtime reads with {batches['best_threads']} threads"
+            + f"  -> fastest with {batches['best_threads']} threads"
         )
     runs = probe.get("runs")
     if runs:
         lines.append(
             f"store reader, {_kib(runs['call_bytes'])} contiguous per call (a layer streamed "
-            f"whole) at {runs['threads']} threads, ms per call by the size long runs are cut at:"
+            f"whole), ms per call by threads and the size long runs are cut at:"
         )
-        lines.append(
-            " ".join(f"{_kib(int(n))} {ms:.2f}" for n, ms in runs["ms_per_call"].items())
-            + f"  -> the runtime cuts at {_kib(runs['best_run_bytes'])}"
-        )
+        for t, by_size in runs["ms_per_call"].items():
+            lines.append(
+                f"{t:>4} thr " + " ".join(f"{_kib(int(n))} {ms:.2f}" for n, ms in by_size.items())
+            )
+    threads = runs["threads"] if runs else batches["best_threads"] if batches else None
+    if threads:
+        cut = f", long runs cut at {_kib(runs['best_run_bytes'])}" if runs else ""
+        lines.append(f"-> the runtime reads with {threads} threads{cut}")
     return "\n".join(lines)
 
 

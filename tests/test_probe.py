@@ -49,22 +49,29 @@ def test_probe_measures_every_cell_uncached(disk_dir):
 
 
 def test_probe_times_the_readers_long_runs(disk_dir):
-    """With room for a layer-sized call the probe times the reader streaming it at each run size;
-    the runtime cuts long runs at the smallest size within the tolerance of the fastest."""
+    """With room for a layer-sized call the probe times the reader streaming it at each thread
+    count as fast as the best for sparse batches, and each run size; the runtime takes the fastest
+    of those thread counts and the smallest run size within the tolerance of its fastest."""
     size = 2 * probe.RUN_CALL_BYTES
     result = probe.run_probe(
         disk_dir, size, chunks=[65536], threads=[1, 2], seconds=0.02, progress=False
     )
-    runs = result["runs"]
-    ms = {int(n): v for n, v in runs["ms_per_call"].items()}
-    assert sorted(ms) == list(probe.RUN_SIZES) and all(v > 0 for v in ms.values())
-    best = runs["best_run_bytes"]
-    assert ms[best] <= (1 + probe.RUN_TOLERANCE) * min(ms.values())
-    assert all(v > (1 + probe.RUN_TOLERANCE) * min(ms.values()) for n, v in ms.items() if n < best)
+    runs, batches = result["runs"], result["batches"]
+    tolerance = 1 + probe.RUN_TOLERANCE
+    batch_ms = {int(t): v for t, v in batches["ms_per_batch"].items()}
+    fast = {t for t, v in batch_ms.items() if v <= tolerance * min(batch_ms.values())}
+    ms = {int(t): {int(n): v for n, v in by.items()} for t, by in runs["ms_per_call"].items()}
+    assert set(ms) == fast and all(sorted(by) == list(probe.RUN_SIZES) for by in ms.values())
+    threads, best = runs["threads"], runs["best_run_bytes"]
+    assert min(ms[threads].values()) == min(min(by.values()) for by in ms.values())
+    fastest = min(ms[threads].values())
+    assert ms[threads][best] <= tolerance * fastest
+    assert all(v > tolerance * fastest for n, v in ms[threads].items() if n < best)
     model = CostModel.from_json(result["model"])
-    assert runs["threads"] == model.reader_threads(4096)
+    assert model.reader_threads(4096) == threads
     assert model.long_run_bytes == best == model.run_bytes(1) == model.run_bytes(32)
-    assert "contiguous per call" in probe.format_probe(result)
+    text = probe.format_probe(result)
+    assert "contiguous per call" in text and f"reads with {threads} threads" in text
     assert list(disk_dir.iterdir()) == []
 
 

@@ -74,9 +74,10 @@ class CostModel:
     per_read_s: tuple[float, ...]
     bandwidth: tuple[float, ...]  # bytes per second
     source: str = "defaults"
-    # fastest thread count for a layer's batch of small reads, CPU cost included
+    # the reader's threads as the probe timed it (CPU cost included): fastest for a layer's batch
+    # of small reads, and of those within 5% of it, the fastest streaming a layer whole
     batch_threads: int | None = None
-    # size the reader cuts long runs at, fastest for a layer streamed whole, CPU cost included
+    # size the reader cuts long runs at, fastest for a layer streamed whole at those threads
     long_run_bytes: int | None = None
 
     @classmethod
