@@ -60,6 +60,7 @@ RUN_SIZES = tuple(256 << 10 << i for i in range(5))  # 256 KiB .. 4 MiB
 RUN_CALL_BYTES = 8 << 20
 RUN_TOLERANCE = 0.05
 RUN_REPEAT = 3
+RUN_STAGING_BYTES = 32 << 20  # one run per reader thread is staged at most: cuts above this split
 
 
 def make_probe_file(directory: Path, size: int) -> Path:
@@ -152,7 +153,7 @@ def measure_runs(
     progress: bool = True,
 ) -> dict:
     """The store reader reading a contiguous ``RUN_CALL_BYTES`` per call (a layer streamed whole)
-    at each of ``threads``, with its long runs cut at each of ``RUN_SIZES``: more, shorter reads
+    at each of ``threads``, with its long runs cut at each of ``run_sizes``: more, shorter reads
     keep more threads busy, fewer, longer ones cost fewer hand-offs and copies, and on few cores the
     second can win where the disk alone (the grid) favours the first. Sizes are interleaved, each
     cell keeps its median over at least ``RUN_REPEAT`` rounds (the differences are tens of per
@@ -162,7 +163,7 @@ def measure_runs(
     rng = np.random.default_rng(4)
     k = RUN_CALL_BYTES // record
     dest = {"up": np.empty((k, record // 4), np.float32)}
-    cells = [(t, size) for t in threads for size in RUN_SIZES] * max(repeat, RUN_REPEAT)
+    cells = [(t, size) for t in threads for size in run_sizes(t)] * max(repeat, RUN_REPEAT)
     samples: dict[tuple[int, int], list[float]] = {}
     for t, size in tqdm(cells, desc="reader runs", unit="cell", disable=not progress):
         with StoreReader(
@@ -179,6 +180,12 @@ def measure_runs(
     for (t, size), v in samples.items():
         ms.setdefault(str(t), {})[str(size)] = 1e3 * float(np.median(v))
     return {"call_bytes": RUN_CALL_BYTES, "ms_per_call": ms}
+
+
+def run_sizes(threads: int) -> tuple[int, ...]:
+    """The cuts timed at ``threads``: those whose staging (a run per thread) fits
+    ``RUN_STAGING_BYTES``, and the smallest always."""
+    return tuple(n for n in RUN_SIZES if n == RUN_SIZES[0] or n * threads <= RUN_STAGING_BYTES)
 
 
 def fast_batch_threads(batches: dict) -> list[int]:

@@ -61,7 +61,7 @@ def test_probe_times_the_readers_long_runs(disk_dir):
     batch_ms = {int(t): v for t, v in batches["ms_per_batch"].items()}
     fast = {t for t, v in batch_ms.items() if v <= tolerance * min(batch_ms.values())}
     ms = {int(t): {int(n): v for n, v in by.items()} for t, by in runs["ms_per_call"].items()}
-    assert set(ms) == fast and all(sorted(by) == list(probe.RUN_SIZES) for by in ms.values())
+    assert set(ms) == fast and all(sorted(ms[t]) == list(probe.run_sizes(t)) for t in ms)
     threads, best = runs["threads"], runs["best_run_bytes"]
     assert min(ms[threads].values()) == min(min(by.values()) for by in ms.values())
     fastest = min(ms[threads].values())
@@ -73,6 +73,13 @@ def test_probe_times_the_readers_long_runs(disk_dir):
     text = probe.format_probe(result)
     assert "contiguous per call" in text and f"reads with {threads} threads" in text
     assert list(disk_dir.iterdir()) == []
+
+
+def test_long_run_cuts_keep_the_staging_memory_bounded():
+    assert probe.run_sizes(1) == probe.RUN_SIZES
+    assert probe.run_sizes(64) == tuple(n for n in probe.RUN_SIZES if n <= 512 << 10)
+    assert all(n * 32 <= probe.RUN_STAGING_BYTES for n in probe.run_sizes(32))
+    assert probe.run_sizes(1024) == probe.RUN_SIZES[:1]
 
 
 def test_probe_refuses_a_ram_disk(monkeypatch, disk_dir):
