@@ -7,7 +7,9 @@ on Linux development machines. Reads are random, chunk-aligned and never repeat 
 a fresh file of random bytes that is dropped from the page cache first; the file must be on the disk
 you will stream models from, not on tmpfs. Then the store reader itself reads batches of random
 records from that file, per thread count: on a machine with few cores the fastest count for a
-layer's batch is lower than what the disk alone prefers, and that is the one the runtime uses.
+layer's batch is lower than what the disk alone prefers. Of the counts within 5% of that, it then
+streams 8 MiB per call with long runs cut at 256 KiB to 4 MiB, and the runtime takes the count
+that streams fastest, with the smallest cut within 5% of its best (``choose_reader``).
 ``--store DIR`` also times the reader on a flash model, cold and warm, to split I/O time into disk
 and reader cost.
 

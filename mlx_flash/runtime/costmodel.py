@@ -130,9 +130,9 @@ class CostModel:
         )
 
     def reader_threads(self, record_bytes: float) -> int:
-        """Threads for the runtime's reader: the probe's fastest for batches of small reads when it
-        timed them (the disk alone favours more threads than a machine with few cores can wake
-        cheaply), else the disk's."""
+        """Threads for the runtime's reader: the probe's choice when it timed the reader (fastest
+        for batches of small reads, then for streaming a layer: the disk alone favours more threads
+        than a machine with few cores can wake cheaply), else the disk's."""
         return self.batch_threads or self.best_threads(record_bytes)
 
     def best_throughput(self, read_bytes: float) -> float:
