@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,13 +130,13 @@ def measure_batches(
         with StoreReader(
             path.parent, manifest, threads=t, page_cache=False, bypass=bypass
         ) as reader:
-            t0, times = time.perf_counter(), []
-            while time.perf_counter() - t0 < seconds:
-                ids = np.sort(rng.choice(manifest.d_ffn // 2, batch, replace=False)) * 2
-                start = time.perf_counter()
-                reader.read_neurons(0, ids, dest, np.arange(batch))
-                times.append(time.perf_counter() - start)
-        samples.setdefault(t, []).append(float(np.median(times)))
+            median = _median_read_s(
+                reader,
+                dest,
+                lambda: np.sort(rng.choice(manifest.d_ffn // 2, batch, replace=False)) * 2,
+                seconds,
+            )
+        samples.setdefault(t, []).append(median)
     ms = {t: 1e3 * float(np.median(v)) for t, v in samples.items()}
     return {
         "record": record,
@@ -144,6 +144,20 @@ def measure_batches(
         "ms_per_batch": {str(t): v for t, v in ms.items()},
         "best_threads": min(ms, key=ms.get),
     }
+
+
+def _median_read_s(
+    reader: StoreReader, dest: dict, draw: Callable[[], np.ndarray], seconds: float
+) -> float:
+    """Median seconds of the reader's calls on layer 0 during ``seconds``, each reading the ids
+    ``draw()`` gives (drawn before its clock starts) into the first rows of ``dest``."""
+    t0, times = time.perf_counter(), []
+    while time.perf_counter() - t0 < seconds:
+        ids = draw()
+        began = time.perf_counter()
+        reader.read_neurons(0, ids, dest, np.arange(ids.size))
+        times.append(time.perf_counter() - began)
+    return float(np.median(times))
 
 
 def measure_runs(
@@ -171,13 +185,13 @@ def measure_runs(
         with StoreReader(
             path.parent, manifest, t, page_cache=False, bypass=bypass, max_run_bytes=size
         ) as reader:
-            t0, times = time.perf_counter(), []
-            while time.perf_counter() - t0 < seconds:
-                start = int(rng.integers(0, manifest.d_ffn - k))
-                began = time.perf_counter()
-                reader.read_neurons(0, np.arange(start, start + k), dest, np.arange(k))
-                times.append(time.perf_counter() - began)
-        samples.setdefault((t, size), []).append(float(np.median(times)))
+            median = _median_read_s(
+                reader,
+                dest,
+                lambda: np.arange(k) + int(rng.integers(0, manifest.d_ffn - k)),
+                seconds,
+            )
+        samples.setdefault((t, size), []).append(median)
     ms: dict[str, dict[str, float]] = {}
     for (t, size), v in samples.items():
         ms.setdefault(str(t), {})[str(size)] = 1e3 * float(np.median(v))
@@ -196,13 +210,13 @@ def fast_batch_threads(batches: dict) -> list[int]:
     return [t for t, v in ms.items() if v <= (1 + RUN_TOLERANCE) * min(ms.values())]
 
 
-def choose_reader(batches: dict, runs: dict) -> tuple[int, int]:
-    """The reader's threads and long-run size: of the thread counts within ``RUN_TOLERANCE`` of
-    the fastest sparse batch (``measure_batches``), the one that streams a layer fastest; then the
-    smallest run size within ``RUN_TOLERANCE`` of its fastest (staging memory grows with it)."""
+def choose_reader(runs: dict) -> tuple[int, int]:
+    """The reader's threads and long-run size: of the thread counts ``measure_runs`` timed (those
+    within ``RUN_TOLERANCE`` of the fastest sparse batch), the one that streams a layer fastest;
+    then the smallest run size within ``RUN_TOLERANCE`` of its fastest (staging memory grows with
+    it)."""
     runs_ms = {int(t): {int(n): v for n, v in by.items()} for t, by in runs["ms_per_call"].items()}
-    fast = [t for t in fast_batch_threads(batches) if t in runs_ms]
-    threads = min(fast, key=lambda t: min(runs_ms[t].values()))
+    threads = min(runs_ms, key=lambda t: min(runs_ms[t].values()))
     by_size = runs_ms[threads]
     best = min(by_size.values())
     return threads, min(n for n, v in by_size.items() if v <= (1 + RUN_TOLERANCE) * best)
@@ -306,7 +320,7 @@ def run_probe(
             runs = measure_runs(
                 path, fast_batch_threads(batches), seconds, repeat, bypass, progress
             )
-            runs["threads"], runs["best_run_bytes"] = choose_reader(batches, runs)
+            runs["threads"], runs["best_run_bytes"] = choose_reader(runs)
             model = replace(
                 model, batch_threads=runs["threads"], long_run_bytes=runs["best_run_bytes"]
             )
