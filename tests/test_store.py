@@ -222,18 +222,69 @@ def test_gaps_read_through_count_their_bytes_in_fewer_reads(bundled):
     assert (apart.bytes, together.bytes, together.records) == (4 * stride, 7 * stride, 4)
 
 
-def test_scatter_reads_straight_into_destination_rows(bundled):
+def test_short_runs_are_read_one_after_another_into_staging(bundled):
+    """One preadv per run, each into the staging buffer right after the one before (record by
+    record, from the first wanted byte), none into the destination; the rows are right."""
     directory, manifest, truth = bundled
+    stride = manifest.layers[0].regions[0].record_stride
     dest = make_dest(manifest, 16)
+    ids, rows = [3, 4, 9, 20, 21, 22], [9, 2, 0, 15, 4, 7]  # runs [3, 4], [9], [20..22]
     seen = []
     with StoreReader(directory, manifest, threads=1) as reader:
-        spy_preadv(reader, lambda fd, bufs, off, flags: seen.append(list(bufs)))
-        reader.read_neurons(0, [3, 4], dest, [9, 2])
-    (bufs,) = seen
-    assert np.shares_memory(np.asarray(bufs[0]), dest["gate"][9]) and np.shares_memory(
-        np.asarray(bufs[-1]), dest["down"][2]
+        spy_preadv(reader, lambda fd, bufs, off, flags: seen.append((list(bufs), off)))
+        assert reader.read_neurons(0, ids, dest, rows).reads == 3
+    check_rows(dest, truth[0], ids, rows, 16)
+    assert [len(bufs) for bufs, _ in seen] == [1, 1, 1]
+    views = [np.asarray(bufs[0]) for bufs, _ in seen]
+    assert not any(np.shares_memory(v, dest[p]) for v in views for p in PARTS)
+    base = views[0].__array_interface__["data"][0]
+    starts = [v.__array_interface__["data"][0] - base for v in views]
+    assert starts == [0, 2 * stride, 3 * stride]
+    region = manifest.layers[0].regions[0]
+    assert [off for _, off in seen] == [region.offset + i * stride for i in (3, 9, 20)]
+
+
+def test_batches_follow_staging_size_and_thread_count():
+    from mlx_flash.runtime.store import _batches
+
+    assert _batches([1, 1, 5, 1, 1], [True, True, True, False, True], 6) == [
+        (0, 2),
+        (2, 3),
+        (3, 4),
+        (4, 5),
+    ]
+    assert _batches([2, 9, 1], [True] * 3, 4) == [(0, 1), (1, 2), (2, 3)]  # a long run alone
+    assert _batches([1] * 7, [True] * 7, 7) == [(0, 7)]
+    assert _batches([], [], 4) == []
+
+
+@pytest.mark.parametrize("threads,batches,largest", [(1, 3, 2), (8, 6, 1)])
+def test_a_batch_fits_the_staging_buffer_and_the_pool_gets_one_per_thread(
+    tmp_path, monkeypatch, threads, batches, largest
+):
+    """6 KiB records, a 16 KiB staging buffer: batches of two records; on 8 threads (the page
+    cache on, so the pool reads) 6 runs of one record make 6 batches, one per thread."""
+    import mlx_flash.runtime.store as store
+
+    manifest, truth = build_store(tmp_path, d_model=512, d_ffn=64)
+    stride = manifest.layers[0].regions[0].record_stride
+    assert stride == 6144
+    conversions = []
+    convert = store._convert_into
+    monkeypatch.setattr(
+        store,
+        "_convert_into",
+        lambda dst, rows, src, dt: (conversions.append(len(src)), convert(dst, rows, src, dt)),
     )
-    check_rows(dest, truth[0], [3, 4], [9, 2], 16)
+    ids = np.arange(0, 60, 10)  # 6 runs of one record
+    rows = np.random.default_rng(5).permutation(6)
+    with StoreReader(tmp_path, manifest, threads=threads, max_run_bytes=stride) as reader:
+        assert reader._staging_size == 16384
+        dest = make_dest(manifest, 6)
+        assert reader.read_neurons(1, ids, dest, rows).reads == 6
+    check_rows(dest, truth[1], ids, rows, 6)
+    assert len(conversions) == batches * len(PARTS)
+    assert max(conversions) == largest and sum(conversions) == 6 * len(PARTS)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -248,10 +299,9 @@ def test_half_precision_stores_convert_into_float32(tmp_path, dtype, layout):
     check_rows(dest, truth[1], ids, rows, 50)
 
 
-def test_short_runs_of_half_precision_land_raw_and_convert_once_per_part(tmp_path, monkeypatch):
-    """float16 records for float32 rows: the short runs are scattered (one preadv each, into
-    landing arrays, not the rows) and converted in one operation per part for the whole call;
-    a long run in the same call is staged and converted on its own."""
+def test_half_precision_runs_convert_once_per_part_and_batch(tmp_path, monkeypatch):
+    """float16 records for float32 rows: short runs and a long one, read on one thread, are one
+    batch: one preadv per run, one conversion per part for the whole call."""
     import mlx_flash.runtime.store as store
 
     manifest, truth = build_store(tmp_path, dtype="float16")
@@ -262,21 +312,13 @@ def test_short_runs_of_half_precision_land_raw_and_convert_once_per_part(tmp_pat
         "_convert_into",
         lambda dst, rows, src, dt: (conversions.append(1), convert(dst, rows, src, dt)),
     )
-    short = list(range(0, 40, 4))  # 10 runs of one record
-    ids = short + list(range(44, 44 + store.SCATTER_MAX_RECORDS + 4))  # and one long run
+    ids = list(range(0, 40, 4)) + list(range(44, 56))  # 10 runs of one record, one of 12
     rows = np.random.default_rng(3).permutation(len(ids))
-    seen = []
-    with StoreReader(tmp_path, manifest, threads=4) as reader:
-        spy_preadv(reader, lambda fd, bufs, off, flags: seen.append(list(bufs)))
+    with StoreReader(tmp_path, manifest, threads=1) as reader:
         dest = make_dest(manifest, len(ids))
         assert reader.read_neurons(0, ids, dest, rows).reads == 11
     check_rows(dest, truth[0], ids, rows, len(ids))
-    assert len(conversions) == 2 * len(PARTS)  # the landed parts once, the staged run's once
-    scattered = [bufs for bufs in seen if len(bufs) > 1]
-    assert len(scattered) == 10
-    assert not any(
-        np.shares_memory(np.asarray(b), dest[p]) for bufs in scattered for b in bufs for p in PARTS
-    )
+    assert len(conversions) == len(PARTS)
 
 
 def test_bfloat16_into_uint16_dest_is_raw(tmp_path):
@@ -306,7 +348,7 @@ def test_missing_part_is_skipped_and_unwanted_region_not_read(tmp_path, layout, 
     check_rows(dest, truth[0], np.arange(10), np.arange(10, 20), 20)
 
 
-def test_middle_part_skipped_goes_to_sink(tmp_path):
+def test_middle_part_skipped_is_not_copied(tmp_path):
     manifest, truth = build_store(tmp_path, align=256, part_gap=4)
     dest = make_dest(manifest, 12, names=("gate", "down"))
     with StoreReader(tmp_path, manifest, threads=1) as reader:
@@ -333,29 +375,6 @@ def test_runs_are_capped_by_max_run_bytes(bundled):
         count = reader.read_range(0, 0, 10, dest, row0=5)
     assert count.reads == 4  # 3 + 3 + 3 + 1
     check_rows(dest, truth[0], np.arange(10), np.arange(5, 15), 64)
-
-
-def test_scatter_runs_fit_iov_max_and_long_runs_are_staged(tmp_path, monkeypatch):
-    import mlx_flash.runtime.store as store
-
-    # 3 parts + 1 padding sink per record -> at most 4 records scattered
-    monkeypatch.setattr(store, "IOV_MAX", 16)
-    manifest, truth = build_store(tmp_path, align=128)
-    ids = [0, 1, 2, 3, 10, 11, 12, 13, 14]  # a run of 4 (scattered) and a run of 5 (staged)
-    iovecs = []
-    with StoreReader(tmp_path, manifest, threads=1) as reader:
-        spy_preadv(reader, lambda fd, bufs, off, flags: iovecs.append(len(bufs)))
-        dest = make_dest(manifest, 64)
-        assert reader.read_neurons(1, ids, dest, range(9)).reads == 2
-        check_rows(dest, truth[1], ids, range(9), 64)
-        assert reader.read_range(1, 0, 64, dest).reads == 1  # one long run: one staged read
-    # 4 records x (3 parts + sink) - the last sink; staged reads take one buffer
-    assert iovecs == [
-        15,
-        1,
-        1,
-    ]
-    check_rows(dest, truth[1], np.arange(64), np.arange(64), 64)
 
 
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
@@ -425,7 +444,7 @@ def test_mmap_reads_the_same_rows_and_counts_as_preadv(tmp_path, geometry, threa
 
 
 def test_mmap_reads_raw_and_narrowed_destinations_as_preadv(tmp_path):
-    """Destinations preadv scatters into (the store dtype) are copied from the mapping alike."""
+    """Destinations of the store dtype and of another are filled alike from the mapping."""
     manifest, _ = build_store(tmp_path, dtype="float16", part_gap=6)
     ids, rows = random_request(np.random.default_rng(7), manifest.d_ffn, 64, 40)
     for dtype in (np.float16, np.float32):
@@ -505,7 +524,7 @@ def test_direct_io_reads_unaligned_records(tmp_path):
 
 def test_uncached_reads_go_direct_from_their_size_on(tmp_path, monkeypatch):
     """Beside RWF_DONTCACHE, staged runs of at least DIRECT_MIN_BYTES are read O_DIRECT (aligned,
-    no flags) and short scattered runs with the flag; the rows are the same either way."""
+    no flags) and short runs with the flag; the rows are the same either way."""
     import mlx_flash.runtime.uncached as uncached
 
     monkeypatch.setattr(uncached, "DIRECT_MIN_BYTES", 4096)
@@ -522,7 +541,7 @@ def test_uncached_reads_go_direct_from_their_size_on(tmp_path, monkeypatch):
                 (fd == reader._file.direct_fd, flags, off, sum(len(b) for b in bufs))
             ),
         )
-        ids = np.array([7, 8, *range(100, 140)])  # a scattered pair, then a long staged run
+        ids = np.array([7, 8, *range(100, 140)])  # a short pair, then a long run
         dest = make_dest(manifest, 64)
         reader.read_neurons(1, ids, dest, np.arange(ids.size))
     check_rows(dest, truth[1], ids, np.arange(ids.size), 64)

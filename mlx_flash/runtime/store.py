@@ -5,17 +5,13 @@ Why this shape: flash is fast only for large reads with many in flight (README, 
 So the ids of a call are sorted, adjacent ids are merged into one read per region run (capped at
 ``max_run_bytes``), and the runs are issued from a thread pool (``os.preadv`` releases the GIL).
 
-Two ways a run lands in the destination:
-- *scatter*: when the store dtype of every wanted part equals the destination dtype and the
-  destination is C-contiguous, one ``preadv`` scatters each record's parts straight into the
-  destination rows; padding and skipped parts go to a small write-only sink buffer. No intermediate
-  copy. The iovec lists are built by the calling thread, so workers hold the GIL for little more
-  than the preadv call. Only for short runs (at most ``SCATTER_MAX_RECORDS`` records): building one
-  iovec per part per record costs more Python time than the copy it saves once a run is longer
-  (whole layers read faster staged).
-- *staged*: otherwise (long runs, other dtype, or O_DIRECT) the run is read into a per-thread
-  staging buffer and copied or converted once into the destination (float16 -> float32, bfloat16 ->
-  float32 by a 16-bit shift, ...).
+Every run is read into a per-thread staging buffer, and each wanted part is copied or converted
+from there into its destination rows with one numpy operation per part (float16 -> float32,
+bfloat16 -> float32 by a 16-bit shift, ...). Runs read without ``O_DIRECT`` are batched: a job
+reads several runs one after another into its staging buffer (one ``preadv`` each) and converts
+them together, so a short run costs the reader little more than its ``preadv``. (Scattering each
+record's parts straight into the rows needs an iovec per part per record, built in Python, and
+converting run by run a few numpy calls per run: both cost more than the copy they save.)
 
 With ``page_cache=False`` reads bypass the OS page cache (``mlx_flash.runtime.uncached``); staged
 runs long enough for ``O_DIRECT`` go through the aligned staging buffer.
@@ -51,11 +47,10 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +68,7 @@ from .manifest import (
 from .options import READ_PATHS
 from .uncached import DIRECT_ALIGN, UncachedFile
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_THREADS = 64
-SCATTER_MAX_RECORDS = 8
 
 
 @dataclass(frozen=True)
@@ -103,25 +96,14 @@ class ReadCount:
 
 @dataclass(frozen=True)
 class _RegionPlan:
-    """How to read runs of one region for one call: which parts land where, and as which iovecs."""
+    """How to read runs of one region for one call: which parts are wanted and where they lie."""
 
     region: Region
     wanted: tuple[Part, ...]
-    # per record, from ``lead`` to ``tail``; None = sink
-    segments: tuple[tuple[str | None, int], ...]
     lead: int  # start of the first wanted part within a record
     tail: int  # end of the last wanted part within a record
     max_records: int
-    # runs of at most this many records are scattered, longer ones staged (0: all staged)
-    scatter: int
     max_gap: int  # records between two wanted ones that a run reads through rather than split
-    # parts whose rows hold another dtype: scattered runs land them raw (``_Landing``)
-    land: tuple[Part, ...] = ()
-
-    @property
-    def between(self) -> int:
-        """Bytes from the end of a record's last wanted part to the first of the next record."""
-        return self.region.record_stride - self.tail + self.lead
 
     def span(self, n_records: int | np.ndarray) -> int | np.ndarray:
         """Bytes from the first record's first wanted byte to the last record's last one."""
@@ -129,36 +111,16 @@ class _RegionPlan:
 
 
 @dataclass(frozen=True)
-class _Landing:
-    """Parts of a call's scattered records whose rows hold another dtype (float16 records in
-    float32 rows): ``preadv`` lands them raw in arrays of their own, one row per record, and one
-    conversion per part moves them into their rows after the reads. Converting each short run on
-    its own would cost a few numpy calls per part and run, more than its read."""
+class _Runs:
+    """A region's runs in one call: [starts, ends) of the sorted ids, the records each spans,
+    its file offset and bytes, and whether it is read ``O_DIRECT``."""
 
-    parts: tuple[Part, ...]
-    arrays: dict[str, np.ndarray]
-    picked: np.ndarray  # positions (in the call's sorted ids) of the records landed, in order
-    rows: np.ndarray  # their destination rows
-
-    @classmethod
-    def of(cls, parts: tuple[Part, ...], runs: list[tuple[int, int]], srows: np.ndarray):
-        """Landing arrays for the records of ``runs`` ([a, b) ranges of the sorted ids)."""
-        picked = np.concatenate([np.arange(a, b) for a, b in runs])
-        arrays = {
-            p.name: np.empty((picked.size, p.length), numpy_storage_dtype(p.dtype)) for p in parts
-        }
-        return cls(parts, arrays, picked, srows[picked])
-
-    def targets(self, n_ids: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """For ``_record_iovecs``: each part's landing array and every id's row in it (ids not
-        landed point at row 0; their iovecs are never used)."""
-        at = np.zeros(n_ids, np.int64)
-        at[self.picked] = np.arange(self.picked.size)
-        return {name: (array, at) for name, array in self.arrays.items()}
-
-    def convert_into(self, dest: Mapping[str, np.ndarray]) -> None:
-        for p in self.parts:
-            _convert_into(dest[p.name], self.rows, self.arrays[p.name], p.dtype)
+    starts: np.ndarray
+    ends: np.ndarray
+    spans: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    direct: np.ndarray
 
 
 def _round_up(n: int, to: int) -> int:
@@ -194,24 +156,41 @@ def plan_runs(sids: np.ndarray, cap: int, max_gap: int = 0) -> list[tuple[int, i
     """[a, b) index ranges of ``sids`` (sorted ids) read as one run each: ids less than
     ``max_gap`` + 1 apart share a run (the records between are read and dropped: cheaper than
     another read), and no run spans more than ``cap`` records."""
+    starts, ends = _run_bounds(sids, cap, max_gap)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _run_bounds(sids: np.ndarray, cap: int, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """``plan_runs`` as two arrays: the runs' starts and ends."""
     if len(sids) == 0:
-        return []
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     breaks = np.flatnonzero(np.diff(sids) > max_gap + 1) + 1
-    starts, ends = [0, *breaks.tolist()], [*breaks.tolist(), len(sids)]
-    first, last = sids[starts], sids[np.array(ends) - 1]
-    if np.all(last - first < cap):  # most calls: no run to split
-        return list(zip(starts, ends, strict=True))
-    first, last = first.tolist(), last.tolist()
-    runs = []
-    for a, e, lo, hi in zip(starts, ends, first, last, strict=True):
-        if hi - lo < cap:  # most runs: within the cap
-            runs.append((a, e))
-            continue
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(sids)]))
+    if np.all(sids[ends - 1] - sids[starts] < cap):  # most calls: no run to split
+        return starts, ends
+    bounds = []
+    for a, e in zip(starts.tolist(), ends.tolist(), strict=True):
         while a < e:  # split at the cap: the run [a, b) spans at most cap records
             b = a + int(np.searchsorted(sids[a:e], sids[a] + cap, side="left"))
-            runs.append((a, b))
+            bounds.append((a, b))
             a = b
-    return runs
+    return tuple(np.array(bounds, np.int64).T)
+
+
+def _batches(spans: list[int], batched: list[bool], limit: int) -> list[tuple[int, int]]:
+    """[i, j) ranges of runs read by one job: consecutive runs that may be batched while their
+    records (``spans``) add up to at most ``limit``; any other run alone."""
+    out: list[tuple[int, int]] = []
+    i = total = 0
+    for j, (span, together) in enumerate(zip(spans, batched, strict=True)):
+        if j > i and not (together and batched[i] and total + span <= limit):
+            out.append((i, j))
+            i, total = j, 0
+        total += span
+    if spans:
+        out.append((i, len(spans)))
+    return out
 
 
 def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str) -> None:
@@ -222,7 +201,7 @@ def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str
 
 
 def _sorted_parts(region: Region, where: str) -> list[Part]:
-    """The region's parts by offset; overlapping parts would make scatter reads ambiguous."""
+    """The region's parts by offset; overlapping parts mean a corrupt manifest."""
     parts = sorted(region.parts, key=lambda p: p.offset)
     for a, b in zip(parts, parts[1:], strict=False):
         if a.offset + a.nbytes > b.offset:
@@ -278,12 +257,9 @@ class StoreReader:
             for r in e.regions
         }
         strides = [r.record_stride for e in manifest.layers for r in e.regions]
-        self._sink_size = max(strides, default=1)
         self._staging_size = _round_up(
-            max(max_run_bytes, self._sink_size) + 2 * DIRECT_ALIGN, mmap.PAGESIZE
+            max(max_run_bytes, *strides, 1) + 2 * DIRECT_ALIGN, mmap.PAGESIZE
         )
-        # write-only scratch for padding, shared by threads
-        self._sink = memoryview(bytearray(self._sink_size))
         self._local = threading.local()
         self._advised: dict[int, list[tuple[int, int]]] = {}  # layer -> byte ranges (advise)
         try:
@@ -470,29 +446,32 @@ class StoreReader:
         if ids.size == 0:
             return ReadCount()
         sids, srows = _sorted_request(ids, rows, self.manifest.n_records)
-        jobs: list[Callable[[], int]] = []
-        buffered: list[tuple[int, int]] = []  # byte ranges read without O_DIRECT
-        landings: list[_Landing] = []
-        for region in entry.regions:
-            plan = self._plan(region, dest, srows)
-            if plan is not None:
-                jobs += self._jobs(layer, plan, sids, srows, dest, buffered, landings)
+        row_range = int(srows.min()), int(srows.max())
+        plans = [p for r in entry.regions if (p := self._plan(r, dest, row_range)) is not None]
+        runs = [self._runs(plan, sids) for plan in plans]
+        buffered = [  # byte ranges read without O_DIRECT
+            pair
+            for r in runs
+            for pair in zip(r.offsets[~r.direct].tolist(), r.sizes[~r.direct].tolist(), strict=True)
+        ]
+        # the kernel reads every advised run at once: one thread copies them as they land, with no
+        # worker to wake (on few cores, wake-ups cost more than the copies)
+        inline = self.advises and not any(r.direct.any() for r in runs)
+        jobs = [
+            job
+            for plan, r in zip(plans, runs, strict=True)
+            for job in self._jobs(layer, plan, r, sids, srows, dest, inline)
+        ]
         if self.read_path == "mmap":
             self._madvise(buffered, mmap.MADV_WILLNEED)
         if not self.advises:
-            done = self._execute(jobs)
-        else:
-            if len(buffered) > 1:
-                self._fadvise(buffered, os.POSIX_FADV_WILLNEED)
-            try:
-                # the kernel reads every advised run at once: one thread copies them as they land,
-                # with no worker to wake (on few cores, wake-ups cost more than the copies)
-                done = self._execute(jobs, inline=len(buffered) == len(jobs))
-            finally:
-                self._drop(buffered + self._advised.pop(layer, []))
-        for landing in landings:
-            landing.convert_into(dest)
-        return done
+            return self._execute(jobs, inline)
+        if len(buffered) > 1:
+            self._fadvise(buffered, os.POSIX_FADV_WILLNEED)
+        try:
+            return self._execute(jobs, inline)
+        finally:
+            self._drop(buffered + self._advised.pop(layer, []))
 
     def _fadvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
         """Advice on whole pages around each range (the kernel drops only the pages a
@@ -519,7 +498,7 @@ class StoreReader:
             self._mm.madvise(advice, start, offset + nbytes - start)
 
     def _plan(
-        self, region: Region, dest: Mapping[str, np.ndarray], rows: np.ndarray
+        self, region: Region, dest: Mapping[str, np.ndarray], row_range: tuple[int, int]
     ) -> _RegionPlan | None:
         """Plan reads of one region, or None when no part of it is wanted (then it is not read)."""
         parts = self._parts[id(region)]
@@ -527,108 +506,64 @@ class StoreReader:
         if not wanted:
             return None
         for p in wanted:
-            _check_dest(p, dest[p.name], rows)
+            _check_dest(p, dest[p.name], row_range)
         lead, tail = wanted[0].offset, wanted[-1].offset + wanted[-1].nbytes
-        segments: list[tuple[str | None, int]] = []
-        pos = lead
-        for p in wanted:
-            if p.offset > pos:
-                segments.append((None, p.offset - pos))
-            segments.append((p.name, p.nbytes))
-            pos = p.offset + p.nbytes
-        scatter = self.read_path == "preadv" and self.cache_mode != "direct"
-        land = tuple(p for p in wanted if not _scatterable(p, dest[p.name])) if scatter else ()
-        cap = max(1, self.max_run_bytes // region.record_stride)
-        scatter_records = min(SCATTER_MAX_RECORDS, IOV_MAX // (len(segments) + 1)) if scatter else 0
-        gap = self.gap_bytes // region.record_stride
-        return _RegionPlan(
-            region, wanted, tuple(segments), lead, tail, cap, scatter_records, gap, land
-        )
+        stride = region.record_stride
+        cap = max(1, self.max_run_bytes // stride)
+        return _RegionPlan(region, wanted, lead, tail, cap, self.gap_bytes // stride)
+
+    def _runs(self, plan: _RegionPlan, sids: np.ndarray) -> _Runs:
+        starts, ends = _run_bounds(sids, plan.max_records, plan.max_gap)
+        spans = sids[ends - 1] - sids[starts] + 1
+        offsets = plan.region.offset + sids[starts] * plan.region.record_stride + plan.lead
+        sizes = plan.span(spans)
+        direct_min = self._file.direct_min
+        direct = sizes >= direct_min if direct_min is not None else np.zeros(len(sizes), bool)
+        return _Runs(starts, ends, spans, offsets, sizes, direct)
 
     def _jobs(
         self,
         layer: int,
         plan: _RegionPlan,
+        runs: _Runs,
         sids: np.ndarray,
         srows: np.ndarray,
         dest: Mapping[str, np.ndarray],
-        buffered: list[tuple[int, int]],
-        landings: list[_Landing],
-    ) -> list[Callable[[], int]]:
-        """One job per run: a ready preadv (scatter) or a read-and-convert (staged). Records in a
-        run's gaps are read into the sink (scatter) or skipped when copying (staged). Appends the
-        byte ranges of runs read without O_DIRECT to ``buffered``, and what scattered runs land
-        raw to ``landings``."""
-        bounds = plan_runs(sids, plan.max_records, plan.max_gap)
-        offsets = (plan.region.offset + sids * plan.region.record_stride + plan.lead).tolist()
-        starts, ends = np.array(bounds).T
-        spans = sids[ends - 1] - sids[starts] + 1
-        sizes = plan.span(spans).tolist()
-        spans = spans.tolist()
-        records = None
-        scattered = [
-            (a, b) for (a, b), span in zip(bounds, spans, strict=True) if span <= plan.scatter
-        ]
-        if scattered:
-            targets = {p.name: (dest[p.name], srows) for p in plan.wanted}
-            if plan.land:
-                landing = _Landing.of(plan.land, scattered, srows)
-                landings.append(landing)
-                targets.update(landing.targets(len(sids)))
-            records = self._record_iovecs(plan, targets)
-        jobs: list[Callable[[], int]] = []
-        for (a, b), span, size in zip(bounds, spans, sizes, strict=True):
-            if span <= plan.scatter or not self._file.direct_for(size):
-                buffered.append((offsets[a], size))
-            if span > plan.scatter:
-                at = sids[a:b] - sids[a]
-                jobs.append(
-                    partial(self._staged_run, layer, plan, offsets[a], srows[a:b], at, dest)
+        inline: bool,
+    ) -> list[Callable[[], ReadCount]]:
+        """One job per batch of runs (``_batches``): runs read from the file without O_DIRECT
+        are batched up to the staging buffer's size (on the pool, into about one batch per
+        thread); O_DIRECT and mapped runs are read alone."""
+        stride = plan.region.record_stride
+        spans = runs.spans.tolist()
+        limit = self._staging_size // stride
+        if not inline:
+            limit = min(limit, -(-sum(spans) // self.threads))
+        batched = (~runs.direct).tolist() if self.read_path == "preadv" else [False] * len(spans)
+        # records within a batch follow one another: each wanted id's position among them
+        first_row = np.cumsum(runs.spans) - runs.spans
+        at = np.repeat(first_row - sids[runs.starts], runs.ends - runs.starts) + sids
+        offsets, starts, ends = runs.offsets.tolist(), runs.starts.tolist(), runs.ends.tolist()
+        first_row = first_row.tolist()
+        jobs: list[Callable[[], ReadCount]] = []
+        for i, j in _batches(spans, batched, limit):
+            a, b = starts[i], ends[j - 1]
+            batch = list(zip(offsets[i:j], spans[i:j], strict=True))
+            jobs.append(
+                partial(
+                    self._staged_runs, layer, plan, batch, srows[a:b], at[a:b] - first_row[i], dest
                 )
-                continue
-            bufs = self._run_iovecs(plan, records, sids, a, b)
-            jobs.append(partial(self._buffered_read, layer, bufs, offsets[a], size))
+            )
         return jobs
-
-    def _run_iovecs(self, plan: _RegionPlan, records: list, sids: np.ndarray, a: int, b: int):
-        """The iovecs of one scattered run: each wanted record's, a record-sized sink slice for each
-        record of a gap, no padding after the last record."""
-        if b == a + 1:  # most runs of a sparse call: one record
-            return records[a][:-1] if plan.between > 0 else records[a]
-        gap = self._sink[: plan.region.record_stride]
-        bufs = list(records[a])
-        for j in range(a + 1, b):
-            bufs.extend(repeat(gap, int(sids[j] - sids[j - 1]) - 1))
-            bufs.extend(records[j])
-        if plan.between > 0:
-            del bufs[-1]
-        return bufs
-
-    def _record_iovecs(
-        self, plan: _RegionPlan, targets: Mapping[str, tuple[np.ndarray, np.ndarray]]
-    ) -> list[tuple[memoryview, ...]]:
-        """Per record of the call, the iovecs that receive it: for each part the row of its target
-        array (``targets[part] = (array, row of each record)``), sink slices between."""
-        columns: list[Iterable[memoryview]] = []
-        for name, n in plan.segments:
-            if name is None:
-                columns.append(repeat(self._sink[:n]))
-            else:
-                array, rows = targets[name]
-                flat = memoryview(array.reshape(-1).view(np.uint8))
-                columns.append([flat[r * n : r * n + n] for r in rows.tolist()])
-        if plan.between:
-            columns.append(repeat(self._sink[: plan.between]))
-        return list(zip(*columns, strict=False))
 
     # -- execution ---------------------------------------------------------------------------------
 
-    def _execute(self, jobs: list[Callable[[], int]], inline: bool = False) -> ReadCount:
+    def _execute(self, jobs: list[Callable[[], ReadCount]], inline: bool) -> ReadCount:
         """Run the jobs inline (asked for, one thread or one job) or on the pool; returns once all
         are done."""
         if inline or self._pool is None or len(jobs) == 1:
             # nothing else writes into dest: no hand-out, no locks
-            return ReadCount(bytes=sum(job() for job in jobs), reads=len(jobs))
+            return sum((job() for job in jobs), ReadCount())
         call = _Call(jobs)
         futures = []
         try:
@@ -640,37 +575,46 @@ class StoreReader:
             # no run starts any more, and none in progress writes into dest after we raise
             call.stop()
             raise
-        counts = [f.result() for f in futures]
-        return sum(counts, ReadCount())
+        return sum((f.result() for f in futures), ReadCount())
 
     def _drain(self, call: _Call) -> ReadCount:
         """Worker loop: take jobs from the call until none is left or the call was stopped (a job
         failed)."""
-        nbytes = reads = 0
+        done = ReadCount()
         while (job := call.take()) is not None:
             try:
-                nbytes += job()
+                done += job()
             except BaseException:
                 call.failed = True
                 raise
             finally:
                 call.finished()
-            reads += 1
-        return ReadCount(bytes=nbytes, reads=reads)
+        return done
 
-    def _staged_run(
+    def _staged_runs(
         self,
         layer: int,
         plan: _RegionPlan,
-        offset: int,
+        runs: list[tuple[int, int]],
         rows: np.ndarray,
         at: np.ndarray,
         dest: Mapping[str, np.ndarray],
-    ) -> int:
-        """Read a run into the staging buffer, then convert each wanted part into its rows;
-        ``at``: the wanted records' positions in the run (the others fill its gaps)."""
-        n, stride = int(at[-1]) + 1, plan.region.record_stride
-        buf, pos, nbytes = self._read_staged(layer, offset, plan.span(n))
+    ) -> ReadCount:
+        """Read runs ((file offset, records) each) one after another into the staging buffer,
+        then convert each wanted part into its rows; ``at``: the wanted records' positions among
+        the runs' records (the others fill gaps)."""
+        stride = plan.region.record_stride
+        if len(runs) == 1:
+            offset, n = runs[0]
+            buf, pos, nbytes = self._read_staged(layer, offset, plan.span(n))
+        else:
+            buf, pos, nbytes, n = self._staging(), 0, 0, 0
+            view = memoryview(buf)
+            for offset, records in runs:
+                size = plan.span(records)
+                start = n * stride
+                nbytes += self._buffered_read(layer, [view[start : start + size]], offset, size)
+                n += records
         for p in plan.wanted:
             dt = numpy_storage_dtype(p.dtype)
             src = np.ndarray(
@@ -681,7 +625,7 @@ class StoreReader:
                 strides=(stride, dt.itemsize),
             )
             _convert_into(dest[p.name], rows, src if n == len(at) else src[at], p.dtype)
-        return nbytes
+        return ReadCount(bytes=nbytes, reads=len(runs))
 
     def _read_staged(
         self, layer: int, offset: int, nbytes: int
@@ -774,7 +718,7 @@ class _Call:
                 continue
 
 
-def _check_dest(part: Part, arr: np.ndarray, rows: np.ndarray) -> None:
+def _check_dest(part: Part, arr: np.ndarray, row_range: tuple[int, int]) -> None:
     """Reject destinations that would silently receive the wrong shape or rows."""
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.shape[1] != part.length:
         shape = getattr(arr, "shape", None)
@@ -783,18 +727,8 @@ def _check_dest(part: Part, arr: np.ndarray, rows: np.ndarray) -> None:
         )
     if not arr.flags.writeable:
         raise ValueError(f"dest[{part.name!r}] is read-only")
-    if rows.min() < 0 or rows.max() >= arr.shape[0]:
+    lo, hi = row_range
+    if lo < 0 or hi >= arr.shape[0]:
         raise ValueError(
-            f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] "
-            f"(got {rows.min()}..{rows.max()})"
+            f"rows must be in [0, {arr.shape[0]}) for dest[{part.name!r}] (got {lo}..{hi})"
         )
-
-
-def _scatterable(part: Part, arr: np.ndarray) -> bool:
-    """preadv can fill rows directly: same dtype and byte order, C-contiguous (rows are byte
-    slices of it)."""
-    return (
-        arr.dtype == numpy_storage_dtype(part.dtype)
-        and arr.dtype.isnative
-        and arr.flags.c_contiguous
-    )
