@@ -34,7 +34,14 @@ from .bench import SETUPS, Setup, _median_rows, setup_options
 from .runtime.budget import ModelFacts, plan_memory
 from .runtime.errors import OptionError
 from .runtime.limit import LIMIT
-from .runtime.loader import buffer_parts, default_compute_dtype, open_dense, row_bytes
+from .runtime.loader import (
+    buffer_parts,
+    default_compute_dtype,
+    disk_model,
+    open_dense,
+    open_store,
+    row_bytes,
+)
 from .runtime.manifest import MX_DTYPES, read_manifest
 from .runtime.options import FlashOptions
 from .runtime.pagecache import drop_from_page_cache
@@ -131,9 +138,11 @@ def measure(
     choice = Choice(
         "trace" if setup.sparse else "dense", None, "selected", None, "a replayed trace"
     )
+    cost, threads = disk_model(directory, manifest, opts.threads)
+    reader = open_store(directory, manifest, opts, cost, threads)
     runtime = open_dense(
-        directory, manifest, opts, plan, dtype, choice, buffer_parts(manifest, dtype, ()),
-        hot=_counts(trace, warmup),
+        directory, manifest, opts, plan, dtype, choice, buffer_parts(manifest, dtype, ()), cost,
+        reader, hot=_counts(trace, warmup),
     )  # fmt: skip
     try:
         x = 0.1 * mx.random.normal((1, 1, manifest.d_model), key=mx.random.key(0)).astype(dtype)

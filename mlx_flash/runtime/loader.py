@@ -147,7 +147,7 @@ def prepare_runtime(
         raise
     hot = calibration.frequency if calibration is not None else None
     return open_dense(
-        directory, manifest, options, plan, dtype, choice, parts, calibration, hot, reader
+        directory, manifest, options, plan, dtype, choice, parts, cost, reader, calibration, hot
     )
 
 
@@ -159,18 +159,16 @@ def open_dense(
     dtype: mx.Dtype,
     choice: selectors.Choice,
     parts: dict,
+    cost: CostModel,
+    reader: StoreReader,
     calibration: Calibration | None = None,
     hot: np.ndarray | None = None,
-    reader: StoreReader | None = None,
 ) -> FlashRuntime:
-    """The runtime of a dense store: its reader (``reader``, else opened here; closed on
-    failure), the selector (``options.selector``: a name built as ``choice`` says, or a Selector
+    """The runtime of a dense store: its reader (opened with ``cost``, the disk's model; closed
+    on failure), the selector (``options.selector``: a name built as ``choice`` says, or a Selector
     object) and one FlashFFN per layer with ``plan``'s rows of ``parts`` (allocated on first use).
     ``hot``: per layer and neuron, how often it was active (the most active are pinned); the
     synthetic bench passes its trace's counts."""
-    cost, threads = disk_model(directory, manifest, options.threads)
-    if reader is None:
-        reader = open_store(directory, manifest, options, cost, threads)
     try:
         selector = options.selector
         if isinstance(selector, str):
