@@ -727,14 +727,14 @@ def run_moe(args: argparse.Namespace, probe: dict) -> int:
     """The synthetic FFN-only harnesses (``dense_bench``, ``moe_bench``), or a MoE directory."""
     from .dense_bench import dense_synthetic, format_dense_synthetic, run_dense_synthetic
 
+    options = load_options(args, TOOL)
     if args.synthetic and dense_synthetic(args.synthetic):
-        report = run_dense_synthetic(args)
+        report = run_dense_synthetic(args, options)
         print(format_dense_synthetic(report))
     elif args.synthetic:
-        report = run_synthetic(args)
+        report = run_synthetic(args, options)
         print(format_synthetic(report))
     else:
-        options = load_options(args, TOOL)
         if ("ffn_cache" in options) == ("memory_budget" in options):
             raise OptionError("give exactly one of --ffn-cache and --memory-budget")
         report = run_model(Path(args.model), args.prompt, args.tokens or 64, args.repeat, options)

@@ -25,6 +25,7 @@ import argparse
 import gc
 import time
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -67,9 +68,12 @@ def dense_synthetic(name: str) -> bool:
     return isinstance(SHAPES.get(name), DenseShape)
 
 
-def run_dense_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
+def run_dense_synthetic(
+    args: argparse.Namespace, flash: dict[str, Any], progress: bool = True
+) -> dict:
     """Build (once) the stores the chosen configurations read, scale the trace, run every
-    configuration ``args.repeat`` times; the report as JSON-ready data."""
+    configuration ``args.repeat`` times with the flash options ``flash`` (the flags given); the
+    report as JSON-ready data."""
     if args.trace is None:
         raise OptionError(
             f"--synthetic {args.synthetic} replays a neuron trace: give --trace FILE (recorded "
@@ -85,13 +89,7 @@ def run_dense_synthetic(args: argparse.Namespace, progress: bool = True) -> dict
     source = load_trace(args.trace)
     trace = scale_trace(source, manifest.d_ffn, manifest.n_layers, warmup + tokens)
     trace.save(next(iter(dirs.values())) / f"trace-{Path(args.trace).stem}.npz")
-    options = {
-        "ffn_cache": args.ffn_cache if args.ffn_cache is not None else 0.5,
-        "window": args.window if args.window is not None else 4,
-        "pin_share": args.pin_share if args.pin_share is not None else 0.5,
-        "compute_dtype": args.compute_dtype,
-        "threads": args.threads,
-    }
+    options = {"ffn_cache": 0.5, "window": 4, "pin_share": 0.5, **flash}  # the harness's defaults
     rounds = []
     bar = tqdm(total=args.repeat * len(chosen), desc="bench", unit="run", disable=not progress)
     for _ in range(args.repeat):
@@ -129,7 +127,7 @@ def measure(
     drop_from_page_cache(directory / manifest.store_file)
     at = [0]
     replay = FixedSelector(lambda layer, x: trace.at(at[0], layer))
-    opts = FlashOptions.build(setup_options(setup, {**_given(options), "selector": replay}))
+    opts = FlashOptions.build(setup_options(setup, {**options, "selector": replay}))
     dtype = MX_DTYPES[opts.compute_dtype or default_compute_dtype(manifest)]
     facts = ModelFacts(
         manifest.n_layers, manifest.d_model, manifest.d_ffn, 0, 1, dtype.size, 0, 0, ()
@@ -159,10 +157,6 @@ def measure(
         return _row(setup, runtime, wall, tokens)
     finally:
         runtime.close()
-
-
-def _given(options: dict) -> dict:
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _token(runtime, x: mx.array) -> None:
@@ -250,7 +244,8 @@ def format_dense_synthetic(report: dict) -> str:
         f"overlap with the token before {100 * tr['overlap'][0]:.1f}% -> "
         f"{100 * tr['overlap'][1]:.1f}% (means over layers)",
         f"FFN cache {100 * s['ffn_cache']:.0f}% of each layer, window k={s['window']}, pin share "
-        f"{s['pin_share']}, {rows[-1]['threads']} threads, {s['warmup']} warm-up + "
+        f"{s['pin_share']}, {rows[-1]['threads']} threads"
+        f"{'' if s.get('lookahead', True) else ', look-ahead off'}, {s['warmup']} warm-up + "
         f"{s['tokens']} timed tokens, median of {s['repeat']} round(s), ratios within a round",
         f"{'':<13}{'--- paper (OPT-6.7B, M1 Max) ---':>33}  {'--- ours ---'}",
         f"{'config':<13}{'I/O ms':>9}{'x':>7}{'MB/tok':>9}{'':>8}  {'I/O ms':>9}{'x':>7}"

@@ -23,6 +23,7 @@ import gc
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -76,16 +77,19 @@ def add_synthetic_args(p: argparse.ArgumentParser) -> None:
 
 def measure(
     directory: Path, trace: Trace, share: float, policy: str, page_cache: bool, warmup: int,
-    tokens: int, in_place: bool = True,
+    tokens: int, in_place: bool = True, flash: dict[str, Any] | None = None,
 ) -> dict:  # fmt: skip
-    """One configuration of the harness (see the module docstring); its per-token metrics. Its
-    slots are freed once nothing refers to the runtime (the caller collects the cycle)."""
+    """One configuration of the harness (see the module docstring) with the flash options
+    ``flash`` (the flags given); its per-token metrics. Its slots are freed once nothing refers to
+    the runtime (the caller collects the cycle)."""
     manifest = read_manifest(directory)
     moe, store = manifest.moe, directory / manifest.store_file
     drop_from_page_cache(store)
     plan = expert_plan(manifest, mx.float32.size, round(share * moe.n_experts))
     switches = [SwitchGLU(manifest.d_model, moe.d_expert, moe.n_experts) for _ in manifest.layers]
-    options = FlashOptions(expert_policy=policy, page_cache=page_cache)
+    options = FlashOptions.build(
+        {**(flash or {}), "expert_policy": policy, "page_cache": page_cache}
+    )
     runtime = open_experts(directory, manifest, options, plan, mx.float32, switches)
     try:
         for layer in runtime.layers:
@@ -156,8 +160,9 @@ def _configs(args: argparse.Namespace) -> list[tuple[str, float, str, bool, bool
     return runs
 
 
-def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
-    """Build (once) the synthetic store and run every configuration ``args.repeat`` times."""
+def run_synthetic(args: argparse.Namespace, flash: dict[str, Any], progress: bool = True) -> dict:
+    """Build (once) the synthetic store and run every configuration ``args.repeat`` times with the
+    flash options ``flash`` (the flags given)."""
     directory = synthetic_store(args.synthetic, args.synthetic_dir, progress)
     manifest = read_manifest(directory)
     moe, tokens = manifest.moe, args.tokens or 32
@@ -178,7 +183,7 @@ def run_synthetic(args: argparse.Namespace, progress: bool = True) -> dict:
             bar.set_postfix_str(f"{routing} {share:g} {policy}")
             warmup = _warmup(routing, share, moe, args.warmup)
             trace = traces[routing]
-            row = measure(directory, trace, share, policy, cached, warmup, tokens, in_place)
+            row = measure(directory, trace, share, policy, cached, warmup, tokens, in_place, flash)
             rounds[-1].append(row)
             gc.collect()  # the last run's slots (runtime <-> layers is a cycle)
             mx.clear_cache()

@@ -133,7 +133,7 @@ def test_dense_synthetic_bench_runs_the_five_configurations(tiny_dense, tmp_path
         tokens=8, warmup=4, repeat=1, ffn_cache=0.5, window=None, pin_share=None,
         compute_dtype=None, threads=None,
     )  # fmt: skip
-    report = run_dense_synthetic(args, progress=False)
+    report = run_dense_synthetic(args, {}, progress=False)
     rows = {r["name"]: r for r in report["configs"]}
     assert list(rows) == ["naive", "hybrid", "+selector", "+window", "+bundling"]
     assert {rows[n]["layout"] for n in rows} == {"bundled", "unbundled"}
@@ -149,3 +149,24 @@ def test_dense_synthetic_bench_runs_the_five_configurations(tiny_dense, tmp_path
     assert report["trace"]["density"][1] == pytest.approx(report["trace"]["density"][0], rel=0.15)
     text = format_dense_synthetic(report)
     assert "FFN-only harness" in text and "paper" in text and "2196" in text
+
+
+def test_dense_synthetic_bench_honours_the_flash_flags(tiny_dense, tmp_path, monkeypatch, capsys):
+    """Every flash flag given on the bench's command line (here --no-lookahead and --threads)
+    reaches the 7B harness's runtime, and the report says the look-ahead was off."""
+    from mlx_flash import bench, dense_bench
+
+    drifting_trace(n_ids=128, layers=2, tokens=40).save(tmp_path / "src.npz")
+    opened = []
+    real = dense_bench.open_dense
+    monkeypatch.setattr(
+        dense_bench, "open_dense", lambda *a, **k: (opened.append(a[2]), real(*a, **k))[1]
+    )
+    trace = str(tmp_path / "src.npz")
+    base = ["--synthetic", "tiny", "--synthetic-dir", str(tmp_path), "--trace", trace,
+            "--configs", "5", "--tokens", "8", "--warmup", "4"]  # fmt: skip
+    probe = {"created": "now", "path": str(tmp_path)}
+    for flags in ([], ["--no-lookahead", "--threads", "3"]):
+        assert bench.run_moe(bench.build_parser().parse_args(base + flags), probe) == 0
+        assert ("look-ahead off" in capsys.readouterr().out) == bool(flags)
+    assert [(o.lookahead, o.threads) for o in opened] == [(True, None), (False, 3)]

@@ -345,7 +345,8 @@ def _synthetic_args(tmp_path, **kw):
 def test_synthetic_bench_runs_the_runtime_on_routing_traces(tiny_shape, tmp_path):
     from mlx_flash.moe_bench import format_synthetic, run_synthetic
 
-    report = run_synthetic(_synthetic_args(tmp_path), progress=False)
+    report = run_synthetic(_synthetic_args(tmp_path), {"threads": 3}, progress=False)
+    assert {r["threads"] for r in report["rows"]} == {3}  # the flash flags given reach the runtime
     store = tmp_path / "tiny" / STORE_FILE
     assert store.stat().st_size == report["model"]["store_bytes"]  # records + layer alignment
     assert 0 <= store.stat().st_size - tiny_shape.store_bytes < 4096 * tiny_shape.layers
@@ -367,14 +368,14 @@ def test_synthetic_bench_runs_the_runtime_on_routing_traces(tiny_shape, tmp_path
     replayed = run_synthetic(
         _synthetic_args(tmp_path, trace=trace_file, shares="0.25",
                         policies="lru", page_cache_rows=False, move_rows=False),
-        progress=False,
+        {}, progress=False,
     )  # fmt: skip
     assert (
         replayed["rows"][0]["hit_rate"]
         == rows["skewed", 0.25, "lru", "dontcache", "in place"]["hit_rate"]
     )
     with pytest.raises(FlashFormatError, match="routing-skewed.npz: a trace of 320 tokens"):
-        run_synthetic(_synthetic_args(tmp_path, trace=trace_file, tokens=300), progress=False)
+        run_synthetic(_synthetic_args(tmp_path, trace=trace_file, tokens=300), {}, progress=False)
 
 
 def test_synthetic_store_refuses_a_disk_too_small_and_says_what_fits(
