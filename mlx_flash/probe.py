@@ -206,8 +206,12 @@ def run_sizes(threads: int) -> tuple[int, ...]:
 
 def fast_batch_threads(batches: dict) -> list[int]:
     """Thread counts within ``RUN_TOLERANCE`` of the fastest sparse batch (``measure_batches``)."""
-    ms = {int(t): v for t, v in batches["ms_per_batch"].items()}
-    return [t for t, v in ms.items() if v <= (1 + RUN_TOLERANCE) * min(ms.values())]
+    return _near_fastest({int(t): v for t, v in batches["ms_per_batch"].items()})
+
+
+def _near_fastest(ms: dict[int, float]) -> list[int]:
+    """The keys whose time is within ``RUN_TOLERANCE`` of the fastest."""
+    return [k for k, v in ms.items() if v <= (1 + RUN_TOLERANCE) * min(ms.values())]
 
 
 def choose_reader(runs: dict) -> tuple[int, int]:
@@ -217,9 +221,7 @@ def choose_reader(runs: dict) -> tuple[int, int]:
     it)."""
     runs_ms = {int(t): {int(n): v for n, v in by.items()} for t, by in runs["ms_per_call"].items()}
     threads = min(runs_ms, key=lambda t: min(runs_ms[t].values()))
-    by_size = runs_ms[threads]
-    best = min(by_size.values())
-    return threads, min(n for n, v in by_size.items() if v <= (1 + RUN_TOLERANCE) * best)
+    return threads, min(_near_fastest(runs_ms[threads]))
 
 
 def measure_cell(
