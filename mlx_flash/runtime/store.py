@@ -513,13 +513,12 @@ class StoreReader:
         return _RegionPlan(region, wanted, lead, tail, cap, self.gap_bytes // stride)
 
     def _runs(self, plan: _RegionPlan, sids: np.ndarray) -> _Runs:
+        """Cut the sorted ids into runs and place each in the file."""
         starts, ends = _run_bounds(sids, plan.max_records, plan.max_gap)
         spans = sids[ends - 1] - sids[starts] + 1
         offsets = plan.region.offset + sids[starts] * plan.region.record_stride + plan.lead
         sizes = plan.span(spans)
-        direct_min = self._file.direct_min
-        direct = sizes >= direct_min if direct_min is not None else np.zeros(len(sizes), bool)
-        return _Runs(starts, ends, spans, offsets, sizes, direct)
+        return _Runs(starts, ends, spans, offsets, sizes, self._file.direct_for(sizes))
 
     def _jobs(
         self,

@@ -13,10 +13,13 @@ every read is exact, and readahead would fill the page cache behind the bypass.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 from .errors import StoreReadError
 
@@ -49,9 +52,10 @@ class UncachedFile:
         if self.mode == "dontcache" and bypass == "auto":
             self.direct_min = DIRECT_MIN_BYTES if self._open_direct() else None
 
-    def direct_for(self, nbytes: int) -> bool:
-        """Whether a read of ``nbytes`` goes aligned through ``direct_fd``, with no flags."""
-        return self.direct_min is not None and nbytes >= self.direct_min
+    def direct_for(self, nbytes: int | np.ndarray) -> bool | np.ndarray:
+        """Whether a read of ``nbytes`` goes aligned through ``direct_fd``, with no flags (for an
+        array of sizes, per size)."""
+        return nbytes >= (math.inf if self.direct_min is None else self.direct_min)
 
     def _bypass(self, bypass: str) -> str:
         """ "auto" prefers F_NOCACHE (macOS), then RWF_DONTCACHE, then O_DIRECT, else warns and
