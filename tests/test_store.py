@@ -287,6 +287,19 @@ def test_a_batch_fits_the_staging_buffer_and_the_pool_gets_one_per_thread(
     assert max(conversions) == largest and sum(conversions) == 6 * len(PARTS)
 
 
+def test_half_to_float32_is_numpys_cast_bit_for_bit():
+    """Every float16 bit pattern (zeros, subnormals, infinities, NaN payloads, both signs), read
+    through a strided view as records in staging are, gives numpy's float32 bits."""
+    from mlx_flash.runtime.store import _half_to_float32
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    strided = np.stack([every, every[::-1]], axis=1)[:, :1]  # a column: stride of two values
+    for half in (every, strided):
+        got = _half_to_float32(half)
+        assert got.dtype == np.float32 and got.shape == half.shape
+        np.testing.assert_array_equal(got.view(np.uint32), half.astype(np.float32).view(np.uint32))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
 def test_half_precision_stores_convert_into_float32(tmp_path, dtype, layout):

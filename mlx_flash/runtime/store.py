@@ -197,7 +197,30 @@ def _convert_into(dst: np.ndarray, rows: np.ndarray, src: np.ndarray, dtype: str
     """``dst[rows] = src``, ``src`` holding raw store values of ``dtype`` (bfloat16 as uint16)."""
     if dtype == "bfloat16" and dst.dtype.kind == "f":
         src = (src.astype(np.uint32) << 16).view(np.float32)
+    elif dtype == "float16" and dst.dtype == np.float32:
+        src = _half_to_float32(src)
     dst[rows] = src
+
+
+_HALF_TO_FLOAT_SCALE = np.float32(2.0**112)  # 2 ** (float32's exponent bias - float16's)
+
+
+def _half_to_float32(half: np.ndarray) -> np.ndarray:
+    """float16 values as float32, bit for bit numpy's cast (subnormals, infinities and NaN
+    payloads included), in a few vectorised integer passes: numpy's own cast is a scalar loop
+    unless it was built for a CPU with half-precision instructions. A half's magnitude bits
+    shifted into a float32's place read as the value times 2**-112 (subnormals too), so one
+    multiply rescales them; magnitudes that land at 2**16 or more were infinities or NaN."""
+    signed = half.view(np.int16).astype(np.int32)  # the sign fills the upper bits
+    bits = signed & 0x7FFF
+    bits <<= 13
+    out = bits.view(np.float32)
+    out *= _HALF_TO_FLOAT_SCALE
+    if out.size and out.max() >= 2.0**16:
+        np.bitwise_or(bits, 0x7F800000, out=bits, where=out >= 2.0**16)
+    signed &= np.int32(-(1 << 31))
+    bits |= signed
+    return out
 
 
 def _sorted_parts(region: Region, where: str) -> list[Part]:
