@@ -41,6 +41,7 @@ from mlx_flash.runtime.calibration import (
     natural_zeros,
     operating_points,
     save_calibration,
+    sparsity_words,
 )
 from mlx_flash.runtime.errors import FlashError, OptionError
 from mlx_flash.runtime.ffn import dense_rows, hidden, partial_output, project_in
@@ -584,7 +585,7 @@ def _report(manifest: Manifest, log: Callable[[str], None]) -> None:
             f"{quality['dense_perplexity']:.3f}):"
         )
         for p in operating_points(manifest):
-            target = "natural zeros" if p.sparsity is None else f"sparsity {p.sparsity:g}"
+            target = sparsity_words(p.sparsity)
             log(f"    {p.selector:>9} {target:>14}, {p.compute_rows} rows: {100 * p.loss:+.2f}%")
     meta = manifest.extra.get("predictor")
     if not meta:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .cli import add_debug_arg, add_flash_args, load_options, run_cli, write_outputs
 from .moe_bench import add_synthetic_args, format_model, format_synthetic, run_model, run_synthetic
 from .plots import plot_ablation
+from .runtime.calibration import sparsity_words
 from .runtime.costmodel import CostModel, cost_model_for
 from .runtime.errors import FlashError, OptionError
 from .runtime.files import cache_root
@@ -415,7 +416,7 @@ def _sparse_point(model_dir: Path, options: dict) -> tuple[dict, str | None]:
     point = choice.sparse
     note = (
         f"auto runs dense here ({choice.reason}); the selector setups run the point it passed "
-        f"over: {point.name} at sparsity {point.sparsity:g}, {point.compute_rows} rows"
+        f"over: {point.name} at {sparsity_words(point.sparsity)}, {point.compute_rows} rows"
     )
     return {
         **options,

@@ -266,8 +266,15 @@ def test_the_bench_probes_the_disk_unless_a_probe_is_recent(stories, monkeypatch
     assert probe.recent_probe(stories, 3600)["new"] == 1  # and saved for the runtime
 
 
+@pytest.mark.parametrize(
+    "model, passed_over",
+    [
+        ("stories_calibrated", "proxy at sparsity 0.4"),
+        ("relu2_calibrated", "predictor at natural zeros"),  # a point with no sparsity target
+    ],
+)
 def test_where_auto_runs_dense_the_selector_setups_run_the_point_it_passed_over(
-    stories_calibrated, tmp_path, monkeypatch
+    model, passed_over, request, tmp_path, monkeypatch
 ):
     """Where auto expects dense streaming to read quickest (here: told it reads nothing), the
     ablation's selector setups run the sparse point it passed over, and say so."""
@@ -280,11 +287,12 @@ def test_where_auto_runs_dense_the_selector_setups_run_the_point_it_passed_over(
             options, manifest, calibration, lambda p: 0.0 if p.selector == "dense" else cost(p)
         )
 
+    directory = request.getfixturevalue(model)
     monkeypatch.setattr(selectors, "choose", dense_reads_nothing)
     monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path))
-    save_recent_probe(stories_calibrated)
+    save_recent_probe(directory)
     result = bench.run_bench(
-        stories_calibrated,
+        directory,
         ffn_cache=0.5,
         prompt="Once upon a time",
         tokens=4,
@@ -293,6 +301,8 @@ def test_where_auto_runs_dense_the_selector_setups_run_the_point_it_passed_over(
         progress=False,
     )
     hybrid, full = result["configs"]
-    assert hybrid["selector"] == "dense" and full["selector"] == "proxy"
+    assert hybrid["selector"] == "dense" and full["selector"] == passed_over.split()[0]
     assert result["settings"]["auto"].startswith("auto runs dense here (dense streaming reads")
-    assert "the selector setups run the point it passed over: proxy" in bench.format_report(result)
+    assert f"the selector setups run the point it passed over: {passed_over}" in (
+        bench.format_report(result)
+    )

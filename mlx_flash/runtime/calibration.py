@@ -93,8 +93,7 @@ def selection_frequency(
         return np.clip(calibration.frequency * over[:, None], 0.0, 1.0), note
     base = None if name == "predictor" else calibration.sparsity
     if sparsity is None or base is None or sparsity == base:
-        what = "natural zeros" if base is None else f"sparsity {base:g}"
-        return calibration.frequency, f"calibration frequencies ({what})"
+        return calibration.frequency, f"calibration frequencies ({sparsity_words(base)})"
     scale = (1.0 - sparsity) / (1.0 - base)
     note = f"calibration frequencies at sparsity {base:g}, scaled to {sparsity:g}"
     return np.clip(calibration.frequency * scale, 0.0, 1.0), note
@@ -244,6 +243,11 @@ def read_predictors(directory: Path, manifest: Manifest) -> Predictors | None:
     ):
         raise FlashFormatError(f"{path}: predictor shapes do not match the manifest")
     return predictors
+
+
+def sparsity_words(sparsity: float | None) -> str:
+    """A sparsity target as messages name it (None: the predictor's natural zeros)."""
+    return "natural zeros" if sparsity is None else f"sparsity {sparsity:g}"
 
 
 @dataclass(frozen=True)

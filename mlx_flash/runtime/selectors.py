@@ -43,6 +43,7 @@ from .calibration import (
     Predictors,
     operating_points,
     read_predictors,
+    sparsity_words,
 )
 from .errors import OptionError
 from .ffn import project_in
@@ -325,8 +326,8 @@ def _unmeasured(options, why: dict[str, str], rows: str) -> Choice:
 
 
 def _describe(p) -> str:
-    sparsity = "natural zeros" if p.sparsity is None else f"sparsity {p.sparsity:g}"
-    return f"{p.selector} at {sparsity} ({p.compute_rows} rows) {100 * p.loss:+.1f}%"
+    rows = f"({p.compute_rows} rows)"
+    return f"{p.selector} at {sparsity_words(p.sparsity)} {rows} {100 * p.loss:+.1f}%"
 
 
 def holds_bytes(name: str, directory: Path, manifest: Manifest, itemsize: int) -> int:
