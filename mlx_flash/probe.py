@@ -224,6 +224,23 @@ def choose_reader(runs: dict) -> tuple[int, int]:
     return threads, min(_near_fastest(runs_ms[threads]))
 
 
+def fit_reader(batches: dict, runs: dict) -> tuple[float, float]:
+    """The reader's cost per read (s) and bandwidth (bytes/s) at the threads ``choose_reader``
+    took, from its two timed calls there: a batch of scattered records (many reads, few bytes)
+    and a layer streamed whole (few reads, many bytes). Two equations ``reads * r + bytes / b =
+    seconds``; r kept within [0, a batch's time per read]."""
+    threads, cut = runs["threads"], runs["best_run_bytes"]
+    batch_s = {int(t): ms for t, ms in batches["ms_per_batch"].items()}[threads] / 1e3
+    run_s = {int(t): by for t, by in runs["ms_per_call"].items()}[threads][str(cut)] / 1e3
+    batch_reads, batch_bytes = batches["batch"], batches["batch"] * batches["record"]
+    run_reads, run_bytes = -(-runs["call_bytes"] // cut), runs["call_bytes"]
+    det = batch_reads * run_bytes - run_reads * batch_bytes
+    read_s = (batch_s * run_bytes - run_s * batch_bytes) / det
+    read_s = min(max(read_s, 0.0), batch_s / batch_reads)
+    per_byte = max(run_s - run_reads * read_s, 1e-12 * run_bytes) / run_bytes
+    return read_s, 1.0 / per_byte
+
+
 def measure_cell(
     src: UncachedFile,
     file_size: int,
@@ -323,8 +340,13 @@ def run_probe(
                 path, fast_batch_threads(batches), seconds, repeat, bypass, progress
             )
             runs["threads"], runs["best_run_bytes"] = choose_reader(runs)
+            read_s, bytes_per_s = fit_reader(batches, runs)
             model = replace(
-                model, batch_threads=runs["threads"], long_run_bytes=runs["best_run_bytes"]
+                model,
+                batch_threads=runs["threads"],
+                long_run_bytes=runs["best_run_bytes"],
+                reader_read_s=read_s,
+                reader_bytes_per_s=bytes_per_s,
             )
         after = cached_bytes(path)
     finally:
@@ -610,6 +632,11 @@ def format_probe(probe: dict) -> str:
     if threads:
         cut = f", long runs cut at {_kib(runs['best_run_bytes'])}" if runs else ""
         lines.append(f"-> the runtime reads with {threads} threads{cut}")
+    if model.reader_read_s is not None:
+        lines.append(
+            f"-> the reader there: {model.reader_read_s * 1e6:.1f} us per read, "
+            f"{model.reader_bytes_per_s / 1e9:.2f} GB/s (what auto weighs reads with)"
+        )
     return "\n".join(lines)
 
 

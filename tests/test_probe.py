@@ -70,9 +70,65 @@ def test_probe_times_the_readers_long_runs(disk_dir):
     model = CostModel.from_json(result["model"])
     assert model.reader_threads(4096) == threads
     assert model.long_run_bytes == best == model.run_bytes(1) == model.run_bytes(32)
+    assert (model.reader_read_s, model.reader_bytes_per_s) == probe.fit_reader(batches, runs)
     text = probe.format_probe(result)
     assert "contiguous per call" in text and f"reads with {threads} threads" in text
+    assert "us per read" in text
     assert list(disk_dir.iterdir()) == []
+
+
+def _reader_cells(read_s: float, bytes_per_s: float, threads: int = 4) -> tuple[dict, dict]:
+    """A probe's reader timings (``measure_batches``, ``measure_runs``) of a reader whose calls
+    cost ``reads * read_s + bytes / bytes_per_s``."""
+    cut, call = 512 << 10, probe.RUN_CALL_BYTES
+    batch = {"record": 4096, "batch": 32}
+    batch_ms = 1e3 * (32 * read_s + 32 * 4096 / bytes_per_s)
+    run_ms = 1e3 * (call // cut * read_s + call / bytes_per_s)
+    batches = {**batch, "ms_per_batch": {str(threads): batch_ms, "1": 2 * batch_ms}}
+    runs = {
+        "call_bytes": call,
+        "ms_per_call": {str(threads): {str(cut): run_ms, str(cut // 2): 2 * run_ms}},
+        "threads": threads,
+        "best_run_bytes": cut,
+    }
+    return batches, runs
+
+
+def test_the_reader_fit_solves_its_two_patterns():
+    """The reader's cost per read and bandwidth come back from a scattered batch and a layer
+    streamed whole at the runtime's threads; noise cannot make either negative."""
+    read_s, bandwidth = probe.fit_reader(*_reader_cells(12e-6, 1.5e9))
+    assert read_s == pytest.approx(12e-6) and bandwidth == pytest.approx(1.5e9)
+    batches, runs = _reader_cells(12e-6, 1.5e9)
+    batches["ms_per_batch"]["4"] = 0.01  # a batch faster than its bytes: no per-read cost left
+    read_s, bandwidth = probe.fit_reader(batches, runs)
+    assert read_s == 0.0 and bandwidth == pytest.approx(
+        runs["call_bytes"] / (runs["ms_per_call"]["4"][str(512 << 10)] / 1e3)
+    )
+
+
+def test_auto_weighs_reads_with_the_readers_own_costs(relu2_calibrated, cache):
+    """Where the probe timed the reader at the runtime's threads, auto's expected reads use its
+    per-read cost and bandwidth, not the disk's fit: on a disk whose short reads cost 26 us by
+    the fit but 12 us through the reader (advised to the kernel), and whose long reads stream at
+    1.46 GB/s through it, relu2-8m's predictor reads 2.2% of the FFN per token where dense
+    streaming reads half: auto must take the predictor, uncached as the bench runs."""
+    from mlx_flash.runtime.expected import ReaderCost
+
+    disk = CostModel(
+        (1, 4, 16), (60e-6, 26.5e-6, 14.8e-6), (1.5e9, 1.59e9, 1.59e9), "test", 4, 512 << 10
+    )
+    timed = replace(disk, reader_read_s=12.2e-6, reader_bytes_per_s=1.46e9)
+    assert ReaderCost.of_disk(timed, 4, 0) == ReaderCost(0.0, 12.2e-6, 1.46e9, 4, 0)
+    assert ReaderCost.of_disk(timed, 16, 0) == ReaderCost.of_disk(disk, 16, 0)  # not timed there
+    chosen = {}
+    for name, model in (("disk", disk), ("reader", timed)):
+        _save_probe(model, relu2_calibrated)
+        flash, _ = mlx_flash.load(relu2_calibrated, "1GB", ffn_cache=0.5, page_cache=False)
+        chosen[name] = flash.flash.choice
+        flash.flash.close()
+    assert chosen["reader"].name == "predictor"
+    assert chosen["disk"].name == "dense"  # the disk's fit alone: dense "reads no slower"
 
 
 def test_long_run_cuts_keep_the_staging_memory_bounded():

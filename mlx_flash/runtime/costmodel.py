@@ -79,6 +79,11 @@ class CostModel:
     batch_threads: int | None = None
     # size the reader cuts long runs at, fastest for a layer streamed whole at those threads
     long_run_bytes: int | None = None
+    # the reader's own cost per read and bandwidth at ``batch_threads``, solved from the two
+    # patterns the probe timed it on: the disk's fit misjudges both (short reads advised to the
+    # kernel cost less than its per-read cost, a layer's long runs more than its bandwidth)
+    reader_read_s: float | None = None
+    reader_bytes_per_s: float | None = None
 
     @classmethod
     def fit(cls, cells: Iterable[Cell], source: str, batch_threads: int | None = None) -> CostModel:
@@ -184,6 +189,8 @@ class CostModel:
             "source": self.source,
             "batch_threads": self.batch_threads,
             "long_run_bytes": self.long_run_bytes,
+            "reader_read_s": self.reader_read_s,
+            "reader_bytes_per_s": self.reader_bytes_per_s,
         }
 
     @classmethod
@@ -195,6 +202,8 @@ class CostModel:
             str(d.get("source", "probe")),
             d.get("batch_threads"),
             d.get("long_run_bytes"),
+            d.get("reader_read_s"),
+            d.get("reader_bytes_per_s"),
         )
 
 
