@@ -79,11 +79,14 @@ class ReaderCost:
     gap_bytes: int
 
     @classmethod
-    def of_disk(cls, disk: CostModel, threads: int, gap_bytes: int) -> ReaderCost:
+    def of_disk(
+        cls, disk: CostModel, threads: int, gap_bytes: int, uncached: bool = False
+    ) -> ReaderCost:
         """What the disk's probe says a read costs at ``threads``, no per-call cost: the reader's
-        own per-read cost and bandwidth where the probe timed the reader at that thread count,
-        else the disk's fit at the nearest measured count."""
-        if disk.reader_read_s is not None and threads == disk.batch_threads:
+        own per-read cost and bandwidth where the probe timed the reader as it will run (page
+        cache bypassed, at that thread count), else the disk's fit at the nearest measured
+        count."""
+        if uncached and disk.reader_read_s is not None and threads == disk.batch_threads:
             return cls(0.0, disk.reader_read_s, disk.reader_bytes_per_s, threads, gap_bytes)
         i = disk.nearest(threads)
         return cls(0.0, disk.per_read_s[i], disk.bandwidth[i], threads, gap_bytes)

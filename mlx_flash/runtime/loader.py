@@ -292,7 +292,8 @@ def _expected_reads(
     expects a point's reads to take (``expected``: pinned rows and the window as the runtime keeps
     them, runs planned with ``reader``'s gap rule); None when the budget cannot hold the
     selector or, for a point measured with the window's rows resident, those rows."""
-    reader_cost = ReaderCost.of_disk(disk, reader.threads, reader.gap_bytes)
+    uncached = reader.cache_mode != "cached"  # as the probe timed the reader
+    reader_cost = ReaderCost.of_disk(disk, reader.threads, reader.gap_bytes, uncached)
 
     @functools.cache
     def planned(name: str) -> tuple[BudgetPlan, Layout, int] | None:
