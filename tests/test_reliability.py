@@ -515,13 +515,19 @@ def test_dropped_models_release_their_files_and_threads(tiny):
     threads."""
     flash = tiny[1]
 
-    def far_apart(layer: int, x: mx.array) -> np.ndarray:  # two runs: reads go to the pool
+    def far_apart(layer: int, x: mx.array) -> np.ndarray:  # two runs, copied on the pool
         shift = int(mx.argmax(x[-1]).item()) % 3
         return np.array([32 + shift, 127 - shift])  # past the 32 pinned rows
 
     def use_once() -> int:
+        # mapped runs are copied on the pool (advised short runs by the calling thread)
         model, _ = mlx_flash.load(
-            flash, "1GB", ffn_cache=0.5, threads=4, selector=FixedSelector(far_apart)
+            flash,
+            "1GB",
+            ffn_cache=0.5,
+            threads=4,
+            read_path="mmap",
+            selector=FixedSelector(far_apart),
         )
         _greedy(model, [5, 6, 7], 3)
         return len(_our_threads())

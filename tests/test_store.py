@@ -208,7 +208,9 @@ def test_run_plan_merges_gaps_cheaper_than_a_read_and_caps_runs():
             assert ids[c] - ids[b - 1] > gap + 1 or ids[c] - ids[a] >= cap
 
 
-def test_gaps_read_through_count_their_bytes_in_fewer_reads(bundled):
+def test_gaps_read_through_count_their_bytes_in_fewer_reads(bundled, monkeypatch):
+    """By a reader that does not advise the kernel (macOS; one that does reads no gap through)."""
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
     directory, manifest, truth = bundled
     stride = manifest.layers[0].regions[0].record_stride
     ids, rows = np.array([3, 5, 7, 9]), np.arange(4)
@@ -262,10 +264,12 @@ def test_batches_follow_staging_size_and_thread_count():
 def test_a_batch_fits_the_staging_buffer_and_the_pool_gets_one_per_thread(
     tmp_path, monkeypatch, threads, batches, largest
 ):
-    """6 KiB records, a 16 KiB staging buffer: batches of two records; on 8 threads (the page
-    cache on, so the pool reads) 6 runs of one record make 6 batches, one per thread."""
+    """6 KiB records, a 16 KiB staging buffer: batches of two records; on 8 threads (a reader that
+    cannot advise the kernel, as on macOS, so the pool reads) 6 runs of one record make 6 batches,
+    one per thread."""
     import mlx_flash.runtime.store as store
 
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
     manifest, truth = build_store(tmp_path, d_model=512, d_ffn=64)
     stride = manifest.layers[0].regions[0].record_stride
     assert stride == 6144
@@ -440,9 +444,13 @@ def _read_both(directory, manifest, layer, ids, rows, capacity, dtype=np.float32
         dict(layout="unbundled", dtype="bfloat16"),
     ],
 )
-def test_mmap_reads_the_same_rows_and_counts_as_preadv(tmp_path, geometry, threads, gap_bytes):
+def test_mmap_reads_the_same_rows_and_counts_as_preadv(
+    tmp_path, monkeypatch, geometry, threads, gap_bytes
+):
     """Byte for byte, float16 and bfloat16 stores converted into float32 included; the counts
-    mean the same (a run copied from the mapping counts as one read of its bytes)."""
+    mean the same (a run copied from the mapping counts as one read of its bytes) where both
+    plan with the gap given (``preadv`` not advising the kernel, as on macOS)."""
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
     manifest, truth = build_store(tmp_path, **geometry)
     rng = np.random.default_rng(6)
     for n in (1, 9, manifest.d_ffn // 2, manifest.d_ffn):
@@ -603,7 +611,7 @@ def test_bypass_leaves_page_cache_almost_empty(tmp_path, bypass):
                         )
                 # the look-ahead: advised records are in the cache until that layer's next read
                 ahead = reader.advise(1, rng.choice(1024, 300, replace=False))
-                assert (ahead > 0) == (reader.cache_mode == "dontcache")
+                assert (ahead > 0) == reader.advises
                 if ahead:
                     time.sleep(0.2)  # the kernel reads them in the background
                     assert _cached_bytes(store) >= 0.5 * ahead
@@ -660,8 +668,8 @@ def _open_fds() -> int:
 def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
     directory, manifest, _ = bundled
     threads_before, fds_before = threading.active_count(), _open_fds()
-    reader = StoreReader(directory, manifest, threads=8)
-    # starts pool threads (through the page cache: uncached short runs are read inline)
+    reader = StoreReader(directory, manifest, threads=8, read_path="mmap")
+    # starts pool threads (mapped runs are copied on the pool; advised short runs inline)
     reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))
     assert threading.active_count() > threads_before
     reader.close()
@@ -672,18 +680,20 @@ def test_close_is_idempotent_and_releases_threads_and_fds(bundled):
 
 
 def test_advised_short_runs_are_read_by_the_calling_thread(bundled):
-    """Where the kernel is told of every short run at once (uncached, advised), the calling thread
-    copies them as they land: no pool thread wakes. Elsewhere the pool reads them."""
+    """Where the kernel is told of every short run at once (advised, the page cache kept or
+    bypassed), the calling thread copies them as they land: no pool thread wakes. Elsewhere the
+    pool reads them."""
     directory, manifest, _ = bundled
-    before = threading.active_count()
-    with StoreReader(directory, manifest, threads=8, page_cache=False) as reader:
-        reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))
-        assert (threading.active_count() == before) == reader.advises
+    for page_cache in (False, True):
+        before = threading.active_count()
+        with StoreReader(directory, manifest, threads=8, page_cache=page_cache) as reader:
+            reader.read_neurons(0, [1, 3, 5, 7, 9, 11], make_dest(manifest, 6), range(6))
+            assert (threading.active_count() == before) == reader.advises
 
 
 def test_advised_reads_read_no_gaps_through(bundled):
-    """An advising reader (uncached on Linux) reads exactly the wanted records, one read per run of
-    adjacent ones, whatever gap it was given; a reader that does not advise merges the gaps."""
+    """An advising reader (Linux) reads exactly the wanted records, one read per run of adjacent
+    ones, whatever gap it was given; a reader that does not advise merges the gaps."""
     directory, manifest, truth = bundled
     stride = manifest.layers[0].regions[0].record_stride
     ids, rows = [1, 3, 5, 7, 9, 11], range(6)

@@ -196,7 +196,9 @@ def open_dense(
             _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
             for i in range(manifest.n_layers)
         ]
-        if plan.lookahead and selector.needs_input and reader.advises:
+        # measured with the page cache bypassed (what it advised is dropped again after the read)
+        uncached = reader.cache_mode == "dontcache"
+        if plan.lookahead and selector.needs_input and reader.advises and uncached:
             runtime.lookahead = LookAhead(selector, reader, runtime.layers, plan.lookahead)
     except BaseException:
         reader.close()

@@ -26,13 +26,15 @@ cached ``preadv`` for whole layers and for runs read through gaps (the copy skip
 ``preadv`` transfers), slower for many short runs (one ``madvise`` per run: 0.9x cold, 0.7x warm);
 so ``preadv`` stays the default. macOS is unmeasured.
 
-Queue depth without io_uring: where ``posix_fadvise`` exists and the page cache is bypassed by flag
-(Linux ``RWF_DONTCACHE``), a call first advises the kernel that it will need all of its short
-(buffered) runs (``WILLNEED``: the kernel queues every one of them at once), then reads them in the
-calling thread (they land in parallel; waking pool threads would cost more than the copies), then
-drops them again (one ``DONTNEED`` over their span), so they are read with the device's queue full
-and nothing is left in the page cache. ``advise`` starts the same for a later call (the
-look-ahead): what it advised is dropped after the next read of that layer.
+Queue depth without io_uring: where ``posix_fadvise`` exists and reads go through the kernel's
+page cache (kept, or bypassed by flag: Linux ``RWF_DONTCACHE``), a call first advises the kernel
+that it will need all of its buffered runs (``WILLNEED``: the kernel queues every one of them at
+once); where all are short, the calling thread then reads them (they land in parallel; waking pool
+threads would cost more than the copies). With the page cache bypassed they are then dropped again
+(one ``DONTNEED`` over their span), so they are read with the device's queue full and nothing is
+left in the page cache. Such a call reads no gap through (another advised read costs little more
+than its bytes). ``advise`` starts the same for a later call (the look-ahead): with the page cache
+bypassed, what it advised is dropped after the next read of that layer.
 
 Destinations: ``dest`` maps part names to 2-D arrays ``[capacity, part.length]``; a part missing
 from ``dest`` is not copied (a region none of whose parts is wanted is not read at all). Duplicate
@@ -66,7 +68,7 @@ from .manifest import (
     numpy_storage_dtype,
 )
 from .options import READ_PATHS
-from .uncached import DIRECT_ALIGN, UncachedFile
+from .uncached import DIRECT_ALIGN, DIRECT_MIN_BYTES, UncachedFile
 
 MAX_THREADS = 64
 
@@ -296,7 +298,13 @@ class StoreReader:
     def _open(self, page_cache: bool, bypass: str) -> None:
         self._file = UncachedFile(self.path, page_cache, bypass)
         self.cache_mode = self._file.mode
-        self.advises = self.cache_mode == "dontcache" and hasattr(os, "posix_fadvise")
+        # reads served by the kernel's page cache (kept, or dropped after each call: dontcache) are
+        # advised first: the kernel queues a call's short runs all at once
+        self.advises = (
+            self.read_path == "preadv"
+            and self.cache_mode in ("cached", "dontcache")
+            and hasattr(os, "posix_fadvise")
+        )
         if self.advises:
             # the kernel queues every advised run of a call at once, so one more short read costs
             # little more than its bytes: reading a gap through only adds bytes (README, The I/O
@@ -362,8 +370,8 @@ class StoreReader:
     def advise(self, layer: int, ids: Sequence[int] | np.ndarray) -> int:
         """Ask the kernel to start reading the records of neurons ``ids`` of ``layer`` (every
         part), for a read of that layer soon; returns the bytes advised (0 where the reader does not
-        advise). They stay in the page cache until that read, at most one layer's worth (mmap: for
-        as long as the kernel keeps them)."""
+        advise). With the page cache bypassed they stay in it until that read, at most one layer's
+        worth; else for as long as the kernel keeps them."""
         mapped = self.read_path == "mmap"
         if not (self.advises or mapped) or np.size(ids) == 0:
             return 0
@@ -380,7 +388,8 @@ class StoreReader:
             self._madvise(ranges, mmap.MADV_WILLNEED)
         else:
             self._fadvise(ranges, os.POSIX_FADV_WILLNEED)
-            self._advised.setdefault(layer, []).extend(ranges)
+            if self.cache_mode == "dontcache":
+                self._advised.setdefault(layer, []).extend(ranges)
         return sum(n for _, n in ranges)
 
     def reset_totals(self) -> ReadCount:
@@ -477,9 +486,10 @@ class StoreReader:
             for r in runs
             for pair in zip(r.offsets[~r.direct].tolist(), r.sizes[~r.direct].tolist(), strict=True)
         ]
-        # the kernel reads every advised run at once: one thread copies them as they land, with no
-        # worker to wake (on few cores, wake-ups cost more than the copies)
-        inline = self.advises and not any(r.direct.any() for r in runs)
+        # the kernel reads every advised run at once: one thread copies short ones as they land,
+        # with no worker to wake (on few cores, wake-ups cost more than the copies); long runs
+        # (whole layers) copy faster on the pool
+        inline = self.advises and not any((r.sizes >= DIRECT_MIN_BYTES).any() for r in runs)
         jobs = [
             job
             for plan, r in zip(plans, runs, strict=True)
@@ -494,7 +504,8 @@ class StoreReader:
         try:
             return self._execute(jobs, inline)
         finally:
-            self._drop(buffered + self._advised.pop(layer, []))
+            if self.cache_mode == "dontcache":
+                self._drop(buffered + self._advised.pop(layer, []))
 
     def _fadvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
         """Advice on whole pages around each range (the kernel drops only the pages a
