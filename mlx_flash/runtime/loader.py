@@ -196,9 +196,8 @@ def open_dense(
             _make_layer(runtime, i, parts, _pinned_ids(hot, i, plan.pinned_rows))
             for i in range(manifest.n_layers)
         ]
-        # measured with the page cache bypassed (what it advised is dropped again after the read)
-        uncached = reader.cache_mode == "dontcache"
-        if plan.lookahead and selector.needs_input and reader.advises and uncached:
+        # measured only where what it advises is dropped again after the read (page cache bypassed)
+        if plan.lookahead and selector.needs_input and reader.drops_advised:
             runtime.lookahead = LookAhead(selector, reader, runtime.layers, plan.lookahead)
     except BaseException:
         reader.close()

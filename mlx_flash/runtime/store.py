@@ -388,9 +388,15 @@ class StoreReader:
             self._madvise(ranges, mmap.MADV_WILLNEED)
         else:
             self._fadvise(ranges, os.POSIX_FADV_WILLNEED)
-            if self.cache_mode == "dontcache":
+            if self.drops_advised:
                 self._advised.setdefault(layer, []).extend(ranges)
         return sum(n for _, n in ranges)
+
+    @property
+    def drops_advised(self) -> bool:
+        """Whether what the reader advised leaves the page cache again after its read (the page
+        cache bypassed)."""
+        return self.advises and self.cache_mode == "dontcache"
 
     def reset_totals(self) -> ReadCount:
         """The totals so far; counting starts again from zero."""
@@ -504,7 +510,7 @@ class StoreReader:
         try:
             return self._execute(jobs, inline)
         finally:
-            if self.cache_mode == "dontcache":
+            if self.drops_advised:
                 self._drop(buffered + self._advised.pop(layer, []))
 
     def _fadvise(self, ranges: list[tuple[int, int]], advice: int) -> None:
