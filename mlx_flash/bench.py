@@ -231,7 +231,7 @@ def setup_options(setup: Setup, options: dict) -> dict:
         **options,
         "memory_budget": UNLIMITED,
         "page_cache": False,
-        "pin_share": options.get("pin_share", 0.5) if setup.pins else 0.0,
+        "pin_share": options.get("pin_share") if setup.pins else 0.0,
         "window": options.get("window", 4) if setup.keeps_window else 0,
         "selector": options.get("selector", "auto") if setup.sparse else "dense",
         "record_trace": options.get("record_trace") if setup == SETUPS[-1] else None,
@@ -491,7 +491,7 @@ def _settings(
         "tokens": tokens,
         "selector": rows[-1]["selector"],
         "window": rows[-1]["window"],
-        "pin_share": options.get("pin_share", 0.5),
+        "pin_share": options.get("pin_share"),  # None: the plan's default split
         "threads": rows[0]["threads"],
         "repeat": repeat,
         "max_context": options["max_context"],
@@ -513,6 +513,11 @@ def _memory(plan: dict) -> dict:
     }
 
 
+def _pin_share(settings: dict) -> str:
+    share = settings.get("pin_share")
+    return "auto" if share is None else f"{share:g}"
+
+
 def format_report(report: dict) -> str:
     """The ablation table, the memory it implies, the physical limit, the time per token split."""
     m, mem, s = report["model"], report["memory"], report["settings"]
@@ -522,7 +527,7 @@ def format_report(report: dict) -> str:
         f"{m['dtype']}): FFN {format_size(m['ffn_bytes'])}; {s['tokens']} greedy tokens after a "
         f"{s['prompt_tokens']}-token prompt; selector {s['selector']} "
         f"({report['configs'][-1]['selector']}), k={s['window']}, pin share "
-        f"{s['pin_share']}, {s['threads']} threads, "
+        f"{_pin_share(s)}, {s['threads']} threads, "
         f"median of {s['repeat']} round(s)",
         *([s["auto"]] if s.get("auto") else []),
         f"memory: FFN cache {100 * mem['ffn_share']:.0f}% of each layer = buffers "

@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .bench import SETUPS, Setup, _median_rows, setup_options
+from .bench import SETUPS, Setup, _median_rows, _pin_share, setup_options
 from .runtime.budget import ModelFacts, plan_memory
 from .runtime.errors import OptionError
 from .runtime.limit import LIMIT
@@ -89,7 +89,7 @@ def run_dense_synthetic(
     source = load_trace(args.trace)
     trace = scale_trace(source, manifest.d_ffn, manifest.n_layers, warmup + tokens)
     trace.save(next(iter(dirs.values())) / f"trace-{Path(args.trace).stem}.npz")
-    options = {"ffn_cache": 0.5, "window": 4, "pin_share": 0.5, **flash}  # the harness's defaults
+    options = {"ffn_cache": 0.5, "window": 4, **flash}  # the harness's defaults
     rounds = []
     bar = tqdm(total=args.repeat * len(chosen), desc="bench", unit="run", disable=not progress)
     for _ in range(args.repeat):
@@ -132,7 +132,7 @@ def measure(
     facts = ModelFacts(
         manifest.n_layers, manifest.d_model, manifest.d_ffn, 0, 1, dtype.size, 0, 0, ()
     )
-    plan = plan_memory(facts, opts, 0, row_bytes(manifest, dtype.size, ()))
+    plan = plan_memory(facts, opts, 0, row_bytes(manifest, dtype.size, ()), not setup.sparse)
     choice = Choice(
         "trace" if setup.sparse else "dense", None, "selected", None, "a replayed trace"
     )
@@ -244,7 +244,7 @@ def format_dense_synthetic(report: dict) -> str:
         f"overlap with the token before {100 * tr['overlap'][0]:.1f}% -> "
         f"{100 * tr['overlap'][1]:.1f}% (means over layers)",
         f"FFN cache {100 * s['ffn_cache']:.0f}% of each layer, window k={s['window']}, pin share "
-        f"{s['pin_share']}, {rows[-1]['threads']} threads"
+        f"{_pin_share(s)}, {rows[-1]['threads']} threads"
         f"{'' if s.get('lookahead', True) else ', look-ahead off'}, {s['warmup']} warm-up + "
         f"{s['tokens']} timed tokens, median of {s['repeat']} round(s), ratios within a round",
         f"{'':<13}{'--- paper (OPT-6.7B, M1 Max) ---':>33}  {'--- ours ---'}",

@@ -168,7 +168,7 @@ def forecast_selector(
     row = row_bytes(m, itemsize, skip)
     out: dict = {"selector": name}
     try:
-        plan = plan_memory(facts, options, held, row)
+        plan = plan_memory(facts, options, held, row, name == "dense")
     except BudgetError as e:
         return {**out, "fits": False, "error": str(e)}
     layout = Layout.of_store(m, skip, row, trunk_gemv(subject, facts), reader)

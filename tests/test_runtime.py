@@ -49,6 +49,31 @@ def test_dense_selector_matches_mlx_lm(arch, share, tiny_flash):
         assert all(p.total.loaded == 0 for p in decode)
 
 
+def test_dense_streaming_reads_what_memory_cannot_hold_once_per_token(tiny_flash):
+    """By default dense streaming pins what leaves two chunks of the window's size: after the
+    first token each layer reads exactly the neurons the buffers cannot hold, in one call. Half
+    pinned (the selectors' default) reads more, in more calls."""
+    _, flash = tiny_flash("llama")
+
+    def decode_reads(**options):
+        model, _ = mlx_flash.load(flash, "1GB", ffn_cache=0.6, selector="dense", **options)
+        _logits(model, steps=6)
+        plan = model.flash.plan
+        warm = [p for p in model.flash.telemetry.passes if p.phase == "decode"][1:]
+        loaded = {s.loaded for p in warm for s in p.layers}
+        calls = {s.read.calls for p in warm for s in p.layers}
+        return plan, loaded, calls
+
+    plan, loaded, calls = decode_reads()
+    rows = plan.pinned_rows + plan.window_rows
+    assert plan.pinned_rows == 2 * rows - plan.d_ffn > 0
+    assert loaded == {plan.d_ffn - rows} and calls == {1}
+    half, loaded_half, calls_half = decode_reads(pin_share=0.5)
+    assert half.pinned_rows + half.window_rows == rows
+    assert min(loaded_half) >= plan.d_ffn - rows and max(loaded_half) > plan.d_ffn - rows
+    assert max(calls_half) > 1
+
+
 def test_no_record_is_read_at_load(tiny_flash):
     model, _ = mlx_flash.load(tiny_flash("llama")[1], "1GB", ffn_cache=0.5)
     assert model.flash.reader.totals.bytes == 0

@@ -326,14 +326,36 @@ def buffer_rows(facts: ModelFacts, options: FlashOptions, selector: int, row_byt
     return min(rows, facts.d_ffn)
 
 
+def _pinned_rows(rows: int, d_ffn: int, pin_share: float | None, streams_all: bool) -> int:
+    """Of a layer's ``rows`` buffer rows (fewer than ``d_ffn``), those pinned: ``pin_share`` of
+    them, by default half with a selector.
+
+    Streaming every neuron, the rest goes through the window buffer in chunks of its size and the
+    last chunk stays for the next token (``FlashFFN._stream``). Pinning ``2 rows - d_ffn`` leaves
+    exactly two chunks, so a token reads the ``d_ffn - rows`` neurons memory cannot hold, once, in
+    one call per layer: the least any split reads. Half pinned would leave three chunks whose kept
+    one alternates between full and short: more bytes, in two calls.
+    """
+    if pin_share is not None:
+        return int(rows * pin_share)
+    if streams_all:
+        return max(0, 2 * rows - d_ffn)
+    return rows // 2
+
+
 def plan_memory(
-    facts: ModelFacts, options: FlashOptions, selector: int, row_bytes: int
+    facts: ModelFacts,
+    options: FlashOptions,
+    selector: int,
+    row_bytes: int,
+    streams_all: bool = False,
 ) -> BudgetPlan:
     """Rows per layer the budget allows; a budget below the minimum is refused with what is needed.
 
     ``selector``: bytes the selector holds; ``row_bytes``: one neuron's rows in a layer's
-    buffers. ``options.ffn_cache`` fixes the buffers' share of each layer's FFN instead of
-    filling the budget.
+    buffers; ``streams_all``: every neuron is computed every token (dense streaming).
+    ``options.ffn_cache`` fixes the buffers' share of each layer's FFN instead of filling the
+    budget.
     """
     total = budget_bytes(options)
     fixed = _fixed(facts, options, selector)
@@ -357,7 +379,7 @@ def plan_memory(
     rows = buffer_rows(facts, options, selector, row_bytes)
     pinned, window = facts.d_ffn, 0
     if rows < facts.d_ffn:
-        pinned = int(rows * options.pin_share)
+        pinned = _pinned_rows(rows, facts.d_ffn, options.pin_share, streams_all)
         window = rows - pinned
         if window < min_rows:
             window, pinned = min_rows, max(0, rows - min_rows)

@@ -8,8 +8,9 @@ micro-benchmark (``compute_probe``), and follows what ``FlashFFN`` does per toke
 
 - dense: pinned rows stay; the rest streams through the window buffer in chunks of its capacity
   (``FlashFFN._stream``), one chunk staying between tokens — alternately the short last chunk and a
-  full one, since resident chunks go first; each chunk is contiguous, read in pieces of the cost
-  model's run size. Every row is computed.
+  full one, since resident chunks go first (the default split leaves two full ones:
+  ``budget._pinned_rows``); each chunk is contiguous, read in pieces of the cost model's run size.
+  Every row is computed.
 - sparse selectors: a neuron is selected with its calibration frequency (scaled to the asked
   sparsity), independently of other neurons and tokens; the hottest are pinned; a selected neuron
   is read unless the last ``window`` tokens selected it, and at least what the window buffer cannot

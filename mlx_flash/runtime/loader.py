@@ -141,7 +141,8 @@ def prepare_runtime(
         selector_bytes = _selector_bytes(options, choice, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if _exact_gate(options, choice) else ()
         parts = buffer_parts(manifest, dtype, skip)
-        plan = plan_memory(facts, options, selector_bytes, row_bytes(manifest, dtype.size, skip))
+        row = row_bytes(manifest, dtype.size, skip)
+        plan = plan_memory(facts, options, selector_bytes, row, choice.name == "dense")
     except BaseException:
         reader.close()
         raise
@@ -304,7 +305,7 @@ def _expected_reads(
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
         try:
-            plan = plan_memory(facts, options, held, row)
+            plan = plan_memory(facts, options, held, row, name == "dense")
         except BudgetError:
             return None
         return plan, Layout.of_store(manifest, skip, row, 0, reader_cost), held

@@ -148,10 +148,11 @@ class FlashOptions:
         "the measured operating point's, else resident)",
         lambda v: None if v is None else _one_of(COMPUTE_ROWS)(v),
     )
-    pin_share: float = option(
-        0.5,
-        "share of the buffer rows pinned for the whole run (the most often active neurons)",
-        _between(0, 1),
+    pin_share: float | None = option(
+        None,
+        "share of the buffer rows pinned for the whole run (the most often active neurons; "
+        "default: half with a selector; streaming every neuron, what reads each token's rest once)",
+        lambda v: None if v is None else _between(0, 1)(v),
         metavar="SHARE",
         tool_defaults={"evaluate": 0.0},
     )
