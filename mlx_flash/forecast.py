@@ -167,15 +167,15 @@ def forecast_selector(
     held = selectors.holds_bytes(name, subject.directory or Path("."), m, itemsize)
     row = row_bytes(m, itemsize, skip)
     out: dict = {"selector": name}
+    freq, note = (None, "every neuron") if name == "dense" else frequency(subject, name, options)
     try:
-        plan = plan_memory(facts, options, held, row, name == "dense")
+        plan = plan_memory(facts, options, held, row, name == "dense", freq)
     except BudgetError as e:
         return {**out, "fits": False, "error": str(e)}
     layout = Layout.of_store(m, skip, row, trunk_gemv(subject, facts), reader)
-    if name == "dense":
-        cost, note = dense_cost(plan, facts, layout, disk, costs), "every neuron"
+    if freq is None:
+        cost = dense_cost(plan, facts, layout, disk, costs)
     else:
-        freq, note = frequency(subject, name, options)
         rows = options.compute_rows or "resident"
         cost = sparse_cost(plan, facts, layout, disk, costs, freq, options.window, rows, held)
     return {**out, "fits": True, "plan": plan.as_dict(), "describe": plan.describe(),

@@ -152,11 +152,11 @@ def test_one_load_reads_the_calibration_once_and_plans_once(stories_calibrated, 
         "plan_memory": 1,
         "read_calibration": 1,
     }
-    # auto plans once each selector with a point measured within the bound, and dense streaming,
-    # to weigh their reads
+    # auto plans once each point measured within the bound (its pinned rows follow its selection
+    # frequencies), and dense streaming, to weigh their reads
     calls.update(plan_memory=0, read_calibration=0)
     model, _ = mlx_flash.load(stories_calibrated, "1GB", selector="auto")
     points = read_manifest(stories_calibrated).extra["quality"]["points"]
-    within = {p["selector"] for p in points if p["loss"] <= 0.02}
-    assert within and len(within) < len(points)
+    within = {(p["selector"], p["sparsity"]) for p in points if p["loss"] <= 0.02}
+    assert within
     assert calls == {"plan_memory": 1 + len(within) + 1, "read_calibration": 1}

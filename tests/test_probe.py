@@ -109,15 +109,15 @@ def test_the_reader_fit_solves_its_two_patterns():
 
 def test_auto_weighs_reads_with_the_readers_own_costs(relu2_calibrated, cache):
     """Where the probe timed the reader at the runtime's threads, auto's expected reads use its
-    per-read cost and bandwidth, not the disk's fit: on a disk whose short reads cost 26 us by
+    per-read cost and bandwidth, not the disk's fit: on a disk whose short reads cost 80 us by
     the fit but 12 us through the reader (advised to the kernel), and whose long reads stream at
-    1.46 GB/s through it, relu2-8m's predictor reads 2.2% of the FFN per token where dense
+    1.46 GB/s through it, relu2-8m's predictor reads under 2% of the FFN per token where dense
     streaming reads half: auto must take the predictor, uncached as the probe timed the reader
     and the bench runs."""
     from mlx_flash.runtime.expected import ReaderCost
 
     disk = CostModel(
-        (1, 4, 16), (60e-6, 26.5e-6, 14.8e-6), (1.5e9, 1.59e9, 1.59e9), "test", 4, 512 << 10
+        (1, 4, 16), (150e-6, 80e-6, 14.8e-6), (1.5e9, 1.59e9, 1.59e9), "test", 4, 512 << 10
     )
     timed = replace(disk, reader_read_s=12.2e-6, reader_bytes_per_s=1.46e9)
     assert ReaderCost.of_disk(timed, 4, 0, uncached=True) == ReaderCost(0.0, 12.2e-6, 1.46e9, 4, 0)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import BudgetError, OptionError
@@ -326,9 +327,12 @@ def buffer_rows(facts: ModelFacts, options: FlashOptions, selector: int, row_byt
     return min(rows, facts.d_ffn)
 
 
-def _pinned_rows(rows: int, d_ffn: int, pin_share: float | None, streams_all: bool) -> int:
+def _pinned_rows(
+    rows: int, d_ffn: int, options: FlashOptions, streams_all: bool, frequency: np.ndarray | None
+) -> int:
     """Of a layer's ``rows`` buffer rows (fewer than ``d_ffn``), those pinned: ``pin_share`` of
-    them, by default half with a selector.
+    them if asked; else for dense streaming ``2 rows - d_ffn``, for a selector with calibration
+    frequencies what the window leaves (``window_fit``), for any other half.
 
     Streaming every neuron, the rest goes through the window buffer in chunks of its size and the
     last chunk stays for the next token (``FlashFFN._stream``). Pinning ``2 rows - d_ffn`` leaves
@@ -336,11 +340,32 @@ def _pinned_rows(rows: int, d_ffn: int, pin_share: float | None, streams_all: bo
     one call per layer: the least any split reads. Half pinned would leave three chunks whose kept
     one alternates between full and short: more bytes, in two calls.
     """
-    if pin_share is not None:
-        return int(rows * pin_share)
+    if options.pin_share is not None:
+        return int(rows * options.pin_share)
     if streams_all:
         return max(0, 2 * rows - d_ffn)
+    if frequency is not None:
+        return window_fit(frequency, rows, options.window)
     return rows // 2
+
+
+def window_fit(frequency: np.ndarray, rows: int, window: int) -> int:
+    """The most of a layer's hottest neurons to pin (``frequency``: [layers, d_ffn], the chance a
+    token selects each) while the other rows still hold what the window keeps: the expected union
+    of the last ``window`` + 1 tokens' selections among the unpinned (mean over layers); 0 when no
+    split does.
+
+    Why: a selection that outgrows the window's rows is streamed through them in chunks, and what
+    the window kept is read again; a window barely too small (half pinned, for the gate on SmolLM2)
+    read more than either no pinning or much more. Tokens are taken as independent, which overstates
+    the union of correlated tokens: the window is given room to spare.
+    """
+    f = np.sort(np.clip(frequency, 0.0, 1.0), axis=1)[:, ::-1]
+    union = (1.0 - (1.0 - f) ** (window + 1)).mean(axis=0)  # by rank of heat
+    after = np.cumsum(union[::-1])[::-1]  # after[p]: the union of the neurons from rank p on
+    pinned = np.arange(rows + 1)
+    fits = np.flatnonzero(after[pinned] <= rows - pinned)
+    return int(fits[-1]) if fits.size else 0
 
 
 def plan_memory(
@@ -349,11 +374,13 @@ def plan_memory(
     selector: int,
     row_bytes: int,
     streams_all: bool = False,
+    frequency: np.ndarray | None = None,
 ) -> BudgetPlan:
     """Rows per layer the budget allows; a budget below the minimum is refused with what is needed.
 
     ``selector``: bytes the selector holds; ``row_bytes``: one neuron's rows in a layer's
-    buffers; ``streams_all``: every neuron is computed every token (dense streaming).
+    buffers; ``streams_all``: every neuron is computed every token (dense streaming);
+    ``frequency``: the selector's chance of selecting each neuron (``_pinned_rows``).
     ``options.ffn_cache`` fixes the buffers' share of each layer's FFN instead of filling the
     budget.
     """
@@ -379,7 +406,7 @@ def plan_memory(
     rows = buffer_rows(facts, options, selector, row_bytes)
     pinned, window = facts.d_ffn, 0
     if rows < facts.d_ffn:
-        pinned = _pinned_rows(rows, facts.d_ffn, options.pin_share, streams_all)
+        pinned = _pinned_rows(rows, facts.d_ffn, options, streams_all, frequency)
         window = rows - pinned
         if window < min_rows:
             window, pinned = min_rows, max(0, rows - min_rows)

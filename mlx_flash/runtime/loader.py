@@ -142,7 +142,8 @@ def prepare_runtime(
         skip = selectors.GATE_PARTS if _exact_gate(options, choice) else ()
         parts = buffer_parts(manifest, dtype, skip)
         row = row_bytes(manifest, dtype.size, skip)
-        plan = plan_memory(facts, options, selector_bytes, row, choice.name == "dense")
+        frequency = _pin_frequency(options, manifest, calibration, choice)
+        plan = plan_memory(facts, options, selector_bytes, row, choice.name == "dense", frequency)
     except BaseException:
         reader.close()
         raise
@@ -298,21 +299,23 @@ def _expected_reads(
     reader_cost = ReaderCost.of_disk(disk, reader.threads, reader.gap_bytes, uncached)
 
     @functools.cache
-    def planned(name: str) -> tuple[BudgetPlan, Layout, int] | None:
-        """The selector's memory plan, store layout and held bytes (None: the budget cannot
-        hold it); the same for each of its points."""
+    def planned(name: str, sparsity: float | None) -> tuple[BudgetPlan, Layout, int] | None:
+        """The point's memory plan, store layout and the selector's held bytes (None: the
+        budget cannot hold it)."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
+        dense = name == "dense"
+        frequency = None if dense else selection_frequency(manifest, calibration, name, sparsity)[0]
         try:
-            plan = plan_memory(facts, options, held, row, name == "dense")
+            plan = plan_memory(facts, options, held, row, dense, frequency)
         except BudgetError:
             return None
         return plan, Layout.of_store(manifest, skip, row, 0, reader_cost), held
 
     def cost(point: OperatingPoint) -> float | None:
         name = point.selector
-        if (found := planned(name)) is None:
+        if (found := planned(name, point.sparsity)) is None:
             return None
         plan, layout, held = found
         if name == "dense":
@@ -326,6 +329,16 @@ def _expected_reads(
         return expected.io_s
 
     return cost
+
+
+def _pin_frequency(
+    options: FlashOptions, manifest: Manifest, calibration: Calibration | None, choice
+) -> np.ndarray | None:
+    """The chosen selector's chance of selecting each neuron, which sizes the pinned rows
+    (``budget._pinned_rows``); None for dense streaming, a Selector object or no calibration."""
+    if calibration is None or choice.name == "dense" or not isinstance(options.selector, str):
+        return None
+    return selection_frequency(manifest, calibration, choice.name, choice.sparsity)[0]
 
 
 def _selector_bytes(
