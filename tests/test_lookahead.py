@@ -118,8 +118,8 @@ def test_relu2_decodes_the_same_text_with_and_without_the_look_ahead(relu2_calib
 
     texts, stats = {}, {}
     for on in (True, False):
-        model, tokenizer = mlx_flash.load(
-            relu2_calibrated, ffn_cache=0.3, page_cache=False, lookahead=on
+        model, tokenizer = mlx_flash.load(  # half pinned: misses enough to foresee
+            relu2_calibrated, ffn_cache=0.3, pin_share=0.5, page_cache=False, lookahead=on
         )
         if on and model.flash.lookahead is None:
             pytest.skip(f"no kernel read-ahead here (reads: {model.flash.reader.cache_mode})")

@@ -417,25 +417,23 @@ def test_pinned_neurons_are_the_most_frequently_active(relu2_calibrated):
         assert frequency[i][pinned].min() >= np.sort(frequency[i])[-pinned.size]
 
 
-def _union(frequency: np.ndarray, pinned: int, window: int) -> float:
-    """Expected union of window + 1 independent tokens' selections among the unpinned neurons
-    (each layer's hottest pinned), mean over layers."""
+def _union(frequency: np.ndarray, pinned: int) -> float:
+    """Expected union of two independent tokens' selections among the unpinned neurons (each
+    layer's hottest pinned), mean over layers."""
     rest = np.sort(frequency, axis=1)[:, ::-1][:, pinned:]
-    return float((1.0 - (1.0 - rest) ** (window + 1)).sum(axis=1).mean())
+    return float((1.0 - (1.0 - rest) ** 2).sum(axis=1).mean())
 
 
-def test_a_selector_pins_what_leaves_the_window_room_for_its_tokens():
+def test_a_selector_pins_what_leaves_the_window_room_for_two_tokens():
     rows, d = 100, 200
     hot = np.full((2, d), 0.01)
     hot[:, :40] = 1.0  # 40 neurons every token, the rest rarely
-    pinned = window_fit(hot, rows, window=4)
+    pinned = window_fit(hot, rows)
     assert 40 < pinned < rows
-    assert _union(hot, pinned, 4) <= rows - pinned < _union(hot, pinned + 1, 4) + 1
-    # every neuron half the time: no split leaves room for 5 tokens' selections, so nothing is
-    # pinned (a window barely too small streams its selections and loses what it kept)
-    assert window_fit(np.full((2, d), 0.5), rows, window=4) == 0
-    # a longer window needs more rows: fewer pinned
-    assert window_fit(hot, rows, window=16) < pinned
+    assert _union(hot, pinned) <= rows - pinned < _union(hot, pinned + 1) + 1
+    # every neuron half the time: no split leaves room for two tokens' selections, so nothing
+    # is pinned (a window barely too small streams its selections and loses what it kept)
+    assert window_fit(np.full((2, d), 0.5), rows) == 0
 
 
 def test_the_plan_pins_what_the_selectors_frequencies_leave_the_window(relu2_calibrated):
@@ -445,7 +443,7 @@ def test_the_plan_pins_what_the_selectors_frequencies_leave_the_window(relu2_cal
     frequency, _ = selection_frequency(manifest, read_calibration(relu2_calibrated, manifest),
                                        "predictor", None)  # fmt: skip
     rows = plan.pinned_rows + plan.window_rows
-    assert plan.pinned_rows == window_fit(frequency, rows, 4) > rows // 2  # ReLU: very skewed
+    assert plan.pinned_rows == window_fit(frequency, rows) > rows // 2  # ReLU: very skewed
     assert (
         mlx_flash.load(relu2_calibrated, "1GB", selector="predictor", ffn_cache=0.5, pin_share=0.5)[
             0

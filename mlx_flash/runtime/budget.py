@@ -345,23 +345,23 @@ def _pinned_rows(
     if streams_all:
         return max(0, 2 * rows - d_ffn)
     if frequency is not None:
-        return window_fit(frequency, rows, options.window)
+        return window_fit(frequency, rows)
     return rows // 2
 
 
-def window_fit(frequency: np.ndarray, rows: int, window: int) -> int:
+def window_fit(frequency: np.ndarray, rows: int) -> int:
     """The most of a layer's hottest neurons to pin (``frequency``: [layers, d_ffn], the chance a
-    token selects each) while the other rows still hold what the window keeps: the expected union
-    of the last ``window`` + 1 tokens' selections among the unpinned (mean over layers); 0 when no
-    split does.
+    token selects each) while the other rows still hold the expected union of two tokens'
+    selections among the unpinned (mean over layers): this token's and room for as much again;
+    0 when no split leaves that.
 
     Why: a selection that outgrows the window's rows is streamed through them in chunks, and what
     the window kept is read again; a window barely too small (half pinned, for the gate on SmolLM2)
-    read more than either no pinning or much more. Tokens are taken as independent, which overstates
-    the union of correlated tokens: the window is given room to spare.
+    read more than no pinning. Beyond that room, pinned rows (never read) beat a longer history.
+    Tokens are taken as independent, which overstates the union of correlated tokens.
     """
     f = np.sort(np.clip(frequency, 0.0, 1.0), axis=1)[:, ::-1]
-    union = (1.0 - (1.0 - f) ** (window + 1)).mean(axis=0)  # by rank of heat
+    union = (1.0 - (1.0 - f) ** 2).mean(axis=0)  # two tokens, by rank of heat
     after = np.cumsum(union[::-1])[::-1]  # after[p]: the union of the neurons from rank p on
     pinned = np.arange(rows + 1)
     fits = np.flatnonzero(after[pinned] <= rows - pinned)
