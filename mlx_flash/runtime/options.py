@@ -151,7 +151,8 @@ class FlashOptions:
     pin_share: float | None = option(
         None,
         "share of the buffer rows pinned for the whole run (the most often active neurons; "
-        "default: half with a selector; streaming every neuron, what reads each token's rest once)",
+        "default: the plan's, which leaves the window two tokens' selections, or streaming every "
+        "neuron reads each token's rest once)",
         lambda v: None if v is None else _between(0, 1)(v),
         metavar="SHARE",
         tool_defaults={"evaluate": 0.0},
