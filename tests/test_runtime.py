@@ -52,7 +52,7 @@ def test_dense_selector_matches_mlx_lm(arch, share, tiny_flash):
 def test_dense_streaming_reads_what_memory_cannot_hold_once_per_token(tiny_flash):
     """By default dense streaming pins what leaves two chunks of the window's size: after the
     first token each layer reads exactly the neurons the buffers cannot hold, in one call. Half
-    pinned (the selectors' default) reads more, in more calls."""
+    pinned reads more, in more calls."""
     _, flash = tiny_flash("llama")
 
     def decode_reads(**options):
