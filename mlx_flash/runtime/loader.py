@@ -299,9 +299,11 @@ def _expected_reads(
     reader_cost = ReaderCost.of_disk(disk, reader.threads, reader.gap_bytes, uncached)
 
     @functools.cache
-    def planned(name: str, sparsity: float | None) -> tuple[BudgetPlan, Layout, int] | None:
-        """The point's memory plan, store layout and the selector's held bytes (None: the
-        budget cannot hold it)."""
+    def planned(
+        name: str, sparsity: float | None
+    ) -> tuple[BudgetPlan, Layout, int, np.ndarray | None] | None:
+        """The point's memory plan, store layout, the selector's held bytes and selection
+        frequencies (None: dense streaming); None when the budget cannot hold it."""
         held = selectors.holds_bytes(name, directory, manifest, facts.itemsize)
         skip = selectors.GATE_PARTS if name in ("gate", "oracle") else ()
         row = row_bytes(manifest, facts.itemsize, skip)
@@ -311,19 +313,18 @@ def _expected_reads(
             plan = plan_memory(facts, options, held, row, dense, frequency)
         except BudgetError:
             return None
-        return plan, Layout.of_store(manifest, skip, row, 0, reader_cost), held
+        return plan, Layout.of_store(manifest, skip, row, 0, reader_cost), held, frequency
 
     def cost(point: OperatingPoint) -> float | None:
         name = point.selector
         if (found := planned(name, point.sparsity)) is None:
             return None
-        plan, layout, held = found
-        if name == "dense":
+        plan, layout, held, frequency = found
+        if frequency is None:
             return dense_cost(plan, facts, layout, disk, READS_ONLY).io_s
         union = (point.rows_share or 1.0) * manifest.d_ffn
         if point.compute_rows == "resident" and plan.pinned_rows + plan.window_rows < union:
             return None
-        frequency, _ = selection_frequency(manifest, calibration, name, point.sparsity)
         rows, window = point.compute_rows, options.window
         expected = sparse_cost(plan, facts, layout, disk, READS_ONLY, frequency, window, rows, held)
         return expected.io_s
